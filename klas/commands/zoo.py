@@ -1,0 +1,55 @@
+"""``klas zoo ...``: list families, evaluate the embedded weights, train the embedded family."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _list(args) -> int:
+    from klas.families import get_family_cfg, list_families
+
+    for name in list_families():
+        cfg = get_family_cfg(name)
+        kind = "embedded" if cfg.embedded else "timm hub"
+        print(f"{name:12s} [{kind}] {cfg.dataset:14s} anchors: {', '.join(a.name for a in cfg.anchors)}")
+        if cfg.description:
+            print(f"{'':12s} {cfg.description}")
+    return 0
+
+
+def _train(args) -> int:
+    from klas.families.zoo import Recipe, train_family
+
+    recipe = Recipe(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    card = train_family(args.family, args.out, recipe, args.data_root, args.anchor, args.threads)
+    print(f"[zoo] card: {card}")
+    return 0
+
+
+def _eval(args) -> int:
+    from klas.families.zoo import zoo_eval
+
+    zoo_eval(args.family, args.data_root, args.split)
+    return 0
+
+
+def register(sub) -> None:
+    zoo = sub.add_parser("zoo", help="anchor families: list, evaluate, train the embedded family")
+    zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    zl = zsub.add_parser("list", help="registered families and their anchors")
+    zl.set_defaults(func=_list)
+    ze = zsub.add_parser("eval", help="params, FLOPs and measured accuracy of an embedded family's shipped weights")
+    ze.add_argument("family")
+    ze.add_argument("--data-root", type=Path, default=None, help="dataset directory (default: the family's)")
+    ze.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ze.set_defaults(func=_eval)
+    zt = zsub.add_parser("train", help="train a family's anchors from scratch with one recipe (resumable)")
+    zt.add_argument("family")
+    zt.add_argument("--out", type=Path, default=None, help="output directory (default: the package's weights/)")
+    zt.add_argument("--anchor", action="append", default=None, help="train only this anchor (repeatable)")
+    zt.add_argument("--epochs", type=int, default=20)
+    zt.add_argument("--batch-size", type=int, default=256)
+    zt.add_argument("--lr", type=float, default=2e-3)
+    zt.add_argument("--seed", type=int, default=0)
+    zt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    zt.add_argument("--data-root", type=Path, default=None)
+    zt.set_defaults(func=_train)

@@ -1,0 +1,54 @@
+"""Batches from an in-memory ImageSet: shuffled with an explicit generator, optional shard for distributed runs.
+
+Augmentation runs on whole uint8 batches (random translation by padding + crop, horizontal flip) because
+per-sample Python transforms dominate the step time of these small models on a CPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from klas.data.datasets import ImageSet
+
+
+def augment(images_u8: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random shift by up to ``pad`` pixels and random horizontal flip, per image, on a uint8 batch."""
+    n, _, h, w = images_u8.shape
+    padded = F.pad(images_u8, (pad, pad, pad, pad))
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # [n, h]
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # [n, w]
+    out = padded[torch.arange(n).view(n, 1, 1), :, rows.view(n, h, 1), cols.view(n, 1, w)]  # [n, h, w, C]
+    out = out.permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        out = torch.where(mask.view(n, 1, 1, 1), out.flip(-1), out)
+    return out.contiguous()
+
+
+def batches(data: ImageSet, batch_size: int, shuffle: bool = False, gen: torch.Generator | None = None,
+            train_augment: bool = False, drop_last: bool = False, rank: int = 0, world_size: int = 1
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalized float batches ``(x, y)``.
+
+    With ``world_size > 1`` each rank takes an interleaved shard of the (shuffled) global batch order, so that the
+    union of the ranks' batches is the single-process global batch.
+    """
+    n = len(data)
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        if world_size > 1:
+            idx = idx[rank::world_size]
+        x = data.images[idx]
+        if train_augment:
+            x = augment(x, gen if gen is not None else torch.Generator().manual_seed(start))
+        yield data.normalize(x), data.labels[idx]
+
+
+def num_batches(data: ImageSet, batch_size: int, drop_last: bool = False) -> int:
+    return len(data) // batch_size if drop_last else -(-len(data) // batch_size)

@@ -1,0 +1,143 @@
+"""The embedded anchor zoo: reproducible training of a family's anchors from scratch, and its model card.
+
+``klas zoo train fmnist-deit`` trains every anchor with one recipe (same epochs, optimizer, schedule, augmentation,
+seed), checkpoints each epoch (resumable), and writes ``<anchor>.safetensors`` plus ``card.json``.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from klas.data import batches, load_dataset, num_batches
+from klas.errors import KlasError
+from klas.families._registry import _EMBEDDED_WEIGHTS, create_anchor, get_family_cfg
+from klas.io import load_checkpoint, load_json, save_checkpoint, save_json, save_tensors, sha256_file
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe for every anchor of a family (a spread made by undertraining one anchor is not real)."""
+
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: torch.nn.Module, data, batch_size: int = 1000) -> float:
+    """Top-1 accuracy (percent) of ``model`` on an ImageSet."""
+    model.eval()
+    correct = 0
+    for x, y in batches(data, batch_size):
+        correct += (model(x).argmax(-1) == y).sum().item()
+    return 100.0 * correct / max(len(data), 1)
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = Recipe(),
+                 data_root: Path | None = None) -> dict:
+    """Train one anchor from scratch with ``recipe``; resumable from ``out_dir/<anchor>.ckpt``."""
+    cfg = get_family_cfg(family)
+    anchor = next((a for a in cfg.anchors if a.name == anchor_name), None)
+    if anchor is None:
+        raise KlasError(f"family {family}: no anchor {anchor_name!r}")
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / f"{anchor.name}.ckpt"
+    torch.manual_seed(recipe.seed)
+    view = create_anchor(anchor, cfg.input_shape, pretrained=False)
+    model = view.model
+    train = load_dataset(cfg.dataset, "train", data_root)
+    val = load_dataset(cfg.dataset, "val", data_root)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = num_batches(train, recipe.batch_size, drop_last=True)
+    total = recipe.epochs * steps_per_epoch
+    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+    state = dict(epoch=0, history=[], wall_s=0.0)
+    if ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck["recipe"] != asdict(recipe):
+            raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe; delete it to start over")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        state = ck["state"]
+        print(f"[zoo] {anchor.name}: resuming after epoch {state['epoch']}", flush=True)
+    for epoch in range(state["epoch"], recipe.epochs):
+        t0 = time.time()
+        model.train()
+        gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)  # data order depends on the epoch only
+        bar = tqdm(batches(train, recipe.batch_size, shuffle=True, gen=gen, train_augment=True, drop_last=True),
+                   total=steps_per_epoch, desc=f"{anchor.name} epoch {epoch + 1}/{recipe.epochs}", leave=False,
+                   mininterval=5, file=sys.stdout)
+        loss_sum = 0.0
+        for k, (x, y) in enumerate(bar):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(epoch * steps_per_epoch + k, total, warmup, recipe.lr)
+            loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            loss_sum += loss.item()
+        val_acc = evaluate_accuracy(model, val)
+        state["epoch"] = epoch + 1
+        state["wall_s"] += time.time() - t0
+        state["history"].append(dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, val_acc=val_acc))
+        print(f"[zoo] {anchor.name} epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
+              f"val {val_acc:.2f}%  ({time.time() - t0:.0f}s)", flush=True)
+        save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), state=state, recipe=asdict(recipe)),
+                        ckpt_path)
+    test = load_dataset(cfg.dataset, "test", data_root)
+    weights = out_dir / anchor.embedded_file if anchor.embedded_file else out_dir / f"{anchor.name}.safetensors"
+    save_tensors(model.state_dict(), weights, metadata={"family": family, "anchor": anchor.name})
+    entry = dict(name=anchor.name, arch=anchor.arch, model_args=anchor.model_args, params=view.num_params,
+                 flops=view.flops, test_acc=evaluate_accuracy(model, test), val_acc=state["history"][-1]["val_acc"],
+                 history=state["history"], train_wall_s=round(state["wall_s"], 1), file=weights.name,
+                 sha256=sha256_file(weights))
+    return entry
+
+
+def train_family(family: str, out_dir: Path | None = None, recipe: Recipe = Recipe(), data_root: Path | None = None,
+                 anchors: list[str] | None = None, threads: int | None = None) -> Path:
+    """Train the anchors of ``family`` (default: all) and write/refresh ``card.json`` in ``out_dir``."""
+    cfg = get_family_cfg(family)
+    out_dir = Path(out_dir) if out_dir else _EMBEDDED_WEIGHTS
+    if threads:
+        torch.set_num_threads(threads)
+    card_path = out_dir / "card.json"
+    card = load_json(card_path) if card_path.is_file() else {}
+    entries = {e["name"]: e for e in card.get("anchors", [])}
+    for a in cfg.anchors:
+        if anchors and a.name not in anchors:
+            continue
+        entries[a.name] = train_anchor(family, a.name, out_dir, recipe, data_root)
+        card = dict(family=family, dataset=cfg.dataset, recipe=asdict(recipe),
+                    command=f"klas zoo train {family} --epochs {recipe.epochs} --seed {recipe.seed}",
+                    machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                                 torch=torch.__version__, threads=torch.get_num_threads()),
+                    anchors=[entries[x.name] for x in cfg.anchors if x.name in entries])
+        save_json(card, card_path)
+    return card_path
+
+
+def load_card(family: str) -> dict:
+    cfg = get_family_cfg(family)
+    if not cfg.embedded:
+        raise KlasError(f"family {family}: not an embedded family, it has no model card (embedded: fmnist-deit)")
+    return load_json(_EMBEDDED_WEIGHTS / "card.json")

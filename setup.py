@@ -1,0 +1,55 @@
+"""Build entry point. The C++ (CPU) extension is optional: without a compiler klas installs and uses its PyTorch
+reference ops. The CUDA extension is built only where torch has CUDA and nvcc is present (as pytorch/extension-cpp).
+"""
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if os.environ.get("KLAS_NO_EXT") == "1" or shutil.which(os.environ.get("CXX", "g++")) is None:
+        print("klas: no C++ compiler (or KLAS_NO_EXT=1): skipping the extension; the PyTorch ops will be used",
+              file=sys.stderr)
+        return [], {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc"))) if f.endswith(".cpp")]
+    if not cpp:
+        return [], {}
+    extra = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    use_cuda = torch.cuda.is_available() and CUDA_HOME is not None and os.environ.get("KLAS_NO_CUDA") != "1"
+    if use_cuda:
+        cu = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc"))) if f.endswith(".cu")]
+        extra["nvcc"] = ["-O3", "--use_fast_math"]
+        ext = CUDAExtension("klas._C", cpp + cu, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                            define_macros=[("KLAS_WITH_CUDA", "1")])
+    else:
+        ext = CppExtension("klas._C", cpp, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="klas",
+    version="0.1.0",
+    description="KL-divergence based Anchor Stitching: stitched model zoos exported to ONNX with a budget manifest",
+    packages=find_packages(include=["klas", "klas.*"]),
+    package_data={"klas": ["families/weights/*.safetensors", "families/weights/*.json", "configs/*.toml"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "torchvision", "timm>=1.0,<1.1", "onnx", "onnxruntime", "numpy", "safetensors",
+                      "tqdm", "matplotlib", "pybind11"],
+    extras_require={"gpu": ["onnxruntime-gpu", "triton>=3.0"], "test": ["pytest", "pytest-benchmark"],
+                    "triton": ["triton>=3.0"]},
+    entry_points={"console_scripts": ["klas=klas.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
