@@ -121,7 +121,7 @@ def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weig
         overlay = dict(file=str(local))
         if anchor.embedded_file and local.parent == _EMBEDDED_WEIGHTS:
             # our own files carry our own classifier: tell timm so it does not drop it as a 1000-class head
-            overlay["num_classes"] = anchor.model_args.get("num_classes")
+            overlay.update(num_classes=anchor.model_args.get("num_classes"), input_size=tuple(input_shape))
         model = timm.create_model(anchor.arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     else:
         model = timm.create_model(anchor.arch, pretrained=pretrained, **kwargs)

@@ -44,6 +44,7 @@ class BlockView(nn.Module):
     def __init__(self, model: nn.Module, name: str, input_shape: tuple[int, int, int]):
         super().__init__()
         self.model = model
+        self.training = model.training  # mirror the wrapped model: a view must not switch it to train mode
         self.name = name
         self.input_shape = tuple(input_shape)
         # NOTE: a plain list, not a ModuleList: the modules are registered once, under self.model, so state_dict

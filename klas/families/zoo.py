@@ -33,6 +33,7 @@ class Recipe:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     seed: int = 0
+    train_subset: int | None = None  # first N training images only (tests, smoke runs)
 
 
 @torch.no_grad()
@@ -52,8 +53,11 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = Recipe(),
-                 data_root: Path | None = None) -> dict:
-    """Train one anchor from scratch with ``recipe``; resumable from ``out_dir/<anchor>.ckpt``."""
+                 data_root: Path | None = None, stop_after_epoch: int | None = None) -> dict:
+    """Train one anchor from scratch with ``recipe``; resumable from ``out_dir/<anchor>.ckpt``.
+
+    ``stop_after_epoch`` simulates an interruption (KeyboardInterrupt once that epoch's checkpoint is written).
+    """
     cfg = get_family_cfg(family)
     anchor = next((a for a in cfg.anchors if a.name == anchor_name), None)
     if anchor is None:
@@ -63,7 +67,7 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
     torch.manual_seed(recipe.seed)
     view = create_anchor(anchor, cfg.input_shape, pretrained=False)
     model = view.model
-    train = load_dataset(cfg.dataset, "train", data_root)
+    train = load_dataset(cfg.dataset, "train", data_root).subset(recipe.train_subset)
     val = load_dataset(cfg.dataset, "val", data_root)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = num_batches(train, recipe.batch_size, drop_last=True)
@@ -72,7 +76,7 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
     state = dict(epoch=0, history=[], wall_s=0.0)
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        if ck["recipe"] != asdict(recipe):
+        if any(ck["recipe"].get(k) != v for k, v in asdict(recipe).items()):
             raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe; delete it to start over")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
@@ -103,6 +107,8 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
               f"val {val_acc:.2f}%  ({time.time() - t0:.0f}s)", flush=True)
         save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), state=state, recipe=asdict(recipe)),
                         ckpt_path)
+        if stop_after_epoch is not None and epoch + 1 == stop_after_epoch:
+            raise KeyboardInterrupt
     test = load_dataset(cfg.dataset, "test", data_root)
     weights = out_dir / anchor.embedded_file if anchor.embedded_file else out_dir / f"{anchor.name}.safetensors"
     save_tensors(model.state_dict(), weights, metadata={"family": family, "anchor": anchor.name})
@@ -141,3 +147,21 @@ def load_card(family: str) -> dict:
     if not cfg.embedded:
         raise KlasError(f"family {family}: not an embedded family, it has no model card (embedded: fmnist-deit)")
     return load_json(_EMBEDDED_WEIGHTS / "card.json")
+
+
+def zoo_eval(family: str, data_root: Path | None = None, split: str = "test") -> list[dict]:
+    """Print and return params, FLOPs and measured accuracy of an embedded family's shipped weights beside its card."""
+    from klas.families._registry import create_family
+
+    card = {e["name"]: e for e in load_card(family)["anchors"]}
+    data = load_dataset(get_family_cfg(family).dataset, split, data_root)
+    fam = create_family(family, pretrained=True)
+    rows = []
+    print(f"{'anchor':16s} {'params':>9s} {'MFLOPs':>8s} {split + ' acc':>9s} {'card acc':>9s}")
+    for view in fam:
+        acc = evaluate_accuracy(view, data)
+        ref = card.get(view.name, {}).get(f"{split}_acc")
+        rows.append(dict(name=view.name, params=view.num_params, flops=view.flops, acc=acc, card_acc=ref))
+        ref_s = f"{ref:9.2f}" if ref is not None else f"{'-':>9s}"
+        print(f"{view.name:16s} {view.num_params:9d} {view.flops / 1e6:8.2f} {acc:9.2f} {ref_s}")
+    return rows

@@ -1,0 +1,23 @@
+# Two commands on a fresh machine: `make demo` (set up, run the main job on the embedded default) and
+# `make test` (set up, run the tests). Both are idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+
+.PHONY: setup demo test bench clean-run
+
+setup:
+	@VENV=$(VENV) scripts/setup.sh
+
+demo: setup
+	@$(VENV)/bin/klas run --run-dir $(RUN_DIR)
+
+test: setup
+	@echo "[test] running the test suite (Triton kernels under TRITON_INTERPRET=1, C++ extension required)"
+	@TRITON_INTERPRET=1 KLAS_REQUIRE_EXT=1 $(PY) -m pytest -q tests
+
+bench: setup
+	@$(PY) -m pytest -q benchmarks --benchmark-only
+
+clean-run:
+	rm -rf $(RUN_DIR)

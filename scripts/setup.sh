@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One idempotent setup: Debian's Fashion-MNIST, a virtual environment with the pinned stack, klas installed
+# editable with its C++ extension. A second run finds everything in place and says so in one line per step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+DATA=/usr/share/datasets/fashion-mnist
+say() { printf '[setup] %s\n' "$*"; }
+
+if [ -f "$DATA/train-images-idx3-ubyte.gz" ] && [ -f "$DATA/t10k-labels-idx1-ubyte.gz" ]; then
+  say "Fashion-MNIST present in $DATA"
+else
+  say "installing Debian package dataset-fashion-mnist (apt-get)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  say "Fashion-MNIST installed in $DATA"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+req_hash=$(cat requirements.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.klas-requirements" 2>/dev/null)" = "$req_hash" ]; then
+  say "python packages up to date (requirements.txt unchanged)"
+else
+  say "installing python packages (torch 2.14.1 CUDA build from local disk, ~4 min the first time)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip setuptools wheel
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
+  echo "$req_hash" > "$VENV/.klas-requirements"
+fi
+
+src_hash=$(cat setup.py $(find csrc -type f 2>/dev/null | sort) | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.klas-build" 2>/dev/null)" = "$src_hash" ] && "$VENV/bin/python" -c "import klas" 2>/dev/null; then
+  say "klas installed (extension sources unchanged)"
+else
+  say "installing klas (editable) and building its C++ extension"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 \
+    | grep -vE "^\s*$|DEPRECATION|setuptools|!!|\*\*\*\*|WheelFile|wheel_obj|Please|See https|^ +" || true
+  echo "$src_hash" > "$VENV/.klas-build"
+fi
+"$VENV/bin/python" -c "import klas.ops as o; print('[setup] klas ready; KL op implementations:', ', '.join(o.available_impls()) if hasattr(o, 'available_impls') else 'reference')"

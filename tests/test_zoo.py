@@ -1,0 +1,54 @@
+"""The embedded anchor zoo: shipped weights against their card, and the trainer's exact resume."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import klas
+from klas.data import load_fashion_mnist
+from klas.families.zoo import Recipe, evaluate_accuracy, load_card, train_anchor
+from klas.io import sha256_file
+
+WEIGHTS = Path(klas.__file__).parent / "families" / "weights"
+
+
+def test_card_describes_a_real_tradeoff():
+    card = load_card("fmnist-deit")
+    accs = [a["test_acc"] for a in card["anchors"]]
+    flops = [a["flops"] for a in card["anchors"]]
+    assert [a["name"] for a in card["anchors"]] == ["fmnist-deit-ti", "fmnist-deit-s", "fmnist-deit-b"]
+    assert flops == sorted(flops) and accs == sorted(accs) and len(set(accs)) == 3
+    assert accs[-1] - accs[0] >= 3.0, "anchors must span at least 3 points of test accuracy"
+    # one recipe for all: same epochs for every anchor
+    assert len({len(a["history"]) for a in card["anchors"]}) == 1
+    total = sum((WEIGHTS / a["file"]).stat().st_size for a in card["anchors"])
+    assert total <= 25 * 2**20
+    for a in card["anchors"]:
+        assert sha256_file(WEIGHTS / a["file"]) == a["sha256"]
+
+
+def test_shipped_accuracy_matches_card():
+    card = {a["name"]: a for a in load_card("fmnist-deit")["anchors"]}
+    fam = klas.create_family("fmnist-deit", pretrained=True)
+    test = load_fashion_mnist("test")
+    for view in fam:
+        acc = evaluate_accuracy(view, test)
+        assert abs(acc - card[view.name]["test_acc"]) <= 0.3, (view.name, acc)
+        assert view.flops == card[view.name]["flops"] and view.num_params == card[view.name]["params"]
+
+
+def test_training_resumes_exactly(tmp_path):
+    recipe = Recipe(epochs=2, batch_size=64, train_subset=256, seed=5)
+    straight = tmp_path / "a"
+    train_anchor("fmnist-deit", "fmnist-deit-ti", straight, recipe)
+    # an interrupted run: one epoch with a 1-epoch schedule would differ, so stop after epoch 1 of the 2-epoch run
+    resumed = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train_anchor("fmnist-deit", "fmnist-deit-ti", resumed, recipe, stop_after_epoch=1)
+    train_anchor("fmnist-deit", "fmnist-deit-ti", resumed, recipe)
+    from safetensors.torch import load_file
+    a = load_file(str(straight / "fmnist-deit-ti.safetensors"))
+    b = load_file(str(resumed / "fmnist-deit-ti.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
