@@ -24,15 +24,17 @@ def _extensions():
     cpp = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc"))) if f.endswith(".cpp")]
     if not cpp:
         return [], {}
-    extra = {"cxx": ["-O3", "-fopenmp", "-std=c++17"]}
+    depends = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc"))) if f.endswith(".h")]
+    extra = {"cxx": ["-O3", "-fopenmp", "-std=c++20"]}  # torch >= 2.10 headers need C++20
     use_cuda = torch.cuda.is_available() and CUDA_HOME is not None and os.environ.get("KLAS_NO_CUDA") != "1"
     if use_cuda:
         cu = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc"))) if f.endswith(".cu")]
-        extra["nvcc"] = ["-O3", "--use_fast_math"]
+        # NOTE: no --use_fast_math: the KL kernels need accurate expf/logf (KL values of 1e-7 are meaningful).
+        extra["nvcc"] = ["-O3"]
         ext = CUDAExtension("klas._C", cpp + cu, extra_compile_args=extra, extra_link_args=["-fopenmp"],
-                            define_macros=[("KLAS_WITH_CUDA", "1")])
+                            define_macros=[("KLAS_WITH_CUDA", "1")], depends=depends)
     else:
-        ext = CppExtension("klas._C", cpp, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+        ext = CppExtension("klas._C", cpp, extra_compile_args=extra, extra_link_args=["-fopenmp"], depends=depends)
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 
@@ -42,7 +44,8 @@ setup(
     name="klas",
     version="0.1.0",
     description="KL-divergence based Anchor Stitching: stitched model zoos exported to ONNX with a budget manifest",
-    packages=find_packages(include=["klas", "klas.*"]),
+    # kernels/: the Triton kernels, a top-level package imported lazily by klas.ops (GPU or TRITON_INTERPRET=1).
+    packages=find_packages(include=["klas", "klas.*", "kernels"]),
     package_data={"klas": ["families/weights/*.safetensors", "families/weights/*.json", "configs/*.toml"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision", "timm>=1.0,<1.1", "onnx", "onnxruntime", "numpy", "safetensors",
