@@ -119,8 +119,8 @@ def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weig
         # timm's own loader, pointed at a local file: it applies the family's checkpoint filter (pos-embed
         # resizing, classifier adaptation), exactly as for hub weights.
         overlay = dict(file=str(local))
-        if anchor.embedded_file and local.parent == _EMBEDDED_WEIGHTS:
-            # our own files carry our own classifier: tell timm so it does not drop it as a 1000-class head
+        if anchor.embedded_file:
+            # klas-trained files carry the family's own classifier: tell timm so it keeps it (not a 1000-class head)
             overlay.update(num_classes=anchor.model_args.get("num_classes"), input_size=tuple(input_shape))
         model = timm.create_model(anchor.arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     else:

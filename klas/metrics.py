@@ -1,0 +1,235 @@
+"""Alternative block-similarity metrics, the baselines KLAS is compared with (KLAS paper, Sec. 5.1, App. D).
+
+Every metric gives a table [source blocks, target blocks] where LOWER means "more promising stitch", so they plug
+into the same bucketed selection as the KLAS stitch score:
+
+- ``mse``: fraction of the target's pooled-feature variance left unexplained by the least-squares affine map from the
+  source's pooled features (1 - R^2). Streaming: only first and second moments are accumulated.
+- ``cka``: 1 - linear CKA (Kornblith et al. 2019) between pooled features, from the same moments.
+- ``ce``: cross-entropy H(p_A,i, p_B,j) = -E_x sum_c p_A,i log p_B,j = D[i, j] + H(p_A,i).
+- ``dm``: squared Maximum Mean Discrepancy (biased V-statistic, Gaussian kernel on the probability simplex) between
+  the sets of probe distributions {p_A,i(x)} and {p_B,j(x)} of a validation subsample -- a distribution-matching
+  distance that, unlike KL, ignores which sample produced which distribution.
+- ``tlm`` (task-loss matching) and ``fula`` (functional latent alignment, Athanasiadis et al. 2025) *fit* a stitch
+  layer per configuration; they are costly references, run on a sample of configurations (``fit_*`` below).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from klas.families import BlockView
+from klas.stitch import StitchLayer
+
+FEATURE_METRICS = ("mse", "cka", "ce", "dm")
+FITTED_METRICS = ("tlm", "fula")
+
+
+# --------------------------------------------------------------------------------------------- streaming moments
+class FeatureMoments:
+    """Streaming float64 sums of pooled block features: per-block sums and Gram matrices of every anchor, and the
+    cross Gram of every (source, target) anchor pair -- enough for least-squares residuals and linear CKA of all
+    block pairs without keeping any feature of the split."""
+
+    def __init__(self, widths: dict[str, list[int]], pairs: list[tuple[str, str]]):
+        self.widths, self.pairs, self.n = widths, list(pairs), 0
+        self.sums = {a: torch.zeros(sum(w), dtype=torch.float64) for a, w in widths.items()}
+        self.grams = {a: [torch.zeros(c, c, dtype=torch.float64) for c in w] for a, w in widths.items()}
+        self.cross = {p: torch.zeros(sum(widths[p[0]]), sum(widths[p[1]]), dtype=torch.float64) for p in self.pairs}
+
+    def update(self, feats: dict[str, list[torch.Tensor]]) -> None:
+        flat = {a: torch.cat([f.double() for f in fs], dim=1) for a, fs in feats.items()}
+        for a, fs in feats.items():
+            self.sums[a] += flat[a].sum(0)
+            for k, f in enumerate(fs):
+                f = f.double()
+                self.grams[a][k] += f.T @ f
+        for a, b in self.pairs:
+            self.cross[(a, b)] += flat[a].T @ flat[b]
+        self.n += next(iter(flat.values())).shape[0]
+
+    def _blocks(self, a: str) -> list[slice]:
+        out, s = [], 0
+        for c in self.widths[a]:
+            out.append(slice(s, s + c))
+            s += c
+        return out
+
+    def _centered(self, a: str, b: str):
+        """Centered covariances (unnormalized): per-block C_aa, C_bb and the full cross C_ab."""
+        n = self.n
+        sa, sb = self.sums[a], self.sums[b]
+        caa = [g - torch.outer(sa[s], sa[s]) / n for g, s in zip(self.grams[a], self._blocks(a))]
+        cbb = [g - torch.outer(sb[s], sb[s]) / n for g, s in zip(self.grams[b], self._blocks(b))]
+        cab = self.cross[(a, b)] - torch.outer(sa, sb) / n
+        return caa, cbb, cab
+
+    def lstsq_residual(self, a: str, b: str) -> torch.Tensor:
+        """[dA, dB]: unexplained variance fraction of target block j by an affine map of source block i."""
+        caa, cbb, cab = self._centered(a, b)
+        sl_a, sl_b = self._blocks(a), self._blocks(b)
+        total = torch.stack([torch.trace(c) for c in cbb])  # [dB]
+        out = torch.empty(len(caa), len(cbb), dtype=torch.float64)
+        for i, (c, si) in enumerate(zip(caa, sl_a)):
+            cxy = cab[si]  # [c_i, sum c_B]
+            m = torch.linalg.pinv(c, hermitian=True) @ cxy
+            expl = (cxy * m).sum(0)  # per target channel
+            for j, sj in enumerate(sl_b):
+                out[i, j] = 1.0 - expl[sj].sum() / total[j].clamp_min(1e-300)
+        return out.clamp(0.0, 1.0)
+
+    def linear_cka(self, a: str, b: str) -> torch.Tensor:
+        """[dA, dB]: linear CKA = ||C_ab||_F^2 / (||C_aa||_F ||C_bb||_F)."""
+        caa, cbb, cab = self._centered(a, b)
+        na = torch.stack([torch.linalg.matrix_norm(c) for c in caa])
+        nb = torch.stack([torch.linalg.matrix_norm(c) for c in cbb])
+        out = torch.empty(len(caa), len(cbb), dtype=torch.float64)
+        for i, si in enumerate(self._blocks(a)):
+            for j, sj in enumerate(self._blocks(b)):
+                out[i, j] = (cab[si, sj] ** 2).sum()
+        return out / (na[:, None] * nb[None, :]).clamp_min(1e-300)
+
+
+def cross_entropy_table(kl: torch.Tensor, entropy_src: torch.Tensor) -> torch.Tensor:
+    """H(p_A,i, p_B,j) = KL(p_A,i || p_B,j) + H(p_A,i), from the KL table and the source probes' mean entropy."""
+    return kl + entropy_src[:, None]
+
+
+def mean_entropy_sum(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over samples of the softmax entropy, float64 [n_probes], from logits [n_probes, N, C]."""
+    lp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return -(lp.exp() * lp).sum(dim=(1, 2))
+
+
+def mmd2_table(p: torch.Tensor, q: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """Biased squared MMD, Gaussian kernel exp(-|x-y|^2 / (2 sigma^2)), between every p[i] [n, C] and q[j] [m, C]."""
+    p, q = p.double(), q.double()
+
+    def kmean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x [n, C], y [k, m, C] -> [k]
+        d2 = torch.cdist(x[None].expand(y.shape[0], -1, -1), y).pow(2)
+        return torch.exp(-d2 / (2 * sigma ** 2)).mean(dim=(1, 2))
+
+    kpp = torch.stack([kmean(x, x[None])[0] for x in p])
+    kqq = torch.stack([kmean(y, y[None])[0] for y in q])
+    kpq = torch.stack([kmean(x, q) for x in p])  # [dA, dB]
+    return (kpp[:, None] + kqq[None, :] - 2 * kpq).clamp_min(0.0)
+
+
+# --------------------------------------------------------------------------------------------- fitted references
+@dataclass(frozen=True)
+class FitConfig:
+    """Budget of the fitted references: a least-squares start, then ``steps`` Adam steps on the stitch layer only."""
+
+    steps: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    train_samples: int = 256
+    val_samples: int = 512
+    seed: int = 0
+
+
+def lstsq_stitch(src_feats: torch.Tensor, tgt_feats: torch.Tensor, channels_last: bool = True) -> StitchLayer:
+    """A stitch layer initialized by least squares, solved in float64 over every token/position (SN-Net's init)."""
+    if not channels_last:
+        src_feats, tgt_feats = src_feats.movedim(1, -1), tgt_feats.movedim(1, -1)
+    x = src_feats.reshape(-1, src_feats.shape[-1]).double()
+    y = tgt_feats.reshape(-1, tgt_feats.shape[-1]).double()
+    x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    sol = torch.linalg.lstsq(x1, y, driver="gelsd").solution  # [c_in + 1, c_out]
+    layer = StitchLayer(x.shape[1], y.shape[1], channels_last)
+    with torch.no_grad():
+        layer.linear.weight.copy_(sol[:-1].T.float())
+        layer.linear.bias.copy_(sol[-1].float())
+    return layer
+
+
+def fula_weights(n: int) -> torch.Tensor:
+    """Depth weights of the FuLA loss over the stitch point and the n-1 later blocks: linear in depth, sum 1."""
+    w = torch.arange(1, n + 1, dtype=torch.float32)
+    return w / w.sum()
+
+
+def fula_loss(preds: list[torch.Tensor], targets: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * mean((pred_k - target_k)^2) / scale_k: latent alignment at the stitch point and every later block,
+    each depth normalized by the target latent's mean square so that no depth dominates by its magnitude."""
+    w = fula_weights(len(preds))
+    return sum(w[k] * F.mse_loss(p, t) / scales[k] for k, (p, t) in enumerate(zip(preds, targets)))
+
+
+def _run_from(tgt: BlockView, h: torch.Tensor, start: int) -> list[torch.Tensor]:
+    """Outputs of target blocks start.. (each), starting from activation h."""
+    outs = []
+    for blk in tgt.blocks[start:]:
+        h = blk(h)
+        outs.append(h)
+    return outs
+
+
+class FittedScorer:
+    """Holds block outputs of a small train and val subsample for every anchor, then fits one configuration at a time.
+
+    The anchors are frozen for the scorer's lifetime (``requires_grad`` restored by ``close``)."""
+
+    def __init__(self, views: list[BlockView], x_train, y_train, x_val, y_val, cfg: FitConfig = FitConfig()):
+        self.cfg, self.views = cfg, {v.name: v for v in views}
+        self._grad_state = {n: [p.requires_grad for p in v.parameters()] for n, v in self.views.items()}
+        for v in views:
+            v.eval().requires_grad_(False)
+        with torch.no_grad():
+            self.train = {v.name: v.forward_all(x_train)[0] for v in views}
+            self.val = {v.name: v.forward_all(x_val)[0] for v in views}
+        self.y_train, self.y_val = y_train, y_val
+
+    def close(self) -> None:
+        for n, v in self.views.items():
+            for p, rg in zip(v.parameters(), self._grad_state[n]):
+                p.requires_grad_(rg)
+
+    def _steps(self, n: int):
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        for _ in range(self.cfg.steps):
+            yield torch.randint(0, n, (min(self.cfg.batch_size, n),), generator=g)
+
+    def tlm(self, src: str, i: int, tgt: str, j: int) -> float:
+        """Task-loss matching: train the stitch layer on the task loss; score = validation cross-entropy."""
+        s, t = self.views[src], self.views[tgt]
+        layer = lstsq_stitch(self.train[src][i], self.train[tgt][j], s.channels_last)
+        opt = torch.optim.Adam(layer.parameters(), lr=self.cfg.lr)
+        xs = self.train[src][i]
+        for idx in self._steps(xs.shape[0]):
+            logits = t.forward_head(t.forward_blocks(layer(xs[idx]), j + 1))
+            loss = F.cross_entropy(logits, self.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            logits = t.forward_head(t.forward_blocks(layer(self.val[src][i]), j + 1))
+            return float(F.cross_entropy(logits, self.y_val))
+
+    def fula(self, src: str, i: int, tgt: str, j: int) -> float:
+        """Functional latent alignment: fit the stitch so the stitched latents match the target's at the stitch point
+        and at every later block; score = the final (validation) alignment loss."""
+        s, t = self.views[src], self.views[tgt]
+        tr_t, va_t = self.train[tgt][j:], self.val[tgt][j:]
+        scales = torch.stack([h.pow(2).mean() for h in tr_t]).clamp_min(1e-12)
+        layer = lstsq_stitch(self.train[src][i], tr_t[0], s.channels_last)
+        opt = torch.optim.Adam(layer.parameters(), lr=self.cfg.lr)
+        xs = self.train[src][i]
+        for idx in self._steps(xs.shape[0]):
+            h = layer(xs[idx])
+            loss = fula_loss([h] + _run_from(t, h, j + 1), [z[idx] for z in tr_t], scales)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            h = layer(self.val[src][i])
+            return float(fula_loss([h] + _run_from(t, h, j + 1), va_t, scales))
+
+    def score_all(self, metric: str, configs: list[tuple[str, int, str, int]], progress: bool = True) -> list[float]:
+        fn = {"tlm": self.tlm, "fula": self.fula}[metric]
+        return [fn(*c) for c in tqdm(configs, desc=f"fitting {metric}", leave=False, mininterval=2, file=sys.stdout,
+                                     disable=not progress)]

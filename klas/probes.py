@@ -1,0 +1,365 @@
+"""ProbeNet (KLAS paper, Alg. 1): one linear probe per block of every anchor, trained jointly on frozen anchors.
+
+A probe reads ``view.pool(block output)`` (mean over tokens / positions) and predicts the class. All probes of an
+anchor are fed by ONE forward of the anchor per batch (``view.forward_all``); each probe gets detached features, the
+probe losses are summed and one backward runs. Because the probes share no parameters and the optimizer (AdamW) is
+per-parameter, this is exactly equivalent to training every probe on its own with the same seed and data order --
+only ~depth times cheaper. ``tests/test_probes.py`` checks that equivalence.
+
+Artifacts (run dir ``probes/``): ``probes.safetensors`` (weights), ``probes.json`` (per-epoch validation accuracy of
+every probe, inputs fingerprint, wall time), ``probe_accuracy.png`` and ``checkpoint.pt`` (per epoch, for resume).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from klas.data import ImageSet, batches, load_dataset, num_batches
+from klas.errors import KlasError
+from klas.families import BlockView, Family, create_family, get_family_cfg
+from klas.io import load_checkpoint, load_json, load_tensors, save_checkpoint, save_json, save_tensors, sha256_file
+from klas.rundir import RunDir
+
+PROBES_FILE, PROBES_JSON, PROBES_PNG = "probes.safetensors", "probes.json", "probe_accuracy.png"
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How probes are trained. ``train_subset`` / ``val_subset``: the first N images of the fixed split order (None:
+    all); ``stat_samples``: training images the feature standardization is measured on."""
+
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    seed: int = 0
+    train_subset: int | None = None
+    val_subset: int | None = None
+    stat_samples: int = 2048
+
+    def validate(self) -> "ProbeConfig":
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise KlasError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if not self.lr > 0:
+            raise KlasError(f"--lr {self.lr}: must be > 0")
+        if self.stat_samples < 1:
+            raise KlasError(f"--stat-samples {self.stat_samples}: must be >= 1")
+        for name in ("train_subset", "val_subset"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise KlasError(f"--{name.replace('_', '-')} {v}: must be >= 1 (or omitted for the whole split)")
+        return self
+
+
+class ProbeNet(nn.Module):
+    """The linear probes of ONE anchor: probe k maps pooled block-k features [B, C_k] to class logits.
+
+    Features are standardized with fixed per-channel statistics (``set_stats``) before the linear map: the same
+    affine family of probes, but well conditioned whatever the scale of a block's residual stream (Adam alone
+    converged several points lower in 4 epochs). ``folded()`` returns plain linear weights on the raw features.
+    """
+
+    def __init__(self, anchor: str, widths: list[int], num_classes: int, seed: int = 0):
+        super().__init__()
+        self.anchor, self.widths, self.num_classes = anchor, list(widths), num_classes
+        self.probes = nn.ModuleList(nn.Linear(c, num_classes) for c in widths)
+        for k, (lin, c) in enumerate(zip(self.probes, widths)):
+            init_probe(lin, probe_seed(seed, anchor, k))
+            self.register_buffer(f"shift_{k}", torch.zeros(c))
+            self.register_buffer(f"scale_{k}", torch.ones(c))
+
+    @property
+    def depth(self) -> int:
+        return len(self.probes)
+
+    def set_stats(self, stats: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per block (mean, std) of the pooled features: probes see (f - mean) / std."""
+        for k, (mean, std) in enumerate(stats):
+            getattr(self, f"shift_{k}").copy_(mean)
+            getattr(self, f"scale_{k}").copy_(1.0 / std)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Pooled features of every block -> logits [depth, B, num_classes]."""
+        return torch.stack([p((f - getattr(self, f"shift_{k}")) * getattr(self, f"scale_{k}"))
+                            for k, (p, f) in enumerate(zip(self.probes, feats))])
+
+    def folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) per probe acting on the RAW pooled features: W' = W diag(scale), b' = b - W' shift."""
+        out = []
+        for k, lin in enumerate(self.probes):
+            w = lin.weight.detach() * getattr(self, f"scale_{k}")[None, :]
+            out.append((w, lin.bias.detach() - w @ getattr(self, f"shift_{k}")))
+        return out
+
+
+@torch.no_grad()
+def feature_stats(view: BlockView, data: ImageSet, n: int = 2048, batch_size: int = 512
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean, std) per channel of every block's pooled features over the first ``n`` images (float64 sums)."""
+    data = data.subset(n)
+    s1 = s2 = None
+    for x, _ in batches(data, batch_size):
+        feats = [f.double() for f in anchor_features(view, x)[0]]
+        s1 = [f.sum(0) for f in feats] if s1 is None else [a + f.sum(0) for a, f in zip(s1, feats)]
+        s2 = [(f * f).sum(0) for f in feats] if s2 is None else [a + (f * f).sum(0) for a, f in zip(s2, feats)]
+    m = len(data)
+    out = []
+    for a, b in zip(s1, s2):
+        mean = a / m
+        var = (b / m - mean * mean).clamp_min(0.0)
+        out.append((mean.float(), (var.sqrt() + 1e-6).float()))
+    return out
+
+
+def probe_seed(seed: int, anchor: str, block: int) -> int:
+    """A per-probe seed that does not depend on which other probes exist (so a probe can be trained alone)."""
+    return zlib.crc32(f"{seed}:{anchor}:{block}".encode())
+
+
+def init_probe(lin: nn.Linear, seed: int) -> None:
+    """nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from an explicit generator."""
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(lin.in_features)
+    with torch.no_grad():
+        lin.weight.uniform_(-bound, bound, generator=g)
+        lin.bias.uniform_(-bound, bound, generator=g)
+
+
+@torch.no_grad()
+def anchor_features(view: BlockView, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One frozen forward: pooled features of every block (detached) and the anchor's own logits."""
+    outs, logits = view.forward_all(x)
+    return [view.pool(h) for h in outs], logits
+
+
+def _lr_at(step: int, total: int, base: float) -> float:
+    # NOTE: cosine decay to zero over the configured run -- a fixed function of the step, so a resumed run and an
+    # uninterrupted one follow the same schedule.
+    return 0.5 * base * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+def weights_digest(view: BlockView) -> str:
+    """Content hash of an anchor's weights: probes and scores are only valid for the weights they were made on."""
+    h = hashlib.sha256()
+    for k, v in view.model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resolve_family(family: Family | str, pretrained: bool | None = None, weights=None) -> Family:
+    """A built Family, or build one by name (embedded families load their shipped weights by default)."""
+    if isinstance(family, Family):
+        return family
+    cfg = get_family_cfg(family)
+    return create_family(family, pretrained=cfg.embedded if pretrained is None else pretrained, weights=weights)
+
+
+def probe_fingerprint(family: Family, cfg: ProbeConfig, data_root) -> dict:
+    return dict(family=family.name, dataset=family.cfg.dataset, data_root=str(data_root) if data_root else None,
+                anchors={v.name: weights_digest(v) for v in family}, config=asdict(cfg))
+
+
+@torch.no_grad()
+def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, batch_size: int = 1000
+                    ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Top-1 accuracy (%) of every probe and of every anchor's own head on ``data``."""
+    correct = {v.name: torch.zeros(nets[v.name].depth, dtype=torch.long) for v in family}
+    head = {v.name: 0 for v in family}
+    for x, y in batches(data, batch_size):
+        for v in family:
+            feats, logits = anchor_features(v, x)
+            correct[v.name] += (nets[v.name](feats).argmax(-1) == y).sum(dim=1)
+            head[v.name] += int((logits.argmax(-1) == y).sum())
+    n = max(len(data), 1)
+    return ({a: [round(100.0 * float(c) / n, 3) for c in cs] for a, cs in correct.items()},
+            {a: round(100.0 * c / n, 3) for a, c in head.items()})
+
+
+def train_probe_nets(family: Family, train: ImageSet, cfg: ProbeConfig, nets: dict[str, ProbeNet] | None = None,
+                     opt: torch.optim.Optimizer | None = None, start_epoch: int = 0, val: ImageSet | None = None,
+                     on_epoch=None, progress: bool = True) -> dict[str, ProbeNet]:
+    """The ProbeNet loop: per batch, one frozen forward per anchor feeds all its probes; summed loss, one backward.
+
+    ``on_epoch(epoch, nets, opt, train_loss, val_acc, head_acc, wall_s)`` is called after every epoch (checkpointing).
+    """
+    for v in family:
+        v.eval()
+    num_classes = family.cfg.num_classes
+    if nets is None:
+        nets = {v.name: ProbeNet(v.name, v.widths, num_classes, cfg.seed) for v in family}
+        for v in family:
+            nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples))
+    if opt is None:
+        opt = torch.optim.AdamW([p for n in nets.values() for p in n.parameters()], lr=cfg.lr,
+                                weight_decay=cfg.weight_decay)
+    steps = num_batches(train, cfg.batch_size)
+    total = cfg.epochs * steps
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order: a function of (seed, epoch)
+        it = batches(train, cfg.batch_size, shuffle=True, gen=gen)
+        bar = tqdm(it, total=steps, desc=f"probes epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2,
+                   file=sys.stdout, disable=not progress)
+        loss_sum = 0.0
+        for k, (x, y) in enumerate(bar):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(epoch * steps + k, total, cfg.lr)
+            loss = x.new_zeros(())
+            for v in family:
+                feats, _ = anchor_features(v, x)
+                logits = nets[v.name](feats)  # [depth, B, classes]
+                # sum over probes of each probe's mean cross-entropy: gradients stay per-probe
+                loss = loss + F.cross_entropy(logits.flatten(0, 1), y.repeat(len(feats)), reduction="sum") / len(y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item()
+        bar.close()
+        probes_total = sum(n.depth for n in nets.values())
+        train_loss = loss_sum / max(steps, 1) / max(probes_total, 1)
+        val_acc, head_acc = evaluate_probes(family, nets, val) if val is not None else ({}, {})
+        if on_epoch is not None:
+            on_epoch(epoch, nets, opt, train_loss, val_acc, head_acc, time.time() - t0)
+    return nets
+
+
+def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, batch_size: int = 256, lr: float = 1e-2,
+                 weight_decay: float = 0.0, seed: int = 0, train_subset: int | None = None,
+                 val_subset: int | None = None, stat_samples: int = 2048, data_root: Path | str | None = None,
+                 pretrained: bool | None = None, weights=None, force: bool = False, progress: bool = True) -> dict:
+    """Train the probes of every anchor of ``family`` into ``run_dir/probes``; returns the ``probes.json`` record.
+
+    Skipped when ``probes.json`` holds the same inputs fingerprint (family, anchor weights, data, config); resumed
+    from ``checkpoint.pt`` after an interruption.
+    """
+    cfg = ProbeConfig(epochs, batch_size, lr, weight_decay, seed, train_subset or None, val_subset or None,
+                      stat_samples).validate()
+    family = resolve_family(family, pretrained, weights)
+    run = RunDir(run_dir, family.name, family.cfg.dataset)
+    out = run.stage("probes")
+    inputs = probe_fingerprint(family, cfg, data_root)
+    if not force and (out / PROBES_JSON).is_file() and (out / PROBES_FILE).is_file():
+        rec = load_json(out / PROBES_JSON)
+        if rec.get("inputs") == inputs:
+            print(f"[probe] {out / PROBES_JSON}: up to date, skipped", flush=True)
+            return rec
+    train = load_dataset(family.cfg.dataset, "train", data_root).subset(cfg.train_subset)
+    val = load_dataset(family.cfg.dataset, "val", data_root).subset(cfg.val_subset)
+    nets = {v.name: ProbeNet(v.name, v.widths, family.cfg.num_classes, cfg.seed) for v in family}
+    for v in family:  # deterministic: the first stat_samples images of the fixed split order
+        nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples))
+    opt = torch.optim.AdamW([p for n in nets.values() for p in n.parameters()], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    state = dict(epoch=0, history=[], wall_s=0.0)
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.is_file() and not force:
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("inputs") == inputs:
+            for name, sd in ck["nets"].items():
+                nets[name].load_state_dict(sd)
+            opt.load_state_dict(ck["opt"])
+            state = ck["state"]
+            print(f"[probe] resuming after epoch {state['epoch']}/{cfg.epochs}", flush=True)
+        else:
+            print(f"[probe] {ckpt_path}: made for other inputs, starting over", flush=True)
+
+    def on_epoch(epoch, nets_, opt_, train_loss, val_acc, head_acc, wall):
+        state["epoch"] = epoch + 1
+        state["wall_s"] += wall
+        state["history"].append(dict(epoch=epoch + 1, train_loss=round(train_loss, 5), wall_s=round(wall, 2),
+                                     val_acc=val_acc, head_val_acc=head_acc))
+        mean_acc = {a: round(sum(v) / len(v), 2) for a, v in val_acc.items()}
+        print(f"[probe] epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, mean probe val acc {mean_acc} "
+              f"({wall:.0f}s)", flush=True)
+        save_checkpoint(dict(nets={k: n.state_dict() for k, n in nets_.items()}, opt=opt_.state_dict(), state=state,
+                             inputs=inputs), ckpt_path)
+
+    train_probe_nets(family, train, cfg, nets, opt, state["epoch"], val, on_epoch, progress)
+    tensors = {f"{name}/{k}.{p}": t for name, n in nets.items()
+               for k, (w, b) in enumerate(n.folded()) for p, t in (("weight", w), ("bias", b))}
+    save_tensors(tensors, out / PROBES_FILE, metadata={"family": family.name, "format": "klas-probes-v1"})
+    rec = _record(family, cfg, inputs, state, len(train), len(val))
+    rec["probes_sha256"] = sha256_file(out / PROBES_FILE)
+    plot_probe_accuracy(rec, out / PROBES_PNG)
+    save_json(rec, out / PROBES_JSON)
+    return rec
+
+
+def _record(family: Family, cfg: ProbeConfig, inputs: dict, state: dict, n_train: int, n_val: int) -> dict:
+    hist = state["history"]
+    final = hist[-1]["val_acc"] if hist else {}
+    # epochs until a probe is within 1 point of its final accuracy (the paper reports convergence by epoch 4)
+    converged = {a: [next(h["epoch"] for h in hist if h["val_acc"][a][k] >= acc - 1.0) for k, acc in enumerate(accs)]
+                 for a, accs in final.items()}
+    return dict(family=family.name, dataset=family.cfg.dataset, n_train=n_train, n_val=n_val, config=asdict(cfg),
+                inputs=inputs,
+                anchors=[dict(name=v.name, depth=v.depth, widths=v.widths, flops=v.flops) for v in family],
+                history=hist, final_val_acc=final, epochs_to_within_1pt=converged,
+                head_val_acc=hist[-1]["head_val_acc"] if hist else {}, wall_s=round(state["wall_s"], 2),
+                machine=dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads()))
+
+
+def plot_probe_accuracy(rec: dict, path: Path) -> None:
+    """Validation accuracy vs epoch, one line per probe (colour = block depth), one panel per anchor."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    anchors = [a["name"] for a in rec["anchors"]]
+    fig, axes = plt.subplots(1, len(anchors), figsize=(4.2 * len(anchors), 3.6), squeeze=False, sharey=True)
+    epochs = [h["epoch"] for h in rec["history"]]
+    for ax, name in zip(axes[0], anchors):
+        depth = len(rec["history"][0]["val_acc"][name]) if rec["history"] else 0
+        cmap = plt.get_cmap("viridis")
+        for k in range(depth):
+            ax.plot(epochs, [h["val_acc"][name][k] for h in rec["history"]], marker=".",
+                    color=cmap(k / max(depth - 1, 1)), label=f"block {k}" if k in (0, depth - 1) else None)
+        if rec.get("head_val_acc"):
+            ax.axhline(rec["head_val_acc"][name], color="k", ls="--", lw=1, label="anchor head")
+        ax.set_title(name)
+        ax.set_xticks(epochs)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("probe val accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_probes(run_dir: Path | str, family: Family) -> dict[str, ProbeNet]:
+    """The trained probes of ``run_dir`` for ``family``'s anchors (one-line error when they do not fit)."""
+    run = RunDir(run_dir, family.name)
+    path = run.require("probes", PROBES_FILE, "`klas probe`")
+    tensors = load_tensors(path)
+    nets = {}
+    for v in family:
+        net = ProbeNet(v.name, v.widths, family.cfg.num_classes)
+        sd = {}
+        for k in range(v.depth):
+            for p in ("weight", "bias"):
+                key = f"{v.name}/{k}.{p}"
+                if key not in tensors:
+                    raise KlasError(f"{path}: no probe {key} for anchor {v.name!r}; rerun `klas probe`")
+                sd[f"probes.{k}.{p}"] = tensors[key]
+            sd[f"shift_{k}"], sd[f"scale_{k}"] = torch.zeros(v.widths[k]), torch.ones(v.widths[k])  # folded
+        try:
+            net.load_state_dict(sd)
+        except RuntimeError:
+            raise KlasError(f"{path}: probe shapes of {v.name!r} do not match the anchor; rerun `klas probe`") from None
+        nets[v.name] = net.eval()
+    return nets

@@ -1,0 +1,276 @@
+"""KLAS scores (paper Sec. 4.1-4.2, Eq. 1-2, Alg. 2), computed in ONE streaming pass over the validation split.
+
+For anchors A (smaller, source) and B (larger, target) and probe distributions p_X,k(x) = softmax(probe_k(pool(h_k))):
+
+- cross-anchor distance   D[A,i -> B,j] = mean_x KL(p_A,i(x) || p_B,j(x))                      (source || target)
+- intra-anchor capacity   Cap[B,j]      = mean_x KL(p_B,j(x) || p_B,j+1(x)),  p_B,depth := the anchor's own head
+- stitch score            S[i,j]        = form(D[i,j], Cap[B,j])   (default "ratio": D / Cap; see SCORE_FORMS)
+- anchor divergence       K[A,B]        = mean_x KL(p_A(x) || p_B(x)) between the anchors' own final softmax
+
+Each batch's probe logits go straight into ``klas.ops.PairwiseKL`` accumulators (float64 sums); no logits of the
+split are kept. Pairs that cannot be stitched (``klas.families.stitchable``) get NaN in D and S. docs/method.md gives
+the reasons for each definition.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from klas.data import batches, load_dataset, num_batches
+from klas.errors import KlasError
+from klas.families import Family, stitchable
+from klas.io import load_json, load_tensors, save_json, save_tensors, sha256_file
+from klas.metrics import FeatureMoments, cross_entropy_table, mean_entropy_sum, mmd2_table
+from klas.ops import PairwiseKL
+from klas.probes import PROBES_FILE, PROBES_JSON, anchor_features, load_probes, resolve_family, weights_digest
+from klas.rundir import RunDir
+
+SCORES_FILE, METRICS_FILE, SCORES_JSON = "scores.safetensors", "metrics.safetensors", "scores.json"
+CAP_EPS = 1e-6  # keeps "ratio" finite when a block barely changes the probe distribution
+
+
+def _ratio(d: torch.Tensor, cap: torch.Tensor, lam: float) -> torch.Tensor:
+    return d / (cap + CAP_EPS)
+
+
+def _difference(d: torch.Tensor, cap: torch.Tensor, lam: float) -> torch.Tensor:
+    return d - lam * cap
+
+
+def _kl(d: torch.Tensor, cap: torch.Tensor, lam: float) -> torch.Tensor:
+    return d.clone()
+
+
+# score forms: low = promising (small cross-anchor distance, large capacity of the block receiving the stitch)
+SCORE_FORMS = {"ratio": _ratio, "difference": _difference, "kl": _kl}
+DEFAULT_FORM = "ratio"
+
+
+def stitch_score(d: torch.Tensor, cap: torch.Tensor, form: str = DEFAULT_FORM, lam: float = 1.0) -> torch.Tensor:
+    """S[i, j] from D [dA, dB] and the target's capacity [dB] (broadcast over source blocks)."""
+    if form not in SCORE_FORMS:
+        raise KlasError(f"--score-form {form!r}: unknown; expected one of {', '.join(SCORE_FORMS)}")
+    return SCORE_FORMS[form](d, cap[None, :], lam)
+
+
+def anchor_pairs_ordered(names: list[str]) -> list[tuple[str, str]]:
+    """Every (source, target) with the source cheaper (earlier in FLOPs order): the stitching direction is fixed."""
+    return [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
+
+
+class ScoreAccumulator:
+    """Streaming D, Cap, anchor KL and probe entropies from per-batch logits.
+
+    ``update(logits)``: for every anchor (FLOPs order) a tensor [depth + 1, B, C] -- its probes' logits, then its own
+    head's logits as the last row. Nothing is retained but float64 sums.
+    """
+
+    def __init__(self, names: list[str], depths: list[int], temperature: float = 1.0, impl: str | None = None):
+        self.names, self.depths, self.temperature = list(names), list(depths), temperature
+        self.pairs = anchor_pairs_ordered(self.names)
+        dep = dict(zip(names, depths))
+        self.cross = {p: PairwiseKL(dep[p[0]], dep[p[1]], temperature, impl) for p in self.pairs}
+        self.within = {a: PairwiseKL(d + 1, None, temperature, impl) for a, d in zip(names, depths)}
+        self.anchors = PairwiseKL(len(names), None, temperature, impl)
+        self.entropy = {a: torch.zeros(d + 1, dtype=torch.float64) for a, d in zip(names, depths)}
+        self.count = 0
+
+    def update(self, logits: dict[str, torch.Tensor]) -> None:
+        for a, b in self.pairs:
+            self.cross[(a, b)].update(logits[a][:-1], logits[b][:-1])
+        for a in self.names:
+            self.within[a].update(logits[a])
+            self.entropy[a] += mean_entropy_sum(logits[a], self.temperature)
+        self.anchors.update(torch.stack([logits[a][-1] for a in self.names]))
+        self.count += next(iter(logits.values())).shape[1]
+
+    @staticmethod
+    def _mean(acc: PairwiseKL) -> torch.Tensor:
+        return acc.sum / acc.count  # float64, unlike compute()
+
+    def results(self) -> dict:
+        if self.count == 0:
+            raise KlasError("scores: the validation split is empty")
+        within = {a: self._mean(m) for a, m in self.within.items()}
+        return dict(
+            D={p: self._mean(m) for p, m in self.cross.items()},
+            cap={a: torch.diagonal(w, offset=1).clone() for a, w in within.items()},  # KL(p_j || p_j+1), j < depth
+            anchor_kl=self._mean(self.anchors),
+            entropy={a: e / self.count for a, e in self.entropy.items()},
+            count=self.count)
+
+
+def stitchable_mask(family: Family, a: str, b: str) -> torch.Tensor:
+    src, tgt = family[a], family[b]
+    return torch.tensor([[stitchable(src, i, tgt, j) for j in range(tgt.depth)] for i in range(src.depth)])
+
+
+def depth_matched(i: int, d_src: int, d_tgt: int) -> int:
+    """The target block at the same relative depth as source block i: (j + 1) / d_tgt = (i + 1) / d_src, rounded."""
+    return max(0, min(d_tgt - 1, ((i + 1) * d_tgt * 2 + d_src) // (2 * d_src) - 1))
+
+
+def diagonal_summary(d: torch.Tensor) -> dict:
+    """Does KL sit low near the depth-matched diagonal? Row-wise argmin (best target block per source block) and
+    column-wise argmin against the diagonal, and where the diagonal entry ranks in its row (0 = lowest, 1 = highest;
+    0.5 for no relation)."""
+    d_src, d_tgt = d.shape
+    full = torch.nan_to_num(d, nan=math.inf)
+    rows = [i for i in range(d_src) if torch.isfinite(full[i]).any()]
+    amin = [int(full[i].argmin()) for i in rows]
+    diag = [depth_matched(i, d_src, d_tgt) for i in rows]
+    off = [abs(a - m) for a, m in zip(amin, diag)]
+    ranks = [float((full[i] < full[i, m]).sum()) / max(d_tgt - 1, 1) for i, m in zip(rows, diag)]
+    cols = [j for j in range(d_tgt) if torch.isfinite(full[:, j]).any()]
+    on = torch.tensor([float(d[i, m]) for i, m in zip(rows, diag)])
+    return dict(argmin_target_per_source=amin, depth_matched_target=diag,
+                argmin_source_per_target=[int(full[:, j].argmin()) for j in cols],
+                mean_abs_offset=round(sum(off) / max(len(off), 1), 3),
+                frac_within_1=round(sum(o <= 1 for o in off) / max(len(off), 1), 3),
+                mean_row_rank_of_diagonal=round(sum(ranks) / max(len(ranks), 1), 3),
+                mean_D_diagonal=float(on.mean()) if len(on) else None, mean_D_all=float(torch.nanmean(d)))
+
+
+def scores_fingerprint(family: Family, run: RunDir, temperature: float, val_subset, data_root, metrics: bool,
+                       dm_samples: int, dm_sigma: float) -> dict:
+    probes_json = load_json(run.require("probes", PROBES_JSON, "`klas probe`"))
+    probes_file = run.require("probes", PROBES_FILE, "`klas probe`")
+    digests = {v.name: weights_digest(v) for v in family}
+    if probes_json.get("inputs", {}).get("anchors") != digests:
+        raise KlasError(f"{probes_file}: probes were trained on other anchor weights than the family's; "
+                        f"rerun `klas probe`")
+    return dict(family=family.name, anchors=digests, probes_sha256=sha256_file(probes_file), temperature=temperature,
+                val_subset=val_subset, data_root=str(data_root) if data_root else None, metrics=metrics,
+                dm_samples=dm_samples, dm_sigma=dm_sigma)
+
+
+def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 500, temperature: float = 1.0,
+                   impl: str | None = None, val_subset: int | None = None, score_form: str = DEFAULT_FORM,
+                   lam: float = 1.0, data_root: Path | str | None = None, metrics: bool = True,
+                   dm_samples: int = 1000, dm_sigma: float = 0.5, pretrained: bool | None = None, weights=None,
+                   force: bool = False, progress: bool = True) -> dict:
+    """D, Cap, S for every ordered anchor pair, the anchors' KL matrix and the baseline metric tables, on ``val``.
+
+    Writes ``scores/scores.safetensors`` (D, cap, S, mask, anchor_kl, entropy), ``scores/metrics.safetensors``
+    (mse, cka, ce, dm), ``scores/scores.json`` and one heatmap PNG per anchor pair. Skipped when up to date.
+    """
+    if batch_size < 1:
+        raise KlasError(f"--batch-size {batch_size}: must be >= 1")
+    if not temperature > 0:
+        raise KlasError(f"--temperature {temperature}: must be > 0")
+    if val_subset is not None and val_subset < 1:
+        val_subset = None
+    stitch_score(torch.zeros(1, 1), torch.ones(1), score_form, lam)  # validates the form name early
+    family = resolve_family(family, pretrained, weights)
+    run = RunDir(run_dir, family.name, family.cfg.dataset)
+    out = run.stage("scores")
+    inputs = scores_fingerprint(family, run, temperature, val_subset, data_root, metrics, dm_samples, dm_sigma)
+    inputs.update(score_form=score_form, lam=lam)
+    if not force and all((out / f).is_file() for f in (SCORES_JSON, SCORES_FILE)):
+        rec = load_json(out / SCORES_JSON)
+        if rec.get("inputs") == inputs:
+            print(f"[score] {out / SCORES_JSON}: up to date, skipped", flush=True)
+            return rec
+    nets = load_probes(run_dir, family)
+    val = load_dataset(family.cfg.dataset, "val", data_root).subset(val_subset)
+    names = [v.name for v in family]
+    acc = ScoreAccumulator(names, [v.depth for v in family], temperature, impl)
+    pairs = acc.pairs
+    moments = FeatureMoments({v.name: v.widths for v in family}, pairs) if metrics else None
+    dm_keep: dict[str, list[torch.Tensor]] = {a: [] for a in names}
+    kept = 0
+    t0 = time.time()
+    bar = tqdm(batches(val, batch_size), total=num_batches(val, batch_size), desc="scores (val)", leave=False,
+               mininterval=2, file=sys.stdout, disable=not progress)
+    with torch.no_grad():
+        for x, _ in bar:
+            logits, feats = {}, {}
+            for v in family:
+                f, head = anchor_features(v, x)
+                feats[v.name] = f
+                logits[v.name] = torch.cat([nets[v.name](f), head[None]])  # [depth + 1, B, C]
+            acc.update(logits)
+            if moments is not None:
+                moments.update(feats)
+                take = min(dm_samples - kept, x.shape[0])
+                if take > 0:  # a fixed subsample of probe distributions for the MMD baseline
+                    for a in names:
+                        dm_keep[a].append(torch.softmax(logits[a][:-1, :take].double() / temperature, dim=-1))
+                    kept += take
+    wall = time.time() - t0
+    res = acc.results()
+    tensors: dict[str, torch.Tensor] = {"anchor_kl": res["anchor_kl"]}
+    for a in names:
+        tensors[f"cap/{a}"] = res["cap"][a]
+        tensors[f"entropy/{a}"] = res["entropy"][a]
+    summary_pairs, metric_tensors = [], {}
+    for a, b in pairs:
+        mask = stitchable_mask(family, a, b)
+        d = res["D"][(a, b)].masked_fill(~mask, math.nan)
+        s = stitch_score(d, res["cap"][b], score_form, lam)
+        tensors.update({f"D/{a}/{b}": d, f"S/{a}/{b}": s, f"mask/{a}/{b}": mask})
+        if moments is not None:
+            dm = mmd2_table(torch.cat(dm_keep[a], 1), torch.cat(dm_keep[b], 1), dm_sigma) if kept else None
+            tables = dict(mse=moments.lstsq_residual(a, b), cka=1.0 - moments.linear_cka(a, b),
+                          ce=cross_entropy_table(res["D"][(a, b)], res["entropy"][a][:-1]))
+            if dm is not None:
+                tables["dm"] = dm
+            for m, t in tables.items():
+                metric_tensors[f"{m}/{a}/{b}"] = t.masked_fill(~mask, math.nan)
+        flat = torch.nan_to_num(s, nan=math.inf)
+        k = int(flat.argmin())
+        summary_pairs.append(dict(source=a, target=b, stitchable=int(mask.sum()),
+                                  D_min=float(d[mask].min()) if mask.any() else None,
+                                  D_max=float(d[mask].max()) if mask.any() else None,
+                                  best_score=dict(i=k // s.shape[1], j=k % s.shape[1], score=float(flat.flatten()[k])),
+                                  diagonal=diagonal_summary(d)))
+    meta = {"family": family.name, "format": "klas-scores-v1"}
+    save_tensors(tensors, out / SCORES_FILE, metadata=meta)
+    if metric_tensors:
+        save_tensors(metric_tensors, out / METRICS_FILE, metadata=meta)
+    for a, b in pairs:
+        plot_heatmap(tensors[f"D/{a}/{b}"], tensors[f"S/{a}/{b}"], a, b, score_form, out / f"heatmap_{a}__{b}.png")
+    rec = dict(family=family.name, anchors=[dict(name=v.name, depth=v.depth, flops=v.flops) for v in family],
+               n_val=res["count"], score_form=score_form, lam=lam, temperature=temperature,
+               anchor_kl=dict(names=names, matrix=res["anchor_kl"].tolist()),
+               cap={a: res["cap"][a].tolist() for a in names}, pairs=summary_pairs,
+               metrics=sorted({k.split("/")[0] for k in metric_tensors}), wall_s=round(wall, 2),
+               scores_sha256=sha256_file(out / SCORES_FILE), inputs=inputs)
+    save_json(rec, out / SCORES_JSON)
+    return rec
+
+
+def plot_heatmap(d: torch.Tensor, s: torch.Tensor, a: str, b: str, form: str, path: Path) -> None:
+    """D (left) and the stitch score (right), rows = source blocks, columns = target blocks; the depth-matched
+    diagonal is drawn in white."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d_src, d_tgt = d.shape
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    diag = [depth_matched(i, d_src, d_tgt) for i in range(d_src)]
+    for ax, t, title in ((axes[0], d, "D = KL(p_src,i || p_tgt,j)"), (axes[1], s, f"stitch score ({form})")):
+        im = ax.imshow(t.float().numpy(), cmap="viridis_r", aspect="auto", interpolation="nearest")
+        ax.plot(diag, range(d_src), color="w", lw=1, ls="--")
+        ax.set_xlabel(f"target block j ({b})")
+        ax.set_ylabel(f"source block i ({a})")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_scores(run_dir: Path | str, family: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(scores.json, score tensors, metric tensors) of a run (one-line error when missing)."""
+    run = RunDir(run_dir, family)
+    rec = load_json(run.require("scores", SCORES_JSON, "`klas score`"))
+    tensors = load_tensors(run.require("scores", SCORES_FILE, "`klas score`"))
+    mpath = run.path / "scores" / METRICS_FILE
+    return rec, tensors, (load_tensors(mpath) if mpath.is_file() else {})

@@ -1,0 +1,130 @@
+"""ProbeNet: joint training equals independent training; artifacts, resume and skip; one-line errors."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import klas
+from klas.data import FASHION_MNIST, ImageSet, batches
+from klas.errors import KlasError
+from klas.io import load_json, load_tensors
+from klas.probes import (ProbeConfig, _lr_at, init_probe, load_probes, probe_seed, train_probe_nets,
+                         train_probes)
+from klas.rundir import RunDir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models on a shared 2-core box: one thread avoids oversubscription (10x slower otherwise)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def family(one_thread):
+    torch.manual_seed(1234)
+    return klas.create_family("fmnist-deit", anchors=["fmnist-deit-ti", "fmnist-deit-s"])  # two anchors: fast
+
+
+def _random_set(n: int, gen: torch.Generator) -> ImageSet:
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=gen)
+    return ImageSet(FASHION_MNIST, "train", images, torch.randint(0, 10, (n,), generator=gen))
+
+
+def test_joint_training_equals_independent_training(family, rng):
+    data = _random_set(100, rng)  # 100 = 3 x 32 + 4: a ragged last batch
+    cfg = ProbeConfig(epochs=2, batch_size=32, lr=2e-2, weight_decay=0.01, stat_samples=70,
+                      seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    before = {v.name: {k: t.clone() for k, t in v.model.state_dict().items()} for v in family}
+    nets = train_probe_nets(family, data, cfg, progress=False)
+    for v in family:  # anchors stay frozen
+        assert all(torch.equal(t, before[v.name][k]) for k, t in v.model.state_dict().items())
+    view = family[1]
+    steps = -(-len(data) // cfg.batch_size)
+    for k in (0, 5, view.depth - 1):
+        # independent reference: its own layer, optimizer and forward through blocks 0..k only
+        lin = nn.Linear(view.feature_dim(k), 10)
+        init_probe(lin, probe_seed(cfg.seed, view.name, k))
+        start = lin.weight.detach().clone()
+        with torch.no_grad():  # the standardization statistics, over the first stat_samples images
+            f = view.forward_blocks(view.forward_stem(data.normalize(data.images[:cfg.stat_samples])), 0, k + 1)
+            f = f.double().mean(dim=1)
+            mean, std = f.mean(0), f.std(0, unbiased=False) + 1e-6
+        opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for epoch in range(cfg.epochs):
+            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            for s, (x, y) in enumerate(batches(data, cfg.batch_size, shuffle=True, gen=gen)):
+                for g in opt.param_groups:
+                    g["lr"] = _lr_at(epoch * steps + s, cfg.epochs * steps, cfg.lr)
+                with torch.no_grad():
+                    h = view.forward_blocks(view.forward_stem(x), 0, k + 1).mean(dim=1)
+                    h = ((h.double() - mean) / std).float()
+                loss = F.cross_entropy(lin(h), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        w, b = nets[view.name].folded()[k]
+        feats = view.forward_blocks(view.forward_stem(data.normalize(data.images[:9])), 0, k + 1).mean(dim=1)
+        torch.testing.assert_close(feats @ w.T + b, nets[view.name]([feats] * (k + 1))[k].detach(), rtol=1e-4,
+                                   atol=1e-4)
+        joint = nets[view.name].probes[k]
+        assert not torch.allclose(lin.weight, start)  # it trained
+        torch.testing.assert_close(joint.weight, lin.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(joint.bias, lin.bias, rtol=1e-4, atol=1e-5)
+
+
+def test_train_probes_writes_resumes_and_skips(family, tmp_path, monkeypatch):
+    kw = dict(epochs=2, batch_size=64, train_subset=128, val_subset=64, progress=False)
+    rec = train_probes(family, tmp_path / "full", **kw)
+    out = tmp_path / "full" / "probes"
+    for name in ("probes.safetensors", "probes.json", "probe_accuracy.png", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert [h["epoch"] for h in rec["history"]] == [1, 2]
+    for v in family:
+        accs = rec["final_val_acc"][v.name]
+        assert len(accs) == v.depth and all(0 <= a <= 100 for a in accs)
+        assert len(rec["epochs_to_within_1pt"][v.name]) == v.depth
+    assert load_json(out / "probes.json")["inputs"]["anchors"].keys() == {v.name for v in family}
+
+    # interrupted after epoch 1, then resumed: same weights as the uninterrupted run
+    import klas.probes as probes_mod
+    real_save = probes_mod.save_checkpoint
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probes_mod, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_probes(family, tmp_path / "resumed", **kw)
+    monkeypatch.setattr(probes_mod, "save_checkpoint", real_save)
+    assert not (tmp_path / "resumed" / "probes" / "probes.safetensors").exists()
+    rec2 = train_probes(family, tmp_path / "resumed", **kw)
+    assert [h["epoch"] for h in rec2["history"]] == [1, 2]
+    a = load_tensors(out / "probes.safetensors")
+    b = load_tensors(tmp_path / "resumed" / "probes" / "probes.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+    # unchanged inputs: skipped without training
+    monkeypatch.setattr(probes_mod, "train_probe_nets", lambda *a, **k: pytest.fail("retrained"))
+    assert train_probes(family, tmp_path / "full", **kw)["history"] == rec["history"]
+    nets = load_probes(tmp_path / "full", family)
+    torch.testing.assert_close(nets[family[0].name].probes[3].weight, a[f"{family[0].name}/3.weight"])
+
+
+def test_bad_input_is_one_line_error(family, tmp_path):
+    RunDir(tmp_path / "other", "deit")
+    with pytest.raises(KlasError, match="belongs to family 'deit'"):
+        train_probes(family, tmp_path / "other", epochs=1, train_subset=8, val_subset=8, progress=False)
+    with pytest.raises(KlasError, match="--epochs 0"):
+        train_probes(family, tmp_path / "x", epochs=0)
+    with pytest.raises(KlasError, match="--lr"):
+        train_probes(family, tmp_path / "x", lr=-1.0)
+    RunDir(tmp_path / "empty", family.name)
+    with pytest.raises(KlasError, match=r"probes\.safetensors: missing; run `klas probe` first") as e:
+        load_probes(tmp_path / "empty", family)
+    assert "\n" not in str(e.value)

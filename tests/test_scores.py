@@ -1,0 +1,160 @@
+"""Scores: streamed D / Cap / anchor KL / baseline metrics equal float64 references computed from stored outputs."""
+import math
+
+import pytest
+import torch
+
+import klas
+from klas.data import load_dataset
+from klas.errors import KlasError
+from klas.io import load_tensors
+from klas.metrics import FeatureMoments, mmd2_table
+from klas.probes import anchor_features, load_probes, train_probes
+from klas.scores import CAP_EPS, ScoreAccumulator, compute_scores, stitch_score
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def kl_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Independent float64 mean_n KL(softmax a[n] || softmax b[n]) for a, b [N, C]."""
+    a, b = a.double(), b.double()
+    pa = torch.exp(a - torch.logsumexp(a, -1, keepdim=True))
+    return (pa * ((a - torch.logsumexp(a, -1, keepdim=True)) - (b - torch.logsumexp(b, -1, keepdim=True)))
+            ).sum(-1).mean()
+
+
+def test_accumulator_matches_float64_reference(rng):
+    depths, n, c = [2, 3, 5], 37, 7
+    names = ["a", "b", "c"]
+    # extreme logits: large spread, a large per-sample offset (softmax-invariant) and near-duplicate rows
+    logits = {}
+    for k, (name, d) in enumerate(zip(names, depths)):
+        t = torch.randn(d + 1, n, c, generator=rng) * torch.tensor([0.01, 3.0, 40.0])[k % 3]
+        t = t + 300.0 * torch.randn(1, n, 1, generator=rng)
+        logits[name] = t
+    logits["c"][2] = logits["c"][1] + 1e-3 * torch.randn(n, c, generator=rng)
+    acc = ScoreAccumulator(names, depths)
+    for s in range(0, n, 10):  # chunks 10, 10, 10, 7
+        acc.update({k: v[:, s:s + 10] for k, v in logits.items()})
+    res = acc.results()
+    assert res["count"] == n
+    for (x, y), d in res["D"].items():
+        ref = torch.tensor([[kl_ref(logits[x][i], logits[y][j]) for j in range(depths[names.index(y)])]
+                            for i in range(depths[names.index(x)])], dtype=torch.float64)
+        torch.testing.assert_close(d, ref, rtol=1e-4, atol=1e-6)
+    for x, d in zip(names, depths):
+        ref = torch.stack([kl_ref(logits[x][j], logits[x][j + 1]) for j in range(d)])  # last: probe -> own head
+        torch.testing.assert_close(res["cap"][x], ref, rtol=1e-4, atol=1e-6)
+        lp = torch.log_softmax(logits[x].double(), -1)
+        torch.testing.assert_close(res["entropy"][x], -(lp.exp() * lp).sum(-1).mean(-1), rtol=1e-6, atol=1e-9)
+    ref = torch.tensor([[kl_ref(logits[x][-1], logits[y][-1]) for y in names] for x in names], dtype=torch.float64)
+    torch.testing.assert_close(res["anchor_kl"], ref, rtol=1e-4, atol=1e-6)
+    assert set(res["D"]) == {("a", "b"), ("a", "c"), ("b", "c")}
+
+
+def test_score_forms(rng):
+    d = torch.rand(4, 6, generator=rng, dtype=torch.float64) * 5
+    cap = torch.rand(6, generator=rng, dtype=torch.float64) * 2 + 1e-3
+    torch.testing.assert_close(stitch_score(d, cap, "ratio"), d / (cap[None] + CAP_EPS))
+    torch.testing.assert_close(stitch_score(d, cap, "difference", 0.7), d - 0.7 * cap[None])
+    torch.testing.assert_close(stitch_score(d, cap, "kl"), d)
+    with pytest.raises(KlasError, match="--score-form 'nope'"):
+        stitch_score(d, cap, "nope")
+
+
+def test_feature_moments_and_mmd_match_references(rng):
+    n = 53
+    fa = [torch.randn(n, c, generator=rng) * s + o for c, s, o in ((3, 1e3, 1e4), (5, 0.2, -7.0))]
+    fb = [torch.randn(n, c, generator=rng) for c in (4, 2, 6)]
+    fb[1] = fa[0][:, :2] @ torch.randn(2, 2, generator=rng) + 0.5  # exactly affine in source block 0
+    mom = FeatureMoments({"a": [3, 5], "b": [4, 2, 6]}, [("a", "b")])
+    for s in range(0, n, 20):
+        mom.update({"a": [f[s:s + 20] for f in fa], "b": [f[s:s + 20] for f in fb]})
+    mse, cka = mom.lstsq_residual("a", "b"), mom.linear_cka("a", "b")
+    for i, x in enumerate(fa):
+        for j, y in enumerate(fb):
+            x1 = torch.cat([x.double(), torch.ones(n, 1, dtype=torch.float64)], 1)
+            res = y.double() - x1 @ torch.linalg.lstsq(x1, y.double()).solution
+            yc = y.double() - y.double().mean(0)
+            torch.testing.assert_close(mse[i, j], (res ** 2).sum() / (yc ** 2).sum(), rtol=1e-5, atol=1e-8)
+            h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+            k, l_ = h @ x.double() @ x.double().T @ h, h @ y.double() @ y.double().T @ h
+            ref = (k * l_).sum() / torch.sqrt((k * k).sum() * (l_ * l_).sum())
+            torch.testing.assert_close(cka[i, j], ref, rtol=1e-6, atol=1e-9)
+    assert mse[0, 1] < 1e-8  # the affine target is fully explained
+
+    p = torch.softmax(torch.randn(2, 19, 5, generator=rng) * 4, -1)
+    q = torch.softmax(torch.randn(3, 19, 5, generator=rng) * 4, -1)
+    sigma = 0.37
+    got = mmd2_table(p, q, sigma)
+
+    def k(x, y):
+        return math.exp(-float(((x.double() - y.double()) ** 2).sum()) / (2 * sigma ** 2))
+
+    for i in range(2):
+        for j in range(3):
+            xs, ys = p[i], q[j]
+            ref = (sum(k(a, b) for a in xs for b in xs) + sum(k(a, b) for a in ys for b in ys)
+                   - 2 * sum(k(a, b) for a in xs for b in ys)) / 19 ** 2
+            assert abs(float(got[i, j]) - ref) < 1e-9
+
+
+@pytest.fixture(scope="module")
+def family(one_thread):
+    torch.manual_seed(4321)
+    return klas.create_family("fmnist-deit", anchors=["fmnist-deit-ti", "fmnist-deit-s"])
+
+
+def test_streamed_scores_equal_stored_logits(family, tmp_path):
+    run = tmp_path / "run"
+    train_probes(family, run, epochs=1, batch_size=64, train_subset=256, val_subset=32, progress=False)
+    rec = compute_scores(family, run, batch_size=16, val_subset=70, dm_samples=40, progress=False)  # 16 x 4 + 6
+    t = load_tensors(run / "scores" / "scores.safetensors")
+    m = load_tensors(run / "scores" / "metrics.safetensors")
+    assert rec["n_val"] == 70 and (run / "scores" / "heatmap_fmnist-deit-ti__fmnist-deit-s.png").is_file()
+
+    # reference: every logit and feature of the 70 images stored, then float64 from scratch
+    nets = load_probes(run, family)
+    val = load_dataset("fashion-mnist", "val").subset(70)
+    x = val.normalize(val.images)
+    feats, logits = {}, {}
+    for v in family:
+        f, head = anchor_features(v, x)
+        feats[v.name] = f
+        with torch.no_grad():
+            logits[v.name] = torch.cat([nets[v.name](f), head[None]])
+    a, b = (v.name for v in family)
+    d_ref = torch.tensor([[kl_ref(logits[a][i], logits[b][j]) for j in range(12)] for i in range(12)],
+                         dtype=torch.float64)
+    cap_ref = torch.stack([kl_ref(logits[b][j], logits[b][j + 1]) for j in range(12)])
+    torch.testing.assert_close(t[f"D/{a}/{b}"], d_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(t[f"cap/{b}"], cap_ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(t[f"S/{a}/{b}"], d_ref / (cap_ref[None] + CAP_EPS), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(t["anchor_kl"][0, 1], kl_ref(logits[a][-1], logits[b][-1]), rtol=1e-4, atol=1e-6)
+    assert bool(t[f"mask/{a}/{b}"].all())
+
+    la, lb = torch.log_softmax(logits[a][:12].double(), -1), torch.log_softmax(logits[b][:12].double(), -1)
+    ce_ref = -torch.einsum("inc,jnc->ij", la.exp(), lb) / 70
+    torch.testing.assert_close(m[f"ce/{a}/{b}"], ce_ref, rtol=1e-4, atol=1e-6)
+    for i in (0, 7):
+        for j in (3, 11):
+            y = feats[b][j].double()
+            x1 = torch.cat([feats[a][i].double(), torch.ones(70, 1, dtype=torch.float64)], 1)
+            res = y - x1 @ torch.linalg.lstsq(x1, y).solution
+            ref = ((res ** 2).sum() / ((y - y.mean(0)) ** 2).sum()).clamp(0, 1)
+            torch.testing.assert_close(m[f"mse/{a}/{b}"][i, j], ref, rtol=1e-4, atol=1e-7)
+    dm_ref = mmd2_table(la[:, :40].exp(), lb[:, :40].exp(), 0.5)
+    torch.testing.assert_close(m[f"dm/{a}/{b}"], dm_ref, rtol=1e-6, atol=1e-9)
+
+    # unchanged inputs: skipped; a family with other weights: refused
+    assert compute_scores(family, run, batch_size=16, val_subset=70, dm_samples=40, progress=False) == rec
+    torch.manual_seed(99)
+    other = klas.create_family("fmnist-deit", anchors=[a, b])
+    with pytest.raises(KlasError, match="probes were trained on other anchor weights"):
+        compute_scores(other, run, val_subset=70, progress=False)
