@@ -1,15 +1,29 @@
 """Stitched networks: source stem + source blocks 0..i -> stitch layer -> target blocks j+1.. + target head.
 
-SKELETON (API final; the supernetwork issue adds least-squares / task-loss / FuLA initialisation).
+The stitch layer is one linear map per token (a 1x1 convolution on NCHW maps). As in SN-Net (Pan et al., CVPR 2023)
+it starts from the least-squares solution that maps the source's block-i features onto the target's block-j
+features on real training images; two gradient objectives are offered on top of it for comparison:
+
+* ``task`` -- task loss matching (Balogh & Jelasity, AAAI 2025): cross-entropy of the stitched network on labels.
+* ``fula`` -- functional latent alignment (Athanasiadis, Karmush & Felsberg, 2025): the stitched network's latents
+  at the stitch point *and at every downstream target block* are pulled onto the target's own latents for the same
+  image (normalized squared error, equal weight per depth), a distillation-like objective that needs no labels.
+
+Anchors stay frozen while a layer is fitted; only the supernetwork finetuning (``klas.supernet``) moves them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from klas.errors import KlasError
 from klas.families import BlockView, stitchable, stitched_flops
+
+INIT_METHODS = ("ls", "task", "fula", "random")
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,20 @@ class StitchConfig:
     def anchor(cls, name: str) -> "StitchConfig":
         return cls(name, -1, name, -1)
 
+    def to_dict(self) -> dict:
+        return dict(source=self.source, i=self.i, target=self.target, j=self.j)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "StitchConfig":
+        """Parse ``{source, i, target, j}`` (extra keys ignored); a malformed entry is a one-line KlasError."""
+        try:
+            cfg = cls(str(d["source"]), int(d["i"]), str(d["target"]), int(d["j"]))
+        except (KeyError, TypeError, ValueError):
+            raise KlasError(f"{where}: expected {{source, i, target, j}} with integer i, j; got {d!r}") from None
+        if cfg.is_anchor and (cfg.i, cfg.j) != (-1, -1):
+            raise KlasError(f"{where}: source == target ({cfg.source}) is an anchor and needs i = j = -1")
+        return cfg
+
 
 class StitchLayer(nn.Module):
     """Linear map of the source features to the target width: per token (channels-last) or a 1x1 conv (NCHW)."""
@@ -48,6 +76,12 @@ class StitchLayer(nn.Module):
             return self.linear(h)
         return self.linear(h.movedim(1, -1)).movedim(-1, 1)
 
+    @torch.no_grad()
+    def set_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Load ``y = x @ weight + bias`` (weight [d_in, d_out], the regression convention)."""
+        self.linear.weight.copy_(weight.T.to(self.linear.weight.dtype))
+        self.linear.bias.copy_(bias.to(self.linear.bias.dtype))
+
 
 class StitchedNet(nn.Module):
     """A standalone stitched network over two block views (or one anchor, when ``layer`` is None and src is tgt)."""
@@ -59,10 +93,18 @@ class StitchedNet(nn.Module):
                              f"{tgt.infos[j].shape} are not stitchable")
         self.src, self.tgt, self.i, self.j, self.layer = src, tgt, i, j, layer
         self.config = StitchConfig(src.name, i, tgt.name, j) if layer is not None else StitchConfig.anchor(src.name)
+        self._num_params: int | None = None
 
     @property
     def flops(self) -> int:
         return self.src.flops if self.layer is None else stitched_flops(self.src, self.i, self.tgt, self.j)
+
+    @property
+    def num_params(self) -> int:
+        """Parameters this network actually uses (the anchors' unused blocks are registered but not counted)."""
+        if self._num_params is None:
+            self._num_params = used_parameters(self, self.src.input_shape)
+        return self._num_params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layer is None:
@@ -70,3 +112,219 @@ class StitchedNet(nn.Module):
         h = self.src.forward_blocks(self.src.forward_stem(x), 0, self.i + 1)
         h = self.layer(h)
         return self.tgt.forward_head(self.tgt.forward_blocks(h, self.j + 1))
+
+
+def used_parameters(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Number of parameter elements that receive a gradient from one forward pass: the modules a network really runs,
+    whatever else it holds. Architecture-agnostic, so it needs no per-family list of stem/head modules."""
+    params = [p for p in model.parameters()]
+    saved = [(p.grad, p.requires_grad) for p in params]
+    was_training = model.training
+    try:
+        model.eval()
+        for p in params:
+            p.grad = None
+            p.requires_grad_(True)
+        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        model(x).float().square().sum().backward()
+        return sum(p.numel() for p in params if p.grad is not None)
+    finally:
+        for p, (g, rg) in zip(params, saved):
+            p.grad = g
+            p.requires_grad_(rg)
+        model.train(was_training)
+
+
+# --- least squares ---------------------------------------------------------------------------------------------
+
+class Moments:
+    """Streaming means and centred cross-products of (x, y) rows in float64, merged batch by batch with Chan et al.'s
+    pairwise update: no catastrophic cancellation when features carry a large offset, memory O(d^2) whatever N is."""
+
+    def __init__(self, d_in: int, d_out: int):
+        self.n = 0
+        self.mx = torch.zeros(d_in, dtype=torch.float64)
+        self.my = torch.zeros(d_out, dtype=torch.float64)
+        self.cxx = torch.zeros(d_in, d_in, dtype=torch.float64)
+        self.cxy = torch.zeros(d_in, d_out, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.detach().double(), y.detach().double()
+        nb = x.shape[0]
+        if nb == 0:
+            return
+        bx, by = x.mean(0), y.mean(0)
+        xc, yc = x - bx, y - by
+        n = self.n + nb
+        dx, dy = bx - self.mx, by - self.my
+        self.cxx += xc.T @ xc + torch.outer(dx, dx) * (self.n * nb / n)
+        self.cxy += xc.T @ yc + torch.outer(dx, dy) * (self.n * nb / n)
+        self.mx += dx * (nb / n)
+        self.my += dy * (nb / n)
+        self.n = n
+
+    def solve(self, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [d_in, d_out], bias [d_out]) minimising sum ||x W + b - y||^2 (+ ridge * mean eig * ||W||^2).
+
+        Rank-deficient systems (fewer rows than features, collinear channels) get the minimum-norm W, through a
+        symmetric pseudo-inverse, so the fitted map is still the least-squares projection."""
+        if self.n == 0:
+            raise KlasError("least-squares stitch fit: no feature rows collected (empty fitting data)")
+        cxx = self.cxx
+        if ridge > 0:
+            cxx = cxx + torch.eye(cxx.shape[0], dtype=cxx.dtype) * (ridge * cxx.diagonal().mean().clamp_min(1e-300))
+        w = torch.linalg.pinv(cxx, hermitian=True) @ self.cxy
+        return w, self.my - self.mx @ w
+
+
+def _rows(h: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Block output -> [N * positions, C] rows, one per token / pixel."""
+    if not channels_last:
+        h = h.movedim(1, -1)
+    return h.reshape(-1, h.shape[-1])
+
+
+@torch.no_grad()
+def stitch_moments(src: BlockView, i: int, tgt: BlockView, j: int, images: Iterable[torch.Tensor]) -> Moments:
+    """Source block-i and target block-j features of the same images, accumulated for a least-squares fit."""
+    mom = Moments(src.feature_dim(i), tgt.feature_dim(j))
+    for x in images:
+        hs = src.forward_blocks(src.forward_stem(x), 0, i + 1)
+        ht = tgt.forward_blocks(tgt.forward_stem(x), 0, j + 1)
+        mom.update(_rows(hs, src.channels_last), _rows(ht, tgt.channels_last))
+    return mom
+
+
+# --- gradient objectives ------------------------------------------------------------------------------------------
+
+def fula_loss(net: StitchedNet, x: torch.Tensor) -> torch.Tensor:
+    """Functional latent alignment: mean over depths d = j, j+1, ..., end of ||stitched_d - target_d||^2 /
+    ||target_d||^2, where stitched_d runs the stitch layer then target blocks j+1..d on the source's block-i output."""
+    src, tgt = net.src, net.tgt
+    with torch.no_grad():
+        h_src = src.forward_blocks(src.forward_stem(x), 0, net.i + 1)
+        t = tgt.forward_blocks(tgt.forward_stem(x), 0, net.j + 1)
+        targets = [t]
+        for blk in tgt.blocks[net.j + 1:]:
+            t = blk(t)
+            targets.append(t)
+    h = net.layer(h_src)
+    terms = [_nsq(h, targets[0])]
+    for blk, t in zip(tgt.blocks[net.j + 1:], targets[1:]):
+        h = blk(h)
+        terms.append(_nsq(h, t))
+    return torch.stack(terms).mean()
+
+
+def _nsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).square().sum() / b.square().sum().clamp_min(1e-12)
+
+
+def task_loss(net: StitchedNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Task loss matching: cross-entropy of the stitched network's logits on the labels."""
+    return F.cross_entropy(net(x), y)
+
+
+def fit_gradient(net: StitchedNet, objective: str, data: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int,
+                 lr: float = 1e-3) -> list[float]:
+    """Adam on the stitch layer only (anchors frozen and in eval mode) for ``steps`` batches; returns the losses."""
+    if objective not in ("task", "fula"):
+        raise KlasError(f"stitch objective {objective!r}: expected task or fula")
+    anchors = [p for m in {id(net.src): net.src, id(net.tgt): net.tgt}.values() for p in m.parameters()]
+    flags = [p.requires_grad for p in anchors]
+    modes = (net.src.training, net.tgt.training)
+    opt = torch.optim.Adam(net.layer.parameters(), lr=lr)
+    losses = []
+    try:
+        for p in anchors:
+            p.requires_grad_(False)
+        net.src.eval()
+        net.tgt.eval()
+        net.layer.train()
+        for _ in range(steps):
+            x, y = next(data)
+            loss = fula_loss(net, x) if objective == "fula" else task_loss(net, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        for p, f in zip(anchors, flags):
+            p.requires_grad_(f)
+        net.src.train(modes[0])
+        net.tgt.train(modes[1])
+    return losses
+
+
+@dataclass(frozen=True)
+class FitCfg:
+    """How a stitch layer is initialised: ``method`` in ls | task | fula | random; ``samples`` training images for the
+    least-squares statistics; ``steps`` x ``batch_size`` images (and ``lr``) for the gradient objectives, which start
+    from the least-squares solution so that differences measure the objective, not the starting point."""
+
+    method: str = "ls"
+    samples: int = 1024
+    batch_size: int = 128
+    ridge: float = 0.0
+    steps: int = 100
+    lr: float = 1e-3
+    seed: int = 0
+
+
+def fit_stitch(src: BlockView, i: int, tgt: BlockView, j: int, train, cfg: FitCfg = FitCfg()
+               ) -> tuple[StitchLayer, dict]:
+    """Build and initialise the stitch layer of (src, i, tgt, j) on the ``train`` ImageSet.
+
+    Returns the layer and its fit statistics: ``stitch_mse`` (mean squared error against the target's block-j
+    features on the fitting images) and, for the gradient objectives, the first and last loss."""
+    from klas.data import batches
+
+    if cfg.method not in INIT_METHODS:
+        raise KlasError(f"stitch init {cfg.method!r}: expected one of {', '.join(INIT_METHODS)}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    layer = _new_layer(src, i, tgt, j, g)
+    fit_set = train.subset(cfg.samples)
+    stats: dict = dict(method=cfg.method)
+    if cfg.method != "random":
+        mom = stitch_moments(src, i, tgt, j, (x for x, _ in batches(fit_set, cfg.batch_size)))
+        layer.set_affine(*mom.solve(cfg.ridge))
+    if cfg.method in ("task", "fula"):
+        net = StitchedNet(src, i, tgt, j, layer)
+        losses = fit_gradient(net, cfg.method, _forever(train, cfg.batch_size, g), cfg.steps, cfg.lr)
+        stats.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
+    stats["stitch_mse"] = stitch_mse(src, i, tgt, j, layer, (x for x, _ in batches(fit_set, cfg.batch_size)))
+    return layer, stats
+
+
+def _new_layer(src: BlockView, i: int, tgt: BlockView, j: int, gen: torch.Generator) -> StitchLayer:
+    """A stitch layer with nn.Linear's default (Kaiming-uniform) initialisation drawn from ``gen``."""
+    if not stitchable(src, i, tgt, j):
+        raise KlasError(f"{src.name} block {i} -> {tgt.name} block {j}: output shapes {src.infos[i].shape} and "
+                        f"{tgt.infos[j].shape} are not stitchable (same tokens / spatial size needed)")
+    layer = StitchLayer(src.feature_dim(i), tgt.feature_dim(j), src.channels_last)
+    bound = 1.0 / src.feature_dim(i) ** 0.5
+    with torch.no_grad():
+        # NOTE: Kaiming-uniform with a=sqrt(5), as nn.Linear, but from an explicit generator for reproducibility.
+        layer.linear.weight.uniform_(-bound, bound, generator=gen)
+        layer.linear.bias.uniform_(-bound, bound, generator=gen)
+    return layer
+
+
+def _forever(data, batch_size: int, gen: torch.Generator):
+    from klas.data import batches
+
+    while True:
+        yield from batches(data, batch_size, shuffle=True, gen=gen, drop_last=len(data) >= batch_size)
+
+
+@torch.no_grad()
+def stitch_mse(src: BlockView, i: int, tgt: BlockView, j: int, layer: StitchLayer,
+               images: Iterable[torch.Tensor]) -> float:
+    """Mean squared error between the stitch layer's output and the target's own block-j features."""
+    total, count = 0.0, 0
+    for x in images:
+        hs = layer(src.forward_blocks(src.forward_stem(x), 0, i + 1))
+        ht = tgt.forward_blocks(tgt.forward_stem(x), 0, j + 1)
+        total += (hs.double() - ht.double()).square().sum().item()
+        count += ht.numel()
+    return total / max(count, 1)

@@ -1,0 +1,169 @@
+"""``klas compare``: stitch-selection methods (KLAS, SN-Net paired / unpaired, Min-KL, ...) and stitch-layer
+initialisations compared at equal cost, as in the KLAS paper's experiments.
+
+Every *arm* (a selection x an initialisation) is finetuned from the same pretrained anchors with the same budget
+(``FinetuneCfg``: epochs x steps, batch, schedule, seed) and the same number of stitched configurations, then
+evaluated by the same functions (``klas.evaluate``): AUC of the accuracy vs normalized-FLOPs staircase, accuracy at
+matched FLOPs budgets, number of Pareto points -- after finetuning and, for the initialisations, before it.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from klas.errors import KlasError
+from klas.evaluate import evaluate_run, plot_curves, save_text, staircase
+from klas.families import Family, create_family, stitched_flops
+from klas.io import load_json, save_json
+from klas.rundir import RunDir
+from klas.stitch import INIT_METHODS
+from klas.supernet import FinetuneCfg, finetune_supernet
+
+BUDGETS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One contender: a selection file, the label it is reported under, and the stitch-layer initialisation."""
+
+    label: str
+    selection: Path
+    init: str = "ls"
+
+
+def resolve_selection(spec: str, run_dir: Path | None, family: str | Family) -> tuple[str, Path]:
+    """``[LABEL=]PATH`` or ``[LABEL=]METHOD`` -> (label, selection file). A method name is looked up as
+    ``RUN_DIR/selection/selection-METHOD.json`` and, when missing, made by ``klas.selection.select`` from the run's
+    scores (the selection stage, imported only here)."""
+    label, _, what = spec.rpartition("=")
+    path = Path(what)
+    if path.is_file():
+        return label or load_json(path).get("method") or path.stem, path
+    if run_dir is None:
+        raise KlasError(f"--selection {spec!r}: no such file; a method name needs --run-dir (with its scores)")
+    made = Path(run_dir) / "selection" / f"selection-{what}.json"
+    if not made.is_file():
+        try:
+            from klas.selection import select
+        except ImportError:
+            raise KlasError(f"--selection {spec!r}: {made} missing and the selection stage is unavailable") from None
+        select(family, run_dir, method=what)
+    return label or what, made
+
+
+def equalize(selected: list[dict], n: int, family: Family) -> list[dict]:
+    """``n`` of the selected stitches spread evenly over their FLOPs range (all of them when there are <= n)."""
+    if len(selected) <= n:
+        return list(selected)
+
+    def flops(e: dict) -> int:
+        return int(e.get("flops") or stitched_flops(family[e["source"]], e["i"], family[e["target"]], e["j"]))
+
+    ranked = sorted(selected, key=flops)
+    picks = sorted({round(k * (len(ranked) - 1) / max(n - 1, 1)) for k in range(n)})
+    return [ranked[k] for k in picks]
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_") or "arm"
+
+
+def _summary_row(arm: Arm, method: str | None, n_stitches: int, after: dict, before: dict | None,
+                 budgets: tuple[float, ...], meta: dict) -> dict:
+    def stats(ev: dict) -> dict:
+        rows = ev["configs"]
+        xs = [r["flops_norm"] for r in rows]
+        acc = [r["test_acc"] for r in rows]
+        st = [r["test_acc"] for r in rows if not r["anchor"]]
+        return dict(auc=ev["auc"], n_pareto=ev["n_pareto"],
+                    acc_at={str(b): staircase(xs, acc, b) for b in budgets},
+                    mean_stitched_acc=sum(st) / len(st) if st else None, best_stitched_acc=max(st, default=None))
+
+    row = dict(label=arm.label, method=method, init=arm.init, selection=str(arm.selection), n_stitches=n_stitches,
+               n_configs=len(after["configs"]), steps=meta["steps"], finetune_wall_s=meta["wall_s"], **stats(after))
+    row["before"] = stats(before) if before is not None else None
+    return row
+
+
+def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneCfg = FinetuneCfg(),
+            family: str | Family = "fmnist-deit", data_root: Path | str | None = None, n_stitches: int | None = None,
+            test_samples: int | None = None, latency: bool = False, before: bool = True,
+            budgets: tuple[float, ...] = BUDGETS, progress: bool = True) -> dict:
+    """Finetune and evaluate every arm under ``cfg``; write ``compare.json``, ``compare.md`` and ``compare.png``
+    (plus ``compare-init.png``) into ``out_dir``. Arms with more stitches than the smallest (or ``n_stitches``) are
+    cut to that many, spread over FLOPs, so each gets the same number of configurations and steps."""
+    if not arms:
+        raise KlasError("klas compare: give at least one --selection")
+    for a in arms:
+        if a.init not in INIT_METHODS:
+            raise KlasError(f"--init {a.init!r}: expected one of {', '.join(INIT_METHODS)}")
+    labels = [a.label for a in arms]
+    if len(set(map(_slug, labels))) != len(labels):
+        raise KlasError(f"klas compare: arm labels must be distinct; got {labels}")
+    out = Path(out_dir)
+    base = family if isinstance(family, Family) else create_family(family, pretrained=True)
+    sels = {a.label: load_json(a.selection) for a in arms}
+    for a in arms:
+        if not isinstance(sels[a.label].get("selected"), list):
+            raise KlasError(f"{a.selection}: expected a selection object with a 'selected' list")
+    n = n_stitches or min(len(s["selected"]) for s in sels.values())
+    rows, curves, curves_init = [], {}, {}
+    for a in arms:
+        sel = dict(sels[a.label])
+        if len(sel["selected"]) != n:
+            sel.update(selected=equalize(sel["selected"], n, base), equalized_from=len(sel["selected"]))
+        arm_dir = out / _slug(a.label)
+        run = RunDir(arm_dir, base.name)
+        sel_path = run.stage("selection") / "selection.json"
+        save_json(sel, sel_path)
+        fam = copy.deepcopy(base) if isinstance(family, Family) else family  # fresh pretrained anchors per arm
+        arm_cfg = replace(cfg, init=replace(cfg.init, method=a.init))
+        if progress:
+            print(f"[compare] {a.label}: {len(sel['selected'])} stitches, init {a.init}", flush=True)
+        meta = finetune_supernet(run, sel_path, arm_cfg, family=fam, data_root=data_root, progress=progress,
+                                 restart=True)
+        ev = evaluate_run(run, data_root, test_samples=test_samples, latency=latency, progress=progress,
+                          family=None if not isinstance(family, Family) else copy.deepcopy(base))
+        ev0 = None
+        if before:
+            ev0 = evaluate_run(run, data_root, test_samples=test_samples, latency=False, state="init",
+                               progress=progress, family=copy.deepcopy(base) if isinstance(family, Family) else None)
+            curves_init[a.label] = ev0["configs"]
+        curves[a.label] = ev["configs"]
+        rows.append(_summary_row(a, sel.get("method"), len(sel["selected"]), ev, ev0, budgets, meta))
+    best = max(rows, key=lambda r: r["auc"])
+    result = dict(family=base.name, budget=dict(epochs=cfg.epochs, steps_per_epoch=meta["steps_per_epoch"],
+                                                steps=meta["steps"], batch_size=cfg.batch_size),
+                  n_stitches=n, test_samples=test_samples, budgets=list(budgets), best_auc=best["label"], arms=rows,
+                  machine=meta["machine"])
+    save_json(result, out / "compare.json")
+    save_text(markdown(result), out / "compare.md")
+    plot_curves(curves, out / "compare.png", title=f"{base.name}: after finetuning ({meta['steps']} steps each)")
+    if curves_init:
+        plot_curves(curves_init, out / "compare-init.png", title=f"{base.name}: stitch layers before finetuning")
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The comparison table: one row per arm; 'before' figures are the stitch layers as initialised."""
+    b = result["budgets"]
+    head = ("| arm | method | init | stitches | AUC | AUC before FT | " + " | ".join(f"acc@{x:g}" for x in b)
+            + " | Pareto pts | mean stitched acc (before -> after) |")
+    lines = [f"Budget: {result['budget']['steps']} steps (batch {result['budget']['batch_size']}) per arm, "
+             f"{result['n_stitches']} stitches each. acc@x: best test accuracy within normalized FLOPs x.", "",
+             head, "|" + "---|" * (8 + len(b))]
+    for r in result["arms"]:
+        bf = r["before"] or {}
+        mean_b = bf.get("mean_stitched_acc")
+        mean = r["mean_stitched_acc"]
+        lines.append(f"| {r['label']} | {r['method']} | {r['init']} | {r['n_stitches']} | {r['auc']:.4f} | "
+                     + (f"{bf['auc']:.4f}" if bf else "-") + " | "
+                     + " | ".join(f"{r['acc_at'][str(x)]:.2f}" for x in b) + f" | {r['n_pareto']} | "
+                     + (f"{mean_b:.2f} -> " if mean_b is not None else "")
+                     + (f"{mean:.2f}" if mean is not None else "-") + " |")
+    lines.append("")
+    lines.append(f"Highest AUC: {result['best_auc']}.")
+    return "\n".join(lines) + "\n"
+

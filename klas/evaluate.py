@@ -1,0 +1,223 @@
+"""Evaluation of a finetuned supernetwork: every configuration's top-1 test accuracy, FLOPs, parameters and CPU
+latency; the accuracy-vs-FLOPs Pareto front; and the KLAS paper's summary metric, the area under the accuracy vs
+normalized-FLOPs curve (App. B "Success Metric"; the exact definition is ours, see docs/evaluation.md):
+
+    x(F) = (F - F_min) / (F_max - F_min)            F_min, F_max: FLOPs of the family's smallest and largest anchor
+    A(x) = max { acc_k : x(F_k) <= x }  (0 if none) the Pareto staircase: best accuracy deployable within budget x
+    AUC  = integral_0^1 A(x) dx                      accuracies as fractions, so AUC lies in [0, 1]
+
+The staircase (not a trapezoid through the points) is what a deployment can actually get at a budget, it never
+credits a method for accuracy between two configurations it does not have, and adding a configuration can only raise
+it. The same function scores every method (``klas compare``).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from klas.errors import KlasError
+from klas.io import load_json, save_json
+from klas.rundir import RunDir
+
+AUC_DEFINITION = ("AUC = integral over x in [0,1] of A(x), A(x) = max test accuracy (fraction) among configurations "
+                  "with normalized FLOPs <= x (0 if none), normalized FLOPs = (F - F_min) / (F_max - F_min) with "
+                  "F_min / F_max the FLOPs of the family's smallest / largest anchor (values clipped to [0, 1])")
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+def pareto_mask(flops: list[float], acc: list[float]) -> list[bool]:
+    """True for every point no other point dominates (no more FLOPs and no less accuracy, one of them strictly)."""
+    order = sorted(range(len(flops)), key=lambda k: (flops[k], -acc[k]))
+    mask = [False] * len(flops)
+    best = float("-inf")
+    k = 0
+    while k < len(order):
+        # points of equal FLOPs: only those with the group's top accuracy can survive
+        group = [order[k]]
+        while k + len(group) < len(order) and flops[order[k + len(group)]] == flops[order[k]]:
+            group.append(order[k + len(group)])
+        top = max(acc[g] for g in group)
+        if top > best:
+            for g in group:
+                mask[g] = acc[g] == top
+            best = top
+        k += len(group)
+    return mask
+
+
+def normalize_flops(flops: float, f_min: float, f_max: float) -> float:
+    """FLOPs mapped to [0, 1] between the smallest and the largest anchor (not clipped)."""
+    if not f_max > f_min:
+        raise KlasError(f"FLOPs range [{f_min}, {f_max}]: the largest anchor must cost more than the smallest")
+    return (flops - f_min) / (f_max - f_min)
+
+
+def staircase(xs: list[float], acc: list[float], x: float) -> float:
+    """A(x): the best accuracy among points with normalized FLOPs <= x (0 when none)."""
+    return max((a for xi, a in zip(xs, acc) if xi <= x), default=0.0)
+
+
+def auc(flops: list[float], acc_percent: list[float], f_min: float, f_max: float) -> float:
+    """Area under the Pareto staircase of accuracy (fraction) over normalized FLOPs in [0, 1] (module docstring)."""
+    if len(flops) != len(acc_percent):
+        raise ValueError("flops and accuracies differ in length")
+    pts = sorted((min(max(normalize_flops(f, f_min, f_max), 0.0), 1.0), a / 100.0) for f, a in zip(flops, acc_percent))
+    area, best = 0.0, 0.0
+    for k, (x, a) in enumerate(pts):
+        best = max(best, a)
+        x_next = pts[k + 1][0] if k + 1 < len(pts) else 1.0
+        area += best * (x_next - x)
+    return area
+
+
+# --- measurements -------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def measure_latency(net: torch.nn.Module, input_shape: tuple[int, ...], batch: int = 1, warmup: int = 10,
+                    repeats: int = 30, threads: int = 1) -> dict:
+    """CPU latency of one forward pass: ``warmup`` untimed calls, then the median (and p10/p90) of ``repeats`` timed
+    ones, with torch's intra-op threads fixed to ``threads`` (restored afterwards)."""
+    prev = torch.get_num_threads()
+    was = net.training
+    net.eval()
+    try:
+        torch.set_num_threads(threads)
+        x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+        for _ in range(warmup):
+            net(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            net(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(prev)
+        net.train(was)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return dict(median_ms=statistics.median(times), p10_ms=q[0], p90_ms=q[-1], batch=batch, threads=threads,
+                warmup=warmup, repeats=repeats)
+
+
+# --- the stage ----------------------------------------------------------------------------------------------------
+
+def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = None, test_samples: int | None = None,
+                 latency: bool = True, latency_repeats: int = 30, threads: int = 1, batch_size: int = 500,
+                 state: str = "final", family=None, progress: bool = True) -> dict:
+    """Evaluate every configuration of a finetuned run on the test split; writes ``run_dir/evaluation/``
+    ``evaluation.json`` (``evaluation-init.json`` for ``state='init'``: the stitch layers before finetuning), a
+    markdown table and a PNG of the accuracy-vs-FLOPs curve. Unchanged inputs return the existing file.
+
+    Args:
+        test_samples: evaluate on the first N test images (None: all).
+        latency: measure CPU latency (batch 1, ``threads`` threads, median of ``latency_repeats``).
+        family: an already built family (needed for ``state='init'`` of runs whose anchors were passed in).
+    """
+    from tqdm import tqdm
+
+    from klas.data import load_dataset
+    from klas.supernet import config_accuracy, load_supernet
+
+    path = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
+    run = RunDir(path)
+    out = run.stage("evaluation")
+    name = "evaluation.json" if state == "final" else f"evaluation-{state}.json"
+    meta = load_json(run.require("supernet", "supernet.json", hint="`klas finetune`"))
+    settings = dict(state=state, test_samples=test_samples, latency=latency, latency_repeats=latency_repeats,
+                    threads=threads, supernet_fingerprint=meta.get("fingerprint"))
+    if (out / name).is_file():
+        prev = load_json(out / name)
+        if prev.get("settings") == settings:
+            return prev
+    net, meta = load_supernet(path, state, family=family)
+    test = load_dataset(meta["dataset"], "test", data_root).subset(test_samples)
+    f_min, f_max = min(meta["anchor_flops"].values()), max(meta["anchor_flops"].values())
+    rows = []
+    for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not progress):
+        sn = net.net(k)
+        row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
+                   flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params,
+                   test_acc=config_accuracy(sn, test, batch_size))
+        if latency:
+            lat = measure_latency(sn, tuple(meta["input_shape"]), repeats=latency_repeats, threads=threads)
+            row.update(latency_ms=round(lat["median_ms"], 4), latency=lat)
+        else:
+            row["latency_ms"] = None
+        rows.append(row)
+    mask = pareto_mask([r["flops"] for r in rows], [r["test_acc"] for r in rows])
+    for r, m in zip(rows, mask):
+        r["pareto"] = m
+    result = dict(family=meta["family"], dataset=meta["dataset"], split="test", n_test=len(test), state=state,
+                  settings=settings, flops_range=dict(min=f_min, max=f_max, anchors=meta["anchor_flops"]),
+                  auc=auc([r["flops"] for r in rows], [r["test_acc"] for r in rows], f_min, f_max),
+                  auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.get("selection"),
+                  configs=rows, machine=meta_machine())
+    save_json(result, out / name)
+    stem = name[:-5]
+    save_text(markdown_table(rows), out / f"{stem}.md")
+    plot_curves({f"{meta.get('selection', {}).get('method') or 'run'} ({state})": rows}, out / f"{stem}.png",
+                title=f"{meta['family']}: test accuracy vs FLOPs (AUC {result['auc']:.4f})")
+    return result
+
+
+def save_text(text: str, path: Path) -> None:
+    from klas.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def meta_machine() -> dict:
+    import platform
+
+    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                torch=torch.__version__, cpu_threads=torch.get_num_threads())
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The configurations as a markdown table, cheapest first; Pareto configurations marked."""
+    lines = ["| configuration | MFLOPs | params (K) | test acc (%) | latency (ms) | Pareto |",
+             "|---|---:|---:|---:|---:|:---:|"]
+    for r in sorted(rows, key=lambda r: r["flops"]):
+        lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.3f}"
+        lines.append(f"| {r['key']} | {r['flops'] / 1e6:.2f} | {r['params'] / 1e3:.1f} | {r['test_acc']:.2f} | {lat} "
+                     f"| {'*' if r['pareto'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> None:
+    """Accuracy vs normalized FLOPs: every configuration as a point (anchors as stars) and each curve's Pareto
+    staircase -- the function the AUC integrates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from klas.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n, (label, rows) in enumerate(curves.items()):
+        color = f"C{n % 10}"
+        xs = [min(max(r["flops_norm"], 0.0), 1.0) for r in rows]
+        acc = [r["test_acc"] for r in rows]
+        stitched = [k for k, r in enumerate(rows) if not r["anchor"]]
+        anchors = [k for k, r in enumerate(rows) if r["anchor"]]
+        ax.scatter([xs[k] for k in stitched], [acc[k] for k in stitched], s=14, color=color, alpha=0.6)
+        ax.scatter([xs[k] for k in anchors], [acc[k] for k in anchors], s=90, marker="*", color=color,
+                   edgecolors="black", linewidths=0.5, zorder=3)
+        grid = sorted(set(xs) | {1.0})
+        ax.step(grid, [staircase(xs, acc, g) for g in grid], where="post", color=color, lw=1.5, label=label)
+    ax.set_xlabel("normalized FLOPs (smallest anchor = 0, largest = 1)")
+    ax.set_ylabel("top-1 test accuracy (%)")
+    lo = min((r["test_acc"] for rows in curves.values() for r in rows), default=0.0)
+    ax.set_ylim(bottom=max(0.0, lo - 5))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
