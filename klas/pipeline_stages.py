@@ -56,7 +56,7 @@ def _supernet(cfg: dict, run: RunDir) -> dict:
     ft = FinetuneCfg(epochs=c["epochs"], steps_per_epoch=_opt(c["steps_per_epoch"]), batch_size=c["batch_size"],
                      lr=c["lr"], train_samples=_opt(c["train_subset"]), sampling=c["sampling"],
                      seed=cfg["run"]["seed"], init=FitCfg(method=c["init"], seed=cfg["run"]["seed"]))
-    rec = finetune_supernet(run.path, cfg=ft, family=cfg["run"]["family"], **_common(cfg))
+    rec = finetune_supernet(run.path, cfg=ft, family=cfg["run"]["family"], restart=True, **_common(cfg))
     return dict(configurations=len(rec.get("configs", rec.get("configurations", []))))
 
 
