@@ -9,6 +9,10 @@ normalized-FLOPs curve (App. B "Success Metric"; the exact definition is ours, s
 The staircase (not a trapezoid through the points) is what a deployment can actually get at a budget, it never
 credits a method for accuracy between two configurations it does not have, and adding a configuration can only raise
 it. The same function scores every method (``klas compare``).
+
+Under torchrun the test split is sharded over the ranks and the per-configuration correct counts are summed (exact:
+integers), so the accuracies equal the single-process ones; latency is measured by rank 0 alone (one timing process
+per machine, as deployed) and only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -118,8 +122,11 @@ def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = No
     """
     from tqdm import tqdm
 
+    from klas import distributed as kd
     from klas.data import load_dataset
     from klas.supernet import config_accuracy, load_supernet
+
+    di = kd.init()
 
     path = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
     run = RunDir(path)
@@ -136,17 +143,19 @@ def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = No
     test = load_dataset(meta["dataset"], "test", data_root).subset(test_samples)
     f_min, f_max = min(meta["anchor_flops"].values()), max(meta["anchor_flops"].values())
     rows = []
-    for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not progress):
+    for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not progress or not di.is_main):
         sn = net.net(k)
         row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
                    flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params,
-                   test_acc=config_accuracy(sn, test, batch_size))
-        if latency:
+                   test_acc=config_accuracy(sn, test, batch_size, sharded=True))
+        if latency and di.is_main:
             lat = measure_latency(sn, tuple(meta["input_shape"]), repeats=latency_repeats, threads=threads)
             row.update(latency_ms=round(lat["median_ms"], 4), latency=lat)
         else:
             row["latency_ms"] = None
         rows.append(row)
+    if di.distributed:  # rank 0 alone timed the configurations: everyone returns its rows
+        rows = kd.broadcast_object(rows, what="evaluation rows")
     mask = pareto_mask([r["flops"] for r in rows], [r["test_acc"] for r in rows])
     for r, m in zip(rows, mask):
         r["pareto"] = m
@@ -154,12 +163,14 @@ def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = No
                   settings=settings, flops_range=dict(min=f_min, max=f_max, anchors=meta["anchor_flops"]),
                   auc=auc([r["flops"] for r in rows], [r["test_acc"] for r in rows], f_min, f_max),
                   auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.get("selection"),
-                  configs=rows, machine=meta_machine())
-    save_json(result, out / name)
-    stem = name[:-5]
-    save_text(markdown_table(rows), out / f"{stem}.md")
-    plot_curves({f"{meta.get('selection', {}).get('method') or 'run'} ({state})": rows}, out / f"{stem}.png",
-                title=f"{meta['family']}: test accuracy vs FLOPs (AUC {result['auc']:.4f})")
+                  configs=rows, machine=meta_machine(), world_size=di.world)
+    if di.is_main:
+        save_json(result, out / name)
+        stem = name[:-5]
+        save_text(markdown_table(rows), out / f"{stem}.md")
+        plot_curves({f"{meta.get('selection', {}).get('method') or 'run'} ({state})": rows}, out / f"{stem}.png",
+                    title=f"{meta['family']}: test accuracy vs FLOPs (AUC {result['auc']:.4f})")
+    kd.barrier("evaluation artifacts")
     return result
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from klas import distributed as dist
 from klas.config import section_hash
 from klas.errors import KlasError
 from klas.io import load_json, save_json
@@ -91,8 +92,10 @@ def run_pipeline(cfg: dict, run_path: Path | str, dry_run: bool = False, until: 
         t0 = time.time()
         summary = st.run(cfg, run_dir)
         wall = time.time() - t0
-        save_json(dict(stage=st.name, hash=hashes[st.name], wall_s=round(wall, 2),
-                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary), folder / "stage.json")
+        if dist.info().is_main:  # under torchrun only rank 0 writes; the others wait at the barrier
+            save_json(dict(stage=st.name, hash=hashes[st.name], wall_s=round(wall, 2),
+                           finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary), folder / "stage.json")
+        dist.barrier(f"stage {st.name}")
         summaries[st.name] = summary
         print(f"[{k}/{len(plan)}] {st.name}: done in {wall:.1f}s", flush=True)
     print(f"[run] all stages finished in {time.time() - t_all:.1f}s; run directory: {run_dir.path}", flush=True)

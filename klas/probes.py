@@ -6,6 +6,10 @@ probe losses are summed and one backward runs. Because the probes share no param
 per-parameter, this is exactly equivalent to training every probe on its own with the same seed and data order --
 only ~depth times cheaper. ``tests/test_probes.py`` checks that equivalence.
 
+Under torchrun (docs/scale-out.md) training is data-parallel: every rank holds the frozen anchors, takes its shard
+of each global batch and DDP averages the probe gradients; the loss is scaled so that the average equals the
+single-process mean over the global batch (also for a ragged last batch). Only rank 0 writes.
+
 Artifacts (run dir ``probes/``): ``probes.safetensors`` (weights), ``probes.json`` (per-epoch validation accuracy of
 every probe, inputs fingerprint, wall time), ``probe_accuracy.png`` and ``checkpoint.pt`` (per epoch, for resume).
 """
@@ -25,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from klas import distributed as kd
 from klas.data import ImageSet, batches, load_dataset, num_batches
 from klas.errors import KlasError
 from klas.families import BlockView, Family, create_family, get_family_cfg
@@ -176,14 +181,18 @@ def probe_fingerprint(family: Family, cfg: ProbeConfig, data_root) -> dict:
 @torch.no_grad()
 def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, batch_size: int = 1000
                     ) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Top-1 accuracy (%) of every probe and of every anchor's own head on ``data``."""
+    """Top-1 accuracy (%) of every probe and of every anchor's own head on ``data`` (sharded over ranks, counts
+    summed: every rank gets the whole-split figures)."""
+    di = kd.info()
     correct = {v.name: torch.zeros(nets[v.name].depth, dtype=torch.long) for v in family}
-    head = {v.name: 0 for v in family}
-    for x, y in batches(data, batch_size):
-        for v in family:
+    heads = torch.zeros(len(family), dtype=torch.long)
+    for x, y in batches(data, batch_size, rank=di.rank, world_size=di.world):
+        for a, v in enumerate(family):
             feats, logits = anchor_features(v, x)
             correct[v.name] += (nets[v.name](feats).argmax(-1) == y).sum(dim=1)
-            head[v.name] += int((logits.argmax(-1) == y).sum())
+            heads[a] += (logits.argmax(-1) == y).sum()
+    kd.all_reduce_([*correct.values(), heads], "probe evaluation")
+    head = {v.name: int(heads[a]) for a, v in enumerate(family)}
     n = max(len(data), 1)
     return ({a: [round(100.0 * float(c) / n, 3) for c in cs] for a, cs in correct.items()},
             {a: round(100.0 * c / n, 3) for a, c in head.items()})
@@ -194,7 +203,9 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbeConfig, nets: di
                      on_epoch=None, progress: bool = True) -> dict[str, ProbeNet]:
     """The ProbeNet loop: per batch, one frozen forward per anchor feeds all its probes; summed loss, one backward.
 
-    ``on_epoch(epoch, nets, opt, train_loss, val_acc, head_acc, wall_s)`` is called after every epoch (checkpointing).
+    Under torchrun each rank runs its shard of every global batch through a DDP wrapper over the probes (the anchors
+    are frozen replicas, outside DDP). ``on_epoch(epoch, nets, opt, train_loss, val_acc, head_acc, wall_s)`` is
+    called after every epoch (checkpointing).
     """
     for v in family:
         v.eval()
@@ -208,33 +219,64 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbeConfig, nets: di
                                 weight_decay=cfg.weight_decay)
     steps = num_batches(train, cfg.batch_size)
     total = cfg.epochs * steps
+    di = kd.info()
+    bank = _ProbeBank(nets)
+    model = bank
+    if di.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        bank.to(di.device)
+        model = DDP(bank, device_ids=[di.device.index] if di.device.type == "cuda" else None)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order: a function of (seed, epoch)
-        it = batches(train, cfg.batch_size, shuffle=True, gen=gen)
+        it = batches(train, cfg.batch_size, shuffle=True, gen=gen, rank=di.rank, world_size=di.world)
         bar = tqdm(it, total=steps, desc=f"probes epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2,
-                   file=sys.stdout, disable=not progress)
+                   file=sys.stdout, disable=not progress or not di.is_main)
         loss_sum = 0.0
         for k, (x, y) in enumerate(bar):
             for g in opt.param_groups:
                 g["lr"] = _lr_at(epoch * steps + k, total, cfg.lr)
-            loss = x.new_zeros(())
-            for v in family:
-                feats, _ = anchor_features(v, x)
-                logits = nets[v.name](feats)  # [depth, B, classes]
-                # sum over probes of each probe's mean cross-entropy: gradients stay per-probe
-                loss = loss + F.cross_entropy(logits.flatten(0, 1), y.repeat(len(feats)), reduction="sum") / len(y)
+            # this rank's shard of global batch k: the global batch size is known from the split, not the shard
+            global_b = min(cfg.batch_size, len(train) - k * cfg.batch_size)
+            feats = {v.name: anchor_features(v, x)[0] for v in family}
+            logits = model(feats)  # {anchor: [depth, B_shard, classes]}
+            # sum over probes of each probe's mean cross-entropy over the GLOBAL batch: gradients stay per-probe;
+            # x world because DDP averages over ranks
+            loss = sum(F.cross_entropy(lg.flatten(0, 1), y.repeat(lg.shape[0]), reduction="sum")
+                       for lg in logits.values()) * (di.world / global_b)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            try:
+                loss.backward()
+            except RuntimeError as e:
+                if di.distributed:
+                    raise kd.peer_failure(e, "probe gradient all_reduce") from None
+                raise
             opt.step()
-            loss_sum += loss.item()
+            loss_sum += loss.item() / di.world
         bar.close()
+        if di.distributed:
+            t = torch.tensor([loss_sum], dtype=torch.float64)
+            kd.all_reduce_([t], "probe loss")
+            loss_sum = float(t)
         probes_total = sum(n.depth for n in nets.values())
         train_loss = loss_sum / max(steps, 1) / max(probes_total, 1)
         val_acc, head_acc = evaluate_probes(family, nets, val) if val is not None else ({}, {})
         if on_epoch is not None:
             on_epoch(epoch, nets, opt, train_loss, val_acc, head_acc, time.time() - t0)
     return nets
+
+
+class _ProbeBank(nn.Module):
+    """All anchors' ProbeNets as one module, so DDP sees every probe parameter (all are used every step)."""
+
+    def __init__(self, nets: dict[str, ProbeNet]):
+        super().__init__()
+        self.nets = nn.ModuleDict({str(i): n for i, n in enumerate(nets.values())})
+        self.names = list(nets)
+
+    def forward(self, feats: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {name: self.nets[str(i)](feats[name]) for i, name in enumerate(self.names)}
 
 
 def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, batch_size: int = 256, lr: float = 1e-2,
@@ -248,6 +290,7 @@ def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, bat
     """
     cfg = ProbeConfig(epochs, batch_size, lr, weight_decay, seed, train_subset or None, val_subset or None,
                       stat_samples).validate()
+    di = kd.init()
     family = resolve_family(family, pretrained, weights)
     run = RunDir(run_dir, family.name, family.cfg.dataset)
     out = run.stage("probes")
@@ -255,7 +298,8 @@ def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, bat
     if not force and (out / PROBES_JSON).is_file() and (out / PROBES_FILE).is_file():
         rec = load_json(out / PROBES_JSON)
         if rec.get("inputs") == inputs:
-            print(f"[probe] {out / PROBES_JSON}: up to date, skipped", flush=True)
+            if di.is_main:
+                print(f"[probe] {out / PROBES_JSON}: up to date, skipped", flush=True)
             return rec
     train = load_dataset(family.cfg.dataset, "train", data_root).subset(cfg.train_subset)
     val = load_dataset(family.cfg.dataset, "val", data_root).subset(cfg.val_subset)
@@ -273,8 +317,9 @@ def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, bat
                 nets[name].load_state_dict(sd)
             opt.load_state_dict(ck["opt"])
             state = ck["state"]
-            print(f"[probe] resuming after epoch {state['epoch']}/{cfg.epochs}", flush=True)
-        else:
+            if di.is_main:
+                print(f"[probe] resuming after epoch {state['epoch']}/{cfg.epochs}", flush=True)
+        elif di.is_main:
             print(f"[probe] {ckpt_path}: made for other inputs, starting over", flush=True)
 
     def on_epoch(epoch, nets_, opt_, train_loss, val_acc, head_acc, wall):
@@ -283,20 +328,25 @@ def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, bat
         state["history"].append(dict(epoch=epoch + 1, train_loss=round(train_loss, 5), wall_s=round(wall, 2),
                                      val_acc=val_acc, head_val_acc=head_acc))
         mean_acc = {a: round(sum(v) / len(v), 2) for a, v in val_acc.items()}
-        print(f"[probe] epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, mean probe val acc {mean_acc} "
-              f"({wall:.0f}s)", flush=True)
-        save_checkpoint(dict(nets={k: n.state_dict() for k, n in nets_.items()}, opt=opt_.state_dict(), state=state,
-                             inputs=inputs), ckpt_path)
+        if di.is_main:
+            print(f"[probe] epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, mean probe val acc {mean_acc} "
+                  f"({wall:.0f}s)", flush=True)
+            save_checkpoint(dict(nets={k: n.state_dict() for k, n in nets_.items()}, opt=opt_.state_dict(),
+                                 state=state, inputs=inputs), ckpt_path)
+        kd.barrier("probe checkpoint")
 
     train_probe_nets(family, train, cfg, nets, opt, state["epoch"], val, on_epoch, progress)
     tensors = {f"{name}/{k}.{p}": t for name, n in nets.items()
                for k, (w, b) in enumerate(n.folded()) for p, t in (("weight", w), ("bias", b))}
-    save_tensors(tensors, out / PROBES_FILE, metadata={"family": family.name, "format": "klas-probes-v1"})
     rec = _record(family, cfg, inputs, state, len(train), len(val))
-    rec["probes_sha256"] = sha256_file(out / PROBES_FILE)
-    plot_probe_accuracy(rec, out / PROBES_PNG)
-    save_json(rec, out / PROBES_JSON)
-    return rec
+    rec["world_size"] = di.world
+    if di.is_main:
+        save_tensors(tensors, out / PROBES_FILE, metadata={"family": family.name, "format": "klas-probes-v1"})
+        rec["probes_sha256"] = sha256_file(out / PROBES_FILE)
+        plot_probe_accuracy(rec, out / PROBES_PNG)
+        save_json(rec, out / PROBES_JSON)
+    kd.barrier("probe artifacts")
+    return kd.broadcast_object(rec, what="probe record")
 
 
 def _record(family: Family, cfg: ProbeConfig, inputs: dict, state: dict, n_train: int, n_val: int) -> dict:

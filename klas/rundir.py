@@ -27,7 +27,10 @@ class RunDir:
             from klas import __version__
             self.meta = dict(family=family, dataset=dataset, klas_version=__version__,
                              created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            save_json(self.meta, meta_path)
+            from klas import distributed as dist
+
+            if dist.info().is_main:  # under torchrun only rank 0 writes
+                save_json(self.meta, meta_path)
 
     @property
     def family(self) -> str:

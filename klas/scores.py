@@ -10,6 +10,10 @@ For anchors A (smaller, source) and B (larger, target) and probe distributions p
 Each batch's probe logits go straight into ``klas.ops.PairwiseKL`` accumulators (float64 sums); no logits of the
 split are kept. Pairs that cannot be stitched (``klas.families.stitchable``) get NaN in D and S. docs/method.md gives
 the reasons for each definition.
+
+Under torchrun each rank streams its shard of every validation batch into its own accumulators; the additive state
+(float64 sums and counts, ``reduce()``) is summed over ranks, which equals the single-process pass up to float64
+summation order. Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from klas import distributed as kd
 from klas.data import batches, load_dataset, num_batches
 from klas.errors import KlasError
 from klas.families import Family, stitchable
@@ -88,6 +93,16 @@ class ScoreAccumulator:
             self.entropy[a] += mean_entropy_sum(logits[a], self.temperature)
         self.anchors.update(torch.stack([logits[a][-1] for a in self.names]))
         self.count += next(iter(logits.values())).shape[1]
+
+    def reduce(self) -> None:
+        """Sum the state of every rank's shard into every rank (no-op in one process): KL tables, entropies, count."""
+        if not kd.info().distributed:
+            return
+        accs = [*self.cross.values(), *self.within.values(), self.anchors]
+        kd.all_reduce_pairwise_kl(accs, "KL score accumulators")
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        kd.all_reduce_([*self.entropy.values(), count], "score entropies")
+        self.count = int(count)
 
     @staticmethod
     def _mean(acc: PairwiseKL) -> torch.Tensor:
@@ -166,6 +181,7 @@ def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 
     if val_subset is not None and val_subset < 1:
         val_subset = None
     stitch_score(torch.zeros(1, 1), torch.ones(1), score_form, lam)  # validates the form name early
+    di = kd.init()
     family = resolve_family(family, pretrained, weights)
     run = RunDir(run_dir, family.name, family.cfg.dataset)
     out = run.stage("scores")
@@ -174,7 +190,8 @@ def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 
     if not force and all((out / f).is_file() for f in (SCORES_JSON, SCORES_FILE)):
         rec = load_json(out / SCORES_JSON)
         if rec.get("inputs") == inputs:
-            print(f"[score] {out / SCORES_JSON}: up to date, skipped", flush=True)
+            if di.is_main:
+                print(f"[score] {out / SCORES_JSON}: up to date, skipped", flush=True)
             return rec
     nets = load_probes(run_dir, family)
     val = load_dataset(family.cfg.dataset, "val", data_root).subset(val_subset)
@@ -185,10 +202,10 @@ def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 
     dm_keep: dict[str, list[torch.Tensor]] = {a: [] for a in names}
     kept = 0
     t0 = time.time()
-    bar = tqdm(batches(val, batch_size), total=num_batches(val, batch_size), desc="scores (val)", leave=False,
-               mininterval=2, file=sys.stdout, disable=not progress)
+    bar = tqdm(batches(val, batch_size, rank=di.rank, world_size=di.world), total=num_batches(val, batch_size),
+               desc="scores (val)", leave=False, mininterval=2, file=sys.stdout, disable=not progress or not di.is_main)
     with torch.no_grad():
-        for x, _ in bar:
+        for b, (x, _) in enumerate(bar):
             logits, feats = {}, {}
             for v in family:
                 f, head = anchor_features(v, x)
@@ -197,11 +214,23 @@ def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 
             acc.update(logits)
             if moments is not None:
                 moments.update(feats)
-                take = min(dm_samples - kept, x.shape[0])
-                if take > 0:  # a fixed subsample of probe distributions for the MMD baseline
+                # a fixed subsample of probe distributions for the MMD baseline: the first dm_samples images of the
+                # split, whichever rank holds them (their global positions in batch b)
+                pos = torch.arange(b * batch_size, min((b + 1) * batch_size, len(val)))[di.rank::di.world]
+                take = int((pos < dm_samples).sum())
+                if take > 0:
                     for a in names:
                         dm_keep[a].append(torch.softmax(logits[a][:-1, :take].double() / temperature, dim=-1))
                     kept += take
+    acc.reduce()
+    if moments is not None and di.distributed:
+        kd.all_reduce_([*moments.sums.values(), *(g for gs in moments.grams.values() for g in gs),
+                        *moments.cross.values()], "feature moments")
+        moments.n = kd.all_reduce_int(moments.n, "feature moments")
+        # MMD is a mean over sample pairs: the order in which the ranks' subsamples are joined does not matter
+        parts = kd.gather_objects({a: torch.cat(t, 1) if t else None for a, t in dm_keep.items()}, "MMD subsample")
+        dm_keep = {a: [p[a] for p in parts if p[a] is not None] for a in names}
+        kept = sum(p[names[0]].shape[1] for p in parts if p[names[0]] is not None)
     wall = time.time() - t0
     res = acc.results()
     tensors: dict[str, torch.Tensor] = {"anchor_kl": res["anchor_kl"]}
@@ -230,18 +259,23 @@ def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 
                                   best_score=dict(i=k // s.shape[1], j=k % s.shape[1], score=float(flat.flatten()[k])),
                                   diagonal=diagonal_summary(d)))
     meta = {"family": family.name, "format": "klas-scores-v1"}
-    save_tensors(tensors, out / SCORES_FILE, metadata=meta)
-    if metric_tensors:
-        save_tensors(metric_tensors, out / METRICS_FILE, metadata=meta)
-    for a, b in pairs:
-        plot_heatmap(tensors[f"D/{a}/{b}"], tensors[f"S/{a}/{b}"], a, b, score_form, out / f"heatmap_{a}__{b}.png")
+    if di.is_main:
+        save_tensors(tensors, out / SCORES_FILE, metadata=meta)
+        if metric_tensors:
+            save_tensors(metric_tensors, out / METRICS_FILE, metadata=meta)
+        for a, b in pairs:
+            plot_heatmap(tensors[f"D/{a}/{b}"], tensors[f"S/{a}/{b}"], a, b, score_form,
+                         out / f"heatmap_{a}__{b}.png")
+    kd.barrier("score tensors")  # the record hashes the file rank 0 wrote
     rec = dict(family=family.name, anchors=[dict(name=v.name, depth=v.depth, flops=v.flops) for v in family],
                n_val=res["count"], score_form=score_form, lam=lam, temperature=temperature,
                anchor_kl=dict(names=names, matrix=res["anchor_kl"].tolist()),
                cap={a: res["cap"][a].tolist() for a in names}, pairs=summary_pairs,
                metrics=sorted({k.split("/")[0] for k in metric_tensors}), wall_s=round(wall, 2),
-               scores_sha256=sha256_file(out / SCORES_FILE), inputs=inputs)
-    save_json(rec, out / SCORES_JSON)
+               scores_sha256=sha256_file(out / SCORES_FILE), inputs=inputs, world_size=di.world)
+    if di.is_main:
+        save_json(rec, out / SCORES_JSON)
+    kd.barrier("scores record")
     return rec
 
 

@@ -12,7 +12,10 @@ Determinism is by construction, so that a resumed run equals an uninterrupted on
 
 DDP: each step runs one configuration, so most parameters (other stitch layers, skipped blocks, other anchors) get
 no gradient; the model is wrapped with ``find_unused_parameters=True`` (the used set is identical on every rank
-because the sampled configuration is). Only rank 0 writes files.
+because the sampled configuration is). Only rank 0 writes files. ``accum_steps`` splits each rank's shard of a
+step's global batch into micro-batches (no gradient sync until the last): a memory knob that leaves the result
+unchanged. ``parallel="fsdp"`` wraps the supernetwork in torch's FSDP instead (large anchors; needs CUDA -- see
+docs/scale-out.md). Collective failures (a dead or hung peer) end the job with a one-line KlasError.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from klas import distributed as kd
 from klas.errors import KlasError
 from klas.families import Family, create_family, stitchable
 from klas.io import load_checkpoint, load_json, load_tensors, save_checkpoint, save_json, save_tensors
@@ -40,6 +43,7 @@ from klas.stitch import FitCfg, StitchConfig, StitchedNet, StitchLayer, fit_stit
 CKPT, ANCHORS, STITCHES, INIT_STITCHES, META = ("supernet.ckpt", "anchors.safetensors", "stitch_layers.safetensors",
                                                  "init_stitch_layers.safetensors", "supernet.json")
 SAMPLING = ("balanced", "uniform")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ class FinetuneCfg:
     ``uniform`` draws a configuration per step i.i.d. (SN-Net); ``balanced`` (default) walks seeded permutations of
     all configurations so each gets the same number of steps (+-1) under any budget -- fairer for short budgets.
     ``amp``: auto (bf16 autocast on CUDA, off on CPU), bf16, or off. ``ckpt_every``: also checkpoint every K steps.
+    Multi-process (torchrun) only: ``accum_steps`` micro-batches per rank and step (same result, less memory),
+    ``parallel``: ddp (default) or fsdp (CUDA only).
     """
 
     epochs: int = 1
@@ -69,6 +75,8 @@ class FinetuneCfg:
     init: FitCfg = FitCfg()
     val_samples: int = 1000
     ckpt_every: int = 0
+    accum_steps: int = 1
+    parallel: str = "ddp"
 
     def __post_init__(self):
         if self.sampling not in SAMPLING:
@@ -77,6 +85,10 @@ class FinetuneCfg:
             raise KlasError(f"--amp {self.amp!r}: expected auto, bf16 or off")
         if self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
             raise KlasError(f"finetune budget: epochs ({self.epochs}) and steps per epoch must be >= 1")
+        if self.accum_steps < 1:
+            raise KlasError(f"--accum-steps {self.accum_steps}: must be >= 1")
+        if self.parallel not in PARALLEL:
+            raise KlasError(f"--parallel {self.parallel!r}: expected one of {', '.join(PARALLEL)}")
 
 
 # --- selection input ----------------------------------------------------------------------------------------------
@@ -233,26 +245,38 @@ def _stream(data, cfg: FinetuneCfg, epoch: int, rank: int, world: int):
 
 def _dist() -> tuple[int, int]:
     """(rank, world size); joins the process group torchrun describes (WORLD_SIZE > 1) when nobody has yet."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    di = kd.init()
+    return di.rank, di.world
 
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
+        kd.barrier("supernet checkpoint barrier")
 
-        dist.barrier()
+
+def _wrap(net: Supernet, cfg: FinetuneCfg, device: torch.device) -> nn.Module:
+    """The data-parallel wrapper: DDP (find_unused_parameters: each step trains one configuration) or FSDP."""
+    if cfg.parallel == "fsdp":
+        if device.type != "cuda":
+            raise KlasError("--parallel fsdp: torch's FSDP needs CUDA devices; use --parallel ddp on the CPU")
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # NOTE: one root unit with original parameters, so the supernet's per-config forward (which reuses the
+        # anchors' submodules) keeps working; every rank runs the same configuration, so all-gathers line up.
+        return FSDP(net, device_id=device, use_orig_params=True, sync_module_states=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
 
 # --- finetuning ---------------------------------------------------------------------------------------------------
 
 def _fingerprint(family: str, weights, configs: list[StitchConfig], cfg: FinetuneCfg) -> str:
+    # NOTE: settings that do not change the result (checkpoint cadence, micro-batching, wrapper) stay out, so a
+    # relaunch with other values resumes the same run
     d = asdict(replace(cfg, ckpt_every=0))
+    for key in ("accum_steps", "parallel"):
+        d.pop(key)
     return hashlib.sha256(json.dumps([family, str(weights), [c.key for c in configs], d], sort_keys=True,
                                      default=str).encode()).hexdigest()[:16]
 
@@ -272,18 +296,22 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def config_accuracy(net: nn.Module, data, batch_size: int = 500, device: torch.device | None = None) -> float:
-    """Top-1 accuracy (percent) of one network on an ImageSet."""
+def config_accuracy(net: nn.Module, data, batch_size: int = 500, device: torch.device | None = None,
+                    sharded: bool = False) -> float:
+    """Top-1 accuracy (percent) of one network on an ImageSet. ``sharded``: under torchrun each rank counts its
+    shard of every batch and the counts are summed (every rank gets the whole-split figure; exact: integers)."""
     from klas.data import batches
 
+    di = kd.info() if sharded else kd.DistInfo()
     was = net.training
     net.eval()
     correct = 0
-    for x, y in batches(data, batch_size):
+    for x, y in batches(data, batch_size, rank=di.rank, world_size=di.world):
         if device is not None:
             x, y = x.to(device), y.to(device)
         correct += (net(x).argmax(-1) == y).sum().item()
     net.train(was)
+    correct = kd.all_reduce_int(correct, "accuracy counts") if di.distributed else correct
     return 100.0 * correct / max(len(data), 1)
 
 
@@ -372,9 +400,10 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
     spe = cfg.steps_per_epoch or (len(train) // cfg.batch_size)
     if spe < 1:
         raise KlasError(f"--batch-size {cfg.batch_size}: larger than the training set ({len(train)} images)")
+    kd.check_divisible(cfg.batch_size, world)
     total = cfg.epochs * spe
 
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = kd.info().device
     use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     torch.manual_seed(cfg.seed)
     net = Supernet(fam, configs)
@@ -388,7 +417,7 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
                         f"(or pass --restart) to start over")
     state = dict(step=0, history=[], losses=[], counts=[0] * len(configs), wall_s=0.0, val_init=None)
     if val is not None and ck is None:
-        state["val_init"] = [config_accuracy(net.net(k), val) for k in range(len(configs))]
+        state["val_init"] = [config_accuracy(net.net(k), val, sharded=True) for k in range(len(configs))]
     net.to(device)
     opt = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     if ck is not None:
@@ -398,12 +427,7 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
         torch.set_rng_state(ck["torch_rng"])
         if rank == 0 and progress:
             print(f"[supernet] resuming at step {state['step']}/{total}", flush=True)
-    model = net
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=True)
+    model = _wrap(net, cfg, device) if world > 1 else net
 
     def save_ckpt() -> None:
         if rank == 0:
@@ -427,11 +451,8 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
             lr = lr_at(step, total, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x, k)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _accumulate(model, x, y, k, cfg, device.type, use_amp, world)
             if cfg.clip_grad > 0:
                 nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.clip_grad)
             opt.step()
@@ -452,7 +473,8 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
         save_ckpt()
     bar.close()
     net.eval()
-    val_final = [config_accuracy(net.net(k), val, device=device) for k in range(len(configs))] if val else None
+    val_final = ([config_accuracy(net.net(k), val, device=device, sharded=True) for k in range(len(configs))]
+                 if val else None)
     net.cpu()
     ctx = dict(weights=None if weights is None else str(weights), pretrained=not isinstance(family, Family),
                dataset=dataset, fingerprint=fp, cfg=asdict(cfg), steps=total, steps_per_epoch=spe, world_size=world)
@@ -464,6 +486,31 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
         _plot_training(state["losses"], out / "training.png")
     _barrier(world)
     return meta
+
+
+def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, cfg: FinetuneCfg, device_type: str,
+                use_amp: bool, world: int) -> torch.Tensor:
+    """Forward + backward of configuration ``k`` on this rank's shard in ``accum_steps`` micro-batches, each loss
+    weighted by its share of the shard (so the gradient is the shard mean, as in one pass); gradients are only
+    synchronised on the last micro-batch. Returns the shard's mean loss. A failed collective becomes a KlasError."""
+    from contextlib import nullcontext
+
+    parts = [p for p in zip(x.tensor_split(cfg.accum_steps), y.tensor_split(cfg.accum_steps)) if len(p[1])]
+    total = torch.zeros((), device=x.device)
+    try:
+        for m, (xm, ym) in enumerate(parts):
+            sync = m == len(parts) - 1 or world == 1 or not hasattr(model, "no_sync")
+            with (nullcontext() if sync else model.no_sync()):
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = model(xm, k)
+                loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.label_smoothing) * (len(ym) / len(y))
+                loss.backward()
+            total += loss.detach()
+    except RuntimeError as e:
+        if world > 1:
+            raise kd.peer_failure(e, "supernet gradient all_reduce") from None
+        raise
+    return total
 
 
 def _summary(net: Supernet, fam: Family, sel_path: Path, ctx: dict, state: dict, init_stats: dict, val_final) -> dict:

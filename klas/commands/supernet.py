@@ -21,7 +21,7 @@ def _budget(args):
                        lr=args.lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                        augment=not args.no_augment, train_samples=args.train_samples, sampling=args.sampling,
                        seed=args.seed, amp=args.amp, init=init, val_samples=args.val_samples,
-                       ckpt_every=args.ckpt_every)
+                       ckpt_every=args.ckpt_every, accum_steps=args.accum_steps, parallel=args.parallel)
 
 
 def _finetune(args) -> int:
@@ -90,6 +90,10 @@ def _add_budget(p, init_many: bool = False) -> None:
     g.add_argument("--val-samples", type=int, default=1000, help="val images for before/after accuracy (0: off)")
     g.add_argument("--no-augment", action="store_true", help="no random shift/flip of training images")
     g.add_argument("--ckpt-every", type=int, default=0, help="also checkpoint every K steps (0: every epoch only)")
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step (same global batch)")
+    g.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"),
+                   help="under torchrun: DistributedDataParallel, or FSDP for anchors too large for one device "
+                        "(experimental)")
     g.add_argument("--init", default=["ls"] if init_many else "ls", choices=INIT_METHODS,
                    nargs="+" if init_many else None,
                    help="stitch-layer initialisation: least squares (SN-Net), task loss, FuLA, random")
