@@ -24,7 +24,7 @@ DEFAULTS: dict[str, dict] = {
     "supernet": {"epochs": 1, "steps_per_epoch": 0, "batch_size": 128, "lr": 5e-4, "train_subset": 0,
                  "init": "ls", "sampling": "balanced"},
     "evaluation": {"test_subset": 0, "latency_repeats": 30, "threads": 1},
-    "export": {"opset": 18, "parity_images": 1000, "threads": 1, "batch": 1},
+    "export": {"opset": 18, "parity_images": 10000, "threads": 1, "batch": 1},
 }
 
 

@@ -37,7 +37,8 @@ def _stage_fns() -> list[Stage]:
 
 def stage_hashes(cfg: dict, stages: list[Stage]) -> dict[str, str]:
     hashes: dict[str, str] = {}
-    base = (cfg["run"], cfg["data"])
+    # threads change speed, not results: they are not part of any stage's identity
+    base = ({k: v for k, v in cfg["run"].items() if k != "threads"}, cfg["data"])
     for st in stages:
         hashes[st.name] = section_hash(st.name, base, [cfg[k] for k in st.sections], [hashes[u] for u in st.after])
     return hashes
