@@ -14,3 +14,12 @@ def rng():
     g = torch.Generator()
     g.seed()
     return g
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For fixtures that must run single-threaded whatever a test changed: pins, then restores, torch's threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

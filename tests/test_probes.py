@@ -13,13 +13,6 @@ from klas.probes import (ProbeConfig, _lr_at, init_probe, load_probes, probe_see
 from klas.rundir import RunDir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core box: one thread avoids oversubscription (10x slower otherwise)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,6 @@ from klas.probes import anchor_features, load_probes, train_probes
 from klas.scores import CAP_EPS, ScoreAccumulator, compute_scores, stitch_score
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def kl_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

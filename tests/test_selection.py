@@ -19,12 +19,6 @@ from klas.selection import (METHODS, assign_buckets, auto_num_buckets, bucket_se
                             klas_anchor_pairs, nearest_pairs, select, snnet_paired, snnet_unpaired)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------- the bucket rule
