@@ -3,4 +3,4 @@
 Modules only parse flags and call library functions. Listed in pipeline order; a module that does not exist yet
 is skipped, so areas land independently.
 """
-COMMAND_MODULES = ("zoo", "selection", "supernet", "export", "pipeline")
+COMMAND_MODULES = ("zoo", "selection", "supernet", "export", "pipeline", "study")

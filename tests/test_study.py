@@ -1,0 +1,195 @@
+"""The reproduction study: its statistics against independent float64 references on random data, and a tiny run of
+every sub-study (2 random-weight anchors, a handful of configurations, a few steps) so that no path can rot."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import klas
+from klas.io import load_json
+from klas.probes import train_probes
+from klas.scores import compute_scores
+from klas.selection import select
+from klas import study as st
+
+
+def _rng():
+    return np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+def _ref_rank(x):
+    """Average rank by counting (O(n^2)): rank = #smaller + (#equal + 1) / 2."""
+    return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2.0 for v in x])
+
+
+@pytest.mark.parametrize("n", [2, 7, 33, 250])
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e9])
+def test_ranks_and_correlations_match_references(n, scale):
+    rng = _rng()
+    x = rng.normal(size=n) * scale
+    y = (x + rng.normal(size=n) * scale * 0.7)
+    x[: n // 3] = x[0]  # ties
+    assert np.array_equal(st.rankdata(x), _ref_rank(x))
+    ref = np.corrcoef(x.astype(np.float64), y.astype(np.float64))[0, 1]
+    assert st.pearson(x, y) == pytest.approx(ref, abs=1e-9)
+    assert st.spearman(x, y) == pytest.approx(np.corrcoef(_ref_rank(x), _ref_rank(y))[0, 1], abs=1e-9)
+    assert math.isnan(st.pearson(np.full(n, 3.0), y))
+
+
+@pytest.mark.parametrize("n", [5, 40, 301])
+def test_partial_correlation_matches_the_three_correlation_formula(n):
+    rng = _rng()
+    z = rng.uniform(1e6, 2e7, n)
+    x = z * 1e-7 + rng.normal(size=n)
+    y = z * 3e-7 + rng.normal(size=n) + 0.5 * x
+    rxy, rxz, ryz = (np.corrcoef(a, b)[0, 1] for a, b in ((x, y), (x, z), (y, z)))
+    ref = (rxy - rxz * ryz) / math.sqrt((1 - rxz ** 2) * (1 - ryz ** 2))
+    assert st.partial_pearson(x, y, z) == pytest.approx(ref, abs=1e-8)
+
+
+def test_within_bucket_spearman_sees_what_the_raw_one_cannot():
+    """Within each cost bucket y rises with x, across buckets it falls: raw Spearman < 0, within-bucket = 1."""
+    rng = _rng()
+    flops = np.repeat([1.0, 2.0, 3.0, 4.0], 6) + rng.uniform(0, 0.1, 24)
+    b = st.flops_buckets(flops, 4)
+    assert sorted(np.bincount(b).tolist()) == [6, 6, 6, 6]
+    x = rng.permutation(24).astype(float)
+    y = np.empty(24)
+    for k in range(4):
+        m = b == k
+        y[m] = -10.0 * k + st.rankdata(x[m]) * 0.01
+    assert st.spearman(x + 100 * b, y) < 0
+    assert st.bucket_spearman(x, y, b) == pytest.approx(1.0)
+    assert st.bucket_spearman(x, -y, b) == pytest.approx(-1.0)
+
+
+def test_bootstrap_interval_brackets_the_estimate():
+    rng = _rng()
+    f = rng.uniform(1, 10, 40)
+    m = rng.normal(size=40)
+    d = m + 0.3 * rng.normal(size=40)
+    point = st.correlations(m, d, f, 4)
+    ci = st.bootstrap_ci(m, d, f, 4, n_boot=200, seed=1)
+    for k in ("pearson", "spearman", "partial_spearman"):
+        assert ci[k][0] <= point[k] <= ci[k][1] and ci[k][0] < ci[k][1]
+
+
+def test_recovery_against_brute_force():
+    rng = _rng()
+    drop = rng.uniform(0, 10, 30)
+    flops = rng.uniform(1, 5, 30)
+    viable = drop <= 3.0
+    perfect = st.recovery(drop, viable, flops, 3)
+    assert perfect["top_k"] == 1.0 and perfect["per_bucket"] == 1.0
+    metric = rng.normal(size=30)
+    got = st.recovery(metric, viable, flops, 3)
+    k = int(viable.sum())
+    ref_top = viable[np.argsort(metric)[:k]].mean() if k else None
+    b = st.flops_buckets(flops, 3)
+    hits = [viable[np.where(b == q)[0][np.argmin(metric[b == q])]] for q in range(3) if viable[b == q].any()]
+    assert got["top_k"] == pytest.approx(ref_top) and got["per_bucket"] == pytest.approx(np.mean(hits))
+
+
+def test_cascade_curve_against_a_per_sample_loop():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    n, c = 257, 7
+    ps = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 3, -1)
+    pl = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 3, -1)
+    y = torch.randint(0, c, (n,), generator=g)
+    pts = st.cascade_curve(ps, pl, y, 1e6, 2e7, [0.0, 0.3, 0.61, 1.01])
+    for p in pts:
+        hits, deferred = 0, 0
+        for k in range(n):
+            use_large = float(ps[k].max()) < p["threshold"]
+            deferred += use_large
+            hits += int((pl[k] if use_large else ps[k]).argmax()) == int(y[k])
+        assert p["deferred"] == pytest.approx(deferred / n) and p["acc"] == pytest.approx(100 * hits / n)
+        assert p["flops"] == pytest.approx(1e6 + deferred / n * 2e7)
+    assert pts[0]["deferred"] == 0.0 and pts[-1]["deferred"] == 1.0
+
+
+def test_stitching_gain_on_hand_checked_rows():
+    rng = _rng()
+    anchors = [dict(key="a", anchor=True, flops=1.0, test_acc=80.0), dict(key="b", anchor=True, flops=4.0,
+                                                                          test_acc=90.0)]
+    acc = rng.uniform(70, 95, 6)
+    fl = rng.uniform(1.0, 4.0, 6)
+    rows = anchors + [dict(key=f"s{k}", anchor=False, flops=float(f), test_acc=float(a))
+                      for k, (f, a) in enumerate(zip(fl, acc))]
+    g = st.stitching_gain(rows)
+    ref = [(a - 80.0, k) for k, a in enumerate(acc)]  # every stitched config lies between the anchors
+    best = max(ref)
+    assert g["max_gain"] == pytest.approx(best[0]) and g["max_gain_config"] == f"s{best[1]}"
+    assert g["auc_anchors"] == pytest.approx(0.80)
+    assert g["auc_all"] >= g["auc_anchors"] - 1e-12
+
+
+# ----------------------------------------------------------------------------------------- tiny end to end
+@pytest.fixture(scope="module")
+def run(one_thread, tmp_path_factory):
+    fam = klas.create_family("fmnist-deit", anchors=["fmnist-deit-ti", "fmnist-deit-s"])
+    path = tmp_path_factory.mktemp("study") / "run"
+    train_probes(fam, path, epochs=1, batch_size=64, train_subset=256, val_subset=32, progress=False)
+    compute_scores(fam, path, val_subset=96, dm_samples=48, progress=False)
+    for m in ("snnet-paired", "min-kl", "klas"):
+        select(fam, path, method=m, progress=False)
+    return fam, path
+
+
+def test_tiny_metric_outcome_sensitivity_cascades(run, tmp_path):
+    fam, path = run
+    cfg = st.OutcomeCfg(n_configs=4, steps=2, batch_size=16, fit_samples=64, test_samples=64, n_boot=20, n_buckets=2)
+    rec = st.metric_outcome(path, tmp_path, cfg, family=fam, progress=False)
+    assert len(rec["configs"]) == 4 and rec["pair"] == ["fmnist-deit-ti", "fmnist-deit-s"]
+    assert set(rec["metrics"]) >= {"score", "kl", "mse", "cka", "tlm", "fula"}
+    for r in rec["configs"]:
+        assert r["drop"] == pytest.approx(rec["target_acc"] - r["acc"]) and 0 <= r["acc"] <= 100
+    drops = np.array([r["drop"] for r in rec["configs"]])
+    kl = np.array([r["kl"] for r in rec["configs"]])
+    assert rec["stats"]["kl"]["spearman"] == pytest.approx(st.spearman(kl, drops), nan_ok=True)
+    assert (tmp_path / "study_metric_outcome_fmnist-deit.png").is_file()
+    assert rec["viable"]["bucket+3"] >= 2 and rec["viable"]["abs<=1"] <= rec["viable"]["abs<=5"]
+    assert set(rec["stats"]["score"]["recovery"]) == set(rec["viable"])
+
+    sens = st.sensitivity(path, tmp_path, taus=(0.0, 0.05, 10.0), buckets=(0, 2), family=fam, progress=False)
+    default = [g for g in sens["grid"] if g["tau"] == 0.05 and g["buckets"] == "auto"][0]
+    assert default["overlap"] == 1.0 and default["count"] == sens["default_count"]
+    by_tau = {g["tau"]: g["count"] for g in sens["grid"] if g["buckets"] == 2}
+    assert by_tau[0.0] <= by_tau[0.05] <= by_tau[10.0]  # a looser threshold never selects fewer
+    klas_sel = load_json(path / "selection" / "selection-klas.json")
+    assert sens["default_count"] == len(klas_sel["selected"])  # same rule as the selection stage
+    assert {f["form"] for f in sens["forms"]} == {"ratio", "difference", "kl"}
+
+    cas = st.cascades(path, tmp_path, test_samples=50, n_thresholds=5, family=fam, progress=False)
+    (curve,) = cas["curves"].values()
+    accs = cas["anchors"]["acc"]
+    assert curve["points"][0]["acc"] == pytest.approx(accs["fmnist-deit-ti"])  # threshold 0: small anchor only
+    assert cas["stitched_front"]["points"] == []  # no evaluation yet: shown as missing, not an error
+    assert (tmp_path / "study_cascades_fmnist-deit.png").is_file()
+
+
+def test_tiny_auc_and_gain(run, tmp_path):
+    fam, path = run
+    cfg = st.AucCfg(steps=2, batch_size=16, n_stitches=2, test_samples=40, seeds=(0, 1), val_samples=16,
+                    init_samples=64)
+    rec = st.auc_study(path, tmp_path, cfg, family=fam, progress=False)
+    assert set(rec["summary"]) == {"klas", "snnet-paired", "min-kl", "anchors-only"}
+    for m in ("klas", "min-kl"):
+        vals = [rec["per_seed"][s]["auc"][m] for s in ("0", "1")]
+        assert rec["summary"][m]["mean"] == pytest.approx(np.mean(vals))
+        assert rec["summary"][m]["std"] == pytest.approx(np.std(vals, ddof=1))
+    g = st.gain_sweep(path, tmp_path, steps_list=(2, 3), cfg=cfg, family=fam, progress=False)
+    assert [p["steps"] for p in g["points"]] == [2, 3]
+    assert g["points"][0]["auc"] == rec["per_seed"]["0"]["auc"]["klas"]  # reused the AUC study's run
+    assert (path / "study" / "gain" / "klas_steps3_seed0" / "compare.json").is_file()
+    assert (tmp_path / "study_gain_fmnist-deit.png").is_file() and (tmp_path / "study_auc_fmnist-deit.png").is_file()
+
+
+def test_cli_study_bad_input_is_one_line(tmp_path, capsys):
+    from klas.cli import main
+
+    assert main(["study", "sensitivity", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.json" in err[0]
