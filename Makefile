@@ -11,6 +11,7 @@ setup:
 
 demo: setup
 	@$(VENV)/bin/klas run --run-dir $(RUN_DIR)
+	@$(VENV)/bin/klas report $(RUN_DIR)
 
 test: setup
 	@echo "[test] running the test suite (Triton kernels under TRITON_INTERPRET=1, C++ extension required)"
