@@ -7,24 +7,24 @@ from pathlib import Path
 from klas.errors import KlasError
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
+def _numbers(text: str, flag: str, cast=float) -> tuple:
+    """A comma-separated list of ints or floats from a flag, or a one-line error naming the flag."""
+    kind, example = ("integers", "0,1,2") if cast is int else ("numbers", "0.01,0.05")
     try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
+        vals = tuple(cast(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise KlasError(f"{flag} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        raise KlasError(f"{flag} {text!r}: expected comma-separated {kind}, e.g. {example}") from None
     if not vals:
-        raise KlasError(f"{flag} {text!r}: expected at least one integer")
+        raise KlasError(f"{flag} {text!r}: expected at least one {kind[:-1]}")
     return vals
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    return _numbers(text, flag, int)
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise KlasError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.01,0.05") from None
-    if not vals:
-        raise KlasError(f"{flag} {text!r}: expected at least one number")
-    return vals
+    return _numbers(text, flag, float)
 
 
 def _report(args) -> int:
