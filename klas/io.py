@@ -1,4 +1,7 @@
-"""Atomic artifacts: every file klas writes appears whole or not at all (temp file in the same dir + rename)."""
+"""Atomic artifacts: every file klas writes appears whole or not at all (temp file in the same dir + rename).
+
+No torch import at module level: the torch-free runtime (``klas.manifest``) writes through ``atomic_path`` too.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +10,6 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from klas.errors import KlasError
 
@@ -34,7 +35,7 @@ def save_json(obj, path: Path | str) -> None:
 
 
 def _json_default(o):
-    if isinstance(o, torch.Tensor):
+    if hasattr(o, "tolist") and hasattr(o, "dim"):  # a torch.Tensor, without importing torch here
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
@@ -55,11 +56,15 @@ def load_json(path: Path | str):
 
 def save_checkpoint(obj, path: Path | str) -> None:
     """torch.save through a temp file; load it back with ``load_checkpoint`` (weights_only)."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def load_checkpoint(path: Path | str):
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -68,14 +73,14 @@ def load_checkpoint(path: Path | str):
         raise KlasError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
+def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path | str, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def load_tensors(path: Path | str) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path | str) -> dict[str, "torch.Tensor"]:
     from safetensors.torch import load_file
 
     path = Path(path)

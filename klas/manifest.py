@@ -3,7 +3,7 @@
 A zoo directory holds one self-contained ``.onnx`` file per model and this manifest, which says for each model what
 it is (stitch configuration), what it costs (params, FLOPs per image, measured latency per execution provider /
 threads / batch) and how good it is (test accuracy, parity with PyTorch). Deployment hosts read it through
-``klas.runtime`` with numpy + onnxruntime only, so this module must not import torch (nor ``klas.io``, which does).
+``klas.runtime`` with numpy + onnxruntime only, so this module must not import torch.
 
 Trust rules enforced here: a model file must be a plain name inside the zoo folder (no paths, no ``..``, no links
 out), and its sha256 must match -- a manifest that was edited by hand or copied next to other files is refused.
@@ -15,12 +15,12 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from klas.errors import KlasError
+from klas.io import atomic_path
 
 MANIFEST = "manifest.json"
 SCHEMA = "klas-zoo"
@@ -219,23 +219,10 @@ def save_manifest(manifest: dict, zoo_dir: Path | str) -> Path:
 
 
 def write_atomic(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
-
-    NOTE: mirrors ``klas.io.atomic_path``, which cannot be used here because ``klas.io`` imports torch.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    """Write ``data`` to ``path`` through ``klas.io.atomic_path`` (temp file in the same folder + rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def embedded_entry(entry: dict, manifest: dict) -> dict:
