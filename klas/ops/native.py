@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from klas.ops.reference import pairwise_kl_sum_fake
+
 OP_NAME = "klas::pairwise_kl_sum"
 _state: dict = {"tried": False, "error": None}
 _fake_registered = False
@@ -31,7 +33,7 @@ def load() -> bool:
 def _register_fake() -> None:
     global _fake_registered
     if not _fake_registered:
-        torch.library.register_fake(OP_NAME)(_fake)
+        torch.library.register_fake(OP_NAME)(pairwise_kl_sum_fake)
         _fake_registered = True
 
 
@@ -51,10 +53,6 @@ def has_kernel(device_type: str) -> bool:
 def pairwise_kl_sum_native(a: torch.Tensor, b: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """float64 [nA, nB] sum over samples, by the C++ (CPU tensors) or CUDA (CUDA tensors) kernel."""
     return torch.ops.klas.pairwise_kl_sum(a, b, temperature)
-
-
-def _fake(a: torch.Tensor, b: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    return a.new_empty((a.shape[0], (a if b is None else b).shape[0]), dtype=torch.float64)
 
 
 # The C++ library names this module as the home of its fake kernel (set_python_module): torch imports it when the op

@@ -37,6 +37,9 @@ def pairwise_kl_sum_reference_op(a: torch.Tensor, b: torch.Tensor | None, temper
     return pairwise_softmax_kl_sum_reference(a, b, temperature)
 
 
-@pairwise_kl_sum_reference_op.register_fake
-def _(a: torch.Tensor, b: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def pairwise_kl_sum_fake(a: torch.Tensor, b: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """The fake (meta) kernel every ``klas::pairwise_kl_sum*`` op shares: a float64 [nA, nB] result."""
     return a.new_empty((a.shape[0], (a if b is None else b).shape[0]), dtype=torch.float64)
+
+
+pairwise_kl_sum_reference_op.register_fake(pairwise_kl_sum_fake)
