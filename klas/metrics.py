@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from klas.families import BlockView
-from klas.stitch import StitchLayer
+from klas.stitch import lstsq_layer
 
 FEATURE_METRICS = ("mse", "cka", "ce", "dm")
 FITTED_METRICS = ("tlm", "fula")
@@ -132,21 +132,6 @@ class FitConfig:
     seed: int = 0
 
 
-def lstsq_stitch(src_feats: torch.Tensor, tgt_feats: torch.Tensor, channels_last: bool = True) -> StitchLayer:
-    """A stitch layer initialized by least squares, solved in float64 over every token/position (SN-Net's init)."""
-    if not channels_last:
-        src_feats, tgt_feats = src_feats.movedim(1, -1), tgt_feats.movedim(1, -1)
-    x = src_feats.reshape(-1, src_feats.shape[-1]).double()
-    y = tgt_feats.reshape(-1, tgt_feats.shape[-1]).double()
-    x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-    sol = torch.linalg.lstsq(x1, y, driver="gelsd").solution  # [c_in + 1, c_out]
-    layer = StitchLayer(x.shape[1], y.shape[1], channels_last)
-    with torch.no_grad():
-        layer.linear.weight.copy_(sol[:-1].T.float())
-        layer.linear.bias.copy_(sol[-1].float())
-    return layer
-
-
 def fula_weights(n: int) -> torch.Tensor:
     """Depth weights of the FuLA loss over the stitch point and the n-1 later blocks: linear in depth, sum 1."""
     w = torch.arange(1, n + 1, dtype=torch.float32)
@@ -197,7 +182,7 @@ class FittedScorer:
     def tlm(self, src: str, i: int, tgt: str, j: int) -> float:
         """Task-loss matching: train the stitch layer on the task loss; score = validation cross-entropy."""
         s, t = self.views[src], self.views[tgt]
-        layer = lstsq_stitch(self.train[src][i], self.train[tgt][j], s.channels_last)
+        layer = lstsq_layer(self.train[src][i], self.train[tgt][j], s.channels_last)
         opt = torch.optim.Adam(layer.parameters(), lr=self.cfg.lr)
         xs = self.train[src][i]
         for idx in self._steps(xs.shape[0]):
@@ -216,7 +201,7 @@ class FittedScorer:
         s, t = self.views[src], self.views[tgt]
         tr_t, va_t = self.train[tgt][j:], self.val[tgt][j:]
         scales = torch.stack([h.pow(2).mean() for h in tr_t]).clamp_min(1e-12)
-        layer = lstsq_stitch(self.train[src][i], tr_t[0], s.channels_last)
+        layer = lstsq_layer(self.train[src][i], tr_t[0], s.channels_last)
         opt = torch.optim.Adam(layer.parameters(), lr=self.cfg.lr)
         xs = self.train[src][i]
         for idx in self._steps(xs.shape[0]):

@@ -177,11 +177,23 @@ class Moments:
         return w, self.my - self.mx @ w
 
 
-def _rows(h: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def feature_rows(h: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Block output -> [N * positions, C] rows, one per token / pixel."""
     if not channels_last:
         h = h.movedim(1, -1)
     return h.reshape(-1, h.shape[-1])
+
+
+def lstsq_layer(src_feats: torch.Tensor, tgt_feats: torch.Tensor, channels_last: bool = True,
+                ridge: float = 0.0) -> StitchLayer:
+    """A stitch layer fitted by least squares on already computed source/target block outputs (every token or
+    position is one row), with the same float64 solver as ``fit_stitch``."""
+    x, y = feature_rows(src_feats, channels_last), feature_rows(tgt_feats, channels_last)
+    mom = Moments(x.shape[1], y.shape[1])
+    mom.update(x, y)
+    layer = StitchLayer(x.shape[1], y.shape[1], channels_last)
+    layer.set_affine(*mom.solve(ridge))
+    return layer
 
 
 @torch.no_grad()
@@ -191,7 +203,7 @@ def stitch_moments(src: BlockView, i: int, tgt: BlockView, j: int, images: Itera
     for x in images:
         hs = src.forward_blocks(src.forward_stem(x), 0, i + 1)
         ht = tgt.forward_blocks(tgt.forward_stem(x), 0, j + 1)
-        mom.update(_rows(hs, src.channels_last), _rows(ht, tgt.channels_last))
+        mom.update(feature_rows(hs, src.channels_last), feature_rows(ht, tgt.channels_last))
     return mom
 
 
