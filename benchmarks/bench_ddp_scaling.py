@@ -30,7 +30,7 @@ def worker(run: Path, sel: Path, steps: int, batch_size: int) -> None:
 
     torch.set_num_threads(1)
     from klas.stitch import FitCfg
-    from klas.supernet import FinetuneCfg, finetune_supernet
+    from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 
     cfg = FinetuneCfg(epochs=1, steps_per_epoch=steps, batch_size=batch_size, val_samples=0, augment=True,
                       init=FitCfg(samples=256, batch_size=256), train_samples=8192)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import klas
 from klas.stitch import Moments, StitchConfig
-from klas.supernet import Supernet
+from klas.stages.s4_finetune import Supernet
 
 
 def _info(benchmark, **kw) -> None:

@@ -19,7 +19,7 @@ def _common(cfg: dict) -> dict:
 
 
 def _probes(cfg: dict, run: RunDir) -> dict:
-    from klas.probes import train_probes
+    from klas.stages.s1_probes import train_probes
 
     c = cfg["probes"]
     rec = train_probes(cfg["run"]["family"], run.path, epochs=c["epochs"], batch_size=c["batch_size"], lr=c["lr"],
@@ -29,7 +29,7 @@ def _probes(cfg: dict, run: RunDir) -> dict:
 
 
 def _scores(cfg: dict, run: RunDir) -> dict:
-    from klas.scores import compute_scores
+    from klas.stages.s2_scores import compute_scores
 
     c = cfg["scores"]
     kw = dict(score_form=c["score_form"]) if c["score_form"] else {}
@@ -39,7 +39,7 @@ def _scores(cfg: dict, run: RunDir) -> dict:
 
 
 def _selection(cfg: dict, run: RunDir) -> dict:
-    from klas.selection import select
+    from klas.stages.s3_selection import select
 
     c = cfg["selection"]
     rec = select(cfg["run"]["family"], run.path, method=c["method"], tau=c["tau"], num_buckets=_opt(c["num_buckets"]),
@@ -50,7 +50,7 @@ def _selection(cfg: dict, run: RunDir) -> dict:
 
 def _supernet(cfg: dict, run: RunDir) -> dict:
     from klas.stitch import FitCfg
-    from klas.supernet import FinetuneCfg, finetune_supernet
+    from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 
     c = cfg["supernet"]
     ft = FinetuneCfg(epochs=c["epochs"], steps_per_epoch=_opt(c["steps_per_epoch"]), batch_size=c["batch_size"],
@@ -61,7 +61,7 @@ def _supernet(cfg: dict, run: RunDir) -> dict:
 
 
 def _evaluation(cfg: dict, run: RunDir) -> dict:
-    from klas.evaluate import evaluate_run
+    from klas.stages.s5_evaluation import evaluate_run
 
     c = cfg["evaluation"]
     rec = evaluate_run(run.path, test_samples=_opt(c["test_subset"]), latency_repeats=c["latency_repeats"],
@@ -71,7 +71,7 @@ def _evaluation(cfg: dict, run: RunDir) -> dict:
 
 
 def _export(cfg: dict, run: RunDir) -> dict:
-    from klas.export import ExportOptions, export_zoo
+    from klas.stages.s6_export import ExportOptions, export_zoo
 
     c = cfg["export"]
     opts = ExportOptions(opset=c["opset"], parity_images=c["parity_images"], threads=(c["threads"],),

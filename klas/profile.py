@@ -3,7 +3,7 @@
 FLOPs rank models on paper; deployment budgets are in milliseconds on one machine with one execution provider,
 thread count and batch size. ``klas profile`` re-measures a zoo on the host it runs on and adds that device's
 figures to the manifest, so one zoo carries latency tables for every machine it was profiled on.
-numpy + onnxruntime only (shared by ``klas.export`` and the torch-free ``klas.runtime``).
+numpy + onnxruntime only (shared by ``klas.stages.s6_export`` and the torch-free ``klas.runtime``).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ features on real training images; two gradient objectives are offered on top of 
   at the stitch point *and at every downstream target block* are pulled onto the target's own latents for the same
   image (normalized squared error, equal weight per depth), a distillation-like objective that needs no labels.
 
-Anchors stay frozen while a layer is fitted; only the supernetwork finetuning (``klas.supernet``) moves them.
+Anchors stay frozen while a layer is fitted; only the supernetwork finetuning (``klas.stages.s4_finetune``) moves them.
 """
 from __future__ import annotations
 

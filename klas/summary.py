@@ -37,8 +37,8 @@ def _compare_with_pretrained(ev: dict) -> None:
     """Put the run beside the untouched pretrained anchors (embedded families carry their accuracy in the card):
     shared-weight finetuning changes the anchors too, and a stitched model only helps if it beats *those*."""
     from klas.errors import KlasError
-    from klas.evaluate import auc
-    from klas.families.zoo import load_card
+    from klas.stages.s5_evaluation import auc
+    from klas.families.trainer import load_card
 
     try:
         card = load_card(ev["family"])["anchors"]

@@ -19,13 +19,13 @@ import torch
 from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas import distributed as kd
 from klas.errors import KlasError
-from klas.evaluate import evaluate_run
+from klas.stages.s5_evaluation import evaluate_run
 from klas.io import load_tensors
 from klas.ops import PairwiseKL
-from klas.probes import train_probes
-from klas.scores import compute_scores
+from klas.stages.s1_probes import train_probes
+from klas.stages.s2_scores import compute_scores
 from klas.stitch import FitCfg
-from klas.supernet import FinetuneCfg, finetune_supernet
+from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 
 TESTS = Path(__file__).parent
 STITCHES_DDP = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0)]
@@ -40,11 +40,11 @@ import os, signal, sys, torch
 from pathlib import Path
 torch.set_num_threads(1)
 from _stitch_helpers import tiny_family
-from klas.evaluate import evaluate_run
-from klas.probes import train_probes
-from klas.scores import compute_scores
+from klas.stages.s5_evaluation import evaluate_run
+from klas.stages.s1_probes import train_probes
+from klas.stages.s2_scores import compute_scores
 from klas.stitch import FitCfg
-from klas.supernet import FinetuneCfg, finetune_supernet
+from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 run, marker, mode, sel = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 rank = int(os.environ["RANK"])
 

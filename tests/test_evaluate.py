@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
-from klas.compare import Arm, compare, equalize
+from klas.research.compare import Arm, compare, equalize
 from klas.data import load_dataset
-from klas.evaluate import auc, evaluate_run, measure_latency, normalize_flops, pareto_mask, staircase
+from klas.stages.s5_evaluation import auc, evaluate_run, measure_latency, normalize_flops, pareto_mask, staircase
 from klas.families import count_flops, stitched_flops
 from klas.stitch import FitCfg
-from klas.supernet import FinetuneCfg, finetune_supernet, load_stitched
+from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet, load_stitched
 
 
 def _points(rng, n, ties):

@@ -18,7 +18,7 @@ import torch
 import klas
 from klas.data import load_dataset
 from klas.errors import KlasError
-from klas.export import ExportOptions, export_models, export_zoo, read_evaluation, standalone, zoo_configs
+from klas.stages.s6_export import ExportOptions, export_models, export_zoo, read_evaluation, standalone, zoo_configs
 from klas.families import stitched_flops
 from klas.manifest import METADATA_KEY, NOT_EMBEDDED, load_manifest
 from klas.rundir import RunDir
@@ -31,7 +31,7 @@ STITCHES = [("fmnist-deit-ti", 3, "fmnist-deit-s", 5), ("fmnist-deit-s", 7, "fmn
 
 
 class Provider:
-    """Stand-in for ``klas.supernet.load_stitched``: the same network every time a configuration is asked for."""
+    """Stand-in for ``klas.stages.s4_finetune.load_stitched``: the same network every time a configuration is asked for."""
 
     def __init__(self, family):
         self.family, self.nets = family, {}
@@ -262,9 +262,9 @@ def test_cli_export_uses_supernet_provider(tmp_path, family, data, monkeypatch, 
 
 def test_export_of_a_finetuned_run_through_load_stitched(tmp_path):
     """Integration with the supernetwork and evaluation stages: their evaluation.json and load_stitched as is."""
-    from klas.evaluate import evaluate_run
+    from klas.stages.s5_evaluation import evaluate_run
     from klas.stitch import FitCfg
-    from klas.supernet import FinetuneCfg, finetune_supernet, load_stitched
+    from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet, load_stitched
 
     anchors = ["fmnist-deit-ti", "fmnist-deit-s"]
     fam = klas.create_family("fmnist-deit", anchors=anchors)  # trained in place: not the shared fixture

@@ -8,7 +8,7 @@ import klas
 from klas.data import FASHION_MNIST, ImageSet, batches
 from klas.errors import KlasError
 from klas.io import load_json, load_tensors
-from klas.probes import (ProbeConfig, _lr_at, init_probe, load_probes, probe_seed, train_probe_nets,
+from klas.stages.s1_probes import (ProbeConfig, _lr_at, init_probe, load_probes, probe_seed, train_probe_nets,
                          train_probes)
 from klas.rundir import RunDir
 
@@ -82,7 +82,7 @@ def test_train_probes_writes_resumes_and_skips(family, tmp_path, monkeypatch):
     assert load_json(out / "probes.json")["inputs"]["anchors"].keys() == {v.name for v in family}
 
     # interrupted after epoch 1, then resumed: same weights as the uninterrupted run
-    import klas.probes as probes_mod
+    import klas.stages.s1_probes as probes_mod
     real_save = probes_mod.save_checkpoint
 
     def save_then_stop(obj, path):

@@ -9,7 +9,7 @@ import torch
 from klas.cli import main
 from klas.errors import KlasError
 from klas.io import save_json
-from klas.report import build_report, stage_timings, write_report
+from klas.research.report import build_report, stage_timings, write_report
 
 
 def _png(path, seed):

@@ -30,7 +30,7 @@ def zoo_dir(tmp_path_factory):
 
     import klas
     from klas.data import load_dataset
-    from klas.export import ExportOptions, export_models
+    from klas.stages.s6_export import ExportOptions, export_models
     from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 
     torch.manual_seed(1)

@@ -8,9 +8,9 @@ import klas
 from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.io import load_tensors
-from klas.metrics import FeatureMoments, mmd2_table
-from klas.probes import anchor_features, load_probes, train_probes
-from klas.scores import CAP_EPS, ScoreAccumulator, compute_scores, stitch_score
+from klas.research.metrics import FeatureMoments, mmd2_table
+from klas.stages.s1_probes import anchor_features, load_probes, train_probes
+from klas.stages.s2_scores import CAP_EPS, ScoreAccumulator, compute_scores, stitch_score
 
 
 

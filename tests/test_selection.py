@@ -11,11 +11,11 @@ import klas
 from klas.errors import KlasError
 from klas.families import AnchorCfg, create_anchor, get_family_cfg
 from klas.io import load_json
-from klas.metrics import FitConfig
-from klas.probes import train_probes
+from klas.research.metrics import FitConfig
+from klas.stages.s1_probes import train_probes
 from klas.rundir import RunDir
-from klas.scores import compute_scores
-from klas.selection import (METHODS, assign_buckets, auto_num_buckets, bucket_select, candidate_table, coverage,
+from klas.stages.s2_scores import compute_scores
+from klas.stages.s3_selection import (METHODS, assign_buckets, auto_num_buckets, bucket_select, candidate_table, coverage,
                             klas_anchor_pairs, nearest_pairs, select, snnet_paired, snnet_unpaired)
 
 

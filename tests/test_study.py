@@ -8,10 +8,10 @@ import torch
 
 import klas
 from klas.io import load_json
-from klas.probes import train_probes
-from klas.scores import compute_scores
-from klas.selection import select
-from klas import study as st
+from klas.stages.s1_probes import train_probes
+from klas.stages.s2_scores import compute_scores
+from klas.stages.s3_selection import select
+from klas.research import study as st
 
 
 def _rng():

@@ -16,7 +16,7 @@ from klas.cli import main
 from klas.errors import KlasError
 from klas.io import load_tensors, save_tensors
 from klas.stitch import FitCfg, StitchConfig
-from klas.supernet import FinetuneCfg, config_at, finetune_supernet, load_stitched, lr_at, read_selection
+from klas.stages.s4_finetune import FinetuneCfg, config_at, finetune_supernet, load_stitched, lr_at, read_selection
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-32", 2)]
 
@@ -171,7 +171,7 @@ from pathlib import Path
 torch.set_num_threads(1)
 from _stitch_helpers import tiny_family
 from klas.stitch import FitCfg
-from klas.supernet import FinetuneCfg, finetune_supernet
+from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 torch.manual_seed(0)
 cfg = FinetuneCfg(**{cfg}, init=FitCfg(samples=128, batch_size=64))
 finetune_supernet(Path(sys.argv[1]), Path(sys.argv[2]), cfg, family=tiny_family(), progress=False)

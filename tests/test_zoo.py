@@ -6,7 +6,7 @@ import torch
 
 import klas
 from klas.data import load_fashion_mnist
-from klas.families.zoo import Recipe, evaluate_accuracy, load_card, train_anchor
+from klas.families.trainer import Recipe, evaluate_accuracy, load_card, train_anchor
 from klas.io import sha256_file
 
 WEIGHTS = Path(klas.__file__).parent / "families" / "weights"

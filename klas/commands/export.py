@@ -1,12 +1,12 @@
 """``klas export`` / ``klas profile`` / ``klas pick`` / ``klas predict``: a run's Pareto models as an ONNX zoo, and
-budget-driven use of that zoo. Flags only; the work is in klas.export, klas.profile and klas.runtime."""
+budget-driven use of that zoo. Flags only; the work is in klas.stages.s6_export, klas.profile and klas.runtime."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def _export(args) -> int:
-    from klas.export import ExportOptions, export_zoo
+    from klas.stages.s6_export import ExportOptions, export_zoo
 
     opts = ExportOptions(opset=args.opset, parity_images=args.parity_images, atol=args.atol,
                          min_agreement=args.min_agreement, accuracy_images=args.accuracy_images,

@@ -24,7 +24,7 @@ def _setup(args) -> None:
 
 
 def _probe(args) -> int:
-    from klas.probes import train_probes
+    from klas.stages.s1_probes import train_probes
 
     _setup(args)
     rec = train_probes(args.family, args.run_dir, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -38,7 +38,7 @@ def _probe(args) -> int:
 
 
 def _score(args) -> int:
-    from klas.scores import compute_scores
+    from klas.stages.s2_scores import compute_scores
 
     _setup(args)
     rec = compute_scores(args.family, args.run_dir, batch_size=args.batch_size, temperature=args.temperature,
@@ -55,8 +55,8 @@ def _score(args) -> int:
 
 
 def _select(args) -> int:
-    from klas.metrics import FitConfig
-    from klas.selection import select
+    from klas.research.metrics import FitConfig
+    from klas.stages.s3_selection import select
 
     _setup(args)
     fit = FitConfig(steps=args.fit_steps, train_samples=args.fit_samples, val_samples=args.fit_val_samples)

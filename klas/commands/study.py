@@ -28,7 +28,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def _report(args) -> int:
-    from klas.report import write_report
+    from klas.research.report import write_report
 
     path = write_report(args.run_dir, args.out, extra=args.results)
     print(f"[report] {path}")
@@ -38,7 +38,7 @@ def _report(args) -> int:
 def _study(args) -> int:
     import torch
 
-    from klas import study as st
+    from klas.research import study as st
 
     torch.set_num_threads(args.threads)
     if not (args.run_dir / "run.json").is_file():
@@ -83,7 +83,7 @@ def register(sub) -> None:
                    help="also include the study_*.json/png of this folder (e.g. benchmarks/results)")
     p.set_defaults(func=_report)
 
-    from klas.study import SUBSTUDIES
+    from klas.research.study import SUBSTUDIES
 
     s = sub.add_parser("study", help="the reproduction study: metric vs outcome, sensitivity, AUC over seeds, "
                                      "stitching gain, cascades")

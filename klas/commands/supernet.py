@@ -13,7 +13,7 @@ def _threads(args) -> None:
 
 def _budget(args):
     from klas.stitch import FitCfg
-    from klas.supernet import FinetuneCfg
+    from klas.stages.s4_finetune import FinetuneCfg
 
     init = FitCfg(method=args.init[0] if isinstance(args.init, list) else args.init, samples=args.init_samples,
                   steps=args.init_steps, lr=args.init_lr, seed=args.seed)
@@ -25,7 +25,7 @@ def _budget(args):
 
 
 def _finetune(args) -> int:
-    from klas.supernet import finetune_supernet
+    from klas.stages.s4_finetune import finetune_supernet
 
     _threads(args)
     meta = finetune_supernet(args.run_dir, args.selection, _budget(args), family=args.family, weights=args.weights,
@@ -38,7 +38,7 @@ def _finetune(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from klas.evaluate import evaluate_run, markdown_table
+    from klas.stages.s5_evaluation import evaluate_run, markdown_table
 
     _threads(args)
     res = evaluate_run(args.run_dir, args.data_root, test_samples=args.test_samples, latency=not args.no_latency,
@@ -50,7 +50,7 @@ def _evaluate(args) -> int:
 
 
 def _compare(args) -> int:
-    from klas.compare import Arm, compare, markdown, resolve_selection
+    from klas.research.compare import Arm, compare, markdown, resolve_selection
 
     _threads(args)
     from klas.errors import KlasError

@@ -17,7 +17,7 @@ def _list(args) -> int:
 
 
 def _train(args) -> int:
-    from klas.families.zoo import Recipe, train_family
+    from klas.families.trainer import Recipe, train_family
 
     recipe = Recipe(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     card = train_family(args.family, args.out, recipe, args.data_root, args.anchor, args.threads)
@@ -26,7 +26,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from klas.families.zoo import zoo_eval
+    from klas.families.trainer import zoo_eval
 
     zoo_eval(args.family, args.data_root, args.split)
     return 0

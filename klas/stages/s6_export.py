@@ -1,7 +1,7 @@
 """Export a stitched zoo to ONNX: one standalone, self-contained file per Pareto model, plus ``manifest.json``.
 
 For every configuration on the accuracy-vs-FLOPs Pareto front of ``RUN_DIR/evaluation/evaluation.json`` (and
-every anchor listed there), a *model provider* builds the network (``klas.supernet.load_stitched`` by default); we
+every anchor listed there), a *model provider* builds the network (``klas.stages.s4_finetune.load_stitched`` by default); we
 prune it to the weights its forward actually uses (source stem + blocks 0..i, stitch layer, target blocks j+1.. +
 head), trace it to ONNX (TorchScript exporter: dynamic batch axis, constant folding, weights inside the file), run
 ``onnx.checker``, and compare onnxruntime logits with a float64 PyTorch reference on real test images. A model that
@@ -96,11 +96,11 @@ def zoo_configs(rows: list[dict], where: str = "evaluation.json") -> list[tuple[
 
 
 def supernet_provider(run_dir: Path | str) -> ModelProvider:
-    """Trained networks from the supernetwork stage: ``klas.supernet.load_stitched(run_dir, config)``."""
+    """Trained networks from the supernetwork stage: ``klas.stages.s4_finetune.load_stitched(run_dir, config)``."""
     try:
-        from klas.supernet import load_stitched
+        from klas.stages.s4_finetune import load_stitched
     except ImportError as e:
-        raise KlasError(f"{run_dir}: cannot load trained stitched networks: klas.supernet.load_stitched is not "
+        raise KlasError(f"{run_dir}: cannot load trained stitched networks: klas.stages.s4_finetune.load_stitched is not "
                         f"available ({e})") from None
     return lambda config: load_stitched(run_dir, config)
 

@@ -3,7 +3,7 @@ initialisations compared at equal cost, as in the KLAS paper's experiments.
 
 Every *arm* (a selection x an initialisation) is finetuned from the same pretrained anchors with the same budget
 (``FinetuneCfg``: epochs x steps, batch, schedule, seed) and the same number of stitched configurations, then
-evaluated by the same functions (``klas.evaluate``): AUC of the accuracy vs normalized-FLOPs staircase, accuracy at
+evaluated by the same functions (``klas.stages.s5_evaluation``): AUC of the accuracy vs normalized-FLOPs staircase, accuracy at
 matched FLOPs budgets, number of Pareto points -- after finetuning and, for the initialisations, before it.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from klas.errors import KlasError
-from klas.evaluate import evaluate_run, plot_curves, save_text, staircase
+from klas.stages.s5_evaluation import evaluate_run, plot_curves, save_text, staircase
 from klas.families import Family, create_family, stitched_flops
 from klas.io import load_json, save_json
 from klas.rundir import RunDir
 from klas.stitch import INIT_METHODS
-from klas.supernet import FinetuneCfg, finetune_supernet
+from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 
 BUDGETS = (0.25, 0.5, 0.75)
 
@@ -35,7 +35,7 @@ class Arm:
 
 def resolve_selection(spec: str, run_dir: Path | None, family: str | Family) -> tuple[str, Path]:
     """``[LABEL=]PATH`` or ``[LABEL=]METHOD`` -> (label, selection file). A method name is looked up as
-    ``RUN_DIR/selection/selection-METHOD.json`` and, when missing, made by ``klas.selection.select`` from the run's
+    ``RUN_DIR/selection/selection-METHOD.json`` and, when missing, made by ``klas.stages.s3_selection.select`` from the run's
     scores (the selection stage, imported only here)."""
     label, _, what = spec.rpartition("=")
     path = Path(what)
@@ -46,7 +46,7 @@ def resolve_selection(spec: str, run_dir: Path | None, family: str | Family) -> 
     made = Path(run_dir) / "selection" / f"selection-{what}.json"
     if not made.is_file():
         try:
-            from klas.selection import select
+            from klas.stages.s3_selection import select
         except ImportError:
             raise KlasError(f"--selection {spec!r}: {made} missing and the selection stage is unavailable") from None
         select(family, run_dir, method=what)

@@ -9,7 +9,7 @@ Sub-studies, each writing ``study_<name>_<family>.json`` and a PNG into ``out_di
   configurations by each metric.
 - ``sensitivity``: selection size, target-block coverage and overlap with the default selection over tau, bucket
   count and score form (selection only, cheap).
-- ``auc`` (Tab. 2): ``klas.compare`` of KLAS vs SN-Net vs Min-KL at equal budget over several seeds, mean +- spread.
+- ``auc`` (Tab. 2): ``klas.research.compare`` of KLAS vs SN-Net vs Min-KL at equal budget over several seeds, mean +- spread.
 - ``gain``: what stitching adds over the anchors' staircase, per method, and over a small sweep of budgets.
 - ``cascades`` (App. E): small -> large anchor with max-softmax routing, thresholds swept, average FLOPs vs accuracy.
 
@@ -210,9 +210,9 @@ def metric_outcome(run_dir: Path | str, out_dir: Path | str, cfg: OutcomeCfg = O
                    pair: tuple[str, str] | None = None, family=None, data_root=None, progress: bool = True) -> dict:
     """Sample configurations of one anchor pair, finetune each stitch briefly, correlate metrics with the drop."""
     from klas.data import load_dataset
-    from klas.metrics import FitConfig, FittedScorer
-    from klas.scores import load_scores
-    from klas.selection import candidate_table, sample_configs
+    from klas.research.metrics import FitConfig, FittedScorer
+    from klas.stages.s2_scores import load_scores
+    from klas.stages.s3_selection import candidate_table, sample_configs
     from klas.stitch import FitCfg, StitchedNet, fit_stitch
 
     run = RunDir(run_dir)
@@ -348,7 +348,7 @@ BUCKETS = (0, 4, 8, 16, 32)  # 0: the automatic count
 
 
 def _selection_set(tables: list[dict], tau: float, n: int | None, max_buckets: int = 500) -> tuple[set, dict]:
-    from klas.selection import assign_buckets, auto_num_buckets, bucket_select, coverage
+    from klas.stages.s3_selection import assign_buckets, auto_num_buckets, bucket_select, coverage
 
     n_used = n or auto_num_buckets(tables, tau, max_buckets)[0]
     chosen, can_all, got_all = set(), 0, 0
@@ -369,8 +369,8 @@ def sensitivity(run_dir: Path | str, out_dir: Path | str, taus=TAUS, buckets=BUC
                 progress: bool = True) -> dict:
     """Selection count, coverage and Jaccard overlap with the default (tau 0.05, automatic buckets, ratio form) over
     tau x bucket count and over score forms; reads the run's scores, writes nothing into the run."""
-    from klas.scores import SCORE_FORMS, load_scores, stitch_score
-    from klas.selection import candidate_table, choose_anchor_pairs
+    from klas.stages.s2_scores import SCORE_FORMS, load_scores, stitch_score
+    from klas.stages.s3_selection import candidate_table, choose_anchor_pairs
 
     run = RunDir(run_dir)
     fam = _family(run, family)
@@ -458,7 +458,7 @@ def cascades(run_dir: Path | str, out_dir: Path | str, test_samples: int | None 
     """Two-anchor cascades for every ordered anchor pair on the test split, next to the stitched Pareto front of
     ``evaluation`` (an evaluation.json; default: the run's own, else the AUC study's KLAS arm, seed 0)."""
     from klas.data import load_dataset
-    from klas.evaluate import auc, pareto_mask
+    from klas.stages.s5_evaluation import auc, pareto_mask
 
     run = RunDir(run_dir)
     fam = _family(run, family)
@@ -549,10 +549,10 @@ class AucCfg:
 
 def _compare_once(run: RunDir, out: Path, methods, steps: int, seed: int, cfg: AucCfg, family, data_root,
                   progress: bool) -> dict:
-    """One ``klas.compare`` at (steps, seed), skipped when its compare.json exists for the same budget and arms."""
-    from klas.compare import Arm, compare, resolve_selection
+    """One ``klas.research.compare`` at (steps, seed), skipped when its compare.json exists for the same budget and arms."""
+    from klas.research.compare import Arm, compare, resolve_selection
     from klas.stitch import FitCfg
-    from klas.supernet import FinetuneCfg
+    from klas.stages.s4_finetune import FinetuneCfg
 
     done = out / "compare.json"
     if done.is_file():
@@ -571,7 +571,7 @@ def stitching_gain(rows: list[dict]) -> dict:
     """What the stitched configurations add over the anchors' staircase (the same evaluation's anchors): stitched
     points on the Pareto front, and the largest accuracy gain of a stitched model over the best anchor within its
     FLOPs (negative when none beats it)."""
-    from klas.evaluate import auc, pareto_mask
+    from klas.stages.s5_evaluation import auc, pareto_mask
 
     anchors = [r for r in rows if r["anchor"]]
     stitched = [r for r in rows if not r["anchor"]]
@@ -587,7 +587,7 @@ def stitching_gain(rows: list[dict]) -> dict:
 
 
 def _arm_rows(out: Path, label: str) -> list[dict]:
-    from klas.compare import _slug
+    from klas.research.compare import _slug
 
     return load_json(out / _slug(label) / "evaluation" / "evaluation.json")["configs"]
 

@@ -30,9 +30,9 @@ from klas.data import batches, load_dataset, num_batches
 from klas.errors import KlasError
 from klas.families import Family, stitchable
 from klas.io import load_json, load_tensors, save_json, save_tensors, sha256_file
-from klas.metrics import FeatureMoments, cross_entropy_table, mean_entropy_sum, mmd2_table
+from klas.research.metrics import FeatureMoments, cross_entropy_table, mean_entropy_sum, mmd2_table
 from klas.ops import PairwiseKL
-from klas.probes import PROBES_FILE, PROBES_JSON, anchor_features, load_probes, resolve_family, weights_digest
+from klas.stages.s1_probes import PROBES_FILE, PROBES_JSON, anchor_features, load_probes, resolve_family, weights_digest
 from klas.rundir import RunDir
 
 SCORES_FILE, METRICS_FILE, SCORES_JSON = "scores.safetensors", "metrics.safetensors", "scores.json"

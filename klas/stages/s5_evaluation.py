@@ -124,7 +124,7 @@ def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = No
 
     from klas import distributed as kd
     from klas.data import load_dataset
-    from klas.supernet import config_accuracy, load_supernet
+    from klas.stages.s4_finetune import config_accuracy, load_supernet
 
     di = kd.init()
 

@@ -12,7 +12,7 @@
    scored candidate has at least one configuration selected; if no count up to ``max_buckets`` reaches that, the
    smallest count reaching the best coverage found (recorded in ``params.coverage``).
 
-Methods (same JSON schema): "klas", the metric baselines of ``klas.metrics`` through the same buckets ("mse", "ce",
+Methods (same JSON schema): "klas", the metric baselines of ``klas.research.metrics`` through the same buckets ("mse", "ce",
 "cka", "dm", fitted "tlm", "fula"), "min-kl" (lowest D, no buckets, as many configurations as KLAS selects) and
 SN-Net's heuristics "snnet-paired" / "snnet-unpaired" on the nearest anchors.
 """
@@ -31,10 +31,10 @@ from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.families import Family, stitchable, stitched_flops
 from klas.io import load_json, save_json
-from klas.metrics import FEATURE_METRICS, FITTED_METRICS, FitConfig, FittedScorer
-from klas.probes import resolve_family
+from klas.research.metrics import FEATURE_METRICS, FITTED_METRICS, FitConfig, FittedScorer
+from klas.stages.s1_probes import resolve_family
 from klas.rundir import RunDir
-from klas.scores import DEFAULT_FORM, SCORES_FILE, load_scores, stitch_score
+from klas.stages.s2_scores import DEFAULT_FORM, SCORES_FILE, load_scores, stitch_score
 
 METHODS = ("klas", "min-kl", "snnet-paired", "snnet-unpaired") + FEATURE_METRICS + FITTED_METRICS
 ANCHOR_RULES = ("klas", "nearest", "all")
