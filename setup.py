@@ -44,12 +44,16 @@ setup(
     name="klas",
     version="0.1.0",
     description="KL-divergence based Anchor Stitching: stitched model zoos exported to ONNX with a budget manifest",
-    # kernels/: the Triton kernels, a top-level package imported lazily by klas.ops (GPU or TRITON_INTERPRET=1).
-    packages=find_packages(include=["klas", "klas.*", "kernels"]),
+    # kernels/: the Triton kernels, kept in the top-level folder but installed as the subpackage klas.kernels
+    # (imported lazily by klas.ops, for GPU tensors or under TRITON_INTERPRET=1); no top-level `kernels` module.
+    packages=find_packages(include=["klas", "klas.*"]) + ["klas.kernels"],
+    package_dir={"klas.kernels": "kernels"},
     package_data={"klas": ["families/weights/*.safetensors", "families/weights/*.json", "configs/*.toml"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "torchvision", "timm>=1.0,<1.1", "onnx", "onnxruntime", "numpy", "safetensors",
-                      "tqdm", "matplotlib", "pybind11"],
+    # klas-runtime: the torch-free manifest / pick / predict / profile / verify package in runtime/ (pip install
+    # ./runtime first when installing from the repository; scripts/setup.sh does).
+    install_requires=["klas-runtime==0.1.0", "torch>=2.4", "torchvision", "timm>=1.0,<1.1", "onnx", "onnxruntime",
+                      "numpy", "safetensors", "tqdm", "matplotlib"],
     extras_require={"gpu": ["onnxruntime-gpu", "triton>=3.0"], "test": ["pytest", "pytest-benchmark"],
                     "triton": ["triton>=3.0"]},
     entry_points={"console_scripts": ["klas=klas.cli:main"]},

@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from klas.profile import device_label, machine_info, measure_latency, provider_name  # noqa: E402
-from klas.runtime import Zoo  # noqa: E402
+from klas_runtime.profile import device_label, machine_info, measure_latency, provider_name  # noqa: E402
+from klas_runtime.runtime import Zoo  # noqa: E402
 
 # (source anchor index, i, target anchor index, j): stitches across the cost range, j = i as SN-Net pairs depths.
 DEFAULT_STITCHES = ((0, 3, 1, 3), (0, 7, 1, 7), (1, 3, 2, 3), (1, 7, 2, 7), (0, 5, 2, 5))

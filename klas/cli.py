@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from klas.errors import KlasError
+from klas_runtime.errors import ZooError  # the base of KlasError: runtime (manifest, pick, ...) errors too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except KlasError as e:
+    except ZooError as e:
         print(f"klas: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

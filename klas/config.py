@@ -1,91 +1,243 @@
-"""The run configuration: one TOML file, every field with a default, validated with one-line errors.
+"""The run configuration: TOML <-> the stages' config dataclasses.
 
-The schema *is* the default config (``DEFAULTS``): a section per pipeline stage, each field's type is the type of its
-default. ``klas/configs/fmnist-deit.toml`` is the embedded default and spells every field out with a comment.
+A config has one section per stage (``[probes]``, ``[scores]``, ... named and ordered as ``klas.stages.STAGES``)
+plus ``[run]`` and ``[data]`` (below); nested dataclass fields are sub-tables (``[finetune.init]``). Nothing here
+holds a default: every default, range and choice lives on its dataclass field (``klas.contract.setting``);
+``klas config`` prints the whole schema as a commented TOML file. Every value -- from the file, from ``--set`` or
+from a single-stage command's flag -- is checked when the config is loaded, before any stage runs, and an error
+names the key and where its value came from.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from klas.contract import Spec, build, setting, specs
 from klas.errors import KlasError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fmnist-deit.toml"
 
-DEFAULTS: dict[str, dict] = {
-    "run": {"family": "fmnist-deit", "seed": 0, "threads": 0},
-    "data": {"dataset": "", "root": ""},
-    "probes": {"epochs": 4, "batch_size": 256, "lr": 1e-2, "train_subset": 0},
-    "scores": {"batch_size": 500, "temperature": 1.0, "impl": "", "val_subset": 0, "score_form": ""},
-    "selection": {"method": "klas", "tau": 0.05, "num_buckets": 0, "anchor_rule": ""},
-    "supernet": {"epochs": 1, "steps_per_epoch": 0, "batch_size": 128, "lr": 5e-4, "train_subset": 0,
-                 "init": "ls", "sampling": "balanced"},
-    "evaluation": {"test_subset": 0, "latency_repeats": 30, "threads": 1},
-    "export": {"opset": 18, "parity_images": 10000, "threads": 1, "batch": 1},
-}
 
-
-def _check_type(section: str, key: str, value, default, source: str):
-    ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)  # 1 is a fine float
-    if not ok:
-        raise KlasError(f"{source}: [{section}] {key} = {value!r}: expected {type(default).__name__}")
-    return value
-
-
-def validate(raw: dict, source: str = "config") -> dict:
-    """Merge ``raw`` over the defaults; unknown sections/keys and wrong types are one-line errors."""
-    cfg = copy.deepcopy(DEFAULTS)
-    for section, values in raw.items():
-        if section not in DEFAULTS:
-            raise KlasError(f"{source}: unknown section [{section}]; sections: {', '.join(DEFAULTS)}")
-        if not isinstance(values, dict):
-            raise KlasError(f"{source}: [{section}] must be a table of keys")
-        for key, value in values.items():
-            if key not in DEFAULTS[section]:
-                raise KlasError(f"{source}: unknown key [{section}] {key}; keys: {', '.join(DEFAULTS[section])}")
-            cfg[section][key] = _check_type(section, key, value, DEFAULTS[section][key], source)
-    _check_values(cfg, source)
-    return cfg
-
-
-def _check_values(cfg: dict, source: str) -> None:
+def _families() -> tuple[str, ...]:
     from klas.families import list_families
 
-    if cfg["run"]["family"] not in list_families():
-        raise KlasError(f"{source}: [run] family = {cfg['run']['family']!r}: expected one of "
-                        f"{', '.join(list_families())}")
-    if cfg["selection"]["tau"] < 0:
-        raise KlasError(f"{source}: [selection] tau = {cfg['selection']['tau']}: expected >= 0")
-    for section, key in (("probes", "epochs"), ("probes", "batch_size"), ("scores", "batch_size"),
-                         ("supernet", "batch_size"), ("supernet", "epochs"), ("export", "threads"),
-                         ("export", "batch"), ("evaluation", "threads")):
-        if cfg[section][key] <= 0:
-            raise KlasError(f"{source}: [{section}] {key} = {cfg[section][key]}: expected > 0")
-    root = cfg["data"]["root"]
-    if root and not Path(root).is_dir():
-        raise KlasError(f"{source}: [data] root = {root!r}: directory not found")
+    return tuple(list_families())
 
 
-def load_config(path: Path | str | None = None, overrides: dict | None = None) -> dict:
-    """Read and validate a TOML config (default: the embedded one), then apply ``{section: {key: value}}``."""
-    path = Path(path) if path else DEFAULT_CONFIG
+@dataclass(frozen=True)
+class RunConfig:
+    """Run-wide settings: which family, the seed of every random choice, CPU threads."""
+
+    family: str = setting("fmnist-deit", "registered family to stitch (`klas anchors list`)", choices=_families)
+    seed: int = setting(0, "seed of every random choice (data order, inits, sampling)", ge=0)
+    threads: int | None = setting(None, "torch CPU threads", ge=1, none="auto", key=False)
+    weights: str | None = setting(None, "directory of <anchor>.safetensors/.pth files instead of the family's own "
+                                  "pretrained weights", none="default")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset and where: by default the family's own dataset at its default location."""
+
+    dataset: str | None = setting(None, "dataset name (fashion-mnist, cifar100, imagefolder)", none="family")
+    root: str | None = setting(None, "dataset directory", none="default")
+
+
+def sections() -> dict[str, type]:
+    """Section name -> config dataclass, in pipeline order."""
+    from klas.stages import stage_modules
+
+    return {"run": RunConfig, "data": DataConfig, **{m.NAME: m.CONFIG for m in stage_modules()}}
+
+
+class Config:
+    """A loaded, checked configuration: ``cfg.probes`` is a ``ProbesConfig``, ``cfg.run`` a ``RunConfig``, ...;
+    ``cfg.origin`` maps ``section.key`` to where its value came from."""
+
+    def __init__(self, values: dict[str, Any], origin: dict[str, str]):
+        self._values = values
+        self.origin = origin
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, name: str):
+        return self._values[name]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self._values == other._values
+
+    def replace(self, section: str, obj) -> "Config":
+        return Config({**self._values, section: obj}, self.origin)
+
+    def to_toml(self, comments: bool = False) -> str:
+        return render_toml(self._values, comments)
+
+
+def _flatten(table: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+class _Layers:
+    """Values by (section, path), each remembering where it came from; later layers override earlier ones."""
+
+    def __init__(self):
+        self.values: dict[str, dict[tuple[str, ...], Any]] = {}
+        self.labels: dict[str, dict[tuple[str, ...], str]] = {}
+
+    def add(self, section: str, path: tuple[str, ...], value: Any, label: str, schema: dict[str, type]) -> None:
+        if section not in schema:
+            raise KlasError(f"{label}: unknown section [{section}]; sections: {', '.join(schema)}")
+        known = {s.path: s for s in specs(schema[section])}
+        if path not in known:
+            if any(p[:len(path)] == path for p in known):
+                raise KlasError(f"{label}: [{section}] {'.'.join(path)} is a table of keys, not a value")
+            keys = ", ".join(".".join(p) for p in known)
+            raise KlasError(f"{label}: unknown key [{section}] {'.'.join(path)}; keys: {keys}")
+        self.values.setdefault(section, {})[path] = value
+        self.labels.setdefault(section, {})[path] = label
+
+    def add_toml(self, raw: dict, source: str, schema: dict[str, type]) -> None:
+        for section, table in raw.items():
+            if section not in schema:
+                raise KlasError(f"{source}: unknown section [{section}]; sections: {', '.join(schema)}")
+            if not isinstance(table, dict):
+                raise KlasError(f"{source}: [{section}] must be a table of keys")
+            for path, value in _flatten(table).items():
+                self.add(section, path, value, f"{source}: [{section}] {'.'.join(path)}", schema)
+
+
+def parse_set(item: str) -> tuple[str, tuple[str, ...], Any]:
+    """``section.key=value`` (the value parsed as TOML: 3, 0.1, "text", true; a bare word is a string)."""
+    key, eq, value = item.partition("=")
+    parts = tuple(p.strip() for p in key.strip().split("."))
+    if not eq or len(parts) < 2 or not all(parts):
+        raise KlasError(f"--set {item!r}: expected section.key=value, e.g. --set probes.epochs=2")
     try:
-        raw = tomllib.loads(path.read_text())
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return parts[0], parts[1:], parsed
+
+
+def read_toml(path: Path | str) -> dict:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise KlasError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise KlasError(f"{path}: is a directory, expected a TOML config file") from None
+    except UnicodeDecodeError:
+        raise KlasError(f"{path}: not a text file, expected a TOML config file") from None
+    except PermissionError:
+        raise KlasError(f"{path}: permission denied") from None
     except tomllib.TOMLDecodeError as e:
         raise KlasError(f"{path}: invalid TOML ({e})") from None
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update(values)
-    return validate(raw, str(path))
 
 
-def section_hash(*parts) -> str:
-    """Content hash of config sections and upstream hashes: a stage re-runs exactly when this changes."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def load_config(path: Path | str | None = None, sets: list[str] | None = None,
+                flags: dict[tuple[str, tuple[str, ...]], tuple[Any, str]] | None = None,
+                raw: dict | None = None) -> Config:
+    """The checked config: defaults <- TOML file (default: the embedded one) or ``raw`` <- ``--set`` items <-
+    ``flags`` ({(section, path): (value, flag name)}, from a single-stage command)."""
+    schema = sections()
+    layers = _Layers()
+    if raw is not None:
+        layers.add_toml(raw, "config", schema)
+    else:
+        path = Path(path) if path else DEFAULT_CONFIG
+        layers.add_toml(read_toml(path), str(path), schema)
+    for item in sets or []:
+        section, key, value = parse_set(item)
+        layers.add(section, key, value, f"--set {section}.{'.'.join(key)}", schema)
+    for (section, key), (value, flag) in (flags or {}).items():
+        layers.add(section, key, value, flag, schema)
+    values = {name: build(cls, layers.values.get(name, {}), layers.labels.get(name, {}))
+              for name, cls in schema.items()}
+    origin = {f"{s}.{'.'.join(p)}": lab for s, labs in layers.labels.items() for p, lab in labs.items()}
+    return Config(values, origin)
+
+
+def render_toml(values: dict[str, Any] | None = None, comments: bool = True) -> str:
+    """A config as TOML (``values``: section -> dataclass; default: every default), each key with its help."""
+    schema = sections()
+    values = values or {name: cls() for name, cls in schema.items()}
+    lines: list[str] = []
+    for name, cls in schema.items():
+        obj = values[name]
+        groups: dict[tuple[str, ...], list[Spec]] = {}
+        for s in specs(cls):
+            groups.setdefault(s.path[:-1], []).append(s)
+        for sub, leaves in groups.items():
+            head = ".".join((name,) + sub)
+            if comments and not sub and (cls.__doc__ or "").strip():
+                lines.append("# " + (cls.__doc__ or "").strip().splitlines()[0])
+            lines.append(f"[{head}]")
+            for s in leaves:
+                v = obj
+                for p in s.path:
+                    v = getattr(v, p)
+                if comments:
+                    extra = []
+                    allowed = s.allowed()
+                    if allowed:
+                        extra.append("one of " + ", ".join(map(str, allowed)))
+                    if s.optional and s.meta.get("none"):
+                        extra.append(f'or "{s.meta["none"]}"')
+                    lines.append(f"# {s.meta.get('help', '')}" + (f" ({'; '.join(extra)})" if extra else ""))
+                lines.append(f"{s.path[-1]} = {s.show(v)}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+
+# --------------------------------------------------------------------------------------------------- CLI flags
+def _parse_flag(text: str) -> Any:
+    """A flag's text as a TOML value (3, 0.1, true) or, failing that, the bare string ("all", "ls")."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def add_flags(parser, section: str, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per setting of ``section``'s dataclass (nested ones prefixed: ``--init-method``), help and default
+    from the field; the parsed value is only a candidate -- ``load_config`` checks it like any other."""
+    import argparse
+
+    cls = sections()[section]
+    group = parser.add_argument_group(f"[{section}] settings (default: the run's config.toml, else the defaults)")
+    for s in specs(cls):
+        if s.dotted in exclude:
+            continue
+        allowed = s.allowed()
+        extra = (f"; one of {', '.join(map(str, allowed))}" if allowed else "") + \
+            (f'; or "{s.meta["none"]}"' if s.optional and s.meta.get("none") else "")
+        kw = dict(dest="__".join(("cfg", section) + s.path), default=argparse.SUPPRESS,
+                  help=f"{s.meta.get('help', '')} (default: {s.show(s.default)}{extra})")
+        if s.type is bool:
+            group.add_argument(s.flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            group.add_argument(s.flag, type=_parse_flag, metavar=s.type.__name__.upper(), **kw)
+
+
+def flag_values(args, section: str) -> dict[tuple[str, tuple[str, ...]], tuple[Any, str]]:
+    """The settings given as flags: {(section, path): (value, "--flag")}."""
+    out = {}
+    for s in specs(sections()[section]):
+        dest = "__".join(("cfg", section) + s.path)
+        if hasattr(args, dest):
+            out[(section, s.path)] = (getattr(args, dest), s.flag)
+    return out

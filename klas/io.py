@@ -1,32 +1,15 @@
 """Atomic artifacts: every file klas writes appears whole or not at all (temp file in the same dir + rename).
 
-No torch import at module level: the torch-free runtime (``klas.manifest``) writes through ``atomic_path`` too.
+``atomic_path`` and ``sha256_file`` live in the torch-free runtime (``klas_runtime.io``, which the zoo manifest
+writes through) and are re-exported here: one copy. No torch import at module level.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from klas.errors import KlasError
-
-
-@contextmanager
-def atomic_path(path: Path | str):
-    """Yield a temp path next to ``path``; on success it is renamed onto ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from klas_runtime.io import atomic_path, sha256_file  # noqa: F401  (re-exported)
 
 
 def save_json(obj, path: Path | str) -> None:
@@ -90,11 +73,3 @@ def load_tensors(path: Path | str) -> dict[str, "torch.Tensor"]:
         return load_file(str(path))
     except Exception as e:
         raise KlasError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:120]})") from None
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,103 +1,145 @@
-"""``klas run``: the stages in order, each skipped when its outputs are valid for the current inputs.
+"""``klas run`` and every single-stage command: the stages in order, and the one cache that says which are done.
 
-A stage's identity is a content hash of the config sections it reads plus the hashes of the stages it consumes, so a
-changed config re-runs exactly the stages it affects (and everything downstream of them). Each finished stage writes
-``<run_dir>/<stage>/stage.json`` (hash, wall time, summary) last, atomically: an interrupted stage has no record and
-re-runs (resuming from its own checkpoints where it has them).
+A stage's **key** is a content hash of its own config (the settings that change results), the run-wide settings
+(family, seed, weights, data) and the **digests of the upstream artifacts it reads** (sha256 over their record and
+files). A stage is done when ``<run>/<stage>/stage.json`` holds the current key *and* its artifact still has the
+digest recorded there, so an artifact rewritten by anything else (another command, a hand edit) makes the stage
+and everything downstream stale. The record is deleted before a stage re-runs and written last, so an interrupted
+stage is never taken as done (it resumes from its own checkpoints, which are keyed the same way).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
 
 from klas import distributed as dist
-from klas.config import section_hash
+from klas.config import Config
+from klas.contract import StageContext, digest, key_fields
 from klas.errors import KlasError
 from klas.io import load_json, save_json
 from klas.rundir import RunDir
+from klas.stages import STAGES, stage_modules
+
+RECORD = "stage.json"
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str  # also the run-dir folder
-    sections: tuple[str, ...]  # config sections it reads
-    after: tuple[str, ...]  # stages whose outputs it reads
-    outputs: tuple[str, ...]  # files (relative to its folder) that must exist for the stage to count as done
-    run: Callable[[dict, RunDir], dict]  # returns a small JSON-able summary
-    describe: str = ""
+def artifact_folder(run_dir: Path, mod: ModuleType) -> Path:
+    return Path(run_dir) / getattr(mod, "FOLDER", mod.NAME)
 
 
-def _stage_fns() -> list[Stage]:
-    from klas import pipeline_stages as s
-
-    return s.STAGES
-
-
-def stage_hashes(cfg: dict, stages: list[Stage]) -> dict[str, str]:
-    hashes: dict[str, str] = {}
-    # threads change speed, not results: they are not part of any stage's identity
-    base = ({k: v for k, v in cfg["run"].items() if k != "threads"}, cfg["data"])
-    for st in stages:
-        hashes[st.name] = section_hash(st.name, base, [cfg[k] for k in st.sections], [hashes[u] for u in st.after])
-    return hashes
+def stage_key(cfg: Config, mod: ModuleType, upstream: dict[str, str | None]) -> str:
+    run = key_fields(cfg.run)
+    return digest(mod.NAME, mod.ARTIFACT.VERSION, run, asdict(cfg.data), key_fields(cfg[mod.NAME]), upstream)
 
 
-def stage_status(run_dir: RunDir, stage: Stage, digest: str) -> str:
-    """'done' (valid outputs for these inputs), 'stale' (outputs for other inputs) or 'todo'."""
-    rec = run_dir.path / stage.name / "stage.json"
-    if not rec.is_file():
-        return "todo"
-    meta = load_json(rec)
-    if meta.get("hash") != digest:
-        return "stale"
-    if not all((run_dir.path / stage.name / o).exists() for o in stage.outputs):
-        return "stale"
-    return "done"
+def read_record(run_dir: Path, name: str) -> dict | None:
+    p = Path(run_dir) / name / RECORD
+    if not p.is_file():
+        return None
+    try:
+        rec = load_json(p)
+    except KlasError:
+        return None  # a damaged record counts as none: the stage re-runs
+    return rec if isinstance(rec, dict) else None
 
 
-def run_pipeline(cfg: dict, run_path: Path | str, dry_run: bool = False, until: str | None = None) -> dict:
-    """Run (or, with ``dry_run``, only plan) every stage; returns {stage: summary}."""
-    stages = _stage_fns()
-    names = [s.name for s in stages]
-    if until is not None and until not in names:
-        raise KlasError(f"--until {until!r}: expected one of {', '.join(names)}")
-    run_dir = RunDir(run_path, cfg["run"]["family"], cfg["data"]["dataset"] or None)
-    hashes = stage_hashes(cfg, stages)
-    summaries: dict[str, dict] = {}
-    plan, rerun = [], set()
-    for st in stages:
-        status = stage_status(run_dir, st, hashes[st.name])
-        if status == "done" and rerun & set(st.after):
-            status = "stale"  # an upstream stage re-runs: its outputs are rewritten, so this one's inputs are new
-        if status != "done":
-            rerun.add(st.name)
-        plan.append((st, status))
-        if until == st.name:
-            break
-    if dry_run:
-        for k, (st, status) in enumerate(plan, 1):
-            what = "skip (outputs valid)" if status == "done" else ("re-run (inputs changed)" if status == "stale"
-                                                                     else "run")
-            print(f"[{k}/{len(plan)}] {st.name:11s} {what:24s} {st.describe}")
-        return {}
-    t_all = time.time()
-    for k, (st, status) in enumerate(plan, 1):
-        folder = run_dir.stage(st.name)
+def _status(run_dir: Path, mod: ModuleType, key: str) -> tuple[str, str | None]:
+    """('done' | 'stale' | 'todo', why) for one stage under ``key``."""
+    rec = read_record(run_dir, mod.NAME)
+    if rec is None:
+        return "todo", None
+    if rec.get("key") != key:
+        return "stale", "settings or upstream artifacts changed"
+    if mod.ARTIFACT.digest(artifact_folder(run_dir, mod)) != rec.get("artifact"):
+        return "stale", "its artifact changed or is missing"
+    return "done", None
+
+
+def plan(cfg: Config, run_dir: Path, until: str | None = None, force: tuple[str, ...] = ()) -> list[dict]:
+    """What ``run_pipeline`` would do: one row per stage up to ``until`` (status, why, key where known)."""
+    if until is not None and until not in STAGES:
+        raise KlasError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
+    rows, digests, rerun = [], {}, set()
+    for mod in stage_modules():
+        upstream = {u: digests.get(u) for u in mod.AFTER}
+        if rerun & set(mod.AFTER):
+            key = None
+            status, why = ("stale", "an upstream stage re-runs") if read_record(run_dir, mod.NAME) else ("todo", None)
+        else:
+            key = stage_key(cfg, mod, upstream)
+            status, why = _status(run_dir, mod, key)
+            if status == "done" and mod.NAME in force:
+                status, why = "stale", "forced"
         if status == "done":
-            summaries[st.name] = load_json(folder / "stage.json").get("summary", {})
-            print(f"[{k}/{len(plan)}] {st.name}: up to date, skipped", flush=True)
+            digests[mod.NAME] = read_record(run_dir, mod.NAME)["artifact"]
+        else:
+            rerun.add(mod.NAME)
+        rows.append(dict(module=mod, status=status, why=why, key=key))
+        if mod.NAME == until:
+            break
+    return rows
+
+
+def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until: str | None = None,
+                 force: tuple[str, ...] = (), family=None, progress: bool = True) -> dict[str, object]:
+    """Run (or, with ``dry_run``, only print the plan of) every stage up to ``until``; returns {stage: artifact}
+    for the stages that exist at the end. ``dry_run`` writes nothing."""
+    run_path = Path(run_path)
+    rows = plan(cfg, run_path, until, force)
+    if dry_run:
+        for k, r in enumerate(rows, 1):
+            what = {"done": "skip (up to date)", "todo": "run"}.get(r["status"], f"re-run ({r['why']})")
+            print(f"[{k}/{len(rows)}] {r['module'].NAME:11s} {what:48s} {r['module'].DESCRIBE}")
+        return {}
+    run_dir = RunDir(run_path, cfg.run.family, cfg.data.dataset)
+    if dist.info().is_main:
+        from klas.io import atomic_path
+
+        with atomic_path(run_path / "config.toml") as tmp:  # the settings of the latest command, for the next one
+            tmp.write_text(cfg.to_toml(comments=False))
+    ctx_base = dict(run_dir=run_dir, run=cfg.run, data=cfg.data, progress=progress, prebuilt=family)
+    out: dict[str, object] = {}
+    digests: dict[str, str] = {}
+    t_all = time.time()
+    for k, r in enumerate(rows, 1):
+        mod = r["module"]
+        head = f"[{k}/{len(rows)}] {mod.NAME}"
+        folder = artifact_folder(run_path, mod)
+        upstream = {u: digests.get(u) for u in mod.AFTER}
+        key = stage_key(cfg, mod, upstream)
+        status, why = _status(run_path, mod, key)
+        if status == "done" and mod.NAME not in force:
+            digests[mod.NAME] = read_record(run_path, mod.NAME)["artifact"]
+            out[mod.NAME] = mod.ARTIFACT.load(folder)
+            print(f"{head}: up to date, skipped", flush=True)
             continue
-        print(f"[{k}/{len(plan)}] {st.name}: {st.describe}", flush=True)
+        print(f"{head}: {mod.DESCRIBE}" + (f" (re-run: {why})" if why and status == "stale" else ""), flush=True)
+        record = run_path / mod.NAME / RECORD
+        if dist.info().is_main:
+            record.unlink(missing_ok=True)  # invalidate first: an interrupted re-run is never taken as done
+        ctx = StageContext(key=key, **ctx_base)  # each stage builds its own family: finetuning trains in place
         t0 = time.time()
-        summary = st.run(cfg, run_dir)
+        art = mod.run(cfg[mod.NAME], ctx)
         wall = time.time() - t0
-        if dist.info().is_main:  # under torchrun only rank 0 writes; the others wait at the barrier
-            save_json(dict(stage=st.name, hash=hashes[st.name], wall_s=round(wall, 2),
-                           finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary), folder / "stage.json")
-        dist.barrier(f"stage {st.name}")
-        summaries[st.name] = summary
-        print(f"[{k}/{len(plan)}] {st.name}: done in {wall:.1f}s", flush=True)
-    print(f"[run] all stages finished in {time.time() - t_all:.1f}s; run directory: {run_dir.path}", flush=True)
-    return summaries
+        dist.barrier(f"stage {mod.NAME}")
+        digests[mod.NAME] = mod.ARTIFACT.digest(folder)
+        summary = mod.summary(art)
+        if dist.info().is_main:
+            save_json(dict(stage=mod.NAME, key=key, artifact=digests[mod.NAME], upstream=upstream,
+                           wall_s=round(wall, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), summary=summary),
+                      record)
+        dist.barrier(f"stage {mod.NAME} record")
+        out[mod.NAME] = art
+        print(f"{head}: done in {wall:.1f}s", flush=True)
+    print(f"[run] finished in {time.time() - t_all:.1f}s; run directory: {run_path}", flush=True)
+    return out
+
+
+def apply_run_settings(cfg: Config) -> None:
+    """Process-wide settings of ``[run]`` (torch CPU threads), applied before any stage."""
+    if cfg.run.threads:
+        import torch
+
+        torch.set_num_threads(cfg.run.threads)

@@ -5,16 +5,18 @@ it starts from the least-squares solution that maps the source's block-i feature
 features on real training images; two gradient objectives are offered on top of it for comparison:
 
 * ``task`` -- task loss matching (Balogh & Jelasity, AAAI 2025): cross-entropy of the stitched network on labels.
-* ``fula`` -- functional latent alignment (Athanasiadis, Karmush & Felsberg, 2025): the stitched network's latents
-  at the stitch point *and at every downstream target block* are pulled onto the target's own latents for the same
-  image (normalized squared error, equal weight per depth), a distillation-like objective that needs no labels.
+* ``fula`` -- functional latent alignment (Athanasiadis et al. 2025, arXiv:2505.20142): the stitched network's
+  latents at the stitch point *and at every downstream target block* are pulled onto the target's own latents for
+  the same image (a weighted, normalized squared error over depths: ``fula_loss``), a distillation-like objective
+  that needs no labels. The ``fula`` selection metric (``klas.research.metrics``) fits the same objective.
 
 Anchors stay frozen while a layer is fitted; only the supernetwork finetuning (``klas.stages.s4_finetune``) moves them.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 import torch.nn as nn
@@ -209,27 +211,59 @@ def stitch_moments(src: BlockView, i: int, tgt: BlockView, j: int, images: Itera
 
 # --- gradient objectives ------------------------------------------------------------------------------------------
 
-def fula_loss(net: StitchedNet, x: torch.Tensor) -> torch.Tensor:
-    """Functional latent alignment: mean over depths d = j, j+1, ..., end of ||stitched_d - target_d||^2 /
-    ||target_d||^2, where stitched_d runs the stitch layer then target blocks j+1..d on the source's block-i output."""
-    src, tgt = net.src, net.tgt
-    with torch.no_grad():
-        h_src = src.forward_blocks(src.forward_stem(x), 0, net.i + 1)
-        t = tgt.forward_blocks(tgt.forward_stem(x), 0, net.j + 1)
-        targets = [t]
-        for blk in tgt.blocks[net.j + 1:]:
-            t = blk(t)
-            targets.append(t)
-    h = net.layer(h_src)
-    terms = [_nsq(h, targets[0])]
-    for blk, t in zip(tgt.blocks[net.j + 1:], targets[1:]):
+def fula_weights(n: int) -> torch.Tensor:
+    """FuLA's depth weights over the stitch point and the n-1 later target blocks: ``w_k = (k+1) / sum(k+1)``, linear in
+    depth (later hints count more, as they are closer to the function), summing to 1."""
+    w = torch.arange(1, n + 1, dtype=torch.float32)
+    return w / w.sum()
+
+
+def stitched_latents(tgt: BlockView, h: torch.Tensor, j: int) -> list[torch.Tensor]:
+    """``[h, block_{j+1}(h), block_{j+2}(block_{j+1}(h)), ...]``: the latents at target depths j..end of a network whose
+    block-j output is ``h`` (a stitch layer's output, or the target's own block-j output)."""
+    outs = [h]
+    for blk in tgt.blocks[j + 1:]:
         h = blk(h)
-        terms.append(_nsq(h, t))
-    return torch.stack(terms).mean()
+        outs.append(h)
+    return outs
 
 
-def _nsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).square().sum() / b.square().sum().clamp_min(1e-12)
+@torch.no_grad()
+def target_latents(tgt: BlockView, x: torch.Tensor, j: int) -> list[torch.Tensor]:
+    """The target's own latents at depths j..end for the images ``x`` (FuLA's targets)."""
+    return stitched_latents(tgt, tgt.forward_blocks(tgt.forward_stem(x), 0, j + 1), j)
+
+
+def fula_scales(latents: Iterable[list[torch.Tensor]]) -> torch.Tensor:
+    """FuLA's per-depth normalisers: the mean square of every target latent over a fitting sample, given as batches
+    of ``target_latents`` lists (float64 sums, floored at 1e-12)."""
+    sq = count = None
+    for lat in latents:
+        s = torch.stack([t.detach().double().square().sum() for t in lat])
+        n = torch.tensor([float(t.numel()) for t in lat], dtype=torch.float64)
+        sq, count = (s, n) if sq is None else (sq + s, count + n)
+    if sq is None:
+        raise KlasError("FuLA: no target latents to normalise by (empty fitting data)")
+    return (sq / count).clamp_min(1e-12).float()
+
+
+def fula_loss(h: torch.Tensor, tgt: BlockView, j: int, targets: list[torch.Tensor],
+              scales: torch.Tensor) -> torch.Tensor:
+    """Functional latent alignment (FuLA, Athanasiadis et al. 2025), the one definition behind both
+    ``--init fula`` and the ``fula`` selection metric (``klas.research.metrics``):
+
+        sum_k w_k * mean((h_k - t_k)^2) / s_k,   k = 0 .. depth-1-j,
+
+    over the stitch point (k = 0, target block j) and every later target block: ``h_k`` the stitched latents (``h``,
+    the stitch layer's output, then target blocks j+1..j+k), ``t_k`` the target's own latents on the same images
+    (``targets``, from ``target_latents``), ``s_k`` their mean square over the fitting sample (``fula_scales``) and
+    ``w_k`` the depth weights of ``fula_weights``."""
+    preds = stitched_latents(tgt, h, j)
+    if len(preds) != len(targets) or len(scales) != len(targets):
+        raise ValueError(f"FuLA at target block {j}: {len(preds)} stitched latents, {len(targets)} targets, "
+                         f"{len(scales)} scales")
+    w = fula_weights(len(preds))
+    return sum(w[k] * F.mse_loss(p, t) / scales[k] for k, (p, t) in enumerate(zip(preds, targets)))
 
 
 def task_loss(net: StitchedNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -237,42 +271,72 @@ def task_loss(net: StitchedNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(net(x), y)
 
 
+def stitch_objective(net: StitchedNet, method: str, scales: torch.Tensor | None = None
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The gradient objective ``loss(x, y)`` of a stitch-layer initialisation: ``task`` (``task_loss``) or ``fula``
+    (``fula_loss`` with the normalisers ``scales``; labels unused)."""
+    if method == "task":
+        return lambda x, y: task_loss(net, x, y)
+    if method != "fula":
+        raise KlasError(f"stitch objective {method!r}: expected task or fula")
+    if scales is None:
+        raise ValueError("the fula objective needs its normalisers (fula_scales)")
+    src = net.src
+
+    def fula(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h_src = src.forward_blocks(src.forward_stem(x), 0, net.i + 1)
+        return fula_loss(net.layer(h_src), net.tgt, net.j, target_latents(net.tgt, x, net.j), scales)
+
+    return fula
+
+
+def adam_fit(module: nn.Module, loss_fn: Callable, batches: Iterable, lr: float) -> list[float]:
+    """One Adam step on ``module``'s parameters per batch of ``batches``, minimising ``loss_fn(batch)``; returns the
+    losses. The one optimisation loop of the stitch-layer initialisations and of the fitted selection metrics."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    losses = []
+    for batch in batches:
+        loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def fit_gradient(net: StitchedNet, objective: str, data: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int,
-                 lr: float = 1e-3) -> list[float]:
-    """Adam on the stitch layer only (anchors frozen and in eval mode) for ``steps`` batches; returns the losses."""
-    if objective not in ("task", "fula"):
-        raise KlasError(f"stitch objective {objective!r}: expected task or fula")
+                 lr: float = 1e-3, scales: torch.Tensor | None = None) -> list[float]:
+    """Adam on the stitch layer only (anchors frozen and in eval mode) for ``steps`` batches of ``objective``
+    (``stitch_objective``; ``scales``: FuLA's normalisers); returns the losses."""
+    loss_fn = stitch_objective(net, objective, scales)
     anchors = [p for m in {id(net.src): net.src, id(net.tgt): net.tgt}.values() for p in m.parameters()]
     flags = [p.requires_grad for p in anchors]
     modes = (net.src.training, net.tgt.training)
-    opt = torch.optim.Adam(net.layer.parameters(), lr=lr)
-    losses = []
     try:
         for p in anchors:
             p.requires_grad_(False)
         net.src.eval()
         net.tgt.eval()
         net.layer.train()
-        for _ in range(steps):
-            x, y = next(data)
-            loss = fula_loss(net, x) if objective == "fula" else task_loss(net, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        return adam_fit(net.layer, lambda b: loss_fn(*b), islice(data, steps), lr)
     finally:
         for p, f in zip(anchors, flags):
             p.requires_grad_(f)
         net.src.train(modes[0])
         net.tgt.train(modes[1])
-    return losses
 
 
 @dataclass(frozen=True)
 class FitCfg:
-    """How a stitch layer is initialised: ``method`` in ls | task | fula | random; ``samples`` training images for the
-    least-squares statistics; ``steps`` x ``batch_size`` images (and ``lr``) for the gradient objectives, which start
-    from the least-squares solution so that differences measure the objective, not the starting point."""
+    """How a stitch layer is fitted -- the one fit configuration of the stitch-layer initialisation (``fit_stitch``,
+    ``--init``) and of the fitted selection metrics (``klas.research.metrics.FittedScorer``, TLM / FuLA; their budget
+    is ``klas.research.metrics.REFERENCE_FIT``).
+
+    ``method`` in ls | task | fula | random (the initialisation; a fitted metric names its own objective and ignores
+    it); ``samples`` training images for the least-squares statistics (and FuLA's normalisers); ``steps`` x
+    ``batch_size`` images (and ``lr``) for the gradient objectives, which start from the least-squares solution so
+    that differences measure the objective, not the starting point; ``ridge``: see ``Moments.solve``."""
 
     method: str = "ls"
     samples: int = 1024
@@ -302,7 +366,10 @@ def fit_stitch(src: BlockView, i: int, tgt: BlockView, j: int, train, cfg: FitCf
         layer.set_affine(*mom.solve(cfg.ridge))
     if cfg.method in ("task", "fula"):
         net = StitchedNet(src, i, tgt, j, layer)
-        losses = fit_gradient(net, cfg.method, _forever(train, cfg.batch_size, g), cfg.steps, cfg.lr)
+        scales = None
+        if cfg.method == "fula":
+            scales = fula_scales(target_latents(tgt, x, j) for x, _ in batches(fit_set, cfg.batch_size))
+        losses = fit_gradient(net, cfg.method, _forever(train, cfg.batch_size, g), cfg.steps, cfg.lr, scales)
         stats.update(loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None)
     stats["stitch_mse"] = stitch_mse(src, i, tgt, j, layer, (x for x, _ in batches(fit_set, cfg.batch_size)))
     return layer, stats

@@ -33,6 +33,18 @@ else
   echo "$req_hash" > "$VENV/.klas-requirements"
 fi
 
+# klas-runtime (runtime/: the torch-free pick/predict/profile/verify package klas depends on), editable, before klas.
+rt_hash=$(cat $(find runtime -type f \( -name '*.py' -o -name '*.toml' -o -name '*.md' \) -not -path '*/build/*' \
+  -not -path '*.egg-info/*' | sort) | sha256sum | cut -c1-16)
+if [ "$(cat "$VENV/.klas-runtime-build" 2>/dev/null)" = "$rt_hash" ] && "$VENV/bin/python" -c "import klas_runtime" 2>/dev/null; then
+  say "klas-runtime installed (runtime/ sources unchanged)"
+else
+  say "installing klas-runtime (editable, runtime/)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps -e ./runtime 2>&1 \
+    | grep -vE "^\s*$|DEPRECATION|setuptools|!!|\*\*\*\*|WheelFile|wheel_obj|Please|See https|^ +" || true
+  echo "$rt_hash" > "$VENV/.klas-runtime-build"
+fi
+
 src_hash=$(cat setup.py $(find csrc -type f 2>/dev/null | sort) | sha256sum | cut -c1-16)
 if [ "$(cat "$VENV/.klas-build" 2>/dev/null)" = "$src_hash" ] && "$VENV/bin/python" -c "import klas" 2>/dev/null; then
   say "klas installed (extension sources unchanged)"

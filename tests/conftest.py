@@ -23,3 +23,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def exported_zoo(tmp_path_factory):
+    """A real exported zoo, made once per session by the export stage: the embedded family's three pretrained anchors
+    and one untrained stitch, parity-checked on 100 Fashion-MNIST test images and profiled (CPU, 1 thread, batch 1).
+    Read-only for tests: copy it before changing anything."""
+    import klas
+    from klas.data import load_dataset
+    from klas.stages.s6_export import ExportConfig, export_models
+    from klas.stitch import StitchConfig, StitchedNet, StitchLayer
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(2)
+    fam = klas.create_family("fmnist-deit", pretrained=True)
+    nets = [(StitchConfig.anchor(v.name), StitchedNet(v, -1, v, -1, None), None) for v in fam]
+    src, tgt = fam[0], fam[1]
+    nets.append((StitchConfig(src.name, 5, tgt.name, 6),
+                 StitchedNet(src, 5, tgt, 6, StitchLayer(src.feature_dim(5), tgt.feature_dim(6))), None))
+    out = tmp_path_factory.mktemp("exported") / "zoo"
+    data = load_dataset("fashion-mnist", "test").subset(100)
+    export_models(nets, out, "fmnist-deit", data,
+                  ExportConfig(parity_images=100, accuracy_images=100, provider="cpu", warmup=2, runs=10),
+                  progress=False)
+    torch.set_num_threads(before)
+    return out

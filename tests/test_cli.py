@@ -18,7 +18,7 @@ def _all_paths(parser, prefix=()):
 
 def test_every_subcommand_has_help(capsys):
     paths = list(_all_paths(build_parser()))
-    assert ("zoo", "train") in paths and ("zoo", "eval") in paths
+    assert ("anchors", "train") in paths and ("anchors", "eval") in paths
     for path in paths:
         with pytest.raises(SystemExit) as e:
             main([*path, "--help"])
@@ -27,14 +27,14 @@ def test_every_subcommand_has_help(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "klas", "zoo", "list"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "klas", "anchors", "list"], capture_output=True, text=True, check=True)
     assert "fmnist-deit" in out.stdout and "embedded" in out.stdout
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["zoo", "eval", "nope"], "family 'nope': unknown"),
-    (["zoo", "eval", "deit"], "not an embedded family"),
-    (["zoo", "eval", "fmnist-deit", "--data-root", "/nonexistent/fm"], "/nonexistent/fm"),
+    (["anchors", "eval", "nope"], "family 'nope': unknown"),
+    (["anchors", "eval", "deit"], "not an embedded family"),
+    (["anchors", "eval", "fmnist-deit", "--data-root", "/nonexistent/fm"], "/nonexistent/fm"),
 ])
 def test_bad_input_is_one_line(argv, needle):
     r = subprocess.run([sys.executable, "-m", "klas", *argv], capture_output=True, text=True)

@@ -20,7 +20,7 @@ from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.stages.s6_export import ExportOptions, export_models, export_zoo, read_evaluation, standalone, zoo_configs
 from klas.families import stitched_flops
-from klas.manifest import METADATA_KEY, NOT_EMBEDDED, load_manifest
+from klas_runtime.manifest import METADATA_KEY, NOT_EMBEDDED, load_manifest
 from klas.rundir import RunDir
 from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 

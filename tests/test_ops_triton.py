@@ -85,7 +85,7 @@ _COMPILE = """
 import sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from kernels.pairwise_kl import _kernel
+from klas.kernels.pairwise_kl import _kernel
 fn = _kernel(False)
 for dtype, (bi, bj, bc) in [("fp32", (32, 32, 8)), ("bf16", (2, 2, 4))]:
     sig = {n: "constexpr" if n.startswith("BLOCK") else "fp32" if n == "inv_t" else

@@ -1,82 +1,267 @@
-"""`klas run`: config validation, stage skipping on unchanged inputs, exact re-runs after a config change."""
+"""The stage contract and the one cache: settings derived from the stage dataclasses (TOML, --set, CLI flags agree,
+no default defined twice), checked at load with errors naming the key and its source; stages skipped exactly when
+their config and upstream artifacts are unchanged; a single-stage command makes the later stages stale."""
+import argparse
+import subprocess
+import sys
+import tomllib
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
 import pytest
 
+from klas import config as kc
 from klas import pipeline
-from klas.config import DEFAULTS, load_config, validate
+from klas.cli import build_parser
+from klas.contract import Artifact, specs
 from klas.errors import KlasError
-from klas.io import save_json
-from klas.pipeline import Stage, run_pipeline
+from klas.stages import STAGES
 
 
 @pytest.mark.parametrize("raw,needle", [
     ({"probes": {"epoch": 3}}, "unknown key [probes] epoch"),
     ({"probez": {}}, "unknown section [probez]"),
     ({"probes": {"epochs": "3"}}, "[probes] epochs = '3': expected int"),
+    ({"probes": {"epochs": 0}}, "[probes] epochs = 0: expected >= 1"),
     ({"selection": {"tau": True}}, "expected float"),
     ({"selection": {"tau": -0.1}}, "expected >= 0"),
-    ({"data": {"root": "/no/such/dataset"}}, "[data] root = '/no/such/dataset': directory not found"),
-    ({"run": {"family": "gpt"}}, "[run] family = 'gpt'"),
+    ({"selection": {"method": "nope"}}, "[selection] method = 'nope': expected one of klas"),
+    ({"scores": {"impl": "bogus"}}, "[scores] impl = 'bogus': expected one of auto"),
+    ({"scores": {"temperature": 0}}, "[scores] temperature = 0: expected > 0"),
+    ({"finetune": {"lr": -1.0}}, "[finetune] lr = -1.0: expected > 0"),
+    ({"finetune": {"init": {"method": "magic"}}}, "[finetune] init.method = 'magic'"),
+    ({"finetune": {"init": 3}}, "[finetune] init is a table of keys"),
+    ({"evaluation": {"latency_repeats": 0}}, "[evaluation] latency_repeats = 0: expected >= 1"),
+    ({"evaluation": {"test_subset": -1}}, "[evaluation] test_subset = -1: expected >= 1"),
+    ({"export": {"opset": 3}}, "[export] opset = 3: expected >= 18"),
+    ({"run": {"threads": -2}}, "[run] threads = -2: expected >= 1"),
+    ({"run": {"family": "gpt"}}, "[run] family = 'gpt': expected one of"),
+    ({"scores": {"lam": float("nan")}}, "expected a finite number"),
 ])
-def test_config_errors(raw, needle):
+def test_config_errors_name_the_key_and_file(raw, needle):
     with pytest.raises(KlasError) as e:
-        validate(raw, "my.toml")
-    assert needle in str(e.value) and str(e.value).startswith("my.toml:") and "\n" not in str(e.value)
+        kc.load_config(raw=raw)
+    assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_embedded_default_config_spells_out_every_field(tmp_path):
-    cfg = load_config()
-    assert cfg == validate({})  # the shipped file equals the defaults
-    assert validate({"selection": {"tau": 1}})["selection"]["tau"] == 1.0  # ints are fine floats
-    bad = tmp_path / "c.toml"
-    bad.write_text("[probes\nepochs = 1")
-    with pytest.raises(KlasError, match="invalid TOML"):
-        load_config(bad)
-    with pytest.raises(KlasError, match="config file not found"):
-        load_config(tmp_path / "missing.toml")
-    assert set(cfg) == set(DEFAULTS)
+def test_errors_name_where_the_value_came_from(tmp_path):
+    p = tmp_path / "my.toml"
+    p.write_text("[selection]\nmethod = 'nope'\n")
+    with pytest.raises(KlasError, match=r"^.*my\.toml: \[selection\] method = 'nope'"):
+        kc.load_config(p)
+    with pytest.raises(KlasError, match=r"^--set selection\.tau = -1: expected >= 0"):
+        kc.load_config(sets=["selection.tau=-1"])
+    with pytest.raises(KlasError, match=r"^--set 'tau': expected section\.key=value"):
+        kc.load_config(sets=["tau"])
+    with pytest.raises(KlasError, match=r"^--tau -1: expected >= 0"):
+        kc.load_config(flags={("selection", ("tau",)): (-1, "--tau")})
+    for content, needle in (("[probes\nepochs = 1", "invalid TOML"), (None, "config file not found")):
+        if content is not None:
+            p.write_text(content)
+        with pytest.raises(KlasError, match=needle):
+            kc.load_config(p if content is not None else tmp_path / "missing.toml")
+    with pytest.raises(KlasError, match="is a directory"):
+        kc.load_config(tmp_path)
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(KlasError, match="not a text file"):
+        kc.load_config(tmp_path / "bin.toml")
 
 
-def _fake_stages(calls):
-    def make(name, out):
-        def run(cfg, run_dir):
+def test_none_words_and_layers():
+    cfg = kc.load_config(raw={"probes": {"train_subset": 100}}, sets=["probes.train_subset=\"all\"",
+                                                                   "finetune.init.steps=7", "selection.tau=1"])
+    assert cfg.probes.train_subset is None and cfg.finetune.init.steps == 7
+    assert cfg.selection.tau == 1.0 and isinstance(cfg.selection.tau, float)  # ints are fine floats
+    assert cfg.origin["selection.tau"] == "--set selection.tau"
+
+
+def _walk(parser, prefix=()):
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, prefix + (name,))
+
+
+def test_every_default_is_defined_once_and_agrees():
+    """The dataclasses are the only source: the embedded TOML sets nothing but the family, `klas config` prints
+    exactly the dataclass defaults, and no CLI flag that names a setting carries a default of its own."""
+    schema = kc.sections()
+    assert list(schema) == ["run", "data", *STAGES]
+    printed = tomllib.loads(kc.render_toml())
+    for name, cls in schema.items():
+        for s in specs(cls):
+            v = printed[name]
+            for p in s.path:
+                v = v[p]
+            assert s.coerce(v, "printed") == s.default, (name, s.dotted)
+    embedded = tomllib.loads(kc.DEFAULT_CONFIG.read_text())
+    assert embedded == {"run": {"family": "fmnist-deit"}}
+    assert kc.load_config() == kc.load_config(raw={})
+    by_dest = {"__".join(("cfg", name) + s.path): s for name, cls in schema.items() for s in specs(cls)}
+    names = {s.path[-1] for cls in schema.values() for s in specs(cls)}
+    seen = 0
+    for path, parser in _walk(build_parser()):
+        for action in parser._actions:
+            if action.dest.startswith("cfg__"):
+                s = by_dest[action.dest]  # a derived flag names a setting...
+                seen += 1
+                assert s.flag in action.option_strings and action.default is argparse.SUPPRESS, (path, s.flag)
+                assert f"(default: {s.show(s.default)}" in action.help, (path, s.flag)
+            elif action.dest in names and path and path[0] in ("probe", "score", "select", "finetune", "evaluate",
+                                                                   "export", "run", "compare"):
+                raise AssertionError(f"{path} {action.option_strings}: a hand-written flag for a setting")
+    n_stage = sum(len(specs(schema[s])) for s in STAGES)
+    assert seen >= n_stage  # every stage setting is a flag of its stage command (and compare's finetune flags)
+
+
+# --- the cache, on fake stages ---------------------------------------------------------------------------------
+def _fake_modules(calls, outputs):
+    mods = []
+    for name, after in (("probes", ()), ("scores", ("probes",)), ("selection", ("scores",))):
+        @dataclass(frozen=True)
+        class Art(Artifact):
+            KIND: ClassVar[str] = name
+            RECORD: ClassVar[str] = f"{name}.json"
+            value: str
+
+        def run(cfg, ctx, name=name, Art=Art):
             calls.append(name)
-            save_json({"by": name}, run_dir.stage(name) / out)
-            return {"n": len(calls)}
-        return run
-    return [Stage("probes", ("probes",), (), ("probes.json",), make("probes", "probes.json")),
-            Stage("scores", ("scores",), ("probes",), ("scores.json",), make("scores", "scores.json")),
-            Stage("selection", ("selection",), ("scores",), ("selection.json",), make("selection", "selection.json"))]
+            art = Art(outputs.get(name, "x"))
+            art.save(ctx.folder(name))
+            return art
+
+        mods.append(types.SimpleNamespace(NAME=name, CONFIG=kc.sections()[name], ARTIFACT=Art, AFTER=after,
+                                          DESCRIBE=name, run=run, summary=lambda a: {"value": a.value}))
+    return mods
 
 
 def test_stages_skip_and_rerun_exactly(tmp_path, monkeypatch, capsys):
-    calls = []
-    monkeypatch.setattr(pipeline, "_stage_fns", lambda: _fake_stages(calls))
-    cfg = validate({})
-    run_pipeline(cfg, tmp_path)
+    calls, outputs = [], {}
+    monkeypatch.setattr(pipeline, "stage_modules", lambda: _fake_modules(calls, outputs))
+    base = kc.load_config(raw={})
+    pipeline.run_pipeline(base, tmp_path, progress=False)
     assert calls == ["probes", "scores", "selection"]
-    run_pipeline(cfg, tmp_path)  # unchanged inputs: everything skipped
+    pipeline.run_pipeline(base, tmp_path)  # unchanged inputs: everything skipped
     assert calls == ["probes", "scores", "selection"]
     assert capsys.readouterr().out.count("up to date, skipped") == 3
-    # a selection-only change re-runs selection alone
-    run_pipeline(validate({"selection": {"tau": 0.1}}), tmp_path)
+    tau = kc.load_config(raw={"selection": {"tau": 0.1}})
+    pipeline.run_pipeline(tau, tmp_path)  # a selection-only change re-runs selection alone
     assert calls[3:] == ["selection"]
-    # a scores change re-runs scores and everything downstream
-    run_pipeline(validate({"selection": {"tau": 0.1}, "scores": {"temperature": 2.0}}), tmp_path)
-    assert calls[4:] == ["scores", "selection"]
-    # a deleted output (or an interrupted stage that wrote no record) re-runs that stage and its dependants
-    (tmp_path / "scores" / "scores.json").unlink()
-    run_pipeline(validate({"selection": {"tau": 0.1}, "scores": {"temperature": 2.0}}), tmp_path)
-    assert calls[6:] == ["scores", "selection"]
-    run_pipeline(cfg, tmp_path, dry_run=True)
+    # threads change speed, not results: no stage re-runs
+    pipeline.run_pipeline(kc.load_config(raw={"selection": {"tau": 0.1}, "run": {"threads": 1}}), tmp_path)
+    assert calls[4:] == []
+    # a scores change whose artifact comes out identical leaves selection up to date (keyed on the artifact)
+    temp = kc.load_config(raw={"selection": {"tau": 0.1}, "scores": {"temperature": 2.0}})
+    pipeline.run_pipeline(temp, tmp_path)
+    assert calls[4:] == ["scores"]
+    # ... and one whose artifact changes re-runs everything downstream
+    outputs["scores"] = "changed"
+    pipeline.run_pipeline(kc.load_config(raw={"scores": {"temperature": 3.0}}), tmp_path)
+    assert calls[5:] == ["scores", "selection"]
+    # an artifact rewritten behind the pipeline's back (or deleted) makes its stage and the later ones stale
+    (tmp_path / "scores" / "scores.json").write_text('{"kind": "scores", "version": 1, "value": "hand-edited"}')
+    cfg3 = kc.load_config(raw={"scores": {"temperature": 3.0}})
+    capsys.readouterr()
+    assert pipeline.run_pipeline(cfg3, tmp_path, dry_run=True) == {}
     out = capsys.readouterr().out
-    assert "probes      skip" in out and "re-run (inputs changed)" in out
-    assert calls[8:] == []
+    assert "probes      skip" in out and "scores      re-run (its artifact changed" in out
+    assert "selection   re-run (an upstream stage re-runs)" in out and calls[7:] == []
+    pipeline.run_pipeline(cfg3, tmp_path)  # the re-run restores the recorded artifact: selection stays valid
+    assert calls[7:] == ["scores"]
+
+
+def test_dry_run_writes_nothing_and_record_is_invalidated_first(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(pipeline, "stage_modules", lambda: _fake_modules(calls, {}))
+    pipeline.run_pipeline(kc.load_config(raw={}), tmp_path / "run", dry_run=True)
+    assert not (tmp_path / "run").exists()
+    pipeline.run_pipeline(kc.load_config(raw={}), tmp_path / "run")
+
+    def boom(cfg, ctx):
+        raise RuntimeError("killed")
+    mods = _fake_modules(calls, {})
+    mods[1].run = boom
+    monkeypatch.setattr(pipeline, "stage_modules", lambda: mods)
+    with pytest.raises(RuntimeError):
+        pipeline.run_pipeline(kc.load_config(raw={"scores": {"temperature": 2.0}}), tmp_path / "run")
+    assert not (tmp_path / "run" / "scores" / "stage.json").exists()  # an interrupted re-run is never "done"
 
 
 def test_run_dir_of_another_family(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "_stage_fns", lambda: _fake_stages([]))
-    run_pipeline(validate({}), tmp_path)
+    monkeypatch.setattr(pipeline, "stage_modules", lambda: _fake_modules([], {}))
+    pipeline.run_pipeline(kc.load_config(raw={}), tmp_path)
     with pytest.raises(KlasError, match="belongs to family 'fmnist-deit', not 'deit'"):
-        run_pipeline(validate({"run": {"family": "deit"}}), tmp_path)
+        pipeline.run_pipeline(kc.load_config(raw={"run": {"family": "deit"}}), tmp_path)
     with pytest.raises(KlasError, match="--until 'nope'"):
-        run_pipeline(validate({}), tmp_path, until="nope")
+        pipeline.run_pipeline(kc.load_config(raw={}), tmp_path, until="nope")
+
+
+# --- the stale-selection scenario, end to end with the real stages ----------------------------------------------
+TINY = """
+[run]
+threads = 1
+[probes]
+epochs = 1
+train_subset = 256
+val_subset = 200
+stat_samples = 128
+[scores]
+val_subset = 200
+dm_samples = 100
+[selection]
+num_buckets = 2
+[finetune]
+steps_per_epoch = 2
+batch_size = 32
+train_subset = 256
+val_images = 0
+[finetune.init]
+samples = 64
+[evaluation]
+test_subset = 100
+latency = false
+[export]
+parity_images = 50
+profile = false
+"""
+
+
+def _klas(*argv):
+    r = subprocess.run([sys.executable, "-m", "klas", *map(str, argv)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_single_stage_command_makes_later_stages_stale(tmp_path):
+    cfg, run = tmp_path / "tiny.toml", tmp_path / "run"
+    cfg.write_text(TINY)
+    _klas("run", cfg, "--run-dir", run)
+    sel = (run / "selection" / "selection.json").read_text()
+    zoo = (run / "zoo" / "manifest.json").read_text()
+    out = _klas("run", cfg, "--run-dir", run, "--dry-run")
+    assert out.count("skip (up to date)") == 6
+    out = _klas("select", "--run-dir", run, "--method", "mse")
+    assert "method mse" in out and "probes: up to date" in out
+    assert (run / "selection" / "selection.json").read_text() != sel
+    out = _klas("run", cfg, "--run-dir", run, "--dry-run")
+    lines = {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith("[")}
+    assert "skip" in lines["probes"] and "skip" in lines["scores"]
+    for stage in ("selection", "finetune", "evaluation", "export"):
+        assert "re-run" in lines[stage], out
+    # the run's own config now says mse: `klas finetune` finetunes the mse selection
+    out = _klas("finetune", "--run-dir", run)
+    assert "selection: up to date" in out and "finetune: done in" in out
+    out = _klas("run", cfg, "--run-dir", run, "--dry-run")
+    lines = {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith("[")}
+    assert "skip" in lines["probes"] and "skip" in lines["scores"]
+    for stage in ("selection", "finetune", "evaluation", "export"):
+        assert "re-run" in lines[stage], out
+    out = _klas("run", cfg, "--run-dir", run)
+    for stage in ("selection", "finetune", "evaluation", "export"):
+        assert f"{stage}: done in" in out, out
+    assert '"method": "klas"' in (run / "selection" / "selection.json").read_text()
+    assert (run / "zoo" / "manifest.json").read_text() != zoo  # rebuilt (its creation time differs at least)
+    assert _klas("run", cfg, "--run-dir", run, "--dry-run").count("skip (up to date)") == 6

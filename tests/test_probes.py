@@ -1,4 +1,6 @@
 """ProbeNet: joint training equals independent training; artifacts, resume and skip; one-line errors."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -8,7 +10,7 @@ import klas
 from klas.data import FASHION_MNIST, ImageSet, batches
 from klas.errors import KlasError
 from klas.io import load_json, load_tensors
-from klas.stages.s1_probes import (ProbeConfig, _lr_at, init_probe, load_probes, probe_seed, train_probe_nets,
+from klas.stages.s1_probes import (ProbeConfig, init_probe, load_probes, probe_seed, train_probe_nets,
                          train_probes)
 from klas.rundir import RunDir
 
@@ -49,8 +51,8 @@ def test_joint_training_equals_independent_training(family, rng):
         for epoch in range(cfg.epochs):
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
             for s, (x, y) in enumerate(batches(data, cfg.batch_size, shuffle=True, gen=gen)):
-                for g in opt.param_groups:
-                    g["lr"] = _lr_at(epoch * steps + s, cfg.epochs * steps, cfg.lr)
+                for g in opt.param_groups:  # cosine decay to zero over the run, no warm-up
+                    g["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch * steps + s) / (cfg.epochs * steps)))
                 with torch.no_grad():
                     h = view.forward_blocks(view.forward_stem(x), 0, k + 1).mean(dim=1)
                     h = ((h.double() - mean) / std).float()
@@ -81,18 +83,19 @@ def test_train_probes_writes_resumes_and_skips(family, tmp_path, monkeypatch):
         assert len(rec["epochs_to_within_1pt"][v.name]) == v.depth
     assert load_json(out / "probes.json")["inputs"]["anchors"].keys() == {v.name for v in family}
 
-    # interrupted after epoch 1, then resumed: same weights as the uninterrupted run
+    # interrupted after epoch 1 (its checkpoint written), then resumed: same weights as the uninterrupted run
     import klas.stages.s1_probes as probes_mod
-    real_save = probes_mod.save_checkpoint
+    import klas.train
+    real_save = klas.train.save_checkpoint
 
     def save_then_stop(obj, path):
         real_save(obj, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(probes_mod, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(klas.train, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_probes(family, tmp_path / "resumed", **kw)
-    monkeypatch.setattr(probes_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(klas.train, "save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / "probes" / "probes.safetensors").exists()
     rec2 = train_probes(family, tmp_path / "resumed", **kw)
     assert [h["epoch"] for h in rec2["history"]] == [1, 2]

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klas.errors import KlasError
-from klas.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, validate
-from klas.profile import device_label, profile_zoo
-from klas.runtime import Zoo, load_image, parse_count
+from klas_runtime.errors import ZooError as KlasError  # the runtime's errors; klas.errors.KlasError derives from it
+from klas_runtime.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, validate
+from klas_runtime.profile import device_label, profile_zoo
+from klas_runtime.runtime import Zoo, load_image, parse_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,8 @@ def test_runtime_imports_and_runs_without_torch(zoo_dir):
         "            raise ImportError('torch is blocked')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import numpy as np\n"
-        "import klas.runtime\n"
-        "choice = klas.runtime.Zoo(sys.argv[1]).pick(device='cpu')\n"
+        "import klas_runtime.runtime\n"
+        "choice = klas_runtime.runtime.Zoo(sys.argv[1]).pick(device='cpu')\n"
         "x = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)\n"
         "assert choice.run(x).shape == (3, 10)\n"
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules)\n"

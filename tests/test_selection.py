@@ -11,7 +11,7 @@ import klas
 from klas.errors import KlasError
 from klas.families import AnchorCfg, create_anchor, get_family_cfg
 from klas.io import load_json
-from klas.research.metrics import FitConfig
+from klas.stitch import FitCfg
 from klas.stages.s1_probes import train_probes
 from klas.rundir import RunDir
 from klas.stages.s2_scores import compute_scores
@@ -121,7 +121,7 @@ def run(one_thread, tmp_path_factory):
 def test_every_method_writes_the_schema(run):
     fam, path = run
     recs = {}
-    fit = FitConfig(steps=3, batch_size=16, train_samples=32, val_samples=32)
+    fit = FitCfg(steps=3, batch_size=16, samples=32)
     for method in METHODS:
         rec = select(fam, path, method=method, max_pairs=6, fit=fit, progress=False)
         recs[method] = rec

@@ -10,8 +10,9 @@ import klas
 from _stitch_helpers import one_thread, tiny_family  # noqa: F401  (autouse fixture)
 from klas.data import batches, load_dataset
 from klas.families import block_view, count_flops, stitch_layer_flops, stitched_flops
-from klas.stitch import (FitCfg, Moments, StitchConfig, StitchedNet, StitchLayer, fit_stitch, fula_loss,
-                         used_parameters)
+from klas.research.metrics import FittedScorer
+from klas.stitch import (FitCfg, Moments, StitchConfig, StitchedNet, StitchLayer, fit_stitch, fula_loss, fula_scales,
+                         lstsq_layer, stitch_objective, target_latents, used_parameters)
 
 
 def _lstsq_reference(x: np.ndarray, y: np.ndarray):
@@ -113,32 +114,73 @@ def test_used_parameters_count_only_the_modules_run(fam):
     assert net.num_params == ref < src.num_params + tgt.num_params
 
 
-def _fula_reference(net, x):
-    """FuLA loss in float64 from the definition: stitch point + each downstream target block, normalized errors."""
-    src, tgt = net.src.double(), net.tgt.double()
-    layer = net.layer.double()
-    x = x.double()
-    hs = layer(src.forward_blocks(src.forward_stem(x), 0, net.i + 1))
-    ht = tgt.forward_blocks(tgt.forward_stem(x), 0, net.j + 1)
-    terms = [((hs - ht) ** 2).sum() / (ht ** 2).sum()]
+def _fula_reference(net, x, x_fit):
+    """FuLA in float64 from its definition (docs/method.md): sum_k w_k MSE(h_k, t_k) / mean(t_k^2 over x_fit) over the
+    stitch point and each downstream target block, w_k = (k+1) / sum(k+1)."""
+    src, tgt, layer = net.src.double(), net.tgt.double(), net.layer.double()
+
+    def target(images):
+        ht = tgt.forward_blocks(tgt.forward_stem(images.double()), 0, net.j + 1)
+        out = [ht]
+        for k in range(net.j + 1, tgt.depth):
+            out.append(tgt.blocks[k](out[-1]))
+        return out
+
+    hs = layer(src.forward_blocks(src.forward_stem(x.double()), 0, net.i + 1))
+    preds = [hs]
     for k in range(net.j + 1, tgt.depth):
-        hs, ht = tgt.blocks[k](hs), tgt.blocks[k](ht)
-        terms.append(((hs - ht) ** 2).sum() / (ht ** 2).sum())
-    out = sum(terms) / len(terms)
+        preds.append(tgt.blocks[k](preds[-1]))
+    n = len(preds)
+    w = [(k + 1) / (n * (n + 1) / 2) for k in range(n)]
+    out = sum(w[k] * ((p - t) ** 2).mean() / (f ** 2).mean()
+              for k, (p, t, f) in enumerate(zip(preds, target(x), target(x_fit))))
     src.float(), tgt.float(), layer.float()
     return out
+
+
+def _fula(net, x, x_fit):
+    """klas.stitch's FuLA objective of ``net`` on ``x``, normalised by the target latents of ``x_fit``."""
+    return stitch_objective(net, "fula", fula_scales([target_latents(net.tgt, x_fit, net.j)]))(x, None)
 
 
 def test_fula_loss_matches_definition_and_vanishes_on_identity(rng):
     fam = tiny_family()
     src, tgt = fam[0], fam[2]
     net = StitchedNet(src, 2, tgt, 1, StitchLayer(src.feature_dim(2), tgt.feature_dim(1)))
-    x = torch.randn(5, *src.input_shape, generator=rng) * 3
-    torch.testing.assert_close(fula_loss(net, x).double(), _fula_reference(net, x), rtol=1e-4, atol=1e-6)
+    x, x_fit = (torch.randn(n, *src.input_shape, generator=rng) * 3 for n in (5, 9))
+    torch.testing.assert_close(_fula(net, x, x_fit).double(), _fula_reference(net, x, x_fit), rtol=1e-4, atol=1e-6)
     # an anchor stitched onto itself through the identity reproduces all its latents: loss 0
     same = StitchedNet(tgt, 1, tgt, 1, StitchLayer(tgt.feature_dim(1), tgt.feature_dim(1)))
     same.layer.set_affine(torch.eye(tgt.feature_dim(1)), torch.zeros(tgt.feature_dim(1)))
-    assert fula_loss(same, x).item() < 1e-10
+    assert _fula(same, x, x_fit).item() < 1e-10
+
+
+def test_fula_init_and_fula_metric_are_one_objective(rng):
+    """The issue's check: ``--init fula`` (klas.stitch) and ``--method fula`` (FittedScorer) compute the same loss.
+    With no gradient steps the metric's stitch is the least-squares one, so its validation score must equal the init
+    objective of that very layer on the validation images, normalised by the training latents."""
+    fam = tiny_family()
+    src, tgt = fam[0], fam[1]
+    x_tr, x_va = (torch.randn(n, *src.input_shape, generator=rng) for n in (48, 20))
+    y_tr, y_va = (torch.randint(0, 10, (n,), generator=rng) for n in (48, 20))
+    scorer = FittedScorer([src, tgt], x_tr, y_tr, x_va, y_va, FitCfg(steps=0))
+    try:
+        for i, j in [(1, 0), (2, 2), (3, 1)]:
+            with torch.no_grad():
+                layer = lstsq_layer(src.forward_blocks(src.forward_stem(x_tr), 0, i + 1),
+                                    tgt.forward_blocks(tgt.forward_stem(x_tr), 0, j + 1))
+                init = _fula(StitchedNet(src, i, tgt, j, layer), x_va, x_tr).item()
+            assert scorer.fula(src.name, i, tgt.name, j) == pytest.approx(init, rel=1e-4)
+    finally:
+        scorer.close()
+
+
+def test_fula_loss_rejects_mismatched_depths():
+    fam = tiny_family()
+    tgt = fam[1]
+    h = torch.randn(2, 17, tgt.feature_dim(1))
+    with pytest.raises(ValueError, match="FuLA at target block 1"):
+        fula_loss(h, tgt, 1, target_latents(tgt, torch.randn(2, 1, 28, 28), 2), torch.ones(2))
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +196,7 @@ def trained():
 
 def _objective(method, net, x, y):
     with torch.no_grad():
-        return (fula_loss(net, x) if method == "fula" else F.cross_entropy(net(x), y)).item()
+        return (_fula(net, x, x) if method == "fula" else F.cross_entropy(net(x), y)).item()
 
 
 @pytest.mark.parametrize("method", ["task", "fula"])

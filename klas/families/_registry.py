@@ -99,7 +99,7 @@ def _weights_for(anchor: AnchorCfg, weights: str | Path | dict | None) -> Path |
     if anchor.embedded_file:
         path = _EMBEDDED_WEIGHTS / anchor.embedded_file
         if not path.is_file():
-            raise KlasError(f"{path}: embedded weights missing (train them with `klas zoo train {anchor.name}`)")
+            raise KlasError(f"{path}: embedded weights missing (train them with `klas anchors train {anchor.name}`)")
         return path
     return None
 

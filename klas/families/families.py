@@ -1,5 +1,5 @@
 """Registered families. timm families load their weights from the hub (or a local directory given by the user);
-``fmnist-deit`` is klas's own embedded family, trained by ``klas zoo train`` and shipped with the package.
+``fmnist-deit`` is klas's own embedded family, trained by ``klas anchors train`` and shipped with the package.
 """
 from __future__ import annotations
 
@@ -34,4 +34,4 @@ register_family(FamilyCfg(
                   dict(FMNIST_VIT, embed_dim=width, num_heads=width // 16), f"fmnist-deit-{size}.safetensors")
         for size, width in (("ti", 16), ("s", 32), ("b", 64))),
     input_shape=(1, 28, 28), dataset="fashion-mnist", num_classes=10,
-    description="klas's embedded Fashion-MNIST family: ViT widths 16/32/64, 12 blocks, trained by `klas zoo train`"))
+    description="klas's embedded Fashion-MNIST family: ViT widths 16/32/64, 12 blocks, trained by `klas anchors train`"))

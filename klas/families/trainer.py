@@ -1,25 +1,23 @@
 """The embedded anchor zoo: reproducible training of a family's anchors from scratch, and its model card.
 
-``klas zoo train fmnist-deit`` trains every anchor with one recipe (same epochs, optimizer, schedule, augmentation,
+``klas anchors train fmnist-deit`` trains every anchor with one recipe (same epochs, optimizer, schedule, augmentation,
 seed), checkpoints each epoch (resumable), and writes ``<anchor>.safetensors`` plus ``card.json``.
 """
 from __future__ import annotations
 
-import math
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from klas.data import batches, load_dataset, num_batches
 from klas.errors import KlasError
 from klas.families._registry import _EMBEDDED_WEIGHTS, create_anchor, get_family_cfg
-from klas.io import load_checkpoint, load_json, save_checkpoint, save_json, save_tensors, sha256_file
+from klas.io import load_checkpoint, load_json, save_json, save_tensors, sha256_file
+from klas.train import Trainer, epoch_generator, progress_bar
 
 
 @dataclass(frozen=True)
@@ -46,12 +44,6 @@ def evaluate_accuracy(model: torch.nn.Module, data, batch_size: int = 1000) -> f
     return 100.0 * correct / max(len(data), 1)
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-
 def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = Recipe(),
                  data_root: Path | None = None, stop_after_epoch: int | None = None) -> dict:
     """Train one anchor from scratch with ``recipe``; resumable from ``out_dir/<anchor>.ckpt``.
@@ -69,35 +61,30 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
     model = view.model
     train = load_dataset(cfg.dataset, "train", data_root).subset(recipe.train_subset)
     val = load_dataset(cfg.dataset, "val", data_root)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = num_batches(train, recipe.batch_size, drop_last=True)
-    total = recipe.epochs * steps_per_epoch
-    warmup = int(recipe.warmup_epochs * steps_per_epoch)
+    # the recipe of the shipped weights: AdamW decaying every parameter, warm-up then cosine to 0, grad norm <= 1
+    tr = Trainer(model, lr=recipe.lr, weight_decay=recipe.weight_decay, total_steps=recipe.epochs * steps_per_epoch,
+                 warmup_steps=int(recipe.warmup_epochs * steps_per_epoch), clip_grad=1.0)
     state = dict(epoch=0, history=[], wall_s=0.0)
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        if any(ck["recipe"].get(k) != v for k, v in asdict(recipe).items()):
+        if not tr.matches(ck, asdict(recipe)):
             raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe; delete it to start over")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        tr.load_state_dict(ck)
         state = ck["state"]
         print(f"[zoo] {anchor.name}: resuming after epoch {state['epoch']}", flush=True)
-    for epoch in range(state["epoch"], recipe.epochs):
+    for epoch in range(tr.step // steps_per_epoch, recipe.epochs):  # checkpoints are written at epoch ends
         t0 = time.time()
         model.train()
-        gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)  # data order depends on the epoch only
-        bar = tqdm(batches(train, recipe.batch_size, shuffle=True, gen=gen, train_augment=True, drop_last=True),
-                   total=steps_per_epoch, desc=f"{anchor.name} epoch {epoch + 1}/{recipe.epochs}", leave=False,
-                   mininterval=5, file=sys.stdout)
+        it = batches(train, recipe.batch_size, shuffle=True, gen=epoch_generator(recipe.seed, epoch),
+                     train_augment=True, drop_last=True)
+        bar = progress_bar(it, total=steps_per_epoch, desc=f"{anchor.name} epoch {epoch + 1}/{recipe.epochs}",
+                           mininterval=5)
         loss_sum = 0.0
-        for k, (x, y) in enumerate(bar):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(epoch * steps_per_epoch + k, total, warmup, recipe.lr)
+        for x, y in bar:
             loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            tr.update()
             loss_sum += loss.item()
         val_acc = evaluate_accuracy(model, val)
         state["epoch"] = epoch + 1
@@ -105,8 +92,7 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
         state["history"].append(dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, val_acc=val_acc))
         print(f"[zoo] {anchor.name} epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
               f"val {val_acc:.2f}%  ({time.time() - t0:.0f}s)", flush=True)
-        save_checkpoint(dict(model=model.state_dict(), opt=opt.state_dict(), state=state, recipe=asdict(recipe)),
-                        ckpt_path)
+        tr.save(ckpt_path, resume_tag=asdict(recipe), state=state)
         if stop_after_epoch is not None and epoch + 1 == stop_after_epoch:
             raise KeyboardInterrupt
     test = load_dataset(cfg.dataset, "test", data_root)
@@ -134,7 +120,7 @@ def train_family(family: str, out_dir: Path | None = None, recipe: Recipe = Reci
             continue
         entries[a.name] = train_anchor(family, a.name, out_dir, recipe, data_root)
         card = dict(family=family, dataset=cfg.dataset, recipe=asdict(recipe),
-                    command=f"klas zoo train {family} --epochs {recipe.epochs} --seed {recipe.seed}",
+                    command=f"klas anchors train {family} --epochs {recipe.epochs} --seed {recipe.seed}",
                     machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
                                  torch=torch.__version__, threads=torch.get_num_threads()),
                     anchors=[entries[x.name] for x in cfg.anchors if x.name in entries])

@@ -1,7 +1,8 @@
 """The Triton kernel (kernels/pairwise_kl.py) as the torch op ``klas::pairwise_kl_sum_triton``.
 
-The kernels package (and Triton) is imported on first call only: importing klas never needs a GPU or Triton. On CPU
-tensors the op runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how its tests run in CI.
+The kernels package (``klas.kernels``, installed from kernels/) and Triton are imported on first call only: importing
+klas never needs a GPU or Triton. On CPU tensors the op runs only under Triton's interpreter (``TRITON_INTERPRET=1``),
+which is how its tests run in CI.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def unavailable_reason(device_type: str) -> str | None:
     """Why the Triton kernel cannot run on this device type (None when it can)."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
-    if importlib.util.find_spec("kernels") is None:
-        return "the kernels package (kernels/) is not importable; reinstall klas with `pip install -e .`"
+    if importlib.util.find_spec("klas.kernels") is None:
+        return "the kernels package klas.kernels (kernels/) is not importable; reinstall klas with `pip install -e .`"
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "CUDA is not available"
     if device_type == "cpu":
@@ -44,7 +45,7 @@ def _imported_for_interpreter() -> bool:
 @torch.library.custom_op("klas::pairwise_kl_sum_triton", mutates_args=())
 def pairwise_kl_sum_triton_op(a: torch.Tensor, b: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """float64 [nA, nB] sum over samples of KL(softmax(a[i,n]/T) || softmax(b[j,n]/T)), fused Triton kernel."""
-    from kernels.pairwise_kl import pairwise_kl_sum_triton
+    from klas.kernels.pairwise_kl import pairwise_kl_sum_triton
 
     return pairwise_kl_sum_triton(a, b, temperature)
 

@@ -10,20 +10,21 @@ into the same bucketed selection as the KLAS stitch score:
 - ``dm``: squared Maximum Mean Discrepancy (biased V-statistic, Gaussian kernel on the probability simplex) between
   the sets of probe distributions {p_A,i(x)} and {p_B,j(x)} of a validation subsample -- a distribution-matching
   distance that, unlike KL, ignores which sample produced which distribution.
-- ``tlm`` (task-loss matching) and ``fula`` (functional latent alignment, Athanasiadis et al. 2025) *fit* a stitch
-  layer per configuration; they are costly references, run on a sample of configurations (``fit_*`` below).
+- ``tlm`` (task-loss matching) and ``fula`` (functional latent alignment, Athanasiadis et al. 2025: the objective of
+  ``klas.stitch.fula_loss``, shared with ``--init fula``) *fit* a stitch layer per configuration, with a
+  ``klas.stitch.FitCfg`` budget (``REFERENCE_FIT``); they are costly references, run on a sample of configurations
+  (``FittedScorer`` below).
 """
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from klas.families import BlockView
-from klas.stitch import lstsq_layer
+from klas.stitch import FitCfg, StitchLayer, adam_fit, fula_loss, fula_scales, lstsq_layer
 
 FEATURE_METRICS = ("mse", "cka", "ce", "dm")
 FITTED_METRICS = ("tlm", "fula")
@@ -120,46 +121,20 @@ def mmd2_table(p: torch.Tensor, q: torch.Tensor, sigma: float = 0.5) -> torch.Te
 
 
 # --------------------------------------------------------------------------------------------- fitted references
-@dataclass(frozen=True)
-class FitConfig:
-    """Budget of the fitted references: a least-squares start, then ``steps`` Adam steps on the stitch layer only."""
-
-    steps: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    train_samples: int = 256
-    val_samples: int = 512
-    seed: int = 0
-
-
-def fula_weights(n: int) -> torch.Tensor:
-    """Depth weights of the FuLA loss over the stitch point and the n-1 later blocks: linear in depth, sum 1."""
-    w = torch.arange(1, n + 1, dtype=torch.float32)
-    return w / w.sum()
-
-
-def fula_loss(preds: list[torch.Tensor], targets: list[torch.Tensor], scales: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k * mean((pred_k - target_k)^2) / scale_k: latent alignment at the stitch point and every later block,
-    each depth normalized by the target latent's mean square so that no depth dominates by its magnitude."""
-    w = fula_weights(len(preds))
-    return sum(w[k] * F.mse_loss(p, t) / scales[k] for k, (p, t) in enumerate(zip(preds, targets)))
-
-
-def _run_from(tgt: BlockView, h: torch.Tensor, start: int) -> list[torch.Tensor]:
-    """Outputs of target blocks start.. (each), starting from activation h."""
-    outs = []
-    for blk in tgt.blocks[start:]:
-        h = blk(h)
-        outs.append(h)
-    return outs
+REFERENCE_FIT = FitCfg(samples=256, batch_size=32, steps=20)
+"""Budget of the fitted references: a least-squares start on ``samples`` training images, then ``steps`` Adam steps
+(batch ``batch_size``, ``lr``) on the stitch layer only."""
+REFERENCE_VAL_SAMPLES = 512
+"""Validation images a fitted reference is scored on."""
 
 
 class FittedScorer:
-    """Holds block outputs of a small train and val subsample for every anchor, then fits one configuration at a time.
+    """Holds block outputs of a small train and val subsample for every anchor, then fits one configuration at a time
+    with ``cfg`` (a ``klas.stitch.FitCfg``; its ``method`` is ignored: the metric names the objective).
 
     The anchors are frozen for the scorer's lifetime (``requires_grad`` restored by ``close``)."""
 
-    def __init__(self, views: list[BlockView], x_train, y_train, x_val, y_val, cfg: FitConfig = FitConfig()):
+    def __init__(self, views: list[BlockView], x_train, y_train, x_val, y_val, cfg: FitCfg = REFERENCE_FIT):
         self.cfg, self.views = cfg, {v.name: v for v in views}
         self._grad_state = {n: [p.requires_grad for p in v.parameters()] for n, v in self.views.items()}
         for v in views:
@@ -179,40 +154,35 @@ class FittedScorer:
         for _ in range(self.cfg.steps):
             yield torch.randint(0, n, (min(self.cfg.batch_size, n),), generator=g)
 
+    def _fit(self, src: str, i: int, tgt: str, j: int, loss_fn) -> StitchLayer:
+        """The stitch layer (src, i) -> (tgt, j): least squares on the cached training features, then ``cfg.steps``
+        Adam steps of ``loss_fn(stitch output, sample indices)`` on random training batches."""
+        xs = self.train[src][i]
+        layer = lstsq_layer(xs, self.train[tgt][j], self.views[src].channels_last, self.cfg.ridge)
+        adam_fit(layer, lambda idx: loss_fn(layer(xs[idx]), idx), self._steps(xs.shape[0]), self.cfg.lr)
+        return layer
+
     def tlm(self, src: str, i: int, tgt: str, j: int) -> float:
         """Task-loss matching: train the stitch layer on the task loss; score = validation cross-entropy."""
-        s, t = self.views[src], self.views[tgt]
-        layer = lstsq_layer(self.train[src][i], self.train[tgt][j], s.channels_last)
-        opt = torch.optim.Adam(layer.parameters(), lr=self.cfg.lr)
-        xs = self.train[src][i]
-        for idx in self._steps(xs.shape[0]):
-            logits = t.forward_head(t.forward_blocks(layer(xs[idx]), j + 1))
-            loss = F.cross_entropy(logits, self.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        t = self.views[tgt]
+
+        def logits(h: torch.Tensor) -> torch.Tensor:
+            return t.forward_head(t.forward_blocks(h, j + 1))
+
+        layer = self._fit(src, i, tgt, j, lambda h, idx: F.cross_entropy(logits(h), self.y_train[idx]))
         with torch.no_grad():
-            logits = t.forward_head(t.forward_blocks(layer(self.val[src][i]), j + 1))
-            return float(F.cross_entropy(logits, self.y_val))
+            return float(F.cross_entropy(logits(layer(self.val[src][i])), self.y_val))
 
     def fula(self, src: str, i: int, tgt: str, j: int) -> float:
-        """Functional latent alignment: fit the stitch so the stitched latents match the target's at the stitch point
-        and at every later block; score = the final (validation) alignment loss."""
-        s, t = self.views[src], self.views[tgt]
+        """Functional latent alignment (``klas.stitch.fula_loss``, the objective of ``--init fula``): fit the stitch
+        so the stitched latents match the target's at the stitch point and at every later block, normalised by the
+        training latents' mean squares; score = the alignment loss on the validation images."""
+        t = self.views[tgt]
         tr_t, va_t = self.train[tgt][j:], self.val[tgt][j:]
-        scales = torch.stack([h.pow(2).mean() for h in tr_t]).clamp_min(1e-12)
-        layer = lstsq_layer(self.train[src][i], tr_t[0], s.channels_last)
-        opt = torch.optim.Adam(layer.parameters(), lr=self.cfg.lr)
-        xs = self.train[src][i]
-        for idx in self._steps(xs.shape[0]):
-            h = layer(xs[idx])
-            loss = fula_loss([h] + _run_from(t, h, j + 1), [z[idx] for z in tr_t], scales)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        scales = fula_scales([tr_t])
+        layer = self._fit(src, i, tgt, j, lambda h, idx: fula_loss(h, t, j, [z[idx] for z in tr_t], scales))
         with torch.no_grad():
-            h = layer(self.val[src][i])
-            return float(fula_loss([h] + _run_from(t, h, j + 1), va_t, scales))
+            return float(fula_loss(layer(self.val[src][i]), t, j, va_t, scales))
 
     def score_all(self, metric: str, configs: list[tuple[str, int, str, int]], progress: bool = True) -> list[float]:
         fn = {"tlm": self.tlm, "fula": self.fula}[metric]

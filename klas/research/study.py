@@ -22,11 +22,14 @@ import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 import torch
+from scipy.stats import rankdata
 from tqdm import tqdm
 
 from klas.errors import KlasError
@@ -39,32 +42,25 @@ FITTED = ("tlm", "fula")
 
 
 # ------------------------------------------------------------------------------------------------------ statistics
-def rankdata(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n with ties given their average rank (as scipy's 'average')."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    xs = x[order]
-    k = 0
-    while k < len(x):
-        e = k
-        while e + 1 < len(x) and xs[e + 1] == xs[k]:
-            e += 1
-        ranks[order[k:e + 1]] = (k + e) / 2.0 + 1.0
-        k = e + 1
-    return ranks
+def _statistic(test, x: np.ndarray, y: np.ndarray) -> float:
+    """``scipy.stats`` correlation ``test(x, y).statistic`` as a float, NaN where it is undefined (fewer than two
+    points, or a constant side -- common among bootstrap resamples), without scipy's warning for that case."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.stats.NearConstantInputWarning)
+        return float(test(x, y).statistic)
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson r in float64; NaN when either side is constant (no correlation is defined)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float((xc * xc).sum()) * float((yc * yc).sum()))
-    return float((xc * yc).sum() / den) if den > 0 else math.nan
+    """Pearson r (``scipy.stats.pearsonr``); NaN when either side is constant (no correlation is defined)."""
+    return _statistic(scipy.stats.pearsonr, x, y)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return pearson(rankdata(x), rankdata(y))
+    """Spearman rho (``scipy.stats.spearmanr``: Pearson r of the average ranks); NaN when either side is constant."""
+    return _statistic(scipy.stats.spearmanr, x, y)
 
 
 def residualize(v: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -99,8 +95,7 @@ def bucket_spearman(x: np.ndarray, y: np.ndarray, buckets: np.ndarray) -> float:
         m = buckets == b
         if m.sum() < 2:
             continue
-        rx[m] = rankdata(x[m]) - rankdata(x[m]).mean()
-        ry[m] = rankdata(y[m]) - rankdata(y[m]).mean()
+        rx[m], ry[m] = (r - r.mean() for r in (rankdata(x[m]), rankdata(y[m])))
     return pearson(rx, ry)
 
 
@@ -114,18 +109,25 @@ def correlations(metric: np.ndarray, drop: np.ndarray, flops: np.ndarray, n_buck
 
 def bootstrap_ci(metric: np.ndarray, drop: np.ndarray, flops: np.ndarray, n_buckets: int, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile bootstrap interval of every statistic of ``correlations`` (configurations resampled with
-    replacement; resamples where a statistic is undefined are skipped)."""
+    """Percentile bootstrap interval of every statistic of ``correlations``: ``n_boot`` resamples of the
+    configurations with replacement (``numpy.random.default_rng(seed).integers(0, n, n)`` each), the statistics of
+    each from ``scipy.stats``, linear-interpolated quantiles. A resample where a statistic is undefined (a constant
+    side) is left out of that statistic's interval, and a statistic never defined has none -- where
+    ``scipy.stats.bootstrap`` would make the whole interval NaN."""
     rng = np.random.default_rng(seed)
     n = len(drop)
     draws: dict[str, list[float]] = {}
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         for k, v in correlations(metric[idx], drop[idx], flops[idx], n_buckets).items():
-            if math.isfinite(v):
-                draws.setdefault(k, []).append(v)
-    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
-    return {k: [float(np.quantile(v, lo_q)), float(np.quantile(v, hi_q))] for k, v in draws.items()}
+            draws.setdefault(k, []).append(v)
+    out = {}
+    for k, v in draws.items():
+        v = np.asarray(v)
+        v = v[np.isfinite(v)]
+        if len(v):
+            out[k] = [float(q) for q in np.quantile(v, [(1 - level) / 2, 1 - (1 - level) / 2])]
+    return out
 
 
 def recovery(metric: np.ndarray, viable: np.ndarray, flops: np.ndarray, n_buckets: int) -> dict:
@@ -158,10 +160,14 @@ def _family(run: RunDir, family=None):
     return family if isinstance(family, Family) else create_family(run.family, pretrained=True)
 
 
-def _save(rec: dict, out_dir: Path, name: str, family: str) -> Path:
+def _publish(rec: dict, t0: float, out_dir: Path, name: str, family: str, plot) -> dict:
+    """Stamp a sub-study's record with its wall time (since ``t0``) and machine, write it to
+    ``out_dir/study_<name>_<family>.json`` and its figure ``plot(rec, path)`` beside it (.png); returns the record."""
+    rec.update(wall_s=round(time.time() - t0, 2), machine=machine())
     path = Path(out_dir) / f"study_{name}_{family}.json"
     save_json(rec, path)
-    return path
+    plot(rec, path.with_suffix(".png"))
+    return rec
 
 
 def _plt():
@@ -170,6 +176,12 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _write_fig(fig, path: Path, dpi: int) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
 
 
 @torch.no_grad()
@@ -210,7 +222,7 @@ def metric_outcome(run_dir: Path | str, out_dir: Path | str, cfg: OutcomeCfg = O
                    pair: tuple[str, str] | None = None, family=None, data_root=None, progress: bool = True) -> dict:
     """Sample configurations of one anchor pair, finetune each stitch briefly, correlate metrics with the drop."""
     from klas.data import load_dataset
-    from klas.research.metrics import FitConfig, FittedScorer
+    from klas.research.metrics import REFERENCE_FIT, REFERENCE_VAL_SAMPLES, FittedScorer
     from klas.stages.s2_scores import load_scores
     from klas.stages.s3_selection import candidate_table, sample_configs
     from klas.stitch import FitCfg, StitchedNet, fit_stitch
@@ -252,9 +264,9 @@ def metric_outcome(run_dir: Path | str, out_dir: Path | str, cfg: OutcomeCfg = O
     cost = dict(finetune_per_config_s=finetune_wall / len(rows))
     metrics = [m for m in RAW_METRICS if all(r[m] is not None and math.isfinite(r[m]) for r in rows)]
     if cfg.fitted_metrics:
-        fc = FitConfig(seed=cfg.seed)
-        tr = train.subset(fc.train_samples)
-        val = load_dataset(fam.cfg.dataset, "val", data_root).subset(fc.val_samples)
+        fc = replace(REFERENCE_FIT, seed=cfg.seed)
+        tr = train.subset(fc.samples)
+        val = load_dataset(fam.cfg.dataset, "val", data_root).subset(REFERENCE_VAL_SAMPLES)
         scorer = FittedScorer([src, tgt], tr.normalize(tr.images), tr.labels, val.normalize(val.images), val.labels,
                               fc)
         try:
@@ -272,11 +284,8 @@ def metric_outcome(run_dir: Path | str, out_dir: Path | str, cfg: OutcomeCfg = O
                outcome=("stitch-level finetune: least-squares init on fit_samples train images, then `steps` Adam "
                         "steps of task loss (cross-entropy) on the stitch layer only, anchors frozen; drop = target "
                         "anchor top-1 minus stitched top-1 (points) on the first test_samples test images"),
-               viable=viable, metrics=metrics, stats=stats, cost_s=cost, configs=rows,
-               wall_s=round(time.time() - t0, 1), machine=machine())
-    path = _save(rec, out_dir, "metric_outcome", fam.name)
-    plot_metric_outcome(rec, path.with_suffix(".png"))
-    return rec
+               viable=viable, metrics=metrics, stats=stats, cost_s=cost, configs=rows)
+    return _publish(rec, t0, out_dir, "metric_outcome", fam.name, plot_metric_outcome)
 
 
 def viable_sets(drop: np.ndarray, flops: np.ndarray, cfg: OutcomeCfg) -> dict[str, np.ndarray]:
@@ -337,9 +346,7 @@ def plot_metric_outcome(rec: dict, path: Path) -> None:
     fig.colorbar(sc, ax=axes[len(ms) - 1], label="MFLOPs")
     fig.suptitle(f"{rec['family']} {rec['pair'][0]} -> {rec['pair'][1]}: {len(drop)} stitches, "
                  f"{rec['cfg']['steps']} stitch-layer steps each", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _write_fig(fig, path, 100)
 
 
 # ---------------------------------------------------------------------------------------------------- sensitivity
@@ -398,10 +405,8 @@ def sensitivity(run_dir: Path | str, out_dir: Path | str, taus=TAUS, buckets=BUC
         forms.append(dict(form=form, count=len(s), coverage=info["coverage"], num_buckets=info["num_buckets"],
                           overlap=jaccard(s, ref)))
     rec = dict(study="sensitivity", family=fam.name, anchor_pairs=[list(p) for p in pairs], default_count=len(ref),
-               grid=grid, forms=forms, wall_s=round(time.time() - t0, 2), machine=machine())
-    path = _save(rec, out_dir, "sensitivity", fam.name)
-    plot_sensitivity(rec, path.with_suffix(".png"))
-    return rec
+               grid=grid, forms=forms)
+    return _publish(rec, t0, out_dir, "sensitivity", fam.name, plot_sensitivity)
 
 
 def plot_sensitivity(rec: dict, path: Path) -> None:
@@ -418,9 +423,7 @@ def plot_sensitivity(rec: dict, path: Path) -> None:
     fig.suptitle(f"{rec['family']}: selection sensitivity (default tau 0.05, auto buckets: {rec['default_count']} "
                  f"configs); forms: " + ", ".join(f"{f['form']} {f['count']} (J={f['overlap']:.2f})"
                                                   for f in rec["forms"]), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _write_fig(fig, path, 100)
 
 
 # -------------------------------------------------------------------------------------------------------- cascades
@@ -496,11 +499,8 @@ def cascades(run_dir: Path | str, out_dir: Path | str, test_samples: int | None 
                anchors_auc=auc(list(flops.values()), list(accs.values()), f_min, f_max), curves=curves,
                stitched_front=dict(source=str(evaluation) if rows else None, points=front,
                                    note="stitched Pareto front evaluated on its own test subset" if rows else
-                                   "no evaluation.json found: run `klas study auc` first or pass --evaluation"),
-               wall_s=round(time.time() - t0, 2), machine=machine())
-    path = _save(rec, out_dir, "cascades", fam.name)
-    plot_cascades(rec, path.with_suffix(".png"))
-    return rec
+                                   "no evaluation.json found: run `klas study auc` first or pass --evaluation"))
+    return _publish(rec, t0, out_dir, "cascades", fam.name, plot_cascades)
 
 
 def plot_cascades(rec: dict, path: Path) -> None:
@@ -523,9 +523,7 @@ def plot_cascades(rec: dict, path: Path) -> None:
     ax.set_title(f"{rec['family']}: max-softmax cascades vs stitching ({rec['n_test']} test images)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _write_fig(fig, path, 110)
 
 
 # ------------------------------------------------------------------------------------------------ AUC and gain
@@ -617,10 +615,8 @@ def auc_study(run_dir: Path | str, out_dir: Path | str, cfg: AucCfg = AucCfg(), 
                                                          methods=list(cfg.methods)),
                summary=summary, wins=wins, per_seed={str(k): v for k, v in per_seed.items()},
                note="anchors-only: AUC of the anchors of the KLAS arm after finetuning, i.e. the staircase without "
-                    "any stitched configuration", wall_s=round(time.time() - t0, 1), machine=machine())
-    path = _save(rec, out_dir, "auc", run.family)
-    plot_auc(rec, path.with_suffix(".png"))
-    return rec
+                    "any stitched configuration")
+    return _publish(rec, t0, out_dir, "auc", run.family, plot_auc)
 
 
 def plot_auc(rec: dict, path: Path) -> None:
@@ -636,9 +632,7 @@ def plot_auc(rec: dict, path: Path) -> None:
     c = rec["cfg"]
     ax.set_title(f"{rec['family']}: {c['steps']} steps, {c['n_stitches']} stitches, seeds {c['seeds']}", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _write_fig(fig, path, 110)
 
 
 def gain_sweep(run_dir: Path | str, out_dir: Path | str, steps_list=(100, 300, 900), method: str = "klas",
@@ -661,11 +655,8 @@ def gain_sweep(run_dir: Path | str, out_dir: Path | str, steps_list=(100, 300, 9
         points.append(dict(steps=steps, auc=next(a["auc"] for a in res["arms"] if a["label"] == method), **g))
     first = next((p["steps"] for p in points if (p["max_gain"] or 0) > 0), None)
     rec = dict(study="gain", family=run.family, method=method, seed=seed, n_stitches=cfg.n_stitches,
-               test_samples=cfg.test_samples, points=points, first_budget_with_gain=first,
-               wall_s=round(time.time() - t0, 1), machine=machine())
-    path = _save(rec, out_dir, "gain", run.family)
-    plot_gain(rec, path.with_suffix(".png"))
-    return rec
+               test_samples=cfg.test_samples, points=points, first_budget_with_gain=first)
+    return _publish(rec, t0, out_dir, "gain", run.family, plot_gain)
 
 
 def plot_gain(rec: dict, path: Path) -> None:
@@ -683,6 +674,4 @@ def plot_gain(rec: dict, path: Path) -> None:
     ax2.set_ylabel("stitched models on the front")
     ax.set_title(f"{rec['family']} {rec['method']}: what stitching adds vs budget", fontsize=10)
     fig.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _write_fig(fig, path, 110)

@@ -11,62 +11,71 @@ of each global batch and DDP averages the probe gradients; the loss is scaled so
 single-process mean over the global batch (also for a ragged last batch). Only rank 0 writes.
 
 Artifacts (run dir ``probes/``): ``probes.safetensors`` (weights), ``probes.json`` (per-epoch validation accuracy of
-every probe, inputs fingerprint, wall time), ``probe_accuracy.png`` and ``checkpoint.pt`` (per epoch, for resume).
+every probe and head, wall time), ``probe_accuracy.png`` and ``checkpoint.pt`` (per epoch, for resume).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import platform
-import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from klas import distributed as kd
 from klas.data import ImageSet, batches, load_dataset, num_batches
 from klas.errors import KlasError
-from klas.families import BlockView, Family, create_family, get_family_cfg
-from klas.io import load_checkpoint, load_json, load_tensors, save_checkpoint, save_json, save_tensors, sha256_file
+from klas.families import BlockView, Family
+from klas.io import load_checkpoint, load_tensors, save_tensors
+from klas.contract import Artifact, StageContext, setting
 from klas.rundir import RunDir
+from klas.train import Trainer, epoch_generator, progress_bar
 
 PROBES_FILE, PROBES_JSON, PROBES_PNG = "probes.safetensors", "probes.json", "probe_accuracy.png"
 CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    """How probes are trained. ``train_subset`` / ``val_subset``: the first N images of the fixed split order (None:
-    all); ``stat_samples``: training images the feature standardization is measured on."""
+class ProbesConfig:
+    """How probes are trained (AdamW, cosine schedule) on the train split; accuracy is tracked on val."""
 
-    epochs: int = 4
-    batch_size: int = 256
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    seed: int = 0
-    train_subset: int | None = None
-    val_subset: int | None = None
-    stat_samples: int = 2048
+    epochs: int = setting(4, "training epochs", ge=1)
+    batch_size: int = setting(256, "images per step", ge=1)
+    lr: float = setting(1e-2, "AdamW peak learning rate", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    train_subset: int | None = setting(None, "train on the first N images of the fixed split order", ge=1,
+                                       none="all")
+    val_subset: int | None = setting(None, "track accuracy on the first N val images", ge=1, none="all")
+    stat_samples: int = setting(2048, "training images the feature standardization is measured on", ge=1)
 
-    def validate(self) -> "ProbeConfig":
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise KlasError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if not self.lr > 0:
-            raise KlasError(f"--lr {self.lr}: must be > 0")
-        if self.stat_samples < 1:
-            raise KlasError(f"--stat-samples {self.stat_samples}: must be >= 1")
-        for name in ("train_subset", "val_subset"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise KlasError(f"--{name.replace('_', '-')} {v}: must be >= 1 (or omitted for the whole split)")
-        return self
+
+@dataclass(frozen=True)
+class ProbesArtifact(Artifact):
+    """``probes.safetensors`` (the probes, standardization folded in) and this record: per-epoch val accuracy of
+    every probe and of every anchor's own head."""
+
+    KIND: ClassVar[str] = "probes"
+    RECORD: ClassVar[str] = PROBES_JSON
+    FILES: ClassVar[tuple[str, ...]] = (PROBES_FILE,)
+    family: str
+    dataset: str
+    n_train: int
+    n_val: int
+    config: dict
+    anchors: list
+    history: list
+    final_val_acc: dict
+    epochs_to_within_1pt: dict
+    head_val_acc: dict
+    wall_s: float
+    machine: dict
+    world_size: int
 
 
 class ProbeNet(nn.Module):
@@ -150,12 +159,6 @@ def anchor_features(view: BlockView, x: torch.Tensor) -> tuple[list[torch.Tensor
     return [view.pool(h) for h in outs], logits
 
 
-def _lr_at(step: int, total: int, base: float) -> float:
-    # NOTE: cosine decay to zero over the configured run -- a fixed function of the step, so a resumed run and an
-    # uninterrupted one follow the same schedule.
-    return 0.5 * base * (1 + math.cos(math.pi * step / max(total, 1)))
-
-
 def weights_digest(view: BlockView) -> str:
     """Content hash of an anchor's weights: probes and scores are only valid for the weights they were made on."""
     h = hashlib.sha256()
@@ -163,19 +166,6 @@ def weights_digest(view: BlockView) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def resolve_family(family: Family | str, pretrained: bool | None = None, weights=None) -> Family:
-    """A built Family, or build one by name (embedded families load their shipped weights by default)."""
-    if isinstance(family, Family):
-        return family
-    cfg = get_family_cfg(family)
-    return create_family(family, pretrained=cfg.embedded if pretrained is None else pretrained, weights=weights)
-
-
-def probe_fingerprint(family: Family, cfg: ProbeConfig, data_root) -> dict:
-    return dict(family=family.name, dataset=family.cfg.dataset, data_root=str(data_root) if data_root else None,
-                anchors={v.name: weights_digest(v) for v in family}, config=asdict(cfg))
 
 
 @torch.no_grad()
@@ -198,45 +188,46 @@ def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, b
             {a: round(100.0 * c / n, 3) for a, c in head.items()})
 
 
-def train_probe_nets(family: Family, train: ImageSet, cfg: ProbeConfig, nets: dict[str, ProbeNet] | None = None,
-                     opt: torch.optim.Optimizer | None = None, start_epoch: int = 0, val: ImageSet | None = None,
-                     on_epoch=None, progress: bool = True) -> dict[str, ProbeNet]:
+def probe_trainer(nets: dict[str, ProbeNet], cfg: ProbesConfig, steps_per_epoch: int) -> Trainer:
+    """AdamW over every probe (one group: ``cfg.weight_decay`` on all) with cosine decay to zero over the run and no
+    warm-up or clipping (clipping the global norm would couple the probes)."""
+    return Trainer(_ProbeBank(nets), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.epochs * steps_per_epoch)
+
+
+def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: int,
+                     nets: dict[str, ProbeNet] | None = None, trainer: Trainer | None = None,
+                     val: ImageSet | None = None, on_epoch=None, progress: bool = True) -> dict[str, ProbeNet]:
     """The ProbeNet loop: per batch, one frozen forward per anchor feeds all its probes; summed loss, one backward.
 
     Under torchrun each rank runs its shard of every global batch through a DDP wrapper over the probes (the anchors
-    are frozen replicas, outside DDP). ``on_epoch(epoch, nets, opt, train_loss, val_acc, head_acc, wall_s)`` is
-    called after every epoch (checkpointing).
+    are frozen replicas, outside DDP). ``trainer``: the ``probe_trainer`` of ``nets`` to continue (a resumed one
+    starts at the epoch its step count reaches); ``on_epoch(epoch, nets, trainer, train_loss, val_acc, head_acc,
+    wall_s)`` is called after every epoch (checkpointing).
     """
     for v in family:
         v.eval()
     num_classes = family.cfg.num_classes
     if nets is None:
-        nets = {v.name: ProbeNet(v.name, v.widths, num_classes, cfg.seed) for v in family}
+        nets = {v.name: ProbeNet(v.name, v.widths, num_classes, seed) for v in family}
         for v in family:
             nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples))
-    if opt is None:
-        opt = torch.optim.AdamW([p for n in nets.values() for p in n.parameters()], lr=cfg.lr,
-                                weight_decay=cfg.weight_decay)
     steps = num_batches(train, cfg.batch_size)
-    total = cfg.epochs * steps
+    tr = trainer if trainer is not None else probe_trainer(nets, cfg, steps)
     di = kd.info()
-    bank = _ProbeBank(nets)
+    bank = tr.model
     model = bank
     if di.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         bank.to(di.device)
         model = DDP(bank, device_ids=[di.device.index] if di.device.type == "cuda" else None)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(tr.step // steps, cfg.epochs):  # checkpoints are written at epoch ends
         t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)  # data order: a function of (seed, epoch)
-        it = batches(train, cfg.batch_size, shuffle=True, gen=gen, rank=di.rank, world_size=di.world)
-        bar = tqdm(it, total=steps, desc=f"probes epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2,
-                   file=sys.stdout, disable=not progress or not di.is_main)
+        it = batches(train, cfg.batch_size, shuffle=True, gen=epoch_generator(seed, epoch), rank=di.rank,
+                     world_size=di.world)
+        bar = progress_bar(it, total=steps, desc=f"probes epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
         loss_sum = 0.0
         for k, (x, y) in enumerate(bar):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(epoch * steps + k, total, cfg.lr)
             # this rank's shard of global batch k: the global batch size is known from the split, not the shard
             global_b = min(cfg.batch_size, len(train) - k * cfg.batch_size)
             feats = {v.name: anchor_features(v, x)[0] for v in family}
@@ -245,14 +236,13 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbeConfig, nets: di
             # x world because DDP averages over ranks
             loss = sum(F.cross_entropy(lg.flatten(0, 1), y.repeat(lg.shape[0]), reduction="sum")
                        for lg in logits.values()) * (di.world / global_b)
-            opt.zero_grad(set_to_none=True)
             try:
                 loss.backward()
             except RuntimeError as e:
                 if di.distributed:
                     raise kd.peer_failure(e, "probe gradient all_reduce") from None
                 raise
-            opt.step()
+            tr.update()
             loss_sum += loss.item() / di.world
         bar.close()
         if di.distributed:
@@ -263,7 +253,7 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbeConfig, nets: di
         train_loss = loss_sum / max(steps, 1) / max(probes_total, 1)
         val_acc, head_acc = evaluate_probes(family, nets, val) if val is not None else ({}, {})
         if on_epoch is not None:
-            on_epoch(epoch, nets, opt, train_loss, val_acc, head_acc, time.time() - t0)
+            on_epoch(epoch, nets, tr, train_loss, val_acc, head_acc, time.time() - t0)
     return nets
 
 
@@ -279,50 +269,33 @@ class _ProbeBank(nn.Module):
         return {name: self.nets[str(i)](feats[name]) for i, name in enumerate(self.names)}
 
 
-def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, batch_size: int = 256, lr: float = 1e-2,
-                 weight_decay: float = 0.0, seed: int = 0, train_subset: int | None = None,
-                 val_subset: int | None = None, stat_samples: int = 2048, data_root: Path | str | None = None,
-                 pretrained: bool | None = None, weights=None, force: bool = False, progress: bool = True) -> dict:
-    """Train the probes of every anchor of ``family`` into ``run_dir/probes``; returns the ``probes.json`` record.
-
-    Skipped when ``probes.json`` holds the same inputs fingerprint (family, anchor weights, data, config); resumed
-    from ``checkpoint.pt`` after an interruption.
-    """
-    cfg = ProbeConfig(epochs, batch_size, lr, weight_decay, seed, train_subset or None, val_subset or None,
-                      stat_samples).validate()
+def train_probes(family: Family, run_dir: Path | str | RunDir, cfg: ProbesConfig, *, seed: int,
+                 data_root: Path | str | None = None, key: str = "", progress: bool = True) -> ProbesArtifact:
+    """Train the probes of every anchor of ``family`` into ``run_dir/probes``; resumed from ``checkpoint.pt`` after
+    an interruption when the checkpoint was made under the same stage ``key`` (``klas.pipeline``)."""
     di = kd.init()
-    family = resolve_family(family, pretrained, weights)
-    run = RunDir(run_dir, family.name, family.cfg.dataset)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, family.name, family.cfg.dataset)
     out = run.stage("probes")
-    inputs = probe_fingerprint(family, cfg, data_root)
-    if not force and (out / PROBES_JSON).is_file() and (out / PROBES_FILE).is_file():
-        rec = load_json(out / PROBES_JSON)
-        if rec.get("inputs") == inputs:
-            if di.is_main:
-                print(f"[probe] {out / PROBES_JSON}: up to date, skipped", flush=True)
-            return rec
+    inputs = dict(key=key, anchors={v.name: weights_digest(v) for v in family}, config=asdict(cfg), seed=seed)
     train = load_dataset(family.cfg.dataset, "train", data_root).subset(cfg.train_subset)
     val = load_dataset(family.cfg.dataset, "val", data_root).subset(cfg.val_subset)
-    nets = {v.name: ProbeNet(v.name, v.widths, family.cfg.num_classes, cfg.seed) for v in family}
+    nets = {v.name: ProbeNet(v.name, v.widths, family.cfg.num_classes, seed) for v in family}
     for v in family:  # deterministic: the first stat_samples images of the fixed split order
         nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples))
-    opt = torch.optim.AdamW([p for n in nets.values() for p in n.parameters()], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    tr = probe_trainer(nets, cfg, num_batches(train, cfg.batch_size))
     state = dict(epoch=0, history=[], wall_s=0.0)
     ckpt_path = out / CHECKPOINT
-    if ckpt_path.is_file() and not force:
+    if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
-        if ck.get("inputs") == inputs:
-            for name, sd in ck["nets"].items():
-                nets[name].load_state_dict(sd)
-            opt.load_state_dict(ck["opt"])
+        if tr.matches(ck, inputs):
+            tr.load_state_dict(ck)
             state = ck["state"]
             if di.is_main:
                 print(f"[probe] resuming after epoch {state['epoch']}/{cfg.epochs}", flush=True)
         elif di.is_main:
             print(f"[probe] {ckpt_path}: made for other inputs, starting over", flush=True)
 
-    def on_epoch(epoch, nets_, opt_, train_loss, val_acc, head_acc, wall):
+    def on_epoch(epoch, nets_, tr_, train_loss, val_acc, head_acc, wall):
         state["epoch"] = epoch + 1
         state["wall_s"] += wall
         state["history"].append(dict(epoch=epoch + 1, train_loss=round(train_loss, 5), wall_s=round(wall, 2),
@@ -331,32 +304,28 @@ def train_probes(family: Family | str, run_dir: Path | str, epochs: int = 4, bat
         if di.is_main:
             print(f"[probe] epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, mean probe val acc {mean_acc} "
                   f"({wall:.0f}s)", flush=True)
-            save_checkpoint(dict(nets={k: n.state_dict() for k, n in nets_.items()}, opt=opt_.state_dict(),
-                                 state=state, inputs=inputs), ckpt_path)
+            tr_.save(ckpt_path, resume_tag=inputs, state=state)
         kd.barrier("probe checkpoint")
 
-    train_probe_nets(family, train, cfg, nets, opt, state["epoch"], val, on_epoch, progress)
+    train_probe_nets(family, train, cfg, seed, nets, tr, val, on_epoch, progress)
     tensors = {f"{name}/{k}.{p}": t for name, n in nets.items()
                for k, (w, b) in enumerate(n.folded()) for p, t in (("weight", w), ("bias", b))}
-    rec = _record(family, cfg, inputs, state, len(train), len(val))
-    rec["world_size"] = di.world
+    art = ProbesArtifact(**_record(family, cfg, state, len(train), len(val)), world_size=di.world)
     if di.is_main:
         save_tensors(tensors, out / PROBES_FILE, metadata={"family": family.name, "format": "klas-probes-v1"})
-        rec["probes_sha256"] = sha256_file(out / PROBES_FILE)
-        plot_probe_accuracy(rec, out / PROBES_PNG)
-        save_json(rec, out / PROBES_JSON)
+        plot_probe_accuracy(asdict(art), out / PROBES_PNG)
+        art.save(out)
     kd.barrier("probe artifacts")
-    return kd.broadcast_object(rec, what="probe record")
+    return art
 
 
-def _record(family: Family, cfg: ProbeConfig, inputs: dict, state: dict, n_train: int, n_val: int) -> dict:
+def _record(family: Family, cfg: ProbesConfig, state: dict, n_train: int, n_val: int) -> dict:
     hist = state["history"]
     final = hist[-1]["val_acc"] if hist else {}
     # epochs until a probe is within 1 point of its final accuracy (the paper reports convergence by epoch 4)
     converged = {a: [next(h["epoch"] for h in hist if h["val_acc"][a][k] >= acc - 1.0) for k, acc in enumerate(accs)]
                  for a, accs in final.items()}
     return dict(family=family.name, dataset=family.cfg.dataset, n_train=n_train, n_val=n_val, config=asdict(cfg),
-                inputs=inputs,
                 anchors=[dict(name=v.name, depth=v.depth, widths=v.widths, flops=v.flops) for v in family],
                 history=hist, final_val_acc=final, epochs_to_within_1pt=converged,
                 head_val_acc=hist[-1]["head_val_acc"] if hist else {}, wall_s=round(state["wall_s"], 2),
@@ -413,3 +382,17 @@ def load_probes(run_dir: Path | str, family: Family) -> dict[str, ProbeNet]:
             raise KlasError(f"{path}: probe shapes of {v.name!r} do not match the anchor; rerun `klas probe`") from None
         nets[v.name] = net.eval()
     return nets
+
+
+# --- the stage contract ---------------------------------------------------------------------------------------------
+NAME, CONFIG, ARTIFACT, AFTER = "probes", ProbesConfig, ProbesArtifact, ()
+DESCRIBE = "train one linear probe per block (ProbeNet)"
+
+
+def run(cfg: ProbesConfig, ctx: StageContext) -> ProbesArtifact:
+    return train_probes(ctx.family, ctx.run_dir, cfg, seed=ctx.seed, data_root=ctx.data_root, key=ctx.key,
+                        progress=ctx.progress)
+
+
+def summary(art: ProbesArtifact) -> dict:
+    return dict(final_val_acc={a: accs[-1] for a, accs in art.final_val_acc.items()}, head_val_acc=art.head_val_acc)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tqdm import tqdm
@@ -29,10 +31,11 @@ from klas import distributed as kd
 from klas.data import batches, load_dataset, num_batches
 from klas.errors import KlasError
 from klas.families import Family, stitchable
-from klas.io import load_json, load_tensors, save_json, save_tensors, sha256_file
-from klas.research.metrics import FeatureMoments, cross_entropy_table, mean_entropy_sum, mmd2_table
+from klas.io import load_tensors, save_tensors
 from klas.ops import PairwiseKL
-from klas.stages.s1_probes import PROBES_FILE, PROBES_JSON, anchor_features, load_probes, resolve_family, weights_digest
+from klas.stages.s1_probes import anchor_features, load_probes
+from klas.contract import Artifact, StageContext, setting
+from klas.ops.dispatch import IMPLS
 from klas.rundir import RunDir
 
 SCORES_FILE, METRICS_FILE, SCORES_JSON = "scores.safetensors", "metrics.safetensors", "scores.json"
@@ -53,14 +56,61 @@ def _kl(d: torch.Tensor, cap: torch.Tensor, lam: float) -> torch.Tensor:
 
 # score forms: low = promising (small cross-anchor distance, large capacity of the block receiving the stitch)
 SCORE_FORMS = {"ratio": _ratio, "difference": _difference, "kl": _kl}
-DEFAULT_FORM = "ratio"
 
 
-def stitch_score(d: torch.Tensor, cap: torch.Tensor, form: str = DEFAULT_FORM, lam: float = 1.0) -> torch.Tensor:
+def _metrics():
+    """The baseline metrics (research code): their tables are filled in this stage's single pass over val, so
+    that the comparison selection methods cost no second read of the data."""
+    from klas.research import metrics
+
+    return metrics
+
+
+def stitch_score(d: torch.Tensor, cap: torch.Tensor, form: str, lam: float) -> torch.Tensor:
     """S[i, j] from D [dA, dB] and the target's capacity [dB] (broadcast over source blocks)."""
     if form not in SCORE_FORMS:
-        raise KlasError(f"--score-form {form!r}: unknown; expected one of {', '.join(SCORE_FORMS)}")
+        raise KlasError(f"score form {form!r}: unknown; expected one of {', '.join(SCORE_FORMS)}")
     return SCORE_FORMS[form](d, cap[None, :], lam)
+
+
+@dataclass(frozen=True)
+class ScoresConfig:
+    """The streaming all-pairs KL pass over the val split (paper Eq. 1-2) and the score form of Eq. 3."""
+
+    batch_size: int = setting(500, "val images per streamed batch", ge=1)
+    temperature: float = setting(1.0, "softmax temperature of the probe distributions", gt=0)
+    impl: str = setting("auto", "klas.ops implementation of the pairwise KL (auto: triton/cuda on a GPU, cpp or "
+                        "reference on the CPU)", choices=("auto",) + IMPLS)
+    val_subset: int | None = setting(None, "score on the first N val images", ge=1, none="all")
+    score_form: str = setting("ratio", "stitch score from D and the target's capacity",
+                              choices=tuple(SCORE_FORMS))
+    lam: float = setting(1.0, "weight of the capacity in the difference form", ge=0)
+    metrics: bool = setting(True, "also compute the baseline metric tables (mse, cka, ce, dm) that the comparison "
+                            "selection methods read")
+    dm_samples: int = setting(1000, "val images kept for the MMD baseline", ge=1)
+    dm_sigma: float = setting(0.5, "RBF bandwidth of the MMD baseline", gt=0)
+
+
+@dataclass(frozen=True)
+class ScoresArtifact(Artifact):
+    """``scores.safetensors`` (D, cap, S, mask per anchor pair, anchor KL, entropies), ``metrics.safetensors`` (the
+    baseline tables, possibly empty) and this record."""
+
+    KIND: ClassVar[str] = "scores"
+    RECORD: ClassVar[str] = SCORES_JSON
+    FILES: ClassVar[tuple[str, ...]] = (SCORES_FILE, METRICS_FILE)
+    family: str
+    anchors: list
+    n_val: int
+    score_form: str
+    lam: float
+    temperature: float
+    anchor_kl: dict
+    cap: dict
+    pairs: list
+    metrics: list
+    wall_s: float
+    world_size: int
 
 
 def anchor_pairs_ordered(names: list[str]) -> list[tuple[str, str]]:
@@ -90,7 +140,7 @@ class ScoreAccumulator:
             self.cross[(a, b)].update(logits[a][:-1], logits[b][:-1])
         for a in self.names:
             self.within[a].update(logits[a])
-            self.entropy[a] += mean_entropy_sum(logits[a], self.temperature)
+            self.entropy[a] += _metrics().mean_entropy_sum(logits[a], self.temperature)
         self.anchors.update(torch.stack([logits[a][-1] for a in self.names]))
         self.count += next(iter(logits.values())).shape[1]
 
@@ -151,54 +201,25 @@ def diagonal_summary(d: torch.Tensor) -> dict:
                 mean_D_diagonal=float(on.mean()) if len(on) else None, mean_D_all=float(torch.nanmean(d)))
 
 
-def scores_fingerprint(family: Family, run: RunDir, temperature: float, val_subset, data_root, metrics: bool,
-                       dm_samples: int, dm_sigma: float) -> dict:
-    probes_json = load_json(run.require("probes", PROBES_JSON, "`klas probe`"))
-    probes_file = run.require("probes", PROBES_FILE, "`klas probe`")
-    digests = {v.name: weights_digest(v) for v in family}
-    if probes_json.get("inputs", {}).get("anchors") != digests:
-        raise KlasError(f"{probes_file}: probes were trained on other anchor weights than the family's; "
-                        f"rerun `klas probe`")
-    return dict(family=family.name, anchors=digests, probes_sha256=sha256_file(probes_file), temperature=temperature,
-                val_subset=val_subset, data_root=str(data_root) if data_root else None, metrics=metrics,
-                dm_samples=dm_samples, dm_sigma=dm_sigma)
-
-
-def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 500, temperature: float = 1.0,
-                   impl: str | None = None, val_subset: int | None = None, score_form: str = DEFAULT_FORM,
-                   lam: float = 1.0, data_root: Path | str | None = None, metrics: bool = True,
-                   dm_samples: int = 1000, dm_sigma: float = 0.5, pretrained: bool | None = None, weights=None,
-                   force: bool = False, progress: bool = True) -> dict:
+def compute_scores(family: Family, run_dir: Path | str | RunDir, cfg: ScoresConfig, *,
+                   data_root: Path | str | None = None, progress: bool = True) -> ScoresArtifact:
     """D, Cap, S for every ordered anchor pair, the anchors' KL matrix and the baseline metric tables, on ``val``.
 
     Writes ``scores/scores.safetensors`` (D, cap, S, mask, anchor_kl, entropy), ``scores/metrics.safetensors``
-    (mse, cka, ce, dm), ``scores/scores.json`` and one heatmap PNG per anchor pair. Skipped when up to date.
+    (mse, cka, ce, dm; empty without ``cfg.metrics``), ``scores/scores.json`` and one heatmap PNG per anchor pair.
     """
-    if batch_size < 1:
-        raise KlasError(f"--batch-size {batch_size}: must be >= 1")
-    if not temperature > 0:
-        raise KlasError(f"--temperature {temperature}: must be > 0")
-    if val_subset is not None and val_subset < 1:
-        val_subset = None
-    stitch_score(torch.zeros(1, 1), torch.ones(1), score_form, lam)  # validates the form name early
+    batch_size, temperature, score_form, lam = cfg.batch_size, cfg.temperature, cfg.score_form, cfg.lam
+    metrics, dm_samples, dm_sigma = cfg.metrics, cfg.dm_samples, cfg.dm_sigma
+    impl = None if cfg.impl == "auto" else cfg.impl
     di = kd.init()
-    family = resolve_family(family, pretrained, weights)
-    run = RunDir(run_dir, family.name, family.cfg.dataset)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, family.name, family.cfg.dataset)
     out = run.stage("scores")
-    inputs = scores_fingerprint(family, run, temperature, val_subset, data_root, metrics, dm_samples, dm_sigma)
-    inputs.update(score_form=score_form, lam=lam)
-    if not force and all((out / f).is_file() for f in (SCORES_JSON, SCORES_FILE)):
-        rec = load_json(out / SCORES_JSON)
-        if rec.get("inputs") == inputs:
-            if di.is_main:
-                print(f"[score] {out / SCORES_JSON}: up to date, skipped", flush=True)
-            return rec
-    nets = load_probes(run_dir, family)
-    val = load_dataset(family.cfg.dataset, "val", data_root).subset(val_subset)
+    nets = load_probes(run.path, family)
+    val = load_dataset(family.cfg.dataset, "val", data_root).subset(cfg.val_subset)
     names = [v.name for v in family]
     acc = ScoreAccumulator(names, [v.depth for v in family], temperature, impl)
     pairs = acc.pairs
-    moments = FeatureMoments({v.name: v.widths for v in family}, pairs) if metrics else None
+    moments = _metrics().FeatureMoments({v.name: v.widths for v in family}, pairs) if metrics else None
     dm_keep: dict[str, list[torch.Tensor]] = {a: [] for a in names}
     kept = 0
     t0 = time.time()
@@ -244,9 +265,9 @@ def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 
         s = stitch_score(d, res["cap"][b], score_form, lam)
         tensors.update({f"D/{a}/{b}": d, f"S/{a}/{b}": s, f"mask/{a}/{b}": mask})
         if moments is not None:
-            dm = mmd2_table(torch.cat(dm_keep[a], 1), torch.cat(dm_keep[b], 1), dm_sigma) if kept else None
+            dm = _metrics().mmd2_table(torch.cat(dm_keep[a], 1), torch.cat(dm_keep[b], 1), dm_sigma) if kept else None
             tables = dict(mse=moments.lstsq_residual(a, b), cka=1.0 - moments.linear_cka(a, b),
-                          ce=cross_entropy_table(res["D"][(a, b)], res["entropy"][a][:-1]))
+                          ce=_metrics().cross_entropy_table(res["D"][(a, b)], res["entropy"][a][:-1]))
             if dm is not None:
                 tables["dm"] = dm
             for m, t in tables.items():
@@ -261,22 +282,21 @@ def compute_scores(family: Family | str, run_dir: Path | str, batch_size: int = 
     meta = {"family": family.name, "format": "klas-scores-v1"}
     if di.is_main:
         save_tensors(tensors, out / SCORES_FILE, metadata=meta)
-        if metric_tensors:
-            save_tensors(metric_tensors, out / METRICS_FILE, metadata=meta)
+        # NOTE: always written (empty without cfg.metrics): the artifact's file list is fixed
+        save_tensors(metric_tensors, out / METRICS_FILE, metadata=meta)
         for a, b in pairs:
             plot_heatmap(tensors[f"D/{a}/{b}"], tensors[f"S/{a}/{b}"], a, b, score_form,
                          out / f"heatmap_{a}__{b}.png")
-    kd.barrier("score tensors")  # the record hashes the file rank 0 wrote
-    rec = dict(family=family.name, anchors=[dict(name=v.name, depth=v.depth, flops=v.flops) for v in family],
-               n_val=res["count"], score_form=score_form, lam=lam, temperature=temperature,
-               anchor_kl=dict(names=names, matrix=res["anchor_kl"].tolist()),
-               cap={a: res["cap"][a].tolist() for a in names}, pairs=summary_pairs,
-               metrics=sorted({k.split("/")[0] for k in metric_tensors}), wall_s=round(wall, 2),
-               scores_sha256=sha256_file(out / SCORES_FILE), inputs=inputs, world_size=di.world)
+    art = ScoresArtifact(family=family.name, anchors=[dict(name=v.name, depth=v.depth, flops=v.flops) for v in family],
+                         n_val=res["count"], score_form=score_form, lam=lam, temperature=temperature,
+                         anchor_kl=dict(names=names, matrix=res["anchor_kl"].tolist()),
+                         cap={a: res["cap"][a].tolist() for a in names}, pairs=summary_pairs,
+                         metrics=sorted({k.split("/")[0] for k in metric_tensors}), wall_s=round(wall, 2),
+                         world_size=di.world)
     if di.is_main:
-        save_json(rec, out / SCORES_JSON)
+        art.save(out)
     kd.barrier("scores record")
-    return rec
+    return art
 
 
 def plot_heatmap(d: torch.Tensor, s: torch.Tensor, a: str, b: str, form: str, path: Path) -> None:
@@ -301,10 +321,21 @@ def plot_heatmap(d: torch.Tensor, s: torch.Tensor, a: str, b: str, form: str, pa
     plt.close(fig)
 
 
-def load_scores(run_dir: Path | str, family: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(scores.json, score tensors, metric tensors) of a run (one-line error when missing)."""
-    run = RunDir(run_dir, family)
-    rec = load_json(run.require("scores", SCORES_JSON, "`klas score`"))
-    tensors = load_tensors(run.require("scores", SCORES_FILE, "`klas score`"))
-    mpath = run.path / "scores" / METRICS_FILE
-    return rec, tensors, (load_tensors(mpath) if mpath.is_file() else {})
+def load_scores(run_dir: Path | str) -> tuple[ScoresArtifact, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the scores artifact, score tensors, metric tensors) of a run (one-line error when missing)."""
+    folder = Path(run_dir) / "scores"
+    art = ScoresArtifact.load(folder)
+    return art, load_tensors(folder / SCORES_FILE), load_tensors(folder / METRICS_FILE)
+
+
+# --- the stage contract ---------------------------------------------------------------------------------------------
+NAME, CONFIG, ARTIFACT, AFTER = "scores", ScoresConfig, ScoresArtifact, ("probes",)
+DESCRIBE = "stream all-pairs KL (D, Cap, S) over the val split"
+
+
+def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
+    return compute_scores(ctx.family, ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress)
+
+
+def summary(art: ScoresArtifact) -> dict:
+    return dict(n_val=art.n_val, anchor_pairs=len(art.pairs), wall_s=art.wall_s)

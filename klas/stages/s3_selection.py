@@ -22,7 +22,8 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -31,15 +32,50 @@ from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.families import Family, stitchable, stitched_flops
 from klas.io import load_json, save_json
-from klas.research.metrics import FEATURE_METRICS, FITTED_METRICS, FitConfig, FittedScorer
-from klas.stages.s1_probes import resolve_family
+from klas.contract import Artifact, StageContext, setting
 from klas.rundir import RunDir
-from klas.stages.s2_scores import DEFAULT_FORM, SCORES_FILE, load_scores, stitch_score
+from klas.stages.s2_scores import SCORES_FILE, load_scores, stitch_score
 
+# the baseline metrics (research code, klas.research.metrics) ranked through the same buckets as KLAS
+FEATURE_METRICS, FITTED_METRICS = ("mse", "ce", "cka", "dm"), ("tlm", "fula")
 METHODS = ("klas", "min-kl", "snnet-paired", "snnet-unpaired") + FEATURE_METRICS + FITTED_METRICS
 ANCHOR_RULES = ("klas", "nearest", "all")
 BUCKETED = ("klas",) + FEATURE_METRICS + FITTED_METRICS
 SELECTION_JSON = "selection.json"
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which anchor pairs to stitch and which configurations per FLOPs bucket (paper Eq. 3, Alg. 3)."""
+
+    method: str = setting("klas", "selection method: KLAS or a baseline", choices=METHODS)
+    tau: float = setting(0.05, "keep scores <= (1 + tau) x the bucket minimum", ge=0)
+    num_buckets: int | None = setting(None, "FLOPs buckets per anchor pair", ge=1, none="auto")
+    max_buckets: int = setting(500, "largest bucket count the automatic search tries", ge=1)
+    anchor_rule: str | None = setting(None, "anchor pairs: klas (anchor KL), nearest (SN-Net), all; auto = nearest "
+                                      "for the snnet methods, klas otherwise", choices=ANCHOR_RULES, none="auto")
+    anchor_pairs: str | None = setting(None, "explicit anchor pairs SRC:TGT[,SRC:TGT...] instead of the rule",
+                                       none="rule")
+    max_pairs: int = setting(48, "configurations the fitted baselines (tlm, fula) are fitted on", ge=1)
+
+
+@dataclass(frozen=True)
+class SelectionArtifact(Artifact):
+    """``selection.json``: the chosen anchor pairs, every candidate configuration with its FLOPs, score and bucket,
+    and the selected ones (rows: source, i, target, j, flops, D, cap, score, bucket)."""
+
+    KIND: ClassVar[str] = "selection"
+    RECORD: ClassVar[str] = SELECTION_JSON
+    family: str
+    method: str
+    params: dict
+    anchors: list
+    anchor_flops: dict
+    anchor_pairs: list
+    anchor_selection: dict
+    buckets: dict
+    candidates: list
+    selected: list
 
 
 # ------------------------------------------------------------------------------------------------ anchor pairs
@@ -241,50 +277,27 @@ def sample_configs(tables: list[dict], max_pairs: int | None, seed: int = 0) -> 
 
 
 # ------------------------------------------------------------------------------------------------------- select
-def select(family: Family | str, run_dir: Path | str, method: str = "klas", tau: float = 0.05,
-           num_buckets: int | None = None, score_form: str | None = None, lam: float = 1.0,
-           anchor_rule: str | None = None, anchor_pairs: Sequence | None = None, max_pairs: int | None = 48,
-           fit: FitConfig = FitConfig(), max_buckets: int = 500, data_root: Path | str | None = None,
-           pretrained: bool | None = None, weights=None, force: bool = False, progress: bool = True) -> dict:
-    """Select stitch configurations with ``method``; writes ``selection/selection-<method>.json`` and
-    ``selection/selection.json`` (the latest selection, read by the later stages) plus a candidates plot."""
-    if method not in METHODS:
-        raise KlasError(f"--method {method!r}: unknown; expected one of {', '.join(METHODS)}")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau >= 0):
-        raise KlasError(f"--tau {tau}: must be a finite number >= 0")
-    if num_buckets is not None and num_buckets < 0:
-        raise KlasError(f"--num-buckets {num_buckets}: must be >= 1 (or 0 / omitted for the automatic count)")
-    num_buckets = num_buckets or None
-    if max_buckets < 1:
-        raise KlasError(f"--max-buckets {max_buckets}: must be >= 1")
-    score_form = score_form or DEFAULT_FORM
-    stitch_score(torch.zeros(1, 1), torch.ones(1), score_form, lam)  # validates the form name
-    default_rule = "nearest" if method.startswith("snnet") else "klas"
-    anchor_rule = anchor_rule or default_rule
-    if anchor_rule not in ANCHOR_RULES:
-        raise KlasError(f"--anchor-rule {anchor_rule!r}: unknown; expected one of {', '.join(ANCHOR_RULES)}")
-    family = resolve_family(family, pretrained, weights)
+def select(family: Family, run_dir: Path | str, cfg: SelectionConfig, *, seed: int = 0,
+           data_root: Path | str | None = None, out: Path | None = None, progress: bool = True) -> SelectionArtifact:
+    """Select stitch configurations with ``cfg.method`` from the run's scores; writes ``selection.json`` and a
+    candidates plot into ``out`` (default: the run's ``selection/`` folder, the stage's artifact)."""
+    method, tau, num_buckets, max_buckets, max_pairs = (cfg.method, cfg.tau, cfg.num_buckets, cfg.max_buckets,
+                                                        cfg.max_pairs)
+    anchor_rule = cfg.anchor_rule or ("nearest" if method.startswith("snnet") else "klas")
+    anchor_pairs = [p.split(":") for p in cfg.anchor_pairs.split(",")] if cfg.anchor_pairs else None
     run = RunDir(run_dir, family.name)
-    out = run.stage("selection")
-    rec_s, tensors, metric_tensors = load_scores(run_dir, family.name)
+    out = Path(out) if out is not None else run.stage("selection")
+    rec_s, tensors, metric_tensors = load_scores(run.path)
+    score_form, lam = rec_s.score_form, rec_s.lam
     names = [v.name for v in family]
-    if rec_s["anchor_kl"]["names"] != names:
-        raise KlasError(f"{run.path / 'scores' / SCORES_FILE}: scored anchors {rec_s['anchor_kl']['names']} differ "
-                        f"from the family's {names}; rerun `klas score`")
+    if rec_s.anchor_kl["names"] != names:
+        raise KlasError(f"{run.path / 'scores' / SCORES_FILE}: scored anchors {rec_s.anchor_kl['names']} differ "
+                        f"from the family's {names}; rerun the scores stage")
     kl = tensors["anchor_kl"]
     pairs = parse_anchor_pairs(anchor_pairs, family) if anchor_pairs else choose_anchor_pairs(names, kl, anchor_rule)
     params = dict(tau=tau, num_buckets=num_buckets, score_form=score_form, lam=lam,
                   anchor_rule="explicit" if anchor_pairs else anchor_rule,
-                  max_pairs=max_pairs if method in FITTED_METRICS else None,
-                  max_buckets=max_buckets, fit=asdict(fit) if method in FITTED_METRICS else None)
-    inputs = _plain(dict(scores_sha256=rec_s.get("scores_sha256"), method=method, params=params, pairs=pairs))
-    path_m = out / f"selection-{method}.json"
-    if not force and path_m.is_file():
-        prev = load_json(path_m)
-        if prev.get("inputs") == inputs:
-            print(f"[select] {path_m}: up to date, skipped", flush=True)
-            save_json(prev, out / SELECTION_JSON)
-            return prev
+                  max_pairs=max_pairs if method in FITTED_METRICS else None, max_buckets=max_buckets)
     t0 = time.time()
     d_of = {p: tensors[f"D/{p[0]}/{p[1]}"].double() for p in pairs}
     cap_of = {b: tensors[f"cap/{b}"].double() for _, b in pairs}
@@ -302,12 +315,12 @@ def select(family: Family | str, run_dir: Path | str, method: str = "klas", tau:
         missing = [p for p in pairs if key.format(*p) not in metric_tensors]
         if missing:
             raise KlasError(f"{run.path / 'scores'}: no {method!r} table for {missing[0][0]}->{missing[0][1]}; rerun "
-                            f"`klas score` with metrics enabled")
+                            f"the scores stage with scores.metrics = true")
         tables = tables_with(lambda p: metric_tensors[key.format(*p)].double())
     else:
         tables = tables_with(lambda p: None)
         t_fit = time.time()
-        fitted = _fit_scores(family, tables, method, fit, max_pairs, data_root, progress)
+        fitted = _fit_scores(family, tables, method, max_pairs, seed, data_root, progress)
         cost.update(fit_wall_s=round(time.time() - t_fit, 2), configs_fitted=fitted,
                     per_config_s=round((time.time() - t_fit) / max(fitted, 1), 3))
 
@@ -344,19 +357,17 @@ def select(family: Family | str, run_dir: Path | str, method: str = "klas", tau:
     params["cost"] = cost
     nearest = nearest_pairs(names)
     klas_pairs = klas_anchor_pairs(names, kl)
-    rec = dict(family=family.name, method=method, params=params, anchors=names,
-               anchor_flops={v.name: v.flops for v in family}, anchor_pairs=[list(p) for p in pairs],
-               anchor_selection=dict(kl=dict(names=names, matrix=kl.tolist()), rule=params["anchor_rule"],
-                                     klas_pairs=[list(p) for p in klas_pairs],
-                                     nearest_pairs=[list(p) for p in nearest],
-                                     klas_equals_nearest=klas_pairs == nearest),
-               buckets={f"{t['source']}->{t['target']}": bucket_edges(t["lo"], t["hi"], n) for t in tables},
-               candidates=candidates, selected=selected, inputs=inputs)
-    rec = _plain(rec)
-    plot_candidates(rec, out / f"candidates-{method}.png")
-    save_json(rec, path_m)
-    save_json(rec, out / SELECTION_JSON)
-    return rec
+    art = SelectionArtifact(**_plain(dict(
+        family=family.name, method=method, params=params, anchors=names,
+        anchor_flops={v.name: v.flops for v in family}, anchor_pairs=[list(p) for p in pairs],
+        anchor_selection=dict(kl=dict(names=names, matrix=kl.tolist()), rule=params["anchor_rule"],
+                              klas_pairs=[list(p) for p in klas_pairs], nearest_pairs=[list(p) for p in nearest],
+                              klas_equals_nearest=klas_pairs == nearest),
+        buckets={f"{t['source']}->{t['target']}": bucket_edges(t["lo"], t["hi"], n) for t in tables},
+        candidates=candidates, selected=selected)))
+    plot_candidates(asdict(art), out / f"candidates-{method}.png")
+    art.save(out)
+    return art
 
 
 def _plain(obj):
@@ -390,16 +401,19 @@ def _snnet_chosen(table: dict, method: str, rule_used: dict) -> list[bool]:
     return [(i, j) in cfgs for i, j in zip(table["i"], table["j"])]
 
 
-def _fit_scores(family: Family, tables: list[dict], method: str, fit: FitConfig, max_pairs: int | None,
+def _fit_scores(family: Family, tables: list[dict], method: str, max_pairs: int | None, seed: int,
                 data_root, progress: bool) -> int:
-    """Fill the score column of the sampled configurations with the fitted metric; returns how many were fitted."""
-    picks = sample_configs(tables, max_pairs, fit.seed)
-    train = load_dataset(family.cfg.dataset, "train", data_root).subset(fit.train_samples)
-    val = load_dataset(family.cfg.dataset, "val", data_root).subset(fit.val_samples)
+    """Fill the score column of the sampled configurations with the fitted metric (at its reference budget,
+    ``klas.research.metrics.REFERENCE_FIT``); returns how many were fitted."""
+    from klas.research.metrics import REFERENCE_FIT as fit, REFERENCE_VAL_SAMPLES, FittedScorer
+
+    picks = sample_configs(tables, max_pairs, seed)
+    train = load_dataset(family.cfg.dataset, "train", data_root).subset(fit.samples)
+    val = load_dataset(family.cfg.dataset, "val", data_root).subset(REFERENCE_VAL_SAMPLES)
     used = sorted({tables[t]["source"] for t, _ in picks} | {tables[t]["target"] for t, _ in picks},
                   key=[v.name for v in family].index)
     scorer = FittedScorer([family[a] for a in used], train.normalize(train.images), train.labels,
-                          val.normalize(val.images), val.labels, fit)
+                          val.normalize(val.images), val.labels)
     try:
         configs = [(tables[t]["source"], tables[t]["i"][r], tables[t]["target"], tables[t]["j"][r]) for t, r in picks]
         values = scorer.score_all(method, configs, progress)
@@ -436,3 +450,17 @@ def plot_candidates(rec: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- the stage contract ---------------------------------------------------------------------------------------------
+NAME, CONFIG, ARTIFACT, AFTER = "selection", SelectionConfig, SelectionArtifact, ("scores",)
+DESCRIBE = "choose anchor pairs and the stitches per FLOPs bucket"
+
+
+def run(cfg: SelectionConfig, ctx: StageContext) -> SelectionArtifact:
+    return select(ctx.family, ctx.run_dir.path, cfg, seed=ctx.seed, data_root=ctx.data_root, progress=ctx.progress)
+
+
+def summary(art: SelectionArtifact) -> dict:
+    return dict(method=art.method, selected=len(art.selected), candidates=len(art.candidates),
+                anchor_pairs=art.anchor_pairs)

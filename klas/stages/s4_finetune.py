@@ -7,8 +7,8 @@ Determinism is by construction, so that a resumed run equals an uninterrupted on
   same one, so all ranks run the same sub-network and DDP reduces gradients of the same parameters;
 * the data order of epoch ``e`` comes from a generator seeded by (seed, e); a resumed epoch replays its first
   batches without training on them (cheap: indexing + augmentation) to reach the same position;
-* the learning rate is a pure function of the step; optimizer state, torch's global RNG and the history travel in
-  the checkpoint.
+* the learning rate is a closed form of the step (``klas.train.WarmupCosineLR``); weights, optimizer and schedule
+  state, torch's global RNG and the history travel in the checkpoint (``klas.train.Trainer``).
 
 DDP: each step runs one configuration, so most parameters (other stitch layers, skipped blocks, other anchors) get
 no gradient; the model is wrapped with ``find_unused_parameters=True`` (the used set is identical on every rank
@@ -22,11 +22,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -36,9 +37,11 @@ from tqdm import tqdm
 from klas import distributed as kd
 from klas.errors import KlasError
 from klas.families import Family, create_family, stitchable
-from klas.io import load_checkpoint, load_json, load_tensors, save_checkpoint, save_json, save_tensors
+from klas.io import load_checkpoint, load_json, load_tensors, save_json, save_tensors
+from klas.contract import Artifact, StageContext, digest, key_fields, setting
 from klas.rundir import RunDir
 from klas.stitch import FitCfg, StitchConfig, StitchedNet, StitchLayer, fit_stitch
+from klas.train import Trainer, progress_bar
 
 CKPT, ANCHORS, STITCHES, INIT_STITCHES, META = ("supernet.ckpt", "anchors.safetensors", "stitch_layers.safetensors",
                                                  "init_stitch_layers.safetensors", "supernet.json")
@@ -47,48 +50,61 @@ PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
-class FinetuneCfg:
-    """Supernetwork finetuning budget and recipe.
+class FinetuneConfig:
+    """Finetuning of the selected stitches in one SN-Net supernetwork (anchors shared by every configuration).
 
-    ``epochs`` x ``steps_per_epoch`` is the budget (None: one pass over the train split per epoch). ``sampling``:
-    ``uniform`` draws a configuration per step i.i.d. (SN-Net); ``balanced`` (default) walks seeded permutations of
-    all configurations so each gets the same number of steps (+-1) under any budget -- fairer for short budgets.
-    ``amp``: auto (bf16 autocast on CUDA, off on CPU), bf16, or off. ``ckpt_every``: also checkpoint every K steps.
-    Multi-process (torchrun) only: ``accum_steps`` micro-batches per rank and step (same result, less memory),
-    ``parallel``: ddp (default) or fsdp (CUDA only).
+    ``epochs`` x ``steps_per_epoch`` is the budget. ``sampling``: ``uniform`` draws a configuration per step i.i.d.
+    (SN-Net); ``balanced`` walks seeded permutations of all configurations so each gets the same number of steps
+    (+-1) under any budget -- fairer for short budgets. Under torchrun, ``accum_steps`` micro-batches per rank and
+    step (same result, less memory) and ``parallel`` (ddp, or fsdp on CUDA) change memory and speed, not results.
     """
 
-    epochs: int = 1
-    steps_per_epoch: int | None = None
-    batch_size: int = 128
-    lr: float = 5e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_frac: float = 0.05
-    clip_grad: float = 1.0
-    label_smoothing: float = 0.1
-    augment: bool = True
-    train_samples: int | None = None
-    sampling: str = "balanced"
-    seed: int = 0
-    amp: str = "auto"
+    epochs: int = setting(1, "training epochs", ge=1)
+    steps_per_epoch: int | None = setting(None, "optimizer steps per epoch", ge=1, none="pass")
+    batch_size: int = setting(128, "global images per step", ge=1)
+    lr: float = setting(5e-4, "AdamW peak learning rate", gt=0)
+    min_lr: float = setting(1e-6, "learning rate at the end of the cosine decay", ge=0)
+    weight_decay: float = setting(0.05, "AdamW weight decay (not on biases, norms, embeddings)", ge=0)
+    warmup_frac: float = setting(0.05, "share of the budget spent in linear warm-up", ge=0, le=1)
+    clip_grad: float = setting(1.0, "max gradient norm (0: off)", ge=0)
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy", ge=0, le=1)
+    augment: bool = setting(True, "random shifts and flips of training images")
+    train_subset: int | None = setting(None, "finetune on the first N train images", ge=1, none="all")
+    val_images: int = setting(1000, "val images for the before/after accuracy of every configuration (0: off)",
+                              ge=0)
+    sampling: str = setting("balanced", "configuration per step", choices=SAMPLING)
+    amp: str = setting("auto", "bf16 autocast: auto = on CUDA only", choices=("auto", "bf16", "off"))
+    ckpt_every: int = setting(0, "also checkpoint every K steps (0: at epoch ends only)", ge=0, key=False)
+    accum_steps: int = setting(1, "micro-batches per rank and step (torchrun)", ge=1, key=False)
+    parallel: str = setting("ddp", "data-parallel wrapper under torchrun", choices=PARALLEL, key=False)
     init: FitCfg = FitCfg()
-    val_samples: int = 1000
-    ckpt_every: int = 0
-    accum_steps: int = 1
-    parallel: str = "ddp"
 
-    def __post_init__(self):
-        if self.sampling not in SAMPLING:
-            raise KlasError(f"--sampling {self.sampling!r}: expected one of {', '.join(SAMPLING)}")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise KlasError(f"--amp {self.amp!r}: expected auto, bf16 or off")
-        if self.epochs < 1 or (self.steps_per_epoch is not None and self.steps_per_epoch < 1):
-            raise KlasError(f"finetune budget: epochs ({self.epochs}) and steps per epoch must be >= 1")
-        if self.accum_steps < 1:
-            raise KlasError(f"--accum-steps {self.accum_steps}: must be >= 1")
-        if self.parallel not in PARALLEL:
-            raise KlasError(f"--parallel {self.parallel!r}: expected one of {', '.join(PARALLEL)}")
+
+@dataclass(frozen=True)
+class FinetuneArtifact(Artifact):
+    """``anchors.safetensors`` + ``stitch_layers.safetensors`` (finetuned), ``init_stitch_layers.safetensors`` (as
+    initialised) and this record: one row per configuration (key, config, flops, samples, val accuracy)."""
+
+    KIND: ClassVar[str] = "finetune"
+    RECORD: ClassVar[str] = META
+    FILES: ClassVar[tuple[str, ...]] = (ANCHORS, STITCHES, INIT_STITCHES)
+    family: str
+    num_classes: int | None
+    input_shape: list
+    anchor_flops: dict
+    selection: dict
+    weights: str | None
+    pretrained: bool
+    dataset: str
+    cfg: dict
+    steps: int
+    steps_per_epoch: int
+    world_size: int
+    wall_s: float
+    history: list
+    configs: list
+    files: dict
+    machine: dict
 
 
 # --- selection input ----------------------------------------------------------------------------------------------
@@ -222,20 +238,11 @@ def config_at(step: int, n_configs: int, seed: int, sampling: str = "balanced") 
     return int(torch.randperm(n_configs, generator=g)[pos])
 
 
-def lr_at(step: int, total: int, cfg: FinetuneCfg) -> float:
-    """Linear warm-up over ``warmup_frac`` of the budget, then cosine decay from ``lr`` to ``min_lr``."""
-    warm = int(round(cfg.warmup_frac * total))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(total - warm, 1)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
-
-
-def _stream(data, cfg: FinetuneCfg, epoch: int, rank: int, world: int):
+def _stream(data, cfg: FinetuneConfig, seed: int, epoch: int, rank: int, world: int):
     """Training batches of epoch ``epoch``: seeded passes over the data, repeated as needed, rank-sharded."""
     from klas.data import batches
 
-    gen = torch.Generator().manual_seed(_derive(cfg.seed, "data", epoch))
+    gen = torch.Generator().manual_seed(_derive(seed, "data", epoch))
     while True:
         yield from batches(data, cfg.batch_size, shuffle=True, gen=gen, train_augment=cfg.augment, drop_last=True,
                            rank=rank, world_size=world)
@@ -254,7 +261,7 @@ def _barrier(world: int) -> None:
         kd.barrier("supernet checkpoint barrier")
 
 
-def _wrap(net: Supernet, cfg: FinetuneCfg, device: torch.device) -> nn.Module:
+def _wrap(net: Supernet, cfg: FinetuneConfig, device: torch.device) -> nn.Module:
     """The data-parallel wrapper: DDP (find_unused_parameters: each step trains one configuration) or FSDP."""
     if cfg.parallel == "fsdp":
         if device.type != "cuda":
@@ -271,28 +278,10 @@ def _wrap(net: Supernet, cfg: FinetuneCfg, device: torch.device) -> nn.Module:
 
 # --- finetuning ---------------------------------------------------------------------------------------------------
 
-def _fingerprint(family: str, weights, configs: list[StitchConfig], cfg: FinetuneCfg) -> str:
-    # NOTE: settings that do not change the result (checkpoint cadence, micro-batching, wrapper) stay out, so a
-    # relaunch with other values resumes the same run
-    d = asdict(replace(cfg, ckpt_every=0))
-    for key in ("accum_steps", "parallel"):
-        d.pop(key)
-    return hashlib.sha256(json.dumps([family, str(weights), [c.key for c in configs], d], sort_keys=True,
-                                     default=str).encode()).hexdigest()[:16]
-
-
-def _init_fingerprint(family: str, weights, configs: list[StitchConfig], init: FitCfg) -> str:
-    return hashlib.sha256(json.dumps([family, str(weights), [c.key for c in configs], asdict(init)],
-                                     sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on biases, norms, position embeddings and class tokens (the usual ViT/timm convention)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token", "reg_token"))
-        (no_decay if skip else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+def _resume_tag(family: str, weights, configs: list[StitchConfig], cfg, seed: int) -> str:
+    """What a checkpoint was made for (settings that change results, configurations, seed): a relaunch with other
+    settings never resumes it. Whether the stage is *done* is the pipeline's decision, not this."""
+    return digest(family, str(weights), [c.key for c in configs], key_fields(cfg), seed)
 
 
 @torch.no_grad()
@@ -327,7 +316,7 @@ def _build_family(family: str | Family, weights) -> Family:
     return create_family(family, pretrained=True, weights=weights)
 
 
-def _init_layers(net: Supernet, train, cfg: FinetuneCfg, path: Path, fp: str, rank: int,
+def _init_layers(net: Supernet, train, cfg: FinetuneConfig, seed: int, path: Path, fp: str, rank: int,
                  progress: bool) -> dict[int, dict]:
     """Fit every stitch layer (or reload the fit made before an interruption); returns per-config fit statistics."""
     if path.is_file():
@@ -335,32 +324,31 @@ def _init_layers(net: Supernet, train, cfg: FinetuneCfg, path: Path, fp: str, ra
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        if meta.get("fingerprint") == fp:
+        if meta.get("resume_tag") == fp:
             net.load_stitch_tensors(load_tensors(path), str(path))
             return {int(k): v for k, v in json.loads(meta["stats"]).items()}
     stats: dict[int, dict] = {}
     todo = [k for k, c in enumerate(net.configs) if not c.is_anchor]
     for k in tqdm(todo, desc=f"[supernet] init stitch layers ({cfg.init.method})", disable=not progress or rank != 0):
         c = net.configs[k]
-        fit = replace(cfg.init, seed=_derive(cfg.init.seed, "init", k) & 0xFFFFFFFF)
+        fit = replace(cfg.init, seed=_derive(seed, "init", k) & 0xFFFFFFFF)
         layer, st = fit_stitch(net.view(c.source), c.i, net.view(c.target), c.j, train, fit)
         net.stitches[str(k)].load_state_dict(layer.state_dict())
         stats[k] = st
     if rank == 0:
-        save_tensors(net.stitch_tensors(), path, metadata=dict(fingerprint=fp, stats=json.dumps(stats)))
+        save_tensors(net.stitch_tensors(), path, metadata=dict(resume_tag=fp, stats=json.dumps(stats)))
     return stats
 
 
-def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str | None = None,
-                      cfg: FinetuneCfg = FinetuneCfg(), family: str | Family | None = None, weights=None,
+def finetune_supernet(run_dir: Path | str | RunDir, cfg: FinetuneConfig, *, seed: int,
+                      selection_path: Path | str | None = None, family: str | Family | None = None, weights=None,
                       data_root: Path | str | None = None, dataset: str | None = None, progress: bool = True,
-                      restart: bool = False, on_step=None) -> dict:
+                      restart: bool = False, on_step=None) -> FinetuneArtifact:
     """Initialise the stitch layers and finetune the supernetwork of a selection; resumable, DDP-ready.
 
-    Writes ``run_dir/supernet/``: ``supernet.ckpt`` (training state: every epoch and every ``cfg.ckpt_every``
+    Writes ``run_dir/finetune/``: ``supernet.ckpt`` (training state: every epoch and every ``cfg.ckpt_every``
     steps), ``init_stitch_layers.safetensors`` (stitch layers before finetuning), ``stitch_layers.safetensors`` and
-    ``anchors.safetensors`` (finetuned weights), ``supernet.json`` (configurations, figures, history) and
-    ``training.png``. A finished run with the same settings is returned from its ``supernet.json`` unchanged.
+    ``anchors.safetensors`` (finetuned weights), ``supernet.json`` (the artifact record) and ``training.png``.
 
     Args:
         selection_path: a selection.json (default: ``run_dir/selection/selection.json``).
@@ -378,25 +366,21 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
     sel_path = Path(selection_path) if selection_path is not None else Path(run_dir if run is None else run.path) \
         / "selection" / "selection.json"
     if not sel_path.is_file():
-        raise KlasError(f"{sel_path}: selection file not found (run `klas select` or pass --selection)")
+        raise KlasError(f"{sel_path}: selection file not found (run the selection stage first)")
     fam_name = family.name if isinstance(family, Family) else family
     if fam_name is None:
         fam_name = load_json(sel_path).get("family")
     if run is None:
         run = RunDir(run_dir, fam_name)
     fam_name = fam_name or run.family
-    out = run.stage("supernet")
+    out = run.stage("finetune")
     fam = _build_family(family if family is not None else fam_name, weights)
     configs = read_selection(sel_path, fam)
-    fp = _fingerprint(fam.name, weights, configs, cfg)
-    if (out / META).is_file() and (out / STITCHES).is_file() and (out / ANCHORS).is_file():
-        meta = load_json(out / META)
-        if meta.get("fingerprint") == fp:
-            return meta
+    fp = _resume_tag(fam.name, weights, configs, cfg, seed)
 
     dataset = dataset or run.meta.get("dataset") or fam.cfg.dataset
-    train = load_dataset(dataset, "train", data_root).subset(cfg.train_samples)
-    val = load_dataset(dataset, "val", data_root).subset(cfg.val_samples) if cfg.val_samples else None
+    train = load_dataset(dataset, "train", data_root).subset(cfg.train_subset)
+    val = load_dataset(dataset, "val", data_root).subset(cfg.val_images) if cfg.val_images else None
     spe = cfg.steps_per_epoch or (len(train) // cfg.batch_size)
     if spe < 1:
         raise KlasError(f"--batch-size {cfg.batch_size}: larger than the training set ({len(train)} images)")
@@ -405,71 +389,63 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
 
     device = kd.info().device
     use_amp = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     net = Supernet(fam, configs)
-    init_stats = _init_layers(net, train, cfg, out / INIT_STITCHES,
-                              _init_fingerprint(fam.name, weights, configs, cfg.init), rank, progress)
+    init_stats = _init_layers(net, train, cfg, seed, out / INIT_STITCHES,
+                              _resume_tag(fam.name, weights, configs, cfg.init, seed), rank, progress)
     ck = load_checkpoint(out / CKPT) if (out / CKPT).is_file() else None
-    if ck is not None and ck.get("fingerprint") != fp and restart:
+    if ck is not None and not Trainer.matches(ck, fp) and restart:
         ck = None
-    if ck is not None and ck.get("fingerprint") != fp:
-        raise KlasError(f"{out / CKPT}: checkpoint was made with other settings or another selection; delete it "
-                        f"(or pass --restart) to start over")
-    state = dict(step=0, history=[], losses=[], counts=[0] * len(configs), wall_s=0.0, val_init=None)
+    if ck is not None and not Trainer.matches(ck, fp):
+        raise KlasError(f"{out / CKPT}: checkpoint was made with other settings, another selection or an older klas; "
+                        f"delete it (or pass --restart) to start over")
+    state = dict(history=[], losses=[], counts=[0] * len(configs), wall_s=0.0, val_init=None)
     if val is not None and ck is None:
         state["val_init"] = [config_accuracy(net.net(k), val, sharded=True) for k in range(len(configs))]
     net.to(device)
-    opt = torch.optim.AdamW(_param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    # warm-up over warmup_frac of the budget, cosine to min_lr; no decay on biases, norms, embeddings
+    tr = Trainer(net, lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=total,
+                 warmup_steps=int(round(cfg.warmup_frac * total)), min_lr=cfg.min_lr, clip_grad=cfg.clip_grad,
+                 no_decay=True)
     if ck is not None:
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        tr.load_state_dict(ck)
         state = ck["state"]
-        torch.set_rng_state(ck["torch_rng"])
         if rank == 0 and progress:
-            print(f"[supernet] resuming at step {state['step']}/{total}", flush=True)
+            print(f"[supernet] resuming at step {tr.step}/{total}", flush=True)
     model = _wrap(net, cfg, device) if world > 1 else net
 
     def save_ckpt() -> None:
         if rank == 0:
-            save_checkpoint(dict(fingerprint=fp, model=net.state_dict(), opt=opt.state_dict(), state=state,
-                                 torch_rng=torch.get_rng_state()), out / CKPT)
+            tr.save(out / CKPT, resume_tag=fp, state=state)
         _barrier(world)
 
-    params = [p for p in net.parameters()]
-    bar = tqdm(total=total, initial=state["step"], desc=f"[supernet] finetune {len(configs)} configs",
-               disable=not progress or rank != 0)
+    bar = progress_bar(total=total, initial=tr.step, desc=f"[supernet] finetune {len(configs)} configs",
+                       enabled=progress, file=sys.stderr, leave=True)
     net.train()
-    while state["step"] < total:
-        epoch, pos = divmod(state["step"], spe)
+    while tr.step < total:
+        epoch, pos = divmod(tr.step, spe)
         t0 = time.perf_counter()
-        stream = itertools.islice(_stream(train, cfg, epoch, rank, world), pos, None)
+        stream = itertools.islice(_stream(train, cfg, seed, epoch, rank, world), pos, None)
         for _ in range(pos, spe):
             x, y = next(stream)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            step = state["step"]
-            k = config_at(step, len(configs), cfg.seed, cfg.sampling)
-            lr = lr_at(step, total, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
+            k = config_at(tr.step, len(configs), seed, cfg.sampling)
+            lr = tr.lr  # this step's learning rate (the history records the last one of each epoch)
             loss = _accumulate(model, x, y, k, cfg, device.type, use_amp, world)
-            if cfg.clip_grad > 0:
-                nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.clip_grad)
-            opt.step()
-            state["step"] = step + 1
+            tr.update()
             state["counts"][k] += 1
             state["losses"].append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", cfg=k)
             if on_step is not None:
-                on_step(state["step"])
-            if cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0 and state["step"] % spe:
+                on_step(tr.step)
+            if cfg.ckpt_every and tr.step % cfg.ckpt_every == 0 and tr.step % spe:
                 state["wall_s"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save_ckpt()
         state["wall_s"] += time.perf_counter() - t0
         done = state["losses"][epoch * spe:]  # the whole epoch, also when it was resumed midway
-        state["history"].append(dict(epoch=epoch + 1, step=state["step"], lr=lr, loss=sum(done) / len(done)))
+        state["history"].append(dict(epoch=epoch + 1, step=tr.step, lr=lr, loss=sum(done) / len(done)))
         save_ckpt()
     bar.close()
     net.eval()
@@ -477,18 +453,18 @@ def finetune_supernet(run_dir: Path | str | RunDir, selection_path: Path | str |
                  if val else None)
     net.cpu()
     ctx = dict(weights=None if weights is None else str(weights), pretrained=not isinstance(family, Family),
-               dataset=dataset, fingerprint=fp, cfg=asdict(cfg), steps=total, steps_per_epoch=spe, world_size=world)
-    meta = _summary(net, fam, sel_path, ctx, state, init_stats, val_final)
+               dataset=dataset, cfg=dict(asdict(cfg), seed=seed), steps=total, steps_per_epoch=spe, world_size=world)
+    art = FinetuneArtifact(**_summary(net, fam, sel_path, ctx, state, init_stats, val_final))
     if rank == 0:
         save_tensors(net.anchor_tensors(), out / ANCHORS, metadata=dict(family=fam.name))
         save_tensors(net.stitch_tensors(), out / STITCHES, metadata=dict(family=fam.name))
-        save_json(meta, out / META)
+        art.save(out)
         _plot_training(state["losses"], out / "training.png")
     _barrier(world)
-    return meta
+    return art
 
 
-def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, cfg: FinetuneCfg, device_type: str,
+def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, cfg: FinetuneConfig, device_type: str,
                 use_amp: bool, world: int) -> torch.Tensor:
     """Forward + backward of configuration ``k`` on this rank's shard in ``accum_steps`` micro-batches, each loss
     weighted by its share of the shard (so the gradient is the shard mean, as in one pass); gradients are only
@@ -570,10 +546,10 @@ def load_supernet(run_dir: Path | str | RunDir, state: str = "final", anchors: l
     anchors. Returns (supernet in eval mode, supernet.json)."""
     if state not in ("final", "init"):
         raise KlasError(f"state {state!r}: expected final or init")
-    sdir = _run_path(run_dir) / "supernet"
+    sdir = _run_path(run_dir) / "finetune"
     meta_path = sdir / META
     if not meta_path.is_file():
-        raise KlasError(f"{meta_path}: missing; run `klas finetune` first")
+        raise KlasError(f"{meta_path}: missing; run the finetune stage first")
     meta = load_json(meta_path)
     configs = [StitchConfig.from_dict(r["config"], f"{meta_path}: configs[{r['index']}]") for r in meta["configs"]]
     keep = [k for k, c in enumerate(configs) if anchors is None or {c.source, c.target} <= set(anchors)]
@@ -599,9 +575,9 @@ def load_stitched(run_dir: Path | str | RunDir, config: StitchConfig | dict | st
                   ) -> StitchedNet:
     """One finetuned standalone stitched network of a run (eval mode), by StitchConfig, {source,i,target,j} or key.
     Only the one or two anchors it uses are built."""
-    meta_path = _run_path(run_dir) / "supernet" / META
+    meta_path = _run_path(run_dir) / "finetune" / META
     if not meta_path.is_file():
-        raise KlasError(f"{meta_path}: missing; run `klas finetune` first")
+        raise KlasError(f"{meta_path}: missing; run the finetune stage first")
     meta = load_json(meta_path)
     if isinstance(config, dict):
         config = StitchConfig.from_dict(config)
@@ -612,3 +588,19 @@ def load_stitched(run_dir: Path | str | RunDir, config: StitchConfig | dict | st
     c = StitchConfig.from_dict(meta["configs"][keys.index(key)]["config"])
     net, _ = load_supernet(run_dir, state, anchors=sorted({c.source, c.target}))
     return net.net(keys.index(key))
+
+
+# --- the stage contract ---------------------------------------------------------------------------------------------
+NAME, CONFIG, ARTIFACT, AFTER = "finetune", FinetuneConfig, FinetuneArtifact, ("selection",)
+DESCRIBE = "least-squares stitch init + supernetwork finetuning"
+
+
+def run(cfg: FinetuneConfig, ctx: StageContext) -> FinetuneArtifact:
+    # NOTE: restart: a checkpoint made under other settings belongs to a stale run of this stage (the pipeline
+    # re-runs it because its key changed), so it is discarded rather than refused
+    return finetune_supernet(ctx.run_dir, cfg, seed=ctx.seed, family=ctx.run.family, weights=ctx.run.weights,
+                             data_root=ctx.data_root, dataset=ctx.data.dataset, progress=ctx.progress, restart=True)
+
+
+def summary(art: FinetuneArtifact) -> dict:
+    return dict(configurations=len(art.configs), steps=art.steps, wall_s=art.wall_s)

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from klas.errors import KlasError
 from klas.io import load_json, save_json
+from klas.contract import Artifact, StageContext, setting
 from klas.rundir import RunDir
 
 AUC_DEFINITION = ("AUC = integral over x in [0,1] of A(x), A(x) = max test accuracy (fraction) among configurations "
@@ -108,16 +111,48 @@ def measure_latency(net: torch.nn.Module, input_shape: tuple[int, ...], batch: i
 
 # --- the stage ----------------------------------------------------------------------------------------------------
 
-def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = None, test_samples: int | None = None,
-                 latency: bool = True, latency_repeats: int = 30, threads: int = 1, batch_size: int = 500,
-                 state: str = "final", family=None, progress: bool = True) -> dict:
-    """Evaluate every configuration of a finetuned run on the test split; writes ``run_dir/evaluation/``
-    ``evaluation.json`` (``evaluation-init.json`` for ``state='init'``: the stitch layers before finetuning), a
-    markdown table and a PNG of the accuracy-vs-FLOPs curve. Unchanged inputs return the existing file.
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Every finetuned configuration on the test split: accuracy, FLOPs, params, CPU latency; the Pareto front."""
+
+    test_subset: int | None = setting(None, "evaluate on the first N test images", ge=1, none="all")
+    batch_size: int = setting(500, "test images per forward", ge=1, key=False)
+    latency: bool = setting(True, "measure CPU latency (batch 1) of every configuration")
+    latency_repeats: int = setting(30, "timed runs per configuration (median reported)", ge=1)
+    threads: int = setting(1, "torch threads while timing", ge=1)
+
+
+@dataclass(frozen=True)
+class EvaluationArtifact(Artifact):
+    """``evaluation.json``: one row per configuration (key, config, anchor, flops, params, test_acc, latency_ms,
+    pareto), the AUC and its definition; plus a markdown table and a PNG of the curve."""
+
+    KIND: ClassVar[str] = "evaluation"
+    RECORD: ClassVar[str] = "evaluation.json"
+    family: str
+    dataset: str
+    split: str
+    n_test: int
+    state: str
+    flops_range: dict
+    auc: float
+    auc_definition: str
+    n_pareto: int
+    selection: dict | None
+    configs: list
+    machine: dict
+    world_size: int
+
+
+def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_root: Path | str | None = None,
+                 state: str = "final", family=None, out: Path | None = None,
+                 progress: bool = True) -> EvaluationArtifact:
+    """Evaluate every configuration of a finetuned run on the test split; writes ``evaluation.json`` (the
+    artifact), a markdown table and a PNG of the accuracy-vs-FLOPs curve into ``out`` (default:
+    ``run_dir/evaluation``, or ``run_dir/evaluation/init`` for ``state='init'``: the stitch layers before finetuning,
+    a research comparison).
 
     Args:
-        test_samples: evaluate on the first N test images (None: all).
-        latency: measure CPU latency (batch 1, ``threads`` threads, median of ``latency_repeats``).
         family: an already built family (needed for ``state='init'`` of runs whose anchors were passed in).
     """
     from tqdm import tqdm
@@ -127,18 +162,12 @@ def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = No
     from klas.stages.s4_finetune import config_accuracy, load_supernet
 
     di = kd.init()
-
+    test_samples, latency, latency_repeats, threads, batch_size = (cfg.test_subset, cfg.latency, cfg.latency_repeats,
+                                                                   cfg.threads, cfg.batch_size)
     path = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
     run = RunDir(path)
-    out = run.stage("evaluation")
-    name = "evaluation.json" if state == "final" else f"evaluation-{state}.json"
-    meta = load_json(run.require("supernet", "supernet.json", hint="`klas finetune`"))
-    settings = dict(state=state, test_samples=test_samples, latency=latency, latency_repeats=latency_repeats,
-                    threads=threads, supernet_fingerprint=meta.get("fingerprint"))
-    if (out / name).is_file():
-        prev = load_json(out / name)
-        if prev.get("settings") == settings:
-            return prev
+    out = Path(out) if out is not None else run.stage("evaluation") / ("" if state == "final" else state)
+    name = EvaluationArtifact.RECORD
     net, meta = load_supernet(path, state, family=family)
     test = load_dataset(meta["dataset"], "test", data_root).subset(test_samples)
     f_min, f_max = min(meta["anchor_flops"].values()), max(meta["anchor_flops"].values())
@@ -159,19 +188,19 @@ def evaluate_run(run_dir: Path | str | RunDir, data_root: Path | str | None = No
     mask = pareto_mask([r["flops"] for r in rows], [r["test_acc"] for r in rows])
     for r, m in zip(rows, mask):
         r["pareto"] = m
-    result = dict(family=meta["family"], dataset=meta["dataset"], split="test", n_test=len(test), state=state,
-                  settings=settings, flops_range=dict(min=f_min, max=f_max, anchors=meta["anchor_flops"]),
-                  auc=auc([r["flops"] for r in rows], [r["test_acc"] for r in rows], f_min, f_max),
-                  auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.get("selection"),
-                  configs=rows, machine=meta_machine(), world_size=di.world)
+    art = EvaluationArtifact(family=meta["family"], dataset=meta["dataset"], split="test", n_test=len(test),
+                             state=state, flops_range=dict(min=f_min, max=f_max, anchors=meta["anchor_flops"]),
+                             auc=auc([r["flops"] for r in rows], [r["test_acc"] for r in rows], f_min, f_max),
+                             auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.get("selection"),
+                             configs=rows, machine=meta_machine(), world_size=di.world)
     if di.is_main:
-        save_json(result, out / name)
-        stem = name[:-5]
-        save_text(markdown_table(rows), out / f"{stem}.md")
-        plot_curves({f"{meta.get('selection', {}).get('method') or 'run'} ({state})": rows}, out / f"{stem}.png",
-                    title=f"{meta['family']}: test accuracy vs FLOPs (AUC {result['auc']:.4f})")
+        out.mkdir(parents=True, exist_ok=True)
+        art.save(out)
+        save_text(markdown_table(rows), out / "evaluation.md")
+        plot_curves({f"{(meta.get('selection') or {}).get('method') or 'run'} ({state})": rows},
+                    out / "evaluation.png", title=f"{meta['family']}: test accuracy vs FLOPs (AUC {art.auc:.4f})")
     kd.barrier("evaluation artifacts")
-    return result
+    return art
 
 
 def save_text(text: str, path: Path) -> None:
@@ -232,3 +261,16 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> N
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+# --- the stage contract ---------------------------------------------------------------------------------------------
+NAME, CONFIG, ARTIFACT, AFTER = "evaluation", EvaluationConfig, EvaluationArtifact, ("finetune",)
+DESCRIBE = "test accuracy, FLOPs, params, latency; Pareto front"
+
+
+def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
+    return evaluate_run(ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress)
+
+
+def summary(art: EvaluationArtifact) -> dict:
+    return dict(configurations=len(art.configs), pareto=art.n_pareto, auc=art.auc)

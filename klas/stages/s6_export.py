@@ -26,10 +26,14 @@ from klas.data import ImageSet, load_dataset
 from klas.errors import KlasError
 from klas.families import count_flops, get_family_cfg
 from klas.io import load_json
-from klas.manifest import (MANIFEST, METADATA_KEY, SCHEMA, SCHEMA_VERSION, embedded_entry, load_manifest, model_path,
-                           now, save_manifest, sha256_bytes, validate, write_atomic)
-from klas.profile import latency_record, machine_info, open_session
+from klas_runtime.errors import ZooError
+from klas_runtime.manifest import (MANIFEST, METADATA_KEY, SCHEMA, SCHEMA_VERSION, embedded_entry, load_manifest,
+                                   model_path, now, save_manifest, sha256_bytes, validate, write_atomic)
+from klas_runtime.profile import latency_record, machine_info, open_session
+from klas.contract import StageContext, digest, setting
+from klas.io import sha256_file
 from klas.rundir import RunDir
+from klas.stages.s5_evaluation import EvaluationArtifact
 from klas.stitch import StitchConfig
 
 ModelProvider = Callable[[StitchConfig], nn.Module]
@@ -39,47 +43,71 @@ ModelProvider = Callable[[StitchConfig], nn.Module]
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-@dataclass
-class ExportOptions:
-    """Knobs of ``klas export``; the defaults are those of the issue (parity on real test images, 99.9%)."""
+@dataclass(frozen=True)
+class ExportConfig:
+    """The ONNX zoo: the anchors and the Pareto configurations, each checked against PyTorch on real test images
+    and timed with onnxruntime on this machine."""
 
-    opset: int = 18
-    parity_images: int = 1000
-    parity_batch: int = 61  # NOTE: odd on purpose: parity then also exercises the dynamic batch axis
-    atol: float = 1e-3
-    min_agreement: float = 0.999
-    accuracy_images: int | None = None  # for models evaluation.json has no accuracy for; None: whole test split
-    profile: bool = True
-    providers: tuple[str | None, ...] = (None,)
-    threads: tuple[int, ...] = (1,)
-    batches: tuple[int, ...] = (1,)
-    warmup: int = 20
-    runs: int = 200
-    data_root: Path | None = None
-    progress: bool = True
+    opset: int = setting(18, "ONNX opset", ge=18)
+    parity_images: int = setting(10000, "test images for the ONNX vs PyTorch check", ge=1)
+    parity_batch: int = setting(61, "images per parity batch (odd on purpose: exercises the dynamic batch axis)",
+                                ge=1, key=False)
+    atol: float = setting(1e-3, "max |logit difference| allowed", gt=0)
+    min_agreement: float = setting(0.999, "min top-1 agreement with PyTorch (fraction)", ge=0, le=1)
+    accuracy_images: int | None = setting(None, "test images for the accuracy of models the evaluation lacks",
+                                          ge=1, none="all")
+    profile: bool = setting(True, "measure onnxruntime latency of every model (else: `klas profile` later)")
+    provider: str | None = setting(None, "onnxruntime execution provider to time on", choices=("cpu", "cuda"),
+                                   none="auto")
+    threads: int = setting(1, "intra-op threads while timing", ge=1)
+    batch: int = setting(1, "batch size while timing", ge=1)
+    warmup: int = setting(20, "untimed runs first", ge=0)
+    runs: int = setting(200, "timed runs per measurement", ge=1)
+
+
+class ExportArtifact:
+    """The zoo folder: ``manifest.json`` (validated by ``klas_runtime``) and the model files it lists."""
+
+    KIND, VERSION, RECORD = "export", SCHEMA_VERSION, MANIFEST
+
+    def __init__(self, manifest: dict):
+        self.manifest = manifest
+        self.models = manifest["models"]
+
+    def save(self, folder: Path | str) -> None:
+        save_manifest(validate(self.manifest), Path(folder))
+
+    @classmethod
+    def load(cls, folder: Path | str) -> "ExportArtifact":
+        return cls(load_manifest(Path(folder), verify_files=False))
+
+    @classmethod
+    def digest(cls, folder: Path | str) -> str | None:
+        """sha256 over the manifest (which holds every model file's sha256) -- None if any listed file is missing
+        or differs from its recorded hash."""
+        folder = Path(folder)
+        if not (folder / MANIFEST).is_file():
+            return None
+        try:
+            load_manifest(folder, verify_files=True)
+        except ZooError:
+            return None
+        return digest(sha256_file(folder / MANIFEST))
 
 
 # --- what to export ----------------------------------------------------------------------------------------------
 
-def read_evaluation(path: Path | str) -> list[dict]:
-    """The configurations of evaluation.json: a list, or an object holding one list of ``{config: ...}`` rows."""
-    data = load_json(path)
-    rows = data if isinstance(data, list) else None
-    if isinstance(data, dict):  # the evaluation stage writes {..., "configs": [...]}
-        rows = next((v for v in data.values() if isinstance(v, list) and v and isinstance(v[0], dict)
-                     and "config" in v[0]), None)
-    if rows is None:
-        raise KlasError(f"{path}: expected a list of configurations {{config: {{source, i, target, j}}, flops, "
-                        f"params, test_acc, pareto}}")
+def check_rows(rows: list, where: str) -> list[dict]:
+    """The evaluation rows, checked: each has a config {source, i, target, j}, a boolean pareto, a percentage."""
     for k, row in enumerate(rows):
         cfg = row.get("config") if isinstance(row, dict) else None
         if not isinstance(cfg, dict) or not all(key in cfg for key in ("source", "i", "target", "j")):
-            raise KlasError(f"{path}: configuration {k} has no config {{source, i, target, j}}")
+            raise KlasError(f"{where}: configuration {k} has no config {{source, i, target, j}}")
         if "pareto" in row and not isinstance(row["pareto"], bool):
-            raise KlasError(f"{path}: configuration {k}: 'pareto' must be true or false")
+            raise KlasError(f"{where}: configuration {k}: 'pareto' must be true or false")
         acc = row.get("test_acc")
         if acc is not None and not (isinstance(acc, (int, float)) and 0 <= acc <= 100):
-            raise KlasError(f"{path}: configuration {k}: test_acc {acc!r} is not a percentage in [0, 100]")
+            raise KlasError(f"{where}: configuration {k}: test_acc {acc!r} is not a percentage in [0, 100]")
     return rows
 
 
@@ -156,7 +184,7 @@ def onnx_logits(session, images: torch.Tensor, normalize, batch: int) -> np.ndar
     return np.concatenate(out, axis=0)
 
 
-def check_parity(model_bytes: bytes, module: nn.Module, data: ImageSet, options: ExportOptions, name: str) -> dict:
+def check_parity(model_bytes: bytes, module: nn.Module, data: ImageSet, options: ExportConfig, name: str) -> dict:
     """onnxruntime vs a float64 PyTorch reference on real test images: max |logit diff| and top-1 agreement;
     raises past the tolerance."""
     n = min(options.parity_images, len(data))
@@ -218,7 +246,7 @@ def input_spec(data: ImageSet, shape: tuple[int, int, int]) -> dict:
 
 
 def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: ImageSet, header: dict,
-                 out_dir: Path, options: ExportOptions) -> dict:
+                 out_dir: Path, options: ExportConfig) -> dict:
     """Export, check, verify and profile one model; returns its manifest entry (the file is written last)."""
     import onnx
 
@@ -246,10 +274,8 @@ def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: I
     raw = model.SerializeToString()
     entry.update(sha256=sha256_bytes(raw), bytes=len(raw))
     if options.profile:
-        for provider in options.providers:
-            for t in options.threads:
-                for b in options.batches:
-                    entry["latency"].append(latency_record(raw, provider, t, b, options.warmup, options.runs))
+        entry["latency"].append(latency_record(raw, options.provider, options.threads, options.batch, options.warmup,
+                                               options.runs))
     # NOTE: staged under a hidden name; export_models moves every file into place only once all models passed.
     write_atomic(out_dir / _staged(entry["file"]), raw)
     return entry
@@ -258,12 +284,11 @@ def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: I
 # --- a zoo ---------------------------------------------------------------------------------------------------------
 
 def export_models(models: list[tuple[StitchConfig, ModelProvider | nn.Module, dict | None]], out_dir: Path | str,
-                  family: str, data: ImageSet, options: ExportOptions | None = None) -> dict:
+                  family: str, data: ImageSet, options: ExportConfig, progress: bool = True) -> ExportArtifact:
     """Export ``(config, net or provider, evaluation row)`` triples into ``out_dir`` and write its manifest."""
     from klas import __version__
     from tqdm import tqdm
 
-    options = options or ExportOptions()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = get_family_cfg(family)
@@ -271,7 +296,7 @@ def export_models(models: list[tuple[StitchConfig, ModelProvider | nn.Module, di
                   klas_version=__version__, input_shape=list(cfg.input_shape), num_classes=cfg.num_classes)
     old = _previous_files(out_dir)
     entries = []
-    for config, net, row in tqdm(models, desc="export", unit="model", disable=not options.progress):
+    for config, net, row in tqdm(models, desc="export", unit="model", disable=not progress):
         net = net(config) if not isinstance(net, nn.Module) else net
         try:
             entries.append(export_model(config, net.eval(), row, data, header, out_dir, options))
@@ -284,26 +309,29 @@ def export_models(models: list[tuple[StitchConfig, ModelProvider | nn.Module, di
     manifest = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, family=family, dataset=data.spec.name,
                     klas_version=__version__, created=now(), created_on=machine_info(),
                     models=sorted(entries, key=lambda e: (e["flops"], e["name"])))
-    save_manifest(validate(manifest), out_dir)
+    art = ExportArtifact(manifest)
+    art.save(out_dir)
     for stale in old - {e["file"] for e in entries}:
         model_path(out_dir, stale).unlink(missing_ok=True)
-    return manifest
+    return art
 
 
-def export_zoo(run_dir: Path | str, out_dir: Path | str, provider: ModelProvider | None = None,
-               options: ExportOptions | None = None) -> dict:
+def export_zoo(run_dir: Path | str, out_dir: Path | str, options: ExportConfig, *,
+               provider: ModelProvider | None = None, data_root: Path | str | None = None,
+               progress: bool = True) -> ExportArtifact:
     """``klas export``: the anchors and the Pareto configurations of a run, through ``provider`` (default: the
-    supernetwork stage's ``load_stitched``)."""
-    options = options or ExportOptions()
+    finetune stage's ``load_stitched``)."""
     run = RunDir(run_dir)
-    rows = read_evaluation(run.require("evaluation", "evaluation.json", hint="the evaluation stage"))
+    ev = EvaluationArtifact.load(run.path / "evaluation")
+    where = str(run.path / "evaluation" / EvaluationArtifact.RECORD)
+    rows = check_rows(ev.configs, where)
     cfg = get_family_cfg(run.family)
     provider = provider or supernet_provider(run.path)
     dataset = run.meta.get("dataset") or cfg.dataset
     kw = dict(img_size=cfg.input_shape[1]) if dataset == "imagefolder" else {}
-    data = load_dataset(dataset, "test", options.data_root, **kw)
-    chosen = zoo_configs(rows, str(run.path / "evaluation" / "evaluation.json"))
-    return export_models([(c, provider, row) for c, row in chosen], out_dir, run.family, data, options)
+    data = load_dataset(dataset, "test", data_root, **kw)
+    chosen = zoo_configs(rows, where)
+    return export_models([(c, provider, row) for c, row in chosen], out_dir, run.family, data, options, progress)
 
 
 def _previous_files(out_dir: Path) -> set[str]:
@@ -312,9 +340,24 @@ def _previous_files(out_dir: Path) -> set[str]:
         return set()
     try:
         return {m["file"] for m in load_manifest(out_dir, verify_files=False)["models"]}
-    except KlasError:
+    except ZooError:  # klas_runtime's errors (KlasError's base)
         return set()
 
 
 def _staged(file: str) -> str:
     return f".{file}.staged"
+
+
+# --- the stage contract ---------------------------------------------------------------------------------------------
+NAME, CONFIG, ARTIFACT, AFTER = "export", ExportConfig, ExportArtifact, ("evaluation",)
+FOLDER = "zoo"  # the artifact is the run's zoo folder, <run>/zoo
+DESCRIBE = "export the Pareto front to ONNX + manifest"
+
+
+def run(cfg: ExportConfig, ctx: StageContext) -> ExportArtifact:
+    return export_zoo(ctx.run_dir.path, ctx.run_dir.path / FOLDER, cfg, data_root=ctx.data_root,
+                      progress=ctx.progress)
+
+
+def summary(art: ExportArtifact) -> dict:
+    return dict(models=len(art.models))

@@ -4,6 +4,7 @@ A deployment host gets a zoo folder (ONNX files + ``manifest.json``) and a budge
 on its execution provider, a minimum accuracy. ``Zoo.pick`` answers with the best model that fits and an
 ``onnxruntime.InferenceSession`` for it, or a one-line error naming the cheapest model when nothing fits. The
 manifest and every file hash are checked on load; this module never imports torch (deployment hosts lack it).
+``verify_zoo`` lists every problem of a zoo (hash, ONNX validity, embedded metadata, input/output names).
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from klas.errors import KlasError
-from klas.manifest import check_embedded, load_manifest, read_model_bytes
-from klas.profile import device_label, open_session, provider_name, short_provider
+from klas_runtime.errors import ZooError
+from klas_runtime.manifest import MANIFEST, check_embedded, load_manifest, read_manifest, read_model_bytes
+from klas_runtime.profile import device_label, open_session, provider_name, short_provider
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGTkmgt]?)\s*$")
@@ -29,10 +30,10 @@ def parse_count(text: str | float | int, flag: str = "--max-flops") -> float:
     else:
         m = _COUNT.match(str(text))
         if not m:
-            raise KlasError(f"{flag} {text!r}: expected a number with an optional K/M/G suffix, e.g. 40M")
+            raise ZooError(f"{flag} {text!r}: expected a number with an optional K/M/G suffix, e.g. 40M")
         value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
     if value < 0:
-        raise KlasError(f"{flag} {text!r}: must not be negative")
+        raise ZooError(f"{flag} {text!r}: must not be negative")
     return value
 
 
@@ -77,11 +78,11 @@ def check_input(x: np.ndarray, spec: dict, name: str = "model") -> np.ndarray:
     x = np.asarray(x)
     want = spec["shape"][1:]
     if x.ndim != 4 or list(x.shape[1:]) != want or x.shape[0] < 1:
-        raise KlasError(f"{name}: input shape {tuple(x.shape)} does not match the model input "
+        raise ZooError(f"{name}: input shape {tuple(x.shape)} does not match the model input "
                         f"[batch, {', '.join(map(str, want))}] ({spec['color']} {want[1]}x{want[2]}, {spec['layout']})")
     if not np.issubdtype(x.dtype, np.floating):
-        raise KlasError(f"{name}: input dtype {x.dtype} is not floating point; pass normalized float32 "
-                        f"(see klas.runtime.load_image)")
+        raise ZooError(f"{name}: input dtype {x.dtype} is not floating point; pass normalized float32 "
+                        f"(see klas_runtime.runtime.load_image)")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -90,7 +91,7 @@ def load_image(path: Path | str, spec: dict) -> np.ndarray:
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
-        raise KlasError("Pillow is needed to read images: pip install pillow") from None
+        raise ZooError("Pillow is needed to read images: pip install pillow") from None
     _, c, h, w = spec["shape"]
     try:
         with Image.open(path) as img:
@@ -99,9 +100,9 @@ def load_image(path: Path | str, spec: dict) -> np.ndarray:
                 img = img.resize((w, h), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32)
     except FileNotFoundError:
-        raise KlasError(f"{path}: image not found") from None
+        raise ZooError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise KlasError(f"{path}: not a readable image ({e})") from None
+        raise ZooError(f"{path}: not a readable image ({e})") from None
     arr = arr.reshape(h, w, -1).transpose(2, 0, 1)[:c] * np.float32(spec["scale"])
     mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)
@@ -126,7 +127,7 @@ class Zoo:
         for m in self.models:
             if m["name"] == name:
                 return m
-        raise KlasError(f"{self.path}: no model {name!r}; models: {', '.join(m['name'] for m in self.models)}")
+        raise ZooError(f"{self.path}: no model {name!r}; models: {', '.join(m['name'] for m in self.models)}")
 
     def session(self, entry: dict | str, device: str | None = None, threads: int | None = None):
         """An InferenceSession for one model, from bytes whose hash was checked just now."""
@@ -140,7 +141,7 @@ class Zoo:
         """The model's measured latency for (provider, batch[, threads]): this device's figure when it has one,
         else another device's; the fastest thread setting when ``threads`` is None. None when never measured."""
         if stat not in STATS:
-            raise KlasError(f"latency statistic {stat!r}: expected one of {', '.join(STATS)}")
+            raise ZooError(f"latency statistic {stat!r}: expected one of {', '.join(STATS)}")
         recs = [r for r in entry["latency"] if r["provider"] == provider and r["batch"] == batch
                 and (threads is None or r["threads"] == threads)]
         here = [r for r in recs if r["device"] == device_label(provider)]
@@ -156,7 +157,7 @@ class Zoo:
         """The most accurate model within every given budget (ties: fewer FLOPs), with a session on ``device``.
 
         Budgets are inclusive (a model costing exactly ``max_flops`` fits). Latency uses the manifest's ``stat``
-        percentile for ``device``'s provider and ``batch``; measure with ``klas profile`` first.
+        percentile for ``device``'s provider and ``batch``; measure with ``klas-runtime profile`` first.
         """
         provider = provider_name(device)
         flops_cap = parse_count(max_flops) if max_flops is not None else None
@@ -172,7 +173,7 @@ class Zoo:
         where = f"{short_provider(provider)}, batch {batch}" + (f", {threads} thread(s)" if threads else "")
         budget = _budget_text(flops_cap, max_latency_ms, min_accuracy, stat, where)
         if not fits:
-            raise KlasError(self._nothing_fits(tests, lat, flops_cap, max_latency_ms, min_accuracy, stat, where,
+            raise ZooError(self._nothing_fits(tests, lat, flops_cap, max_latency_ms, min_accuracy, stat, where,
                                                budget))
         best = max(fits, key=lambda m: (m["test_acc"], -m["flops"], m["name"]))
         latency = lat[best["name"]]
@@ -191,7 +192,7 @@ class Zoo:
             measured = [m for m in self.models if lat[m["name"]] is not None]
             if not measured:
                 return (f"no model in this zoo has a latency measured for {where}; "
-                        f"run `klas profile ZOO_DIR --provider ... --batch ...` first")
+                        f"run `klas-runtime profile ZOO_DIR --provider ... --batch ...` first")
             fastest = min(measured, key=lambda m: lat[m["name"]][0])
             if lat[fastest["name"]][0] > max_latency_ms:
                 return (f"max_latency_ms {max_latency_ms:g} is below the fastest model, {fastest['name']} "
@@ -218,6 +219,48 @@ class Zoo:
             parts.append(f"the next more accurate, {nxt['name']} ({nxt['test_acc']:.2f}%), needs "
                          f"{format_count(nxt['flops'])} FLOPs")
         return "; ".join(parts)
+
+
+def verify_zoo(zoo_dir: Path | str) -> list[str]:
+    """Every problem of a zoo, one line each (empty when sound): per model file, that it is a plain name in the
+    folder, exists, matches its sha256, loads in onnxruntime as an ONNX model, carries an embedded entry that agrees
+    with the manifest, and has the input / output names and shapes the manifest gives. A manifest that is missing or
+    fails the schema raises ZooError (nothing else can be checked then)."""
+    root = Path(zoo_dir)
+    manifest = read_manifest(root)
+    problems = []
+    for entry in manifest["models"]:
+        where = str(root / entry["file"])
+        try:
+            data = read_model_bytes(root, entry)
+        except ZooError as e:
+            problems.append(str(e))
+            continue
+        try:
+            session = open_session(data, "cpu", 1)
+        except ZooError:
+            raise  # onnxruntime missing: not a problem of this zoo
+        except Exception as e:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            problems.append(f"{where}: not a valid ONNX model for onnxruntime ({first})")
+            continue
+        try:
+            check_embedded(entry, session.get_modelmeta().custom_metadata_map, where)
+            _check_signature(session, entry, where)
+        except ZooError as e:
+            problems.append(str(e))
+    return problems
+
+
+def _check_signature(session, entry: dict, where: str) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    spec, out = entry["input"], entry["output"]
+    if len(inputs) != 1 or inputs[0].name != spec["name"] or list(inputs[0].shape[1:]) != spec["shape"][1:]:
+        got = ", ".join(f"{i.name}{list(i.shape)}" for i in inputs)
+        raise ZooError(f"{where}: model inputs {got} do not match {MANIFEST} "
+                       f"({spec['name']}{spec['shape']})")
+    if out["name"] not in [o.name for o in outputs]:
+        raise ZooError(f"{where}: no output {out['name']!r} (the file has {', '.join(o.name for o in outputs)})")
 
 
 def _budget_text(flops_cap, max_latency_ms, min_accuracy, stat, where) -> str:

@@ -1,9 +1,10 @@
 """Latency of zoo models under onnxruntime: sessions, percentiles after warm-up, and the device they were taken on.
 
 FLOPs rank models on paper; deployment budgets are in milliseconds on one machine with one execution provider,
-thread count and batch size. ``klas profile`` re-measures a zoo on the host it runs on and adds that device's
-figures to the manifest, so one zoo carries latency tables for every machine it was profiled on.
-numpy + onnxruntime only (shared by ``klas.stages.s6_export`` and the torch-free ``klas.runtime``).
+thread count and batch size. ``klas-runtime profile`` (= ``klas profile``) re-measures a zoo on the host it runs on
+and adds that device's figures to the manifest, so one zoo carries latency tables for every machine it was profiled
+on.
+numpy + onnxruntime only (shared by ``klas.stages.s6_export`` and ``klas_runtime.runtime``).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from klas.errors import KlasError
-from klas.manifest import load_manifest, now, read_model_bytes, save_manifest
+from klas_runtime.errors import ZooError
+from klas_runtime.manifest import load_manifest, now, read_model_bytes, save_manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -27,7 +28,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise KlasError("onnxruntime is not installed: pip install onnxruntime (or klas[gpu] for CUDA)") from None
+        raise ZooError("onnxruntime is not installed: pip install onnxruntime (onnxruntime-gpu for CUDA)") from None
     return onnxruntime
 
 
@@ -38,11 +39,11 @@ def provider_name(device: str | None) -> str:
         return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
     name = PROVIDERS.get(device.lower(), device)
     if name not in PROVIDERS.values():
-        raise KlasError(f"--device/--provider {device!r}: expected one of {', '.join(PROVIDERS)} "
+        raise ZooError(f"--device/--provider {device!r}: expected one of {', '.join(PROVIDERS)} "
                         f"(or {', '.join(PROVIDERS.values())})")
     if name not in available:
-        hint = " (install the gpu extra: pip install klas[gpu])" if name == PROVIDERS["cuda"] else ""
-        raise KlasError(f"execution provider {name} is not available here; onnxruntime has "
+        hint = " (pip install onnxruntime-gpu, or klas[gpu])" if name == PROVIDERS["cuda"] else ""
+        raise ZooError(f"execution provider {name} is not available here; onnxruntime has "
                         f"{', '.join(available)}{hint}")
     return name
 
@@ -110,7 +111,7 @@ def measure_latency(session, batch: int = 1, warmup: int = 20, runs: int = 200, 
     depend on the values, and a fixed array keeps allocation out of the timed region.
     """
     if batch < 1 or runs < 1 or warmup < 0:
-        raise KlasError(f"latency: batch ({batch}) and runs ({runs}) must be >= 1 and warmup ({warmup}) >= 0")
+        raise ZooError(f"latency: batch ({batch}) and runs ({runs}) must be >= 1 and warmup ({warmup}) >= 0")
     inp = session.get_inputs()[0]
     shape = [batch] + [int(d) for d in inp.shape[1:]]
     x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -147,20 +148,29 @@ def profile_zoo(zoo_dir: Path | str, providers: list[str] | None = None, threads
                 batches: list[int] | None = None, warmup: int = 20, runs: int = 200,
                 models: list[str] | None = None, progress: bool = True) -> dict:
     """Measure every model of a zoo on this machine and rewrite its manifest atomically with the new figures."""
-    from tqdm import tqdm
-
     manifest = load_manifest(zoo_dir, verify_files=True)
     names = [provider_name(p) for p in (providers or [None])]
     threads, batches = threads or [1], batches or [1]
     if any(t < 0 for t in threads) or any(b < 1 for b in batches):
-        raise KlasError(f"--threads {threads} must be >= 0 and --batch {batches} >= 1")
+        raise ZooError(f"--threads {threads} must be >= 0 and --batch {batches} >= 1")
     chosen = [m for m in manifest["models"] if models is None or m["name"] in models]
     if models is not None and len(chosen) != len(set(models)):
         known = ", ".join(m["name"] for m in manifest["models"])
-        raise KlasError(f"{zoo_dir}: unknown model in {models}; models: {known}")
+        raise ZooError(f"{zoo_dir}: unknown model in {models}; models: {known}")
     jobs = [(m, p, t, b) for m in chosen for p in names for t in threads for b in batches]
-    for entry, p, t, b in tqdm(jobs, desc="profile", unit="run", disable=not progress):
+    for entry, p, t, b in _progress(jobs, progress):
         rec = latency_record(read_model_bytes(zoo_dir, entry), p, t, b, warmup, runs)
         entry["latency"] = merge_latency(entry["latency"], rec)
     save_manifest(manifest, zoo_dir)
     return manifest
+
+
+def _progress(jobs: list, show: bool):
+    """A tqdm bar where tqdm is installed (klas has it; the runtime alone need not), else the plain list."""
+    if show:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return jobs
+        return tqdm(jobs, desc="profile", unit="run")
+    return jobs

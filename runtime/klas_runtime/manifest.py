@@ -3,7 +3,7 @@
 A zoo directory holds one self-contained ``.onnx`` file per model and this manifest, which says for each model what
 it is (stitch configuration), what it costs (params, FLOPs per image, measured latency per execution provider /
 threads / batch) and how good it is (test accuracy, parity with PyTorch). Deployment hosts read it through
-``klas.runtime`` with numpy + onnxruntime only, so this module must not import torch.
+``klas_runtime.runtime`` with numpy + onnxruntime only: standard library here, no torch and no ``klas`` import.
 
 Trust rules enforced here: a model file must be a plain name inside the zoo folder (no paths, no ``..``, no links
 out), and its sha256 must match -- a manifest that was edited by hand or copied next to other files is refused.
@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from klas.errors import KlasError
-from klas.io import atomic_path
+from klas_runtime.errors import ZooError
+from klas_runtime.io import atomic_path
 
 MANIFEST = "manifest.json"
 SCHEMA = "klas-zoo"
@@ -122,27 +122,27 @@ _EXPECTED = {"file": "a plain file name ending in .onnx inside the zoo folder (n
 
 def _check(obj: Any, schema: dict, where: str) -> None:
     if not isinstance(obj, dict):
-        raise KlasError(f"{where}: expected an object, got {type(obj).__name__}")
+        raise ZooError(f"{where}: expected an object, got {type(obj).__name__}")
     for key, (rule, required) in schema.items():
         if key not in obj:
             if required:
-                raise KlasError(f"{where}: missing field {key!r}")
+                raise ZooError(f"{where}: missing field {key!r}")
             continue
         if isinstance(rule, dict):
             _check(obj[key], rule, f"{where}.{key}")
         elif not rule(obj[key]):
             hint = _EXPECTED.get(key, "a valid value")
-            raise KlasError(f"{where}.{key}: invalid value {json.dumps(obj[key])[:80]} (expected {hint})")
+            raise ZooError(f"{where}.{key}: invalid value {json.dumps(obj[key])[:80]} (expected {hint})")
 
 
 def validate(manifest: Any, where: str = MANIFEST) -> dict:
-    """Check ``manifest`` against the schema; raise a one-line KlasError naming the first bad field."""
+    """Check ``manifest`` against the schema; raise a one-line ZooError naming the first bad field."""
     _check(manifest, TOP, where)
     if manifest["schema_version"] > SCHEMA_VERSION:
-        raise KlasError(f"{where}: schema version {manifest['schema_version']} is newer than this klas understands "
-                        f"({SCHEMA_VERSION}); upgrade klas")
+        raise ZooError(f"{where}: schema version {manifest['schema_version']} is newer than this klas understands "
+                        f"({SCHEMA_VERSION}); upgrade klas-runtime (or klas)")
     if manifest["schema_version"] < 1:
-        raise KlasError(f"{where}: schema version {manifest['schema_version']} is not a klas zoo version")
+        raise ZooError(f"{where}: schema version {manifest['schema_version']} is not a klas zoo version")
     names, files = set(), set()
     for k, entry in enumerate(manifest["models"]):
         at = f"{where}: models[{k}]"
@@ -150,12 +150,12 @@ def validate(manifest: Any, where: str = MANIFEST) -> dict:
         for r, rec in enumerate(entry["latency"]):
             _check(rec, LATENCY, f"{at}.latency[{r}]")
         if entry["name"] in names or entry["file"] in files:
-            raise KlasError(f"{at}: duplicate model name {entry['name']!r} or file {entry['file']!r}")
+            raise ZooError(f"{at}: duplicate model name {entry['name']!r} or file {entry['file']!r}")
         names.add(entry["name"])
         files.add(entry["file"])
         spec = entry["input"]
         if len(spec["mean"]) != spec["shape"][1] or len(spec["std"]) != spec["shape"][1]:
-            raise KlasError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
+            raise ZooError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
     return manifest
 
 
@@ -169,11 +169,11 @@ def model_path(zoo_dir: Path | str, file: str) -> Path:
     """The path of a model file, refusing anything that is not a regular file directly inside ``zoo_dir``."""
     root = Path(zoo_dir).resolve()
     if not _SAFE_NAME.match(file) or file in (".", ".."):
-        raise KlasError(f"{Path(zoo_dir) / MANIFEST}: model file {file!r} is not a plain name inside the zoo folder "
+        raise ZooError(f"{Path(zoo_dir) / MANIFEST}: model file {file!r} is not a plain name inside the zoo folder "
                         f"(refusing paths that could point elsewhere)")
     path = root / file
     if path.is_symlink() or path.resolve().parent != root:
-        raise KlasError(f"{path}: points outside the zoo folder {root} (symlink); refusing it")
+        raise ZooError(f"{path}: points outside the zoo folder {root} (symlink); refusing it")
     return path
 
 
@@ -181,33 +181,38 @@ def read_model_bytes(zoo_dir: Path | str, entry: dict) -> bytes:
     """A model's bytes after checking its sha256 against the manifest (read once: what is checked is what runs)."""
     path = model_path(zoo_dir, entry["file"])
     if not path.is_file():
-        raise KlasError(f"{path}: model file listed in {MANIFEST} is missing")
+        raise ZooError(f"{path}: model file listed in {MANIFEST} is missing")
     data = path.read_bytes()
     digest = sha256_bytes(data)
     if digest != entry["sha256"]:
-        raise KlasError(f"{path}: sha256 {digest[:12]}... does not match {MANIFEST} ({entry['sha256'][:12]}...); "
+        raise ZooError(f"{path}: sha256 {digest[:12]}... does not match {MANIFEST} ({entry['sha256'][:12]}...); "
                         f"the file or the manifest was altered -- re-export the zoo")
     return data
 
 
 def load_manifest(zoo_dir: Path | str, verify_files: bool = True) -> dict:
     """Read and validate ``ZOO_DIR/manifest.json``; with ``verify_files`` every model file's hash is checked too."""
-    path = Path(zoo_dir) / MANIFEST
-    if not Path(zoo_dir).is_dir():
-        raise KlasError(f"{zoo_dir}: zoo directory not found")
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KlasError(f"{path}: not found; make a zoo with `klas export RUN_DIR --out {zoo_dir}`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KlasError(f"{path}: not valid JSON ({e})") from None
-    validate(manifest, str(path))
+    manifest = read_manifest(zoo_dir)
     for entry in manifest["models"]:
         if verify_files:
             read_model_bytes(zoo_dir, entry)
         else:
             model_path(zoo_dir, entry["file"])
     return manifest
+
+
+def read_manifest(zoo_dir: Path | str) -> dict:
+    """Read and validate ``ZOO_DIR/manifest.json`` against the schema, without looking at the model files."""
+    path = Path(zoo_dir) / MANIFEST
+    if not Path(zoo_dir).is_dir():
+        raise ZooError(f"{zoo_dir}: zoo directory not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ZooError(f"{path}: not found; make a zoo with `klas export RUN_DIR --out {zoo_dir}`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ZooError(f"{path}: not valid JSON ({e})") from None
+    return validate(manifest, str(path))
 
 
 def save_manifest(manifest: dict, zoo_dir: Path | str) -> Path:
@@ -219,7 +224,7 @@ def save_manifest(manifest: dict, zoo_dir: Path | str) -> Path:
 
 
 def write_atomic(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through ``klas.io.atomic_path`` (temp file in the same folder + rename)."""
+    """Write ``data`` to ``path`` through ``klas_runtime.io.atomic_path`` (temp file in the same folder + rename)."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
         os.chmod(tmp, 0o644)
@@ -239,14 +244,14 @@ def check_embedded(entry: dict, metadata: dict[str, str], where: str) -> None:
     hashes re-computed by hand)."""
     raw = metadata.get(METADATA_KEY)
     if raw is None:
-        raise KlasError(f"{where}: no {METADATA_KEY!r} metadata in the ONNX file; not exported by klas")
+        raise ZooError(f"{where}: no {METADATA_KEY!r} metadata in the ONNX file; not exported by klas")
     try:
         own = json.loads(raw)
     except json.JSONDecodeError:
-        raise KlasError(f"{where}: unreadable {METADATA_KEY!r} metadata in the ONNX file") from None
+        raise ZooError(f"{where}: unreadable {METADATA_KEY!r} metadata in the ONNX file") from None
     for key in ("name", "config", "flops", "params", "input"):
         if own.get(key) != entry.get(key):
-            raise KlasError(f"{where}: the file's embedded {key!r} ({json.dumps(own.get(key))[:60]}) does not match "
+            raise ZooError(f"{where}: the file's embedded {key!r} ({json.dumps(own.get(key))[:60]}) does not match "
                             f"{MANIFEST} ({json.dumps(entry.get(key))[:60]})")
 
 

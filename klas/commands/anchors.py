@@ -1,4 +1,5 @@
-"""``klas zoo ...``: list families, evaluate the embedded weights, train the embedded family."""
+"""``klas anchors ...``: list the registered families, evaluate an embedded family's shipped weights, train the
+anchors of an embedded family (``klas.families.trainer``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,7 @@ def _train(args) -> int:
 
     recipe = Recipe(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     card = train_family(args.family, args.out, recipe, args.data_root, args.anchor, args.threads)
-    print(f"[zoo] card: {card}")
+    print(f"[anchors] card: {card}")
     return 0
 
 
@@ -33,8 +34,8 @@ def _eval(args) -> int:
 
 
 def register(sub) -> None:
-    zoo = sub.add_parser("zoo", help="anchor families: list, evaluate, train the embedded family")
-    zsub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    anc = sub.add_parser("anchors", help="anchor families: list, evaluate, train an embedded family's anchors")
+    zsub = anc.add_subparsers(dest="anchors_command", required=True, metavar="ANCHORS_COMMAND")
     zl = zsub.add_parser("list", help="registered families and their anchors")
     zl.set_defaults(func=_list)
     ze = zsub.add_parser("eval", help="params, FLOPs and measured accuracy of an embedded family's shipped weights")

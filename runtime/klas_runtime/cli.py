@@ -1,0 +1,164 @@
+"""``klas-runtime pick / predict / profile / verify``: flags and printing only; the work is in klas_runtime.runtime and
+klas_runtime.profile.
+
+The full ``klas`` command registers these same subcommands through ``register`` (or ``add_pick`` etc.), so
+``klas pick ...`` and ``klas-runtime pick ...`` take identical flags. Heavy imports (onnxruntime) happen inside the
+handlers: building the parser stays cheap for ``klas --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from klas_runtime.errors import ZooError
+
+
+# --- flags ---------------------------------------------------------------------------------------------------------
+
+def budget_flags(parser: argparse.ArgumentParser) -> None:
+    """ZOO_DIR and the budget of ``pick`` / ``predict``."""
+    parser.add_argument("zoo_dir", type=Path)
+    parser.add_argument("--max-flops", default=None, help="FLOPs per image, with K/M/G suffix (e.g. 40M)")
+    parser.add_argument("--max-latency-ms", type=float, default=None, help="latency budget per batch (ms)")
+    parser.add_argument("--min-accuracy", type=float, default=None, help="minimum test accuracy (%%)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when onnxruntime-gpu has it)")
+    parser.add_argument("--threads", type=int, default=None, help="only latency measured with this many threads")
+    parser.add_argument("--batch", type=int, default=1, help="batch size the latency budget is for")
+    parser.add_argument("--stat", default="p90", choices=("p50", "p90", "p99", "mean"))
+
+
+def profile_flags(parser: argparse.ArgumentParser) -> None:
+    """Latency measurement settings (``profile``, and ``klas export`` which profiles what it exports)."""
+    parser.add_argument("--provider", action="append", default=None,
+                        help="cpu or cuda (repeatable; default: best here)")
+    parser.add_argument("--threads", type=int, action="append", default=None, help="intra-op threads (repeatable; 1)")
+    parser.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeatable; 1)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed runs first")
+    parser.add_argument("--runs", type=int, default=200, help="timed runs per measurement")
+
+
+# --- handlers ------------------------------------------------------------------------------------------------------
+
+def _profile(args) -> int:
+    from klas_runtime.profile import profile_zoo
+
+    manifest = profile_zoo(args.zoo_dir, providers=args.provider, threads=args.threads, batches=args.batch,
+                           warmup=args.warmup, runs=args.runs, models=args.model)
+    for m in manifest["models"]:
+        for r in m["latency"]:
+            print(f"[profile] {m['name']:44s} {r['provider']:22s} threads {r['threads']} batch {r['batch']:3d}  "
+                  f"p50 {r['p50_ms']:8.3f} p90 {r['p90_ms']:8.3f} p99 {r['p99_ms']:8.3f} ms  ({r['device']})")
+    return 0
+
+
+def _choose(args, with_session: bool):
+    from klas_runtime.runtime import Zoo
+
+    return Zoo(args.zoo_dir).pick(max_flops=args.max_flops, max_latency_ms=args.max_latency_ms, device=args.device,
+                                  min_accuracy=args.min_accuracy, threads=args.threads, batch=args.batch,
+                                  stat=args.stat, with_session=with_session)
+
+
+def _pick(args) -> int:
+    choice = _choose(args, with_session=False)
+    print(f"{choice.entry['file']}")
+    print(f"  why: {choice.reason}")
+    return 0
+
+
+def _predict(args) -> int:
+    from klas_runtime.runtime import load_image
+
+    choice = _choose(args, with_session=True)
+    classes = choice.entry["output"]["classes"]
+    print(f"[predict] model {choice.name} ({choice.reason})")
+    for path in args.images:
+        cls, probs = choice.predict(load_image(path, choice.entry["input"]))
+        k = int(cls[0])
+        label = classes[k] if k < len(classes) else str(k)
+        print(f"{path}: {label} (class {k}, p={probs[0, k]:.3f})")
+    return 0
+
+
+def _verify(args) -> int:
+    from klas_runtime.manifest import MANIFEST, read_manifest
+    from klas_runtime.runtime import verify_zoo
+
+    n = len(read_manifest(args.zoo_dir)["models"])  # a missing or invalid manifest: one ZooError line
+    problems = verify_zoo(args.zoo_dir)
+    for line in problems:
+        print(line, file=sys.stderr)
+    where = Path(args.zoo_dir) / MANIFEST
+    if problems:
+        print(f"[verify] {where}: {len(problems)} problem(s) in {n} models")
+        return 1
+    print(f"[verify] {where}: {n} models, every file matches its sha256, loads as ONNX and agrees with the manifest")
+    return 0
+
+
+# --- subcommands ---------------------------------------------------------------------------------------------------
+
+def add_profile(sub) -> argparse.ArgumentParser:
+    pr = sub.add_parser("profile", help="measure a zoo's latency on this machine and add it to the manifest")
+    pr.add_argument("zoo_dir", type=Path)
+    pr.add_argument("--model", action="append", default=None, help="only this model (repeatable)")
+    profile_flags(pr)
+    pr.set_defaults(func=_profile)
+    return pr
+
+
+def add_pick(sub) -> argparse.ArgumentParser:
+    pk = sub.add_parser("pick", help="the most accurate zoo model within a FLOPs / latency / accuracy budget")
+    budget_flags(pk)
+    pk.set_defaults(func=_pick)
+    return pk
+
+
+def add_predict(sub) -> argparse.ArgumentParser:
+    pd = sub.add_parser("predict", help="classify images with the model `pick` would choose")
+    budget_flags(pd)
+    pd.add_argument("images", nargs="+", type=Path)
+    pd.set_defaults(func=_predict)
+    return pd
+
+
+def add_verify(sub) -> argparse.ArgumentParser:
+    vf = sub.add_parser("verify", help="check a zoo: manifest schema, every file's sha256, every file loads as ONNX")
+    vf.add_argument("zoo_dir", type=Path)
+    vf.set_defaults(func=_verify)
+    return vf
+
+
+def register(sub) -> None:
+    """Add ``profile``, ``pick``, ``predict`` and ``verify`` to an argparse subparsers object."""
+    add_profile(sub)
+    add_pick(sub)
+    add_predict(sub)
+    add_verify(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from klas_runtime import __version__
+
+    p = argparse.ArgumentParser(prog="klas-runtime", description="Use a klas model zoo (ONNX files + manifest.json) "
+                                "without torch: verify it, pick a model within a budget, predict, profile.")
+    p.add_argument("--version", action="version", version=f"klas-runtime {__version__}")
+    register(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ZooError as e:
+        print(f"klas-runtime: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("klas-runtime: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
