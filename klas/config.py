@@ -212,9 +212,10 @@ def _parse_flag(text: str) -> Any:
         return text
 
 
-def add_flags(parser, section: str, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per setting of ``section``'s dataclass (nested ones prefixed: ``--init-method``), help and default
-    from the field; the parsed value is only a candidate -- ``load_config`` checks it like any other."""
+def add_flags(parser, section: str, exclude: tuple[str, ...] = (), prefix: str = "") -> None:
+    """One flag per setting of ``section``'s dataclass (nested ones prefixed: ``--init-method``; all of them with
+    ``prefix`` where two sections share a command), help and default from the field; the parsed value is only a
+    candidate -- ``load_config`` checks it like any other."""
     import argparse
 
     cls = sections()[section]
@@ -227,17 +228,18 @@ def add_flags(parser, section: str, exclude: tuple[str, ...] = ()) -> None:
             (f'; or "{s.meta["none"]}"' if s.optional and s.meta.get("none") else "")
         kw = dict(dest="__".join(("cfg", section) + s.path), default=argparse.SUPPRESS,
                   help=f"{s.meta.get('help', '')} (default: {s.show(s.default)}{extra})")
+        flag = "--" + prefix + s.flag[2:]
         if s.type is bool:
-            group.add_argument(s.flag, action=argparse.BooleanOptionalAction, **kw)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         else:
-            group.add_argument(s.flag, type=_parse_flag, metavar=s.type.__name__.upper(), **kw)
+            group.add_argument(flag, type=_parse_flag, metavar=s.type.__name__.upper(), **kw)
 
 
-def flag_values(args, section: str) -> dict[tuple[str, tuple[str, ...]], tuple[Any, str]]:
+def flag_values(args, section: str, prefix: str = "") -> dict[tuple[str, tuple[str, ...]], tuple[Any, str]]:
     """The settings given as flags: {(section, path): (value, "--flag")}."""
     out = {}
     for s in specs(sections()[section]):
         dest = "__".join(("cfg", section) + s.path)
         if hasattr(args, dest):
-            out[(section, s.path)] = (getattr(args, dest), s.flag)
+            out[(section, s.path)] = (getattr(args, dest), "--" + prefix + s.flag[2:])
     return out

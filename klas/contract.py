@@ -97,6 +97,8 @@ def specs(cls, prefix: tuple[str, ...] = ()) -> list[Spec]:
     out = []
     hints = _hints(cls)
     for f in fields(cls):
+        if f.metadata.get("internal"):
+            continue  # set by code, not by users (e.g. a seed derived from the run's)
         hint = hints[f.name]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         if is_dataclass(hint):
@@ -121,6 +123,8 @@ def build(cls, values: dict[tuple[str, ...], Any], labels: dict[tuple[str, ...],
         hints = _hints(c)
         for f in fields(c):
             path = prefix + (f.name,)
+            if f.metadata.get("internal"):
+                continue
             if is_dataclass(hints[f.name]):
                 kw[f.name] = make(hints[f.name], path)
             elif path in values:
@@ -137,7 +141,7 @@ def key_fields(cfg) -> dict:
         v = getattr(cfg, f.name)
         if is_dataclass(hints[f.name]):
             out[f.name] = key_fields(v)
-        elif f.metadata.get("key", True):
+        elif f.metadata.get("key", True) and not f.metadata.get("internal"):
             out[f.name] = v
     return out
 

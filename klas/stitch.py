@@ -15,13 +15,14 @@ Anchors stay frozen while a layer is fitted; only the supernetwork finetuning (`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from klas.contract import setting
 from klas.errors import KlasError
 from klas.families import BlockView, stitchable, stitched_flops
 
@@ -338,13 +339,14 @@ class FitCfg:
     ``batch_size`` images (and ``lr``) for the gradient objectives, which start from the least-squares solution so
     that differences measure the objective, not the starting point; ``ridge``: see ``Moments.solve``."""
 
-    method: str = "ls"
-    samples: int = 1024
-    batch_size: int = 128
-    ridge: float = 0.0
-    steps: int = 100
-    lr: float = 1e-3
-    seed: int = 0
+    method: str = setting("ls", "stitch-layer initialisation", choices=INIT_METHODS)
+    samples: int = setting(1024, "training images for the least-squares statistics", ge=1)
+    batch_size: int = setting(128, "images per step of the gradient objectives", ge=1)
+    ridge: float = setting(0.0, "ridge of the least-squares solve", ge=0)
+    steps: int = setting(100, "Adam steps of the gradient objectives (task, fula)", ge=0)
+    lr: float = setting(1e-3, "Adam learning rate of the gradient objectives", gt=0)
+    # NOTE: not a setting: derived per stitch from the run's seed by whoever fits (klas.stages.s4_finetune)
+    seed: int = field(default=0, metadata=dict(internal=True))
 
 
 def fit_stitch(src: BlockView, i: int, tgt: BlockView, j: int, train, cfg: FitCfg = FitCfg()

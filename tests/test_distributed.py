@@ -19,32 +19,33 @@ import torch
 from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas import distributed as kd
 from klas.errors import KlasError
-from klas.stages.s5_evaluation import evaluate_run
+from klas.config import load_config
 from klas.io import load_tensors
 from klas.ops import PairwiseKL
-from klas.stages.s1_probes import train_probes
-from klas.stages.s2_scores import compute_scores
+from klas.stages.s1_probes import ProbesConfig, train_probes
+from klas.stages.s2_scores import ScoresConfig, compute_scores
+from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
+from klas.stages.s5_evaluation import EvaluationConfig, evaluate_run
 from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 
 TESTS = Path(__file__).parent
 STITCHES_DDP = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0)]
-PROBE_KW = dict(epochs=1, batch_size=32, train_subset=101, val_subset=50, stat_samples=64, progress=False)  # ragged
-SCORE_KW = dict(batch_size=25, val_subset=70, dm_samples=30, progress=False)  # dm subsample crosses a batch edge
-FT_KW = dict(epochs=1, steps_per_epoch=5, batch_size=32, train_samples=256, val_samples=40, augment=False, lr=3e-3,
+PROBE_KW = dict(epochs=1, batch_size=32, train_subset=101, val_subset=50, stat_samples=64)  # ragged last batch
+SCORE_KW = dict(batch_size=25, val_subset=70, dm_samples=30)  # the dm subsample crosses a batch edge
+FT_KW = dict(epochs=1, steps_per_epoch=5, batch_size=32, train_subset=256, val_images=40, augment=False, lr=3e-3,
              ckpt_every=2)
-EVAL_KW = dict(test_samples=101, latency=False, progress=False)
+EVAL_KW = dict(test_subset=101, latency=False)
 
 STAGES_SCRIPT = """
 import os, signal, sys, torch
 from pathlib import Path
 torch.set_num_threads(1)
 from _stitch_helpers import tiny_family
-from klas.stages.s5_evaluation import evaluate_run
-from klas.stages.s1_probes import train_probes
-from klas.stages.s2_scores import compute_scores
+from klas.stages.s1_probes import ProbesConfig, train_probes
+from klas.stages.s2_scores import ScoresConfig, compute_scores
+from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
+from klas.stages.s5_evaluation import EvaluationConfig, evaluate_run
 from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 run, marker, mode, sel = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 rank = int(os.environ["RANK"])
 
@@ -61,16 +62,16 @@ def die_once(step):  # rank 1 is killed (no cleanup, like a lost node) after ste
 
 torch.manual_seed(0)
 fam = tiny_family()
-cfg = FinetuneCfg(**{ft}, accum_steps=2, init=FitCfg(samples=128, batch_size=64))
+cfg = FinetuneConfig(**{ft}, accum_steps=2, init=FitCfg(samples=128, batch_size=64))
 if mode == "stages":
-    train_probes(fam, run, **{probe})
-    compute_scores(fam, run, **{score})
-    finetune_supernet(run, sel, cfg, family=fam, progress=False, on_step=die_once)
-    evaluate_run(run, **{ev})
+    train_probes(fam, run, ProbesConfig(**{probe}), seed=0, progress=False)
+    compute_scores(fam, run, ScoresConfig(**{score}), progress=False)
+    finetune_supernet(run, cfg, seed=0, selection_path=sel, family=fam, progress=False, on_step=die_once)
+    evaluate_run(run, EvaluationConfig(**{ev}), progress=False)
 else:  # mode "dead-peer": plain processes (no torchrun agent to clean up): rank 0 must notice on its own
     from klas.errors import KlasError
     try:
-        finetune_supernet(run, sel, cfg, family=fam, progress=False, on_step=die_once)
+        finetune_supernet(run, cfg, seed=0, selection_path=sel, family=fam, progress=False, on_step=die_once)
     except KlasError as e:
         print(f"error: {{e}}", file=sys.stderr)
         sys.exit(2)
@@ -118,11 +119,11 @@ def test_stages_under_two_ranks_equal_single_process(tmp_path):
     single = tmp_path / "single"
     torch.manual_seed(0)
     fam = tiny_family()
-    train_probes(fam, single, **PROBE_KW)
-    compute_scores(fam, single, **SCORE_KW)
-    finetune_supernet(single, sel, FinetuneCfg(**FT_KW, init=FitCfg(samples=128, batch_size=64)), family=fam,
-                      progress=False)
-    ev_single = evaluate_run(single, **EVAL_KW)
+    train_probes(fam, single, ProbesConfig(**PROBE_KW), seed=0, progress=False)
+    compute_scores(fam, single, ScoresConfig(**SCORE_KW), progress=False)
+    finetune_supernet(single, FinetuneConfig(**FT_KW, init=FitCfg(samples=128, batch_size=64)), seed=0,
+                      selection_path=sel, family=fam, progress=False)
+    ev_single = evaluate_run(single, EvaluationConfig(**EVAL_KW), progress=False)
     out, _ = job.communicate(timeout=240)
     assert job.returncode == 0, out[-3000:]
     assert marker.read_text() == "killed" and "KlasError: rank 0/2: distributed supernet gradient" in out, out[-3000:]
@@ -137,12 +138,12 @@ def test_stages_under_two_ranks_equal_single_process(tmp_path):
     rec = json.loads((ddp / "scores" / "scores.json").read_text())
     assert rec["n_val"] == 70 and rec["world_size"] == 2
     files = ("anchors.safetensors", "stitch_layers.safetensors")
-    _assert_same(_tensors(single, "supernet", *files), _tensors(ddp, "supernet", *files), rtol=1e-4, atol=1e-5)
-    meta = json.loads((ddp / "supernet" / "supernet.json").read_text())
+    _assert_same(_tensors(single, "finetune", *files), _tensors(ddp, "finetune", *files), rtol=1e-4, atol=1e-5)
+    meta = json.loads((ddp / "finetune" / "supernet.json").read_text())
     assert meta["world_size"] == 2 and len(meta["history"]) == 1
     ev = json.loads((ddp / "evaluation" / "evaluation.json").read_text())
     assert ev["world_size"] == 2 and ev["n_test"] == 101
-    assert [r["test_acc"] for r in ev["configs"]] == [r["test_acc"] for r in ev_single["configs"]]  # exact counts
+    assert [r["test_acc"] for r in ev["configs"]] == [r["test_acc"] for r in ev_single.configs]  # exact counts
 
 
 def test_dead_peer_stops_the_job_with_a_clear_error(tmp_path):
@@ -170,7 +171,7 @@ def test_dead_peer_stops_the_job_with_a_clear_error(tmp_path):
     assert line.startswith("error: rank 0/2: distributed") and "peer rank died" in line and "resume" in line, err0
     assert time.monotonic() - t_dead < timeout + 15
     # the checkpoint rank 0 wrote before the failure is there to resume from
-    assert (tmp_path / "run" / "supernet" / "supernet.ckpt").is_file()
+    assert (tmp_path / "run" / "finetune" / "supernet.ckpt").is_file()
 
 
 def test_single_process_helpers_and_errors(rng, monkeypatch):
@@ -193,21 +194,21 @@ def test_single_process_helpers_and_errors(rng, monkeypatch):
         kd.timeout_s()
     monkeypatch.setenv(kd.TIMEOUT_ENV, "45")
     assert kd.timeout_s() == 45.0
-    with pytest.raises(KlasError, match="--accum-steps 0"):
-        FinetuneCfg(accum_steps=0)
-    with pytest.raises(KlasError, match="--parallel 'zero'"):
-        FinetuneCfg(parallel="zero")
+    with pytest.raises(KlasError, match=r"\[finetune\] accum_steps = 0: expected >= 1"):
+        load_config(raw={"finetune": {"accum_steps": 0}})
+    with pytest.raises(KlasError, match=r"--parallel 'zero': expected one of ddp, fsdp"):
+        load_config(flags={("finetune", ("parallel",)): ("zero", "--parallel")})
 
 
 def test_accumulation_equals_one_pass(tmp_path):
     """Micro-batching a step (accum_steps=3: unequal micro-batches of a 32-batch) gives the one-pass weights."""
     sel = write_selection(tmp_path / "sel.json", STITCHES_DDP)
-    kw = dict(FT_KW, steps_per_epoch=3, val_samples=0, init=FitCfg(samples=64, batch_size=64))
+    kw = dict(FT_KW, steps_per_epoch=3, val_images=0, init=FitCfg(samples=64, batch_size=64))
     runs = {}
     for accum in (1, 3):
         torch.manual_seed(0)
-        finetune_supernet(tmp_path / f"a{accum}", sel, FinetuneCfg(**kw, accum_steps=accum), family=tiny_family(),
-                          progress=False)
-        runs[accum] = _tensors(tmp_path / f"a{accum}", "supernet", "anchors.safetensors",
+        finetune_supernet(tmp_path / f"a{accum}", FinetuneConfig(**kw, accum_steps=accum), seed=0,
+                          selection_path=sel, family=tiny_family(), progress=False)
+        runs[accum] = _tensors(tmp_path / f"a{accum}", "finetune", "anchors.safetensors",
                                "stitch_layers.safetensors")
     _assert_same(runs[1], runs[3], rtol=1e-4, atol=1e-5)

@@ -11,10 +11,11 @@ import torch
 from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas.research.compare import Arm, compare, equalize
 from klas.data import load_dataset
-from klas.stages.s5_evaluation import auc, evaluate_run, measure_latency, normalize_flops, pareto_mask, staircase
+from klas.stages.s5_evaluation import (EvaluationArtifact, EvaluationConfig, auc, evaluate_run, measure_latency,
+                                       normalize_flops, pareto_mask, staircase)
 from klas.families import count_flops, stitched_flops
 from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet, load_stitched
+from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet, load_stitched
 
 
 def _points(rng, n, ties):
@@ -72,8 +73,8 @@ def test_measure_latency(rng):
 
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-32", 0), ("tv-8", 0, "tv-16", 2), ("tv-16", 2, "tv-32", 3)]
-BUDGET = FinetuneCfg(epochs=1, steps_per_epoch=4, batch_size=32, train_samples=256, val_samples=0,
-                     init=FitCfg(samples=64, batch_size=64))
+BUDGET = FinetuneConfig(epochs=1, steps_per_epoch=4, batch_size=32, train_subset=256, val_images=0,
+                        init=FitCfg(samples=64, batch_size=64))
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +82,16 @@ def fam():
     return tiny_family()
 
 
+def res_dir(tmp_path):
+    return tmp_path / "run" / "evaluation"
+
+
 def test_evaluate_run_end_to_end(tmp_path, fam):
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
-    finetune_supernet(tmp_path / "run", sel, BUDGET, family=copy.deepcopy(fam), progress=False)
-    res = evaluate_run(tmp_path / "run", test_samples=300, latency_repeats=3, progress=False)
+    finetune_supernet(tmp_path / "run", BUDGET, seed=0, selection_path=sel, family=copy.deepcopy(fam), progress=False)
+    res = evaluate_run(tmp_path / "run", EvaluationConfig(test_subset=300, latency_repeats=3), progress=False)
     saved = json.loads((tmp_path / "run" / "evaluation" / "evaluation.json").read_text())
-    assert saved["auc"] == res["auc"] and len(saved["configs"]) == 4
+    assert saved["auc"] == res.auc and len(saved["configs"]) == 4 and EvaluationArtifact.load(res_dir(tmp_path)) == res
     test = load_dataset("fashion-mnist", "test").subset(300)
     x, y = test.normalize(test.images), test.labels
     f_min, f_max = fam[0].flops, fam[2].flops
@@ -105,9 +110,10 @@ def test_evaluate_run_end_to_end(tmp_path, fam):
     for f in ("evaluation.png", "evaluation.md"):
         assert (tmp_path / "run" / "evaluation" / f).stat().st_size > 0
     # before finetuning: pretrained anchors (handed in again) and the stitch layers as initialised
-    init = evaluate_run(tmp_path / "run", test_samples=300, latency=False, state="init", family=copy.deepcopy(fam),
-                        progress=False)
-    anchors = [r for r in init["configs"] if r["anchor"]]
+    init = evaluate_run(tmp_path / "run", EvaluationConfig(test_subset=300, latency=False), state="init",
+                        family=copy.deepcopy(fam), progress=False)
+    assert (tmp_path / "run" / "evaluation" / "init" / "evaluation.json").is_file()
+    anchors = [r for r in init.configs if r["anchor"]]
     with torch.no_grad():
         acc8 = (fam[0](x).argmax(-1) == y).double().mean().item() * 100
     assert anchors[0]["key"] == "tv-8" and anchors[0]["test_acc"] == pytest.approx(acc8, abs=1e-9)
@@ -124,8 +130,8 @@ def test_equalize_spreads_over_flops(fam):
 def test_compare_at_equal_cost(tmp_path, fam):
     a = write_selection(tmp_path / "a.json", STITCHES[:3], method="klas")
     b = write_selection(tmp_path / "b.json", STITCHES[2:], method="snnet-paired")
-    res = compare(tmp_path / "cmp", [Arm("klas", a), Arm("snnet", b, init="random")], BUDGET, family=fam,
-                  test_samples=200, progress=False)
+    res = compare(tmp_path / "cmp", [Arm("klas", a), Arm("snnet", b, init="random")], BUDGET,
+                  EvaluationConfig(test_subset=200, latency=False), seed=0, family=fam, progress=False)
     assert res["n_stitches"] == 2 and [r["n_stitches"] for r in res["arms"]] == [2, 2]
     assert all(r["steps"] == 4 and r["n_configs"] == 4 for r in res["arms"])
     for r in res["arms"]:

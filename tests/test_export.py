@@ -19,6 +19,7 @@ import klas
 from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.stages.s6_export import ExportOptions, export_models, export_zoo, read_evaluation, standalone, zoo_configs
+from klas.stages.s6_export import EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT, export_onnx
 from klas.families import stitched_flops
 from klas_runtime.manifest import METADATA_KEY, NOT_EMBEDDED, load_manifest
 from klas.rundir import RunDir
@@ -124,6 +125,64 @@ def test_standalone_keeps_only_used_weights(family):
         for batch in (1, 7):
             xb = torch.randn(batch, 1, 28, 28) * 3
             assert torch.equal(pruned(xb), net(xb))
+
+
+@pytest.mark.parametrize("kind", ["anchor", "stitch"])
+def test_dynamo_export_is_quiet_self_contained_and_matches_float64(family, kind, capfd):
+    """The supported exporter (dynamo) on a random-weight anchor and a stitched net: full checker, weights inside,
+    batch axis symbolic in and out, fresh random inputs at batch 1 and 7 agree with a float64 PyTorch copy, and
+    nothing is printed."""
+    src, tgt = family["fmnist-deit-ti"], family["fmnist-deit-s"]
+    if kind == "anchor":
+        net = StitchedNet(src, -1, src, -1, None).eval()
+    else:
+        net = StitchedNet(src, 3, tgt, 5, StitchLayer(src.feature_dim(3), tgt.feature_dim(5))).eval()
+    example = torch.randn(2, 1, 28, 28)
+    model, info = export_onnx(standalone(net, example), example, 18)
+    assert info == {"exporter": EXPORTER_DYNAMO}
+    assert capfd.readouterr() == ("", ""), "the exporter's progress lines / warnings must not reach the terminal"
+    onnx.checker.check_model(model, full_check=True)
+    assert [(o.domain, o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")] == [("", 18)]
+    assert model.graph.initializer and not any(onnx.external_data_helper.uses_external_data(t)
+                                               for t in model.graph.initializer)
+    assert not any(n.metadata_props for n in model.graph.node), "exporter debug info (stack traces) left in"
+    used = {i for n in model.graph.node for i in n.input}
+    assert all(t.name in used for t in model.graph.initializer)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert (inp.name, out.name) == ("input", "logits")
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 1, 28, 28]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 10]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref64 = copy.deepcopy(net).double().eval()
+    gen = torch.Generator().manual_seed(11)
+    for batch in (1, 7):
+        x = torch.randn(batch, 1, 28, 28, generator=gen, dtype=torch.float64) * 2
+        got = sess.run(None, {"input": x.float().numpy()})[0]
+        with torch.no_grad():
+            ref = ref64(x).numpy()
+        assert got.shape == ref.shape == (batch, 10)
+        assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-3  # near-ties may flip in float32
+        assert (got.argmax(1) == ref.argmax(1))[clear].all()
+
+
+def test_exporter_falls_back_to_torchscript_and_says_why(family, capfd):
+    """A model torch.export cannot export with a symbolic batch (control flow on the batch size) goes through the
+    TorchScript exporter, and the reason comes back with the model."""
+
+    class BranchOnBatch(StitchedNet):
+        def forward(self, x):
+            out = super().forward(x)
+            return out if x.shape[0] == 2 else -out
+
+    view = family["fmnist-deit-ti"]
+    example = torch.randn(2, 1, 28, 28)
+    model, info = export_onnx(standalone(BranchOnBatch(view, -1, view, -1, None).eval(), example), example, 18)
+    assert info["exporter"] == EXPORTER_TORCHSCRIPT and "batch" in info["fallback_reason"]
+    assert capfd.readouterr() == ("", "")
+    onnx.checker.check_model(model, full_check=True)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
 def test_zoo_holds_anchors_and_pareto_configs_only(zoo):

@@ -108,7 +108,8 @@ def test_every_default_is_defined_once_and_agrees():
             if action.dest.startswith("cfg__"):
                 s = by_dest[action.dest]  # a derived flag names a setting...
                 seen += 1
-                assert s.flag in action.option_strings and action.default is argparse.SUPPRESS, (path, s.flag)
+                assert any(o.endswith(s.flag[2:]) for o in action.option_strings), (path, s.flag)
+                assert action.default is argparse.SUPPRESS, (path, s.flag)
                 assert f"(default: {s.show(s.default)}" in action.help, (path, s.flag)
             elif action.dest in names and path and path[0] in ("probe", "score", "select", "finetune", "evaluate",
                                                                    "export", "run", "compare"):

@@ -70,10 +70,10 @@ def test_report_shows_every_part_and_embeds_images(synthetic_run, tmp_path):
         assert e["key"] in text
     assert "55 steps" in text and "min-kl" in text
     # parts the synthetic run lacks are shown as missing
-    for part in ("probes: missing", "supernet: missing", "zoo manifest: missing"):
+    for part in ("probes: missing", "finetune: missing", "zoo manifest: missing"):
         assert part in text
     rows = {r[0]: r for r in stage_timings(run)}
-    assert rows["scores"][1] == walls["scores"] and rows["zoo"][2] == "missing"
+    assert rows["scores"][1] == walls["scores"] and rows["export"][2] == "missing"
 
 
 def test_report_of_an_empty_run_is_all_missing_not_an_error(tmp_path):

@@ -30,7 +30,7 @@ def zoo_dir(tmp_path_factory):
 
     import klas
     from klas.data import load_dataset
-    from klas.stages.s6_export import ExportOptions, export_models
+    from klas.stages.s6_export import ExportConfig, export_models
     from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 
     torch.manual_seed(1)
@@ -42,8 +42,8 @@ def zoo_dir(tmp_path_factory):
                      StitchedNet(src, i, tgt, j, StitchLayer(src.feature_dim(i), tgt.feature_dim(j))), None))
     out = tmp_path_factory.mktemp("rt") / "zoo"
     data = load_dataset("fashion-mnist", "test").subset(200)
-    export_models(nets, out, "fmnist-deit", data, ExportOptions(parity_images=200, accuracy_images=200, warmup=2,
-                                                                runs=10, progress=False))
+    export_models(nets, out, "fmnist-deit", data, ExportConfig(parity_images=200, accuracy_images=200, warmup=2,
+                                                               runs=10), progress=False)
     return out
 
 

@@ -9,9 +9,9 @@ import torch
 
 import klas
 from klas.io import load_json
-from klas.stages.s1_probes import train_probes
-from klas.stages.s2_scores import compute_scores
-from klas.stages.s3_selection import select
+from klas.stages.s1_probes import ProbesConfig, train_probes
+from klas.stages.s2_scores import ScoresConfig, compute_scores
+from klas.stages.s3_selection import SelectionConfig, select
 from klas.research import study as st
 
 
@@ -167,10 +167,11 @@ def test_stitching_gain_on_hand_checked_rows():
 def run(one_thread, tmp_path_factory):
     fam = klas.create_family("fmnist-deit", anchors=["fmnist-deit-ti", "fmnist-deit-s"])
     path = tmp_path_factory.mktemp("study") / "run"
-    train_probes(fam, path, epochs=1, batch_size=64, train_subset=256, val_subset=32, progress=False)
-    compute_scores(fam, path, val_subset=96, dm_samples=48, progress=False)
+    train_probes(fam, path, ProbesConfig(epochs=1, batch_size=64, train_subset=256, val_subset=32), seed=0,
+                 progress=False)
+    compute_scores(fam, path, ScoresConfig(val_subset=96, dm_samples=48), progress=False)
     for m in ("snnet-paired", "min-kl", "klas"):
-        select(fam, path, method=m, progress=False)
+        select(fam, path, SelectionConfig(method=m), progress=False)
     return fam, path
 
 
@@ -190,11 +191,11 @@ def test_tiny_metric_outcome_sensitivity_cascades(run, tmp_path):
     assert set(rec["stats"]["score"]["recovery"]) == set(rec["viable"])
 
     sens = st.sensitivity(path, tmp_path, taus=(0.0, 0.05, 10.0), buckets=(0, 2), family=fam, progress=False)
-    default = [g for g in sens["grid"] if g["tau"] == 0.05 and g["buckets"] == "auto"][0]
+    default = [g for g in sens["grid"] if g["tau"] == sens["default_tau"] and g["buckets"] == "auto"][0]
     assert default["overlap"] == 1.0 and default["count"] == sens["default_count"]
     by_tau = {g["tau"]: g["count"] for g in sens["grid"] if g["buckets"] == 2}
     assert by_tau[0.0] <= by_tau[0.05] <= by_tau[10.0]  # a looser threshold never selects fewer
-    klas_sel = load_json(path / "selection" / "selection-klas.json")
+    klas_sel = load_json(path / "selection" / "selection.json")  # the last one made: klas
     assert sens["default_count"] == len(klas_sel["selected"])  # same rule as the selection stage
     assert {f["form"] for f in sens["forms"]} == {"ratio", "difference", "kl"}
 

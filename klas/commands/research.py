@@ -1,6 +1,6 @@
 """``klas compare``: selection methods and stitch initialisations at equal finetuning cost
-(``klas.research.compare``). Its finetuning flags are the finetune stage's settings, derived from the same
-dataclass as ``[finetune]``."""
+(``klas.research.compare``). Its finetuning and evaluation flags are those stages' settings, derived from the same
+dataclasses as ``[finetune]`` and ``[evaluation]``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +14,7 @@ def _compare(args) -> int:
     from klas.research.compare import Arm, compare, markdown, resolve_selection
     from klas.rundir import RunDir
 
-    cfg = load_config(args.config, args.set, flag_values(args, "finetune"))
+    cfg = load_config(args.config, args.set, {**flag_values(args, "finetune"), **flag_values(args, "evaluation", "eval-")})
     apply_run_settings(cfg)
     family = RunDir(args.run_dir).family if args.run_dir else cfg.run.family
     sels = [resolve_selection(s, args.run_dir, family) for s in args.selection]
@@ -23,9 +23,8 @@ def _compare(args) -> int:
         raise KlasError(f"{sels[0][1]}: no 'family' field; pass --set run.family=NAME")
     inits = args.init or [cfg.finetune.init.method]
     arms = [Arm(label if len(inits) == 1 else f"{label}+{init}", path, init) for label, path in sels for init in inits]
-    res = compare(args.out, arms, cfg.finetune, seed=cfg.run.seed, family=family, data_root=cfg.data.root,
-                  n_stitches=args.n_stitches, test_samples=args.test_samples, latency=args.latency,
-                  before=not args.no_before)
+    res = compare(args.out, arms, cfg.finetune, cfg.evaluation, seed=cfg.run.seed, family=family,
+                  data_root=cfg.data.root, n_stitches=args.n_stitches, before=not args.no_before)
     print(markdown(res), end="")
     print(f"[compare] -> {args.out}")
     return 0
@@ -45,9 +44,8 @@ def register(sub) -> None:
     cp.add_argument("--init", nargs="+", default=None, choices=INIT_METHODS,
                     help="stitch-layer initialisations to compare (default: the config's finetune.init.method)")
     cp.add_argument("--n-stitches", type=int, default=None, help="stitches per arm (default: the smallest count)")
-    cp.add_argument("--test-samples", type=int, default=None, help="first N test images (default: all)")
-    cp.add_argument("--latency", action="store_true", help="also measure latency")
     cp.add_argument("--no-before", action="store_true", help="skip the before-finetuning evaluation")
     common_flags(cp)
     add_flags(cp, "finetune", exclude=("init.method",))
+    add_flags(cp, "evaluation", prefix="eval-")
     cp.set_defaults(func=_compare)

@@ -2,7 +2,7 @@
 initialisations compared at equal cost, as in the KLAS paper's experiments.
 
 Every *arm* (a selection x an initialisation) is finetuned from the same pretrained anchors with the same budget
-(``FinetuneCfg``: epochs x steps, batch, schedule, seed) and the same number of stitched configurations, then
+(``FinetuneConfig``: epochs x steps, batch, schedule; the same seed) and the same number of stitched configurations, then
 evaluated by the same functions (``klas.stages.s5_evaluation``): AUC of the accuracy vs normalized-FLOPs staircase, accuracy at
 matched FLOPs budgets, number of Pareto points -- after finetuning and, for the initialisations, before it.
 """
@@ -19,7 +19,8 @@ from klas.families import Family, create_family, stitched_flops
 from klas.io import load_json, save_json
 from klas.rundir import RunDir
 from klas.stitch import INIT_METHODS
-from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
+from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
+from klas.stages.s5_evaluation import EvaluationConfig
 
 BUDGETS = (0.25, 0.5, 0.75)
 
@@ -35,21 +36,22 @@ class Arm:
 
 def resolve_selection(spec: str, run_dir: Path | None, family: str | Family) -> tuple[str, Path]:
     """``[LABEL=]PATH`` or ``[LABEL=]METHOD`` -> (label, selection file). A method name is looked up as
-    ``RUN_DIR/selection/selection-METHOD.json`` and, when missing, made by ``klas.stages.s3_selection.select`` from the run's
-    scores (the selection stage, imported only here)."""
+    ``RUN_DIR/selection/methods/METHOD/selection.json`` and, when missing, made there by
+    ``klas.stages.s3_selection.select`` from the run's scores (beside, not over, the run's own selection)."""
     label, _, what = spec.rpartition("=")
     path = Path(what)
     if path.is_file():
         return label or load_json(path).get("method") or path.stem, path
     if run_dir is None:
         raise KlasError(f"--selection {spec!r}: no such file; a method name needs --run-dir (with its scores)")
-    made = Path(run_dir) / "selection" / f"selection-{what}.json"
+    from klas.stages.s3_selection import METHODS, SelectionConfig, select
+
+    if what not in METHODS:
+        raise KlasError(f"--selection {spec!r}: no such file, and not a method ({', '.join(METHODS)})")
+    made = Path(run_dir) / "selection" / "methods" / what / "selection.json"
     if not made.is_file():
-        try:
-            from klas.stages.s3_selection import select
-        except ImportError:
-            raise KlasError(f"--selection {spec!r}: {made} missing and the selection stage is unavailable") from None
-        select(family, run_dir, method=what)
+        fam = family if isinstance(family, Family) else create_family(family, pretrained=True)
+        select(fam, run_dir, SelectionConfig(method=what), out=made.parent)
     return label or what, made
 
 
@@ -70,27 +72,26 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_") or "arm"
 
 
-def _summary_row(arm: Arm, method: str | None, n_stitches: int, after: dict, before: dict | None,
-                 budgets: tuple[float, ...], meta: dict) -> dict:
-    def stats(ev: dict) -> dict:
-        rows = ev["configs"]
+def _summary_row(arm: Arm, method: str | None, n_stitches: int, after, before, budgets: tuple[float, ...],
+                 meta) -> dict:
+    def stats(ev) -> dict:
+        rows = ev.configs
         xs = [r["flops_norm"] for r in rows]
         acc = [r["test_acc"] for r in rows]
         st = [r["test_acc"] for r in rows if not r["anchor"]]
-        return dict(auc=ev["auc"], n_pareto=ev["n_pareto"],
+        return dict(auc=ev.auc, n_pareto=ev.n_pareto,
                     acc_at={str(b): staircase(xs, acc, b) for b in budgets},
                     mean_stitched_acc=sum(st) / len(st) if st else None, best_stitched_acc=max(st, default=None))
 
     row = dict(label=arm.label, method=method, init=arm.init, selection=str(arm.selection), n_stitches=n_stitches,
-               n_configs=len(after["configs"]), steps=meta["steps"], finetune_wall_s=meta["wall_s"], **stats(after))
+               n_configs=len(after.configs), steps=meta.steps, finetune_wall_s=meta.wall_s, **stats(after))
     row["before"] = stats(before) if before is not None else None
     return row
 
 
-def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneCfg = FinetuneCfg(),
-            family: str | Family = "fmnist-deit", data_root: Path | str | None = None, n_stitches: int | None = None,
-            test_samples: int | None = None, latency: bool = False, before: bool = True,
-            budgets: tuple[float, ...] = BUDGETS, progress: bool = True) -> dict:
+def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneConfig, evaluation: EvaluationConfig, *, seed: int,
+            family: str | Family, data_root: Path | str | None = None, n_stitches: int | None = None,
+            before: bool = True, budgets: tuple[float, ...] = BUDGETS, progress: bool = True) -> dict:
     """Finetune and evaluate every arm under ``cfg``; write ``compare.json``, ``compare.md`` and ``compare.png``
     (plus ``compare-init.png``) into ``out_dir``. Arms with more stitches than the smallest (or ``n_stitches``) are
     cut to that many, spread over FLOPs, so each gets the same number of configurations and steps."""
@@ -122,25 +123,25 @@ def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneCfg = FinetuneCfg
         arm_cfg = replace(cfg, init=replace(cfg.init, method=a.init))
         if progress:
             print(f"[compare] {a.label}: {len(sel['selected'])} stitches, init {a.init}", flush=True)
-        meta = finetune_supernet(run, sel_path, arm_cfg, family=fam, data_root=data_root, progress=progress,
-                                 restart=True)
-        ev = evaluate_run(run, data_root, test_samples=test_samples, latency=latency, progress=progress,
+        meta = finetune_supernet(run, arm_cfg, seed=seed, selection_path=sel_path, family=fam, data_root=data_root,
+                                 progress=progress, restart=True)
+        ev = evaluate_run(run, evaluation, data_root=data_root, progress=progress,
                           family=None if not isinstance(family, Family) else copy.deepcopy(base))
         ev0 = None
         if before:
-            ev0 = evaluate_run(run, data_root, test_samples=test_samples, latency=False, state="init",
+            ev0 = evaluate_run(run, replace(evaluation, latency=False), data_root=data_root, state="init",
                                progress=progress, family=copy.deepcopy(base) if isinstance(family, Family) else None)
-            curves_init[a.label] = ev0["configs"]
-        curves[a.label] = ev["configs"]
+            curves_init[a.label] = ev0.configs
+        curves[a.label] = ev.configs
         rows.append(_summary_row(a, sel.get("method"), len(sel["selected"]), ev, ev0, budgets, meta))
     best = max(rows, key=lambda r: r["auc"])
-    result = dict(family=base.name, budget=dict(epochs=cfg.epochs, steps_per_epoch=meta["steps_per_epoch"],
-                                                steps=meta["steps"], batch_size=cfg.batch_size),
-                  n_stitches=n, test_samples=test_samples, budgets=list(budgets), best_auc=best["label"], arms=rows,
-                  machine=meta["machine"])
+    result = dict(family=base.name, budget=dict(epochs=cfg.epochs, steps_per_epoch=meta.steps_per_epoch,
+                                                steps=meta.steps, batch_size=cfg.batch_size, seed=seed),
+                  n_stitches=n, test_samples=evaluation.test_subset, budgets=list(budgets), best_auc=best["label"],
+                  arms=rows, machine=meta.machine)
     save_json(result, out / "compare.json")
     save_text(markdown(result), out / "compare.md")
-    plot_curves(curves, out / "compare.png", title=f"{base.name}: after finetuning ({meta['steps']} steps each)")
+    plot_curves(curves, out / "compare.png", title=f"{base.name}: after finetuning ({meta.steps} steps each)")
     if curves_init:
         plot_curves(curves_init, out / "compare-init.png", title=f"{base.name}: stitch layers before finetuning")
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 from klas.errors import KlasError
 from klas.io import atomic_path
 
-STAGE_ORDER = ("probes", "scores", "selection", "supernet", "evaluation", "zoo")
+from klas.stages import STAGES as STAGE_ORDER
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
 table{border-collapse:collapse;margin:.6em 0;font-size:13px}
 td,th{border:1px solid #ccc;padding:2px 7px;text-align:right}
@@ -126,7 +126,7 @@ def _selection(run: Path) -> str:
     sel = sorted(rec.get("selected", []), key=lambda e: e.get("flops") or 0)
     rows = [[f"{e['source']} -> {e['target']}", e["i"], e["j"], _mflops(e.get("flops")), e.get("D"), e.get("score"),
              e.get("bucket")] for e in sel]
-    others = sorted(q.name for q in (run / "selection").glob("selection-*.json"))
+    others = sorted(q.name for q in (run / "selection" / "methods").glob("*") if q.is_dir())
     return (f"<p>Method <b>{html.escape(str(rec.get('method')))}</b>, tau {_fmt(p.get('tau'))}, "
             f"{_fmt(p.get('num_buckets'))} buckets, anchor pairs {html.escape(str(rec.get('anchor_pairs')))}: "
             f"{len(sel)} of {len(rec.get('candidates', []))} candidates selected. Other selections in the run: "
@@ -136,12 +136,12 @@ def _selection(run: Path) -> str:
 
 
 def _supernet(run: Path) -> str:
-    rec = _load(run / "supernet" / "supernet.json")
+    rec = _load(run / "finetune" / "supernet.json")
     if rec is None:
-        return _missing("supernet: missing (run `klas finetune`)")
+        return _missing("finetune: missing (run `klas finetune`)")
     keys = ("steps", "epochs", "steps_per_epoch", "wall_s")
     rows = [[k, rec.get(k)] for k in keys if k in rec]
-    return _table(["field", "value"], rows) + _img(run / "supernet" / "training.png")
+    return _table(["field", "value"], rows) + _img(run / "finetune" / "training.png")
 
 
 def _evaluation(run: Path) -> str:
@@ -203,7 +203,7 @@ def _manifest(run: Path) -> str:
 def stage_timings(run: Path) -> list[list]:
     """[stage, wall s, source, finished] per stage: ``stage.json`` (written by ``klas run``) where present, else the
     wall time the stage's own record holds, else missing."""
-    fallbacks = {"probes": "probes/probes.json", "scores": "scores/scores.json", "supernet": "supernet/supernet.json"}
+    fallbacks = {"probes": "probes/probes.json", "scores": "scores/scores.json", "finetune": "finetune/supernet.json"}
     rows = []
     for st in STAGE_ORDER:
         rec = _load(run / st / "stage.json")

@@ -230,7 +230,7 @@ def metric_outcome(run_dir: Path | str, out_dir: Path | str, cfg: OutcomeCfg = O
     run = RunDir(run_dir)
     fam = _family(run, family)
     a, b = pair or _default_pair(run, fam)
-    _, tensors, mt = load_scores(run.path, fam.name)
+    _, tensors, mt = load_scores(run.path)
     if f"D/{a}/{b}" not in tensors:
         raise KlasError(f"--pair {a}:{b}: no scores for this anchor pair in {run.path / 'scores'}")
     table = candidate_table(fam, a, b, tensors[f"D/{a}/{b}"].double(), tensors[f"cap/{b}"].double(),
@@ -374,25 +374,27 @@ def jaccard(a: set, b: set) -> float:
 
 def sensitivity(run_dir: Path | str, out_dir: Path | str, taus=TAUS, buckets=BUCKETS, family=None,
                 progress: bool = True) -> dict:
-    """Selection count, coverage and Jaccard overlap with the default (tau 0.05, automatic buckets, ratio form) over
-    tau x bucket count and over score forms; reads the run's scores, writes nothing into the run."""
-    from klas.stages.s2_scores import SCORE_FORMS, load_scores, stitch_score
-    from klas.stages.s3_selection import candidate_table, choose_anchor_pairs
+    """Selection count, coverage and Jaccard overlap with the default (the stage defaults: tau, automatic buckets,
+    score form) over tau x bucket count and over score forms; reads the run's scores, writes nothing into the run."""
+    from klas.stages.s2_scores import SCORE_FORMS, ScoresConfig, load_scores, stitch_score
+    from klas.stages.s3_selection import SelectionConfig, candidate_table, choose_anchor_pairs
 
     run = RunDir(run_dir)
     fam = _family(run, family)
-    _, tensors, _ = load_scores(run.path, fam.name)
+    rec_s, tensors, _ = load_scores(run.path)
+    tau0, form0 = SelectionConfig().tau, ScoresConfig().score_form
     names = [v.name for v in fam]
     pairs = choose_anchor_pairs(names, tensors["anchor_kl"], "klas")
 
     def tables(form: str) -> list[dict]:
         return [candidate_table(fam, a, b, tensors[f"D/{a}/{b}"].double(), tensors[f"cap/{b}"].double(),
-                                stitch_score(tensors[f"D/{a}/{b}"].double(), tensors[f"cap/{b}"].double(), form))
+                                stitch_score(tensors[f"D/{a}/{b}"].double(), tensors[f"cap/{b}"].double(), form,
+                                             rec_s.lam))
                 for a, b in pairs]
 
     t0 = time.time()
-    base_tables = tables("ratio")
-    ref, _ = _selection_set(base_tables, 0.05, None)
+    base_tables = tables(form0)
+    ref, _ = _selection_set(base_tables, tau0, None)
     grid = []
     for n in tqdm(buckets, desc="[study] sensitivity", disable=not progress, file=sys.stdout):
         for tau in taus:
@@ -401,11 +403,11 @@ def sensitivity(run_dir: Path | str, out_dir: Path | str, taus=TAUS, buckets=BUC
                              coverage=info["coverage"], overlap=jaccard(s, ref)))
     forms = []
     for form in SCORE_FORMS:
-        s, info = _selection_set(tables(form), 0.05, None)
+        s, info = _selection_set(tables(form), tau0, None)
         forms.append(dict(form=form, count=len(s), coverage=info["coverage"], num_buckets=info["num_buckets"],
                           overlap=jaccard(s, ref)))
     rec = dict(study="sensitivity", family=fam.name, anchor_pairs=[list(p) for p in pairs], default_count=len(ref),
-               grid=grid, forms=forms)
+               default_tau=tau0, grid=grid, forms=forms)
     return _publish(rec, t0, out_dir, "sensitivity", fam.name, plot_sensitivity)
 
 
@@ -420,7 +422,8 @@ def plot_sensitivity(rec: dict, path: Path) -> None:
         ax.set_xlabel("tau")
         ax.set_title(key, fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{rec['family']}: selection sensitivity (default tau 0.05, auto buckets: {rec['default_count']} "
+    fig.suptitle(f"{rec['family']}: selection sensitivity (default tau {rec.get('default_tau', 0.05)}, auto buckets: "
+                 f"{rec['default_count']} "
                  f"configs); forms: " + ", ".join(f"{f['form']} {f['count']} (J={f['overlap']:.2f})"
                                                   for f in rec["forms"]), fontsize=9)
     _write_fig(fig, path, 100)
@@ -549,8 +552,9 @@ def _compare_once(run: RunDir, out: Path, methods, steps: int, seed: int, cfg: A
                   progress: bool) -> dict:
     """One ``klas.research.compare`` at (steps, seed), skipped when its compare.json exists for the same budget and arms."""
     from klas.research.compare import Arm, compare, resolve_selection
+    from klas.stages.s4_finetune import FinetuneConfig
+    from klas.stages.s5_evaluation import EvaluationConfig
     from klas.stitch import FitCfg
-    from klas.stages.s4_finetune import FinetuneCfg
 
     done = out / "compare.json"
     if done.is_file():
@@ -559,10 +563,11 @@ def _compare_once(run: RunDir, out: Path, methods, steps: int, seed: int, cfg: A
                 and prev.get("test_samples") == cfg.test_samples and prev["n_stitches"] <= cfg.n_stitches:
             return prev
     arms = [Arm(*resolve_selection(m, run.path, family)) for m in methods]
-    ft = FinetuneCfg(epochs=1, steps_per_epoch=steps, batch_size=cfg.batch_size, seed=seed, val_samples=cfg.val_samples,
-                     init=FitCfg(method="ls", seed=seed, samples=cfg.init_samples))
-    return compare(out, arms, ft, family=family, data_root=data_root, n_stitches=cfg.n_stitches,
-                   test_samples=cfg.test_samples, latency=False, before=False, progress=progress)
+    ft = FinetuneConfig(epochs=1, steps_per_epoch=steps, batch_size=cfg.batch_size, val_images=cfg.val_samples,
+                        init=FitCfg(method="ls", samples=cfg.init_samples))
+    ev = EvaluationConfig(test_subset=cfg.test_samples, latency=False)
+    return compare(out, arms, ft, ev, seed=seed, family=family, data_root=data_root, n_stitches=cfg.n_stitches,
+                   before=False, progress=progress)
 
 
 def stitching_gain(rows: list[dict]) -> dict:

@@ -278,15 +278,18 @@ def sample_configs(tables: list[dict], max_pairs: int | None, seed: int = 0) -> 
 
 # ------------------------------------------------------------------------------------------------------- select
 def select(family: Family, run_dir: Path | str, cfg: SelectionConfig, *, seed: int = 0,
-           data_root: Path | str | None = None, out: Path | None = None, progress: bool = True) -> SelectionArtifact:
+           data_root: Path | str | None = None, out: Path | None = None, fit=None,
+           progress: bool = True) -> SelectionArtifact:
     """Select stitch configurations with ``cfg.method`` from the run's scores; writes ``selection.json`` and a
-    candidates plot into ``out`` (default: the run's ``selection/`` folder, the stage's artifact)."""
+    candidates plot into ``out`` (default: the run's ``selection/`` folder, the stage's artifact). ``fit``: the
+    fitted baselines' budget (default ``klas.research.metrics.REFERENCE_FIT``; smaller in tests)."""
     method, tau, num_buckets, max_buckets, max_pairs = (cfg.method, cfg.tau, cfg.num_buckets, cfg.max_buckets,
                                                         cfg.max_pairs)
     anchor_rule = cfg.anchor_rule or ("nearest" if method.startswith("snnet") else "klas")
     anchor_pairs = [p.split(":") for p in cfg.anchor_pairs.split(",")] if cfg.anchor_pairs else None
     run = RunDir(run_dir, family.name)
     out = Path(out) if out is not None else run.stage("selection")
+    out.mkdir(parents=True, exist_ok=True)
     rec_s, tensors, metric_tensors = load_scores(run.path)
     score_form, lam = rec_s.score_form, rec_s.lam
     names = [v.name for v in family]
@@ -320,7 +323,7 @@ def select(family: Family, run_dir: Path | str, cfg: SelectionConfig, *, seed: i
     else:
         tables = tables_with(lambda p: None)
         t_fit = time.time()
-        fitted = _fit_scores(family, tables, method, max_pairs, seed, data_root, progress)
+        fitted = _fit_scores(family, tables, method, max_pairs, seed, data_root, fit, progress)
         cost.update(fit_wall_s=round(time.time() - t_fit, 2), configs_fitted=fitted,
                     per_config_s=round((time.time() - t_fit) / max(fitted, 1), 3))
 
@@ -402,18 +405,19 @@ def _snnet_chosen(table: dict, method: str, rule_used: dict) -> list[bool]:
 
 
 def _fit_scores(family: Family, tables: list[dict], method: str, max_pairs: int | None, seed: int,
-                data_root, progress: bool) -> int:
-    """Fill the score column of the sampled configurations with the fitted metric (at its reference budget,
-    ``klas.research.metrics.REFERENCE_FIT``); returns how many were fitted."""
-    from klas.research.metrics import REFERENCE_FIT as fit, REFERENCE_VAL_SAMPLES, FittedScorer
+                data_root, fit, progress: bool) -> int:
+    """Fill the score column of the sampled configurations with the fitted metric (``fit``: default the reference
+    budget, ``klas.research.metrics.REFERENCE_FIT``); returns how many were fitted."""
+    from klas.research.metrics import REFERENCE_FIT, REFERENCE_VAL_SAMPLES, FittedScorer
 
+    fit = fit or REFERENCE_FIT
     picks = sample_configs(tables, max_pairs, seed)
     train = load_dataset(family.cfg.dataset, "train", data_root).subset(fit.samples)
     val = load_dataset(family.cfg.dataset, "val", data_root).subset(REFERENCE_VAL_SAMPLES)
     used = sorted({tables[t]["source"] for t, _ in picks} | {tables[t]["target"] for t, _ in picks},
                   key=[v.name for v in family].index)
     scorer = FittedScorer([family[a] for a in used], train.normalize(train.images), train.labels,
-                          val.normalize(val.images), val.labels)
+                          val.normalize(val.images), val.labels, fit)
     try:
         configs = [(tables[t]["source"], tables[t]["i"][r], tables[t]["target"], tables[t]["j"][r]) for t, r in picks]
         values = scorer.score_all(method, configs, progress)
