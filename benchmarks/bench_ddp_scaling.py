@@ -29,12 +29,12 @@ def worker(run: Path, sel: Path, steps: int, batch_size: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
     from klas.stitch import FitCfg
-    from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
 
-    cfg = FinetuneCfg(epochs=1, steps_per_epoch=steps, batch_size=batch_size, val_samples=0, augment=True,
-                      init=FitCfg(samples=256, batch_size=256), train_samples=8192)
-    finetune_supernet(run, sel, cfg, family="fmnist-deit", progress=False)
+    cfg = FinetuneConfig(epochs=1, steps_per_epoch=steps, batch_size=batch_size, val_images=0, augment=True,
+                         init=FitCfg(samples=256, batch_size=256), train_subset=8192)
+    finetune_supernet(run, cfg, seed=0, selection_path=sel, family="fmnist-deit", progress=False)
 
 
 def _selection(path: Path) -> Path:
@@ -55,7 +55,7 @@ def launch(n: int, tmp: Path, sel: Path, steps: int, batch_size: int) -> dict:
     total = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"{n} ranks failed:\n{proc.stderr[-3000:]}")
-    meta = json.loads((run / "supernet" / "supernet.json").read_text())
+    meta = json.loads((run / "finetune" / "supernet.json").read_text())
     assert meta["world_size"] == n
     return dict(procs=n, train_wall_s=meta["wall_s"], job_wall_s=round(total, 2),
                 images_per_s=round(steps * batch_size / meta["wall_s"], 1))

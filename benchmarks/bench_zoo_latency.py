@@ -37,7 +37,7 @@ def build_zoo(family: str, out: Path, stitches, fit_samples: int, accuracy_image
 
     import klas
     from klas.data import load_dataset
-    from klas.stages.s6_export import ExportOptions, export_models
+    from klas.stages.s6_export import ExportConfig, export_models
     from klas.stitch import FitCfg, StitchConfig, StitchedNet, fit_stitch
 
     torch.set_num_threads(1)
@@ -49,7 +49,7 @@ def build_zoo(family: str, out: Path, stitches, fit_samples: int, accuracy_image
         src, tgt = fam[s], fam[t]
         layer, _ = fit_stitch(src, i, tgt, j, train, FitCfg(method="ls", samples=fit_samples))
         models.append((StitchConfig(src.name, i, tgt.name, j), StitchedNet(src, i, tgt, j, layer), None))
-    export_models(models, out, family, test, ExportOptions(accuracy_images=accuracy_images, profile=False))
+    export_models(models, out, family, test, ExportConfig(accuracy_images=accuracy_images, profile=False))
     return out
 
 

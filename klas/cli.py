@@ -5,7 +5,6 @@ import argparse
 import importlib
 import sys
 
-from klas_runtime.errors import ZooError  # the base of KlasError: runtime (manifest, pick, ...) errors too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,16 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ZooError as e:
-        print(f"klas: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("klas: interrupted (finished stages and checkpoints are kept; run the same command to resume)",
-              file=sys.stderr)
-        return 130
+    from klas_runtime.cli import run_command
+
+    return run_command(build_parser(), argv, "interrupted (finished stages and checkpoints are kept; run the same "
+                       "command to resume)")
 
 
 if __name__ == "__main__":

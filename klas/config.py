@@ -212,20 +212,22 @@ def _parse_flag(text: str) -> Any:
         return text
 
 
-def add_flags(parser, section: str, exclude: tuple[str, ...] = (), prefix: str = "") -> None:
-    """One flag per setting of ``section``'s dataclass (nested ones prefixed: ``--init-method``; all of them with
-    ``prefix`` where two sections share a command), help and default from the field; the parsed value is only a
-    candidate -- ``load_config`` checks it like any other."""
+def add_flags(parser, section: str, exclude: tuple[str, ...] = (), prefix: str = "", cls: type | None = None) -> None:
+    """One flag per setting of ``section``'s dataclass (or of ``cls``, a settings dataclass outside the run config,
+    e.g. the anchor trainer's recipe; nested ones prefixed: ``--init-method``; all of them with ``prefix`` where two
+    sections share a command), help and default from the field; the parsed value is only a candidate -- it is
+    checked like any other when the config is built."""
     import argparse
 
-    cls = sections()[section]
-    group = parser.add_argument_group(f"[{section}] settings (default: the run's config.toml, else the defaults)")
+    cls = cls or sections()[section]
+    group = parser.add_argument_group(f"[{section}] settings" + ("" if cls is not sections().get(section) else
+                                      " (default: the run's config.toml, else the defaults)"))
     for s in specs(cls):
         if s.dotted in exclude:
             continue
         allowed = s.allowed()
         extra = (f"; one of {', '.join(map(str, allowed))}" if allowed else "") + \
-            (f'; or "{s.meta["none"]}"' if s.optional and s.meta.get("none") else "")
+            (f'; or "{s.meta["none"]}"' if s.optional and s.meta.get("none") and s.default is not None else "")
         kw = dict(dest="__".join(("cfg", section) + s.path), default=argparse.SUPPRESS,
                   help=f"{s.meta.get('help', '')} (default: {s.show(s.default)}{extra})")
         flag = "--" + prefix + s.flag[2:]
@@ -235,11 +237,19 @@ def add_flags(parser, section: str, exclude: tuple[str, ...] = (), prefix: str =
             group.add_argument(flag, type=_parse_flag, metavar=s.type.__name__.upper(), **kw)
 
 
-def flag_values(args, section: str, prefix: str = "") -> dict[tuple[str, tuple[str, ...]], tuple[Any, str]]:
+def flag_values(args, section: str, prefix: str = "", cls: type | None = None
+                ) -> dict[tuple[str, tuple[str, ...]], tuple[Any, str]]:
     """The settings given as flags: {(section, path): (value, "--flag")}."""
     out = {}
-    for s in specs(sections()[section]):
+    for s in specs(cls or sections()[section]):
         dest = "__".join(("cfg", section) + s.path)
         if hasattr(args, dest):
             out[(section, s.path)] = (getattr(args, dest), "--" + prefix + s.flag[2:])
     return out
+
+
+def from_flags(args, section: str, cls: type):
+    """An instance of a settings dataclass outside the run config (e.g. the anchor trainer's ``Recipe``) from its
+    flags, every value checked."""
+    given = flag_values(args, section, cls=cls)
+    return build(cls, {p: v for (_, p), (v, _) in given.items()}, {p: f for (_, p), (_, f) in given.items()})

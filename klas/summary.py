@@ -1,17 +1,19 @@
 """The closing summary of ``klas run``: the Pareto models, how many are stitched, where the zoo is, how to pick."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from klas.io import load_json
 
 
 def print_summary(run_dir: Path | str) -> None:
+    from klas.stages.s5_evaluation import EvaluationArtifact
+
     run_dir = Path(run_dir)
-    ev_path = run_dir / "evaluation" / "evaluation.json"
-    if not ev_path.is_file():
+    if not (run_dir / "evaluation" / EvaluationArtifact.RECORD).is_file():
         return
-    ev = load_json(ev_path)
+    ev = asdict(EvaluationArtifact.load(run_dir / "evaluation"))
     rows = sorted(ev["configs"], key=lambda r: r["flops"])
     pareto = [r for r in rows if r.get("pareto")]
     stitched = [r for r in pareto if not r.get("anchor")]

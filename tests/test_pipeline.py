@@ -100,7 +100,10 @@ def test_every_default_is_defined_once_and_agrees():
     embedded = tomllib.loads(kc.DEFAULT_CONFIG.read_text())
     assert embedded == {"run": {"family": "fmnist-deit"}}
     assert kc.load_config() == kc.load_config(raw={})
-    by_dest = {"__".join(("cfg", name) + s.path): s for name, cls in schema.items() for s in specs(cls)}
+    from klas.families.trainer import Recipe
+
+    by_dest = {"__".join(("cfg", name) + s.path): s for name, cls in {**schema, "recipe": Recipe}.items()
+               for s in specs(cls)}
     names = {s.path[-1] for cls in schema.values() for s in specs(cls)}
     seen = 0
     for path, parser in _walk(build_parser()):

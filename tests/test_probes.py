@@ -1,4 +1,4 @@
-"""ProbeNet: joint training equals independent training; artifacts, resume and skip; one-line errors."""
+"""ProbeNet: joint training equals independent training; artifacts and exact resume; one-line errors."""
 import math
 
 import pytest
@@ -9,12 +9,10 @@ import torch.nn.functional as F
 import klas
 from klas.data import FASHION_MNIST, ImageSet, batches
 from klas.errors import KlasError
-from klas.io import load_json, load_tensors
-from klas.stages.s1_probes import (ProbeConfig, init_probe, load_probes, probe_seed, train_probe_nets,
-                         train_probes)
+from klas.io import load_tensors
 from klas.rundir import RunDir
-
-
+from klas.stages.s1_probes import (ProbesConfig, init_probe, load_probes, probe_seed, train_probe_nets,
+                                   train_probes)
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +28,10 @@ def _random_set(n: int, gen: torch.Generator) -> ImageSet:
 
 def test_joint_training_equals_independent_training(family, rng):
     data = _random_set(100, rng)  # 100 = 3 x 32 + 4: a ragged last batch
-    cfg = ProbeConfig(epochs=2, batch_size=32, lr=2e-2, weight_decay=0.01, stat_samples=70,
-                      seed=int(torch.randint(0, 1000, (1,), generator=rng)))
+    cfg = ProbesConfig(epochs=2, batch_size=32, lr=2e-2, weight_decay=0.01, stat_samples=70)
+    seed = int(torch.randint(0, 1000, (1,), generator=rng))
     before = {v.name: {k: t.clone() for k, t in v.model.state_dict().items()} for v in family}
-    nets = train_probe_nets(family, data, cfg, progress=False)
+    nets = train_probe_nets(family, data, cfg, seed, progress=False)
     for v in family:  # anchors stay frozen
         assert all(torch.equal(t, before[v.name][k]) for k, t in v.model.state_dict().items())
     view = family[1]
@@ -41,7 +39,7 @@ def test_joint_training_equals_independent_training(family, rng):
     for k in (0, 5, view.depth - 1):
         # independent reference: its own layer, optimizer and forward through blocks 0..k only
         lin = nn.Linear(view.feature_dim(k), 10)
-        init_probe(lin, probe_seed(cfg.seed, view.name, k))
+        init_probe(lin, probe_seed(seed, view.name, k))
         start = lin.weight.detach().clone()
         with torch.no_grad():  # the standardization statistics, over the first stat_samples images
             f = view.forward_blocks(view.forward_stem(data.normalize(data.images[:cfg.stat_samples])), 0, k + 1)
@@ -49,7 +47,7 @@ def test_joint_training_equals_independent_training(family, rng):
             mean, std = f.mean(0), f.std(0, unbiased=False) + 1e-6
         opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         for epoch in range(cfg.epochs):
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
             for s, (x, y) in enumerate(batches(data, cfg.batch_size, shuffle=True, gen=gen)):
                 for g in opt.param_groups:  # cosine decay to zero over the run, no warm-up
                     g["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * (epoch * steps + s) / (cfg.epochs * steps)))
@@ -70,21 +68,20 @@ def test_joint_training_equals_independent_training(family, rng):
         torch.testing.assert_close(joint.bias, lin.bias, rtol=1e-4, atol=1e-5)
 
 
-def test_train_probes_writes_resumes_and_skips(family, tmp_path, monkeypatch):
-    kw = dict(epochs=2, batch_size=64, train_subset=128, val_subset=64, progress=False)
-    rec = train_probes(family, tmp_path / "full", **kw)
+def test_train_probes_writes_and_resumes_exactly(family, tmp_path, monkeypatch, capsys):
+    cfg = ProbesConfig(epochs=2, batch_size=64, train_subset=128, val_subset=64)
+    kw = dict(seed=0, key="k", progress=False)
+    rec = train_probes(family, tmp_path / "full", cfg, **kw)
     out = tmp_path / "full" / "probes"
     for name in ("probes.safetensors", "probes.json", "probe_accuracy.png", "checkpoint.pt"):
         assert (out / name).is_file(), name
-    assert [h["epoch"] for h in rec["history"]] == [1, 2]
+    assert [h["epoch"] for h in rec.history] == [1, 2]
     for v in family:
-        accs = rec["final_val_acc"][v.name]
+        accs = rec.final_val_acc[v.name]
         assert len(accs) == v.depth and all(0 <= a <= 100 for a in accs)
-        assert len(rec["epochs_to_within_1pt"][v.name]) == v.depth
-    assert load_json(out / "probes.json")["inputs"]["anchors"].keys() == {v.name for v in family}
+        assert len(rec.epochs_to_within_1pt[v.name]) == v.depth
 
     # interrupted after epoch 1 (its checkpoint written), then resumed: same weights as the uninterrupted run
-    import klas.stages.s1_probes as probes_mod
     import klas.train
     real_save = klas.train.save_checkpoint
 
@@ -94,20 +91,29 @@ def test_train_probes_writes_resumes_and_skips(family, tmp_path, monkeypatch):
 
     monkeypatch.setattr(klas.train, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_probes(family, tmp_path / "resumed", **kw)
+        train_probes(family, tmp_path / "resumed", cfg, **kw)
     monkeypatch.setattr(klas.train, "save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / "probes" / "probes.safetensors").exists()
-    rec2 = train_probes(family, tmp_path / "resumed", **kw)
-    assert [h["epoch"] for h in rec2["history"]] == [1, 2]
+    capsys.readouterr()
+    rec2 = train_probes(family, tmp_path / "resumed", cfg, **kw)
+    assert "resuming after epoch 1/2" in capsys.readouterr().out
+    assert [h["epoch"] for h in rec2.history] == [1, 2]
+    assert [h["val_acc"] for h in rec2.history] == [h["val_acc"] for h in rec.history]
     a = load_tensors(out / "probes.safetensors")
     b = load_tensors(tmp_path / "resumed" / "probes" / "probes.safetensors")
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
-    # unchanged inputs: skipped without training
-    monkeypatch.setattr(probes_mod, "train_probe_nets", lambda *a, **k: pytest.fail("retrained"))
-    assert train_probes(family, tmp_path / "full", **kw)["history"] == rec["history"]
+    # a checkpoint made under another stage key (other settings upstream) is not resumed: trained from scratch
+    monkeypatch.setattr(klas.train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_probes(family, tmp_path / "rekeyed", cfg, **kw)
+    monkeypatch.setattr(klas.train, "save_checkpoint", real_save)
+    capsys.readouterr()
+    rec3 = train_probes(family, tmp_path / "rekeyed", cfg, **dict(kw, key="other"))
+    assert "made for other inputs, starting over" in capsys.readouterr().out
+    assert [h["epoch"] for h in rec3.history] == [1, 2]
     nets = load_probes(tmp_path / "full", family)
     torch.testing.assert_close(nets[family[0].name].probes[3].weight, a[f"{family[0].name}/3.weight"])
 
@@ -115,11 +121,8 @@ def test_train_probes_writes_resumes_and_skips(family, tmp_path, monkeypatch):
 def test_bad_input_is_one_line_error(family, tmp_path):
     RunDir(tmp_path / "other", "deit")
     with pytest.raises(KlasError, match="belongs to family 'deit'"):
-        train_probes(family, tmp_path / "other", epochs=1, train_subset=8, val_subset=8, progress=False)
-    with pytest.raises(KlasError, match="--epochs 0"):
-        train_probes(family, tmp_path / "x", epochs=0)
-    with pytest.raises(KlasError, match="--lr"):
-        train_probes(family, tmp_path / "x", lr=-1.0)
+        train_probes(family, tmp_path / "other", ProbesConfig(epochs=1, train_subset=8, val_subset=8), seed=0,
+                     progress=False)
     RunDir(tmp_path / "empty", family.name)
     with pytest.raises(KlasError, match=r"probes\.safetensors: missing; run `klas probe` first") as e:
         load_probes(tmp_path / "empty", family)

@@ -1,5 +1,6 @@
 """Supernetwork: selection input, the per-step configuration schedule, SN-Net training touching every configuration,
-exact resume after a crash, reloading standalone stitched networks, and the CLI."""
+exact resume after a crash, reloading standalone stitched networks, DDP. (The ``klas finetune`` command is a
+pipeline stage command: tests/test_pipeline.py.)"""
 import copy
 import json
 import os
@@ -11,21 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from _stitch_helpers import TINY, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
-from klas.cli import main
+from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas.errors import KlasError
-from klas.io import load_tensors, save_tensors
+from klas.io import load_tensors
+from klas.stages.s4_finetune import FinetuneConfig, config_at, finetune_supernet, load_stitched, read_selection
 from klas.stitch import FitCfg, StitchConfig
-from klas.stages.s4_finetune import FinetuneCfg, config_at, finetune_supernet, load_stitched, read_selection
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-32", 2)]
 
 
 def _cfg(**kw):
-    base = dict(epochs=2, steps_per_epoch=3, batch_size=32, train_samples=512, val_samples=0, augment=True,
+    base = dict(epochs=2, steps_per_epoch=3, batch_size=32, train_subset=512, val_images=0, augment=True,
                 lr=3e-3, warmup_frac=0.2, init=FitCfg(samples=128, batch_size=64))
     base.update(kw)
-    return FinetuneCfg(**base)
+    return FinetuneConfig(**base)
+
+
+def _finetune(run, sel, cfg, fam, **kw):
+    return finetune_supernet(run, cfg, seed=0, selection_path=sel, family=copy.deepcopy(fam), progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -68,44 +72,42 @@ def test_schedule_covers_every_configuration(n):
 def _weights(run):
     out = {}
     for f in ("anchors.safetensors", "stitch_layers.safetensors"):
-        out.update({f"{f}:{k}": v for k, v in load_tensors(run / "supernet" / f).items()})
+        out.update({f"{f}:{k}": v for k, v in load_tensors(run / "finetune" / f).items()})
     return out
 
 
 def test_training_updates_every_configuration_and_reloads(tmp_path, fam):
     run = tmp_path / "run"
     sel = write_selection(tmp_path / "sel.json", STITCHES)
-    meta = finetune_supernet(run, sel, _cfg(val_samples=64), family=copy.deepcopy(fam), progress=False)
-    counts = [r["samples"] for r in meta["configs"]]
+    meta = _finetune(run, sel, _cfg(val_images=64), fam)
+    counts = [r["samples"] for r in meta.configs]
     assert len(counts) == 5 and sum(counts) == 6 and max(counts) - min(counts) <= 1  # balanced: all trained
-    init = load_tensors(run / "supernet" / "init_stitch_layers.safetensors")
-    final = load_tensors(run / "supernet" / "stitch_layers.safetensors")
-    for r in meta["configs"]:
+    init = load_tensors(run / "finetune" / "init_stitch_layers.safetensors")
+    final = load_tensors(run / "finetune" / "stitch_layers.safetensors")
+    for r in meta.configs:
         if not r["anchor"]:
             assert r["samples"] >= 1 and not torch.equal(init[f"{r['stitch']}/linear.weight"],
                                                          final[f"{r['stitch']}/linear.weight"])
     start = {f"{v.name}/{k}": t for v in fam for k, t in v.model.state_dict().items()}
-    anchors = load_tensors(run / "supernet" / "anchors.safetensors")
+    anchors = load_tensors(run / "finetune" / "anchors.safetensors")
     assert set(anchors) == {k for k in start if k.split("/")[0] in ("tv-8", "tv-16", "tv-32")}
     assert all(not torch.equal(anchors[k], start[k]) for k in anchors if k.endswith("blocks.3.mlp.fc2.weight"))
-    assert all(0 <= r["val_acc"] <= 100 and 0 <= r["val_acc_init"] <= 100 for r in meta["configs"])
-    assert (run / "supernet" / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(0 <= r["val_acc"] <= 100 and 0 <= r["val_acc_init"] <= 100 for r in meta.configs)
+    assert (run / "finetune" / "training.png").read_bytes()[:4] == b"\x89PNG"
     # a reloaded standalone network computes what the trained supernetwork computed
     x = torch.randn(4, 1, 28, 28)
-    for r in meta["configs"]:
+    for r in meta.configs:
         net = load_stitched(run, r["config"])
         assert net.config.key == r["key"] and not net.training
         net2 = load_stitched(run, r["key"])
         torch.testing.assert_close(net(x), net2(x), rtol=0, atol=0)
     with pytest.raises(KlasError, match="no configuration"):
         load_stitched(run, StitchConfig("tv-8", 0, "tv-32", 0))
-    # a finished run with the same settings is returned as is; other settings on the same checkpoint are refused
-    assert finetune_supernet(run, sel, _cfg(val_samples=64), family=copy.deepcopy(fam), progress=False) == meta
+    # the final checkpoint of a finished run: other settings refuse it, unless restart discards it
     with pytest.raises(KlasError, match="other settings"):
-        finetune_supernet(run, sel, _cfg(val_samples=64, lr=1e-2), family=copy.deepcopy(fam), progress=False)
-    again = finetune_supernet(run, sel, _cfg(val_samples=0, lr=1e-2), family=copy.deepcopy(fam), progress=False,
-                              restart=True)
-    assert again["cfg"]["lr"] == 1e-2 and again["fingerprint"] != meta["fingerprint"]
+        _finetune(run, sel, _cfg(val_images=64, lr=1e-2), fam)
+    again = _finetune(run, sel, _cfg(val_images=0, lr=1e-2), fam, restart=True)
+    assert again.cfg["lr"] == 1e-2 and sum(r["samples"] for r in again.configs) == 6  # trained from step 0
 
 
 class Crash(RuntimeError):
@@ -115,47 +117,38 @@ class Crash(RuntimeError):
 def test_resume_after_crash_equals_uninterrupted_run(tmp_path, fam):
     sel = write_selection(tmp_path / "sel.json", STITCHES)
     cfg = _cfg(ckpt_every=2)
-    whole = finetune_supernet(tmp_path / "whole", sel, cfg, family=copy.deepcopy(fam), progress=False)
+    whole = _finetune(tmp_path / "whole", sel, cfg, fam)
 
     def crash_at_5(step):
         if step == 5:  # checkpoints exist after steps 2, 3 (epoch end) and 4: step 5 is lost and redone
             raise Crash
 
     with pytest.raises(Crash):
-        finetune_supernet(tmp_path / "cut", sel, cfg, family=copy.deepcopy(fam), progress=False, on_step=crash_at_5)
-    assert not (tmp_path / "cut" / "supernet" / "supernet.json").exists()
-    resumed = finetune_supernet(tmp_path / "cut", sel, cfg, family=copy.deepcopy(fam), progress=False)
+        _finetune(tmp_path / "cut", sel, cfg, fam, on_step=crash_at_5)
+    assert not (tmp_path / "cut" / "finetune" / "supernet.json").exists()
+    resumed = _finetune(tmp_path / "cut", sel, cfg, fam)
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
-    assert [h["loss"] for h in whole["history"]] == pytest.approx([h["loss"] for h in resumed["history"]], rel=1e-6)
+    assert [h["loss"] for h in whole.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-6)
+    assert [h["lr"] for h in whole.history] == [h["lr"] for h in resumed.history]
     # a different crash point (inside the first epoch, before any checkpoint) resumes to the same weights too
     with pytest.raises(Crash):
-        finetune_supernet(tmp_path / "cut2", sel, cfg, family=copy.deepcopy(fam), progress=False,
-                          on_step=lambda s: (_ for _ in ()).throw(Crash()) if s == 1 else None)
-    finetune_supernet(tmp_path / "cut2", sel, cfg, family=copy.deepcopy(fam), progress=False)
+        _finetune(tmp_path / "cut2", sel, cfg, fam,
+                  on_step=lambda s: (_ for _ in ()).throw(Crash()) if s == 1 else None)
+    _finetune(tmp_path / "cut2", sel, cfg, fam)
     c = _weights(tmp_path / "cut2")
     for k in a:
         torch.testing.assert_close(a[k], c[k], rtol=1e-6, atol=1e-7)
 
 
-def test_cli_finetune_and_evaluate(tmp_path, capsys, fam):
-    for v in fam:  # the tiny family has no shipped weights: hand its random ones over as a weights directory
-        save_tensors(v.model.state_dict(), tmp_path / "w" / f"{v.name}.safetensors")
-    run = tmp_path / "run"
-    sel = write_selection(run / "selection" / "selection.json", STITCHES[:1])
-    args = ["--run-dir", str(run), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16",
-            "--train-samples", "256", "--val-samples", "0", "--init-samples", "64", "--seed", "3",
-            "--weights", str(tmp_path / "w")]
-    assert main(["finetune", *args]) == 0
-    meta = json.loads((run / "supernet" / "supernet.json").read_text())
-    assert meta["family"] == TINY and meta["steps"] == 2 and meta["selection"]["path"] == str(sel)
-    assert main(["evaluate", "--run-dir", str(run), "--test-samples", "100", "--latency-repeats", "3"]) == 0
-    assert "AUC" in capsys.readouterr().out
+def test_bad_selection_is_one_line_error(tmp_path, fam):
     (tmp_path / "bad.json").write_text("{not json")
-    assert main(["finetune", "--run-dir", str(tmp_path / "r2"), "--selection", str(tmp_path / "bad.json")]) == 2
-    assert "bad.json: not valid JSON" in capsys.readouterr().err
+    with pytest.raises(KlasError, match="bad.json: not valid JSON"):
+        _finetune(tmp_path / "r2", tmp_path / "bad.json", _cfg(), fam)
+    with pytest.raises(KlasError, match="none.json: selection file not found"):
+        _finetune(tmp_path / "r3", tmp_path / "none.json", _cfg(), fam)
 
 
 DDP_SCRIPT = """
@@ -164,10 +157,11 @@ from pathlib import Path
 torch.set_num_threads(1)
 from _stitch_helpers import tiny_family
 from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet
+from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
 torch.manual_seed(0)
-cfg = FinetuneCfg(**{cfg}, init=FitCfg(samples=128, batch_size=64))
-finetune_supernet(Path(sys.argv[1]), Path(sys.argv[2]), cfg, family=tiny_family(), progress=False)
+cfg = FinetuneConfig(**{cfg}, init=FitCfg(samples=128, batch_size=64))
+finetune_supernet(Path(sys.argv[1]), cfg, seed=0, selection_path=Path(sys.argv[2]), family=tiny_family(),
+                  progress=False)
 """
 
 
@@ -175,7 +169,7 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
     """Two gloo ranks, each on its shard of every global batch, end with the single-process weights: the sampled
     configuration agrees across ranks and DDP averages the shard gradients (augmentation off: it draws per shard)."""
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
-    kw = dict(epochs=1, steps_per_epoch=4, batch_size=32, train_samples=256, val_samples=0, augment=False, lr=3e-3)
+    kw = dict(epochs=1, steps_per_epoch=4, batch_size=32, train_subset=256, val_images=0, augment=False, lr=3e-3)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(cfg=repr(kw)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
@@ -185,9 +179,9 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.manual_seed(0)
     fam = tiny_family()
-    finetune_supernet(tmp_path / "single", sel, FinetuneCfg(**kw, init=FitCfg(samples=128, batch_size=64)),
-                      family=fam, progress=False)
-    assert json.loads((tmp_path / "ddp" / "supernet" / "supernet.json").read_text())["world_size"] == 2
+    finetune_supernet(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
+                      selection_path=sel, family=fam, progress=False)
+    assert json.loads((tmp_path / "ddp" / "finetune" / "supernet.json").read_text())["world_size"] == 2
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert a.keys() == b.keys()
     for k in a:

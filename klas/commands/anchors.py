@@ -20,7 +20,9 @@ def _list(args) -> int:
 def _train(args) -> int:
     from klas.families.trainer import Recipe, train_family
 
-    recipe = Recipe(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    from klas.config import from_flags
+
+    recipe = from_flags(args, "recipe", Recipe)
     card = train_family(args.family, args.out, recipe, args.data_root, args.anchor, args.threads)
     print(f"[anchors] card: {card}")
     return 0
@@ -47,10 +49,10 @@ def register(sub) -> None:
     zt.add_argument("family")
     zt.add_argument("--out", type=Path, default=None, help="output directory (default: the package's weights/)")
     zt.add_argument("--anchor", action="append", default=None, help="train only this anchor (repeatable)")
-    zt.add_argument("--epochs", type=int, default=20)
-    zt.add_argument("--batch-size", type=int, default=256)
-    zt.add_argument("--lr", type=float, default=2e-3)
-    zt.add_argument("--seed", type=int, default=0)
+    from klas.config import add_flags
+    from klas.families.trainer import Recipe
+
+    add_flags(zt, "recipe", cls=Recipe)
     zt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     zt.add_argument("--data-root", type=Path, default=None)
     zt.set_defaults(func=_train)

@@ -31,7 +31,7 @@ def _stage(args) -> int:
     apply_run_settings(cfg)
     arts = run_pipeline(cfg, args.run_dir, until=args.stage, force=(args.stage,) if args.force else ())
     summary = stage_module(args.stage).summary(arts[args.stage])
-    print(f"[{VERBS[args.stage]}] " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    print(f"[{VERBS.get(args.stage, args.stage)}] " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return 0
 
 
@@ -47,7 +47,7 @@ def register(sub) -> None:
     from klas.stages import stage_modules
 
     for mod in stage_modules():
-        p = sub.add_parser(VERBS[mod.NAME], help=f"the {mod.NAME} stage: {mod.DESCRIBE}",
+        p = sub.add_parser(VERBS.get(mod.NAME, mod.NAME), help=f"the {mod.NAME} stage: {mod.DESCRIBE}",
                            description=f"The {mod.NAME} stage of a run ({mod.__name__}): {mod.DESCRIBE}. Earlier "
                            f"stages run first when they are not up to date.")
         p.add_argument("--run-dir", type=Path, required=True, help="run directory")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from klas.data import batches, load_dataset, num_batches
+from klas.contract import setting
 from klas.errors import KlasError
 from klas.families._registry import _EMBEDDED_WEIGHTS, create_anchor, get_family_cfg
 from klas.io import load_checkpoint, load_json, save_json, save_tensors, sha256_file
@@ -24,14 +25,14 @@ from klas.train import Trainer, epoch_generator, progress_bar
 class Recipe:
     """One training recipe for every anchor of a family (a spread made by undertraining one anchor is not real)."""
 
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    seed: int = 0
-    train_subset: int | None = None  # first N training images only (tests, smoke runs)
+    epochs: int = setting(20, "training epochs", ge=1)
+    batch_size: int = setting(256, "images per step", ge=1)
+    lr: float = setting(2e-3, "AdamW peak learning rate", gt=0)
+    weight_decay: float = setting(0.05, "AdamW weight decay", ge=0)
+    warmup_epochs: float = setting(1.0, "linear warm-up, in epochs", ge=0)
+    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy", ge=0, le=1)
+    seed: int = setting(0, "seed of the initialisation and the data order", ge=0)
+    train_subset: int | None = setting(None, "first N training images only (tests, smoke runs)", ge=1, none="all")
 
 
 @torch.no_grad()
@@ -69,7 +70,8 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if not tr.matches(ck, asdict(recipe)):
-            raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe; delete it to start over")
+            raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe or an older klas; delete it to "
+                            f"start over")
         tr.load_state_dict(ck)
         state = ck["state"]
         print(f"[zoo] {anchor.name}: resuming after epoch {state['epoch']}", flush=True)

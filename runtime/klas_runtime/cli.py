@@ -8,6 +8,7 @@ handlers: building the parser stays cheap for ``klas --help``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -148,16 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, interrupted: str = "interrupted") -> int:
+    """Parse and run one command: a user error (``ZooError`` and its subclasses) is one line and exit 2; an
+    unexpected internal error is one line naming the file the full traceback was saved to, and exit 1."""
+    prog = parser.prog
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ZooError as e:
-        print(f"klas-runtime: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("klas-runtime: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or an OS failure nobody anticipated: one line, the traceback kept in a file
+        import tempfile
+        import time
+        import traceback
+
+        path = Path(tempfile.gettempdir()) / f"{prog}-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        try:
+            path.write_text(traceback.format_exc())
+            where = f"full traceback in {path}"
+        except OSError:
+            where = "the traceback could not be saved"
+        msg = str(e).splitlines()[0][:200] if str(e) else ""
+        print(f"{prog}: internal error: {type(e).__name__}: {msg} ({where})", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":
