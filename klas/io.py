@@ -73,3 +73,34 @@ def load_tensors(path: Path | str) -> dict[str, "torch.Tensor"]:
         return load_file(str(path))
     except Exception as e:
         raise KlasError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def swap_dirs(new: Path | str, old: Path | str) -> None:
+    """Put folder ``new`` in place of folder ``old`` in one step, so that a kill at any moment leaves the old or the
+    new folder whole at ``old``; the previous contents end up at ``new`` (the caller deletes them). Linux
+    ``renameat2(RENAME_EXCHANGE)``; elsewhere (or where the file system lacks it) two renames, whose gap is one
+    system call wide."""
+    import ctypes
+    import errno
+    import os
+
+    new, old = Path(new), Path(old)
+    if not old.exists():
+        os.replace(new, old)
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        fn = None
+    if fn is not None:
+        at_fdcwd, rename_exchange = -100, 2
+        if fn(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(old), rename_exchange) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(old))
+    aside = new.with_name(new.name + ".old")
+    os.replace(old, aside)
+    os.replace(new, old)
+    os.replace(aside, new)

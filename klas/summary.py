@@ -1,7 +1,7 @@
-"""The closing summary of ``klas run``: the Pareto models, how many are stitched, where the zoo is, how to pick."""
+"""The closing summary of ``klas run``: the zoo (the user's untouched anchors, the stitched models and cascades that
+beat them on val), the zoo's AUC beside the untouched anchors' AUC, where the zoo is, how to pick."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from klas.io import load_json
@@ -13,50 +13,41 @@ def print_summary(run_dir: Path | str) -> None:
     run_dir = Path(run_dir)
     if not (run_dir / "evaluation" / EvaluationArtifact.RECORD).is_file():
         return
-    ev = asdict(EvaluationArtifact.load(run_dir / "evaluation"))
-    rows = sorted(ev["configs"], key=lambda r: r["flops"])
-    pareto = [r for r in rows if r.get("pareto")]
-    stitched = [r for r in pareto if not r.get("anchor")]
-    print(f"\n== {ev['family']} on {ev['dataset']}: {len(rows)} configurations evaluated on {ev['n_test']} test images, "
-          f"{len(pareto)} on the Pareto front ({len(stitched)} stitched, {len(pareto) - len(stitched)} anchors); "
-          f"AUC {ev['auc']:.4f}")
-    print(f"{'model':42s} {'MFLOPs':>8s} {'test acc':>9s} {'torch ms':>9s} {'onnx p50 ms':>12s}")
+    ev = EvaluationArtifact.load(run_dir / "evaluation")
+    adm = ev.admission
+    n_conf = sum(z["kind"] == "configuration" for z in ev.zoo)
+    n_casc = sum(z["kind"] == "cascade" for z in ev.zoo)
+    print(f"\n== {ev.family} on {ev.dataset}: {len(ev.configs)} finetuned configurations and "
+          f"{adm.get('cascades', 0)} cascade candidates judged on {ev.n_val} val images; zoo = "
+          f"{len(ev.untouched)} untouched anchors + {n_conf} stitched/finetuned + {n_casc} cascades "
+          f"(test accuracy on {ev.n_test} images, reported after the choice)")
+    print(f"{'model':44s} {'MFLOPs':>8s} {'avg MFLOPs':>10s} {'val acc':>8s} {'test acc':>9s} {'onnx p50 ms':>12s}")
     onnx_p50 = _onnx_latency(run_dir / "zoo" / "manifest.json")
-    for r in pareto:
-        lat = f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "-"
-        ort = f"{onnx_p50[r['key']]:.3f}" if r["key"] in onnx_p50 else "-"
-        print(f"{r['key']:42s} {r['flops'] / 1e6:8.2f} {r['test_acc']:9.2f} {lat:>9s} {ort:>12s}")
-    _compare_with_pretrained(ev)
+    for z in sorted(ev.zoo, key=lambda z: z["flops_avg"]["val"] if z["kind"] == "cascade" else z["flops"]):
+        avg = f"{z['flops_avg']['test'] / 1e6:10.2f}" if z["kind"] == "cascade" else f"{'':10s}"
+        ort = f"{onnx_p50[z['name']]:.3f}" if z["name"] in onnx_p50 else "-"
+        tag = {"anchor": " (untouched)", "cascade": " (cascade)"}.get(z["kind"], "")
+        print(f"{z['name'] + tag:44s} {z['flops'] / 1e6:8.2f} {avg} {z['val_acc']:8.2f} {z['test_acc']:9.2f} "
+              f"{ort:>12s}")
+    if ev.zoo_auc is not None and ev.anchors_auc is not None:
+        best = max((r for r in ev.configs if not r["anchor"]), key=lambda r: r["test_acc"] - _stair(ev, r["flops"]),
+                   default=None)
+        gain = f"; largest stitched gain at equal FLOPs on test: {best['test_acc'] - _stair(ev, best['flops']):+.2f} " \
+               f"points ({best['key']})" if best else ""
+        print(f"zoo AUC {ev.zoo_auc:.4f} (cascades at their average cost) vs untouched anchors alone "
+              f"{ev.anchors_auc:.4f}; above the anchors' staircase: {n_conf} stitched/finetuned, {n_casc} cascades"
+              + gain)
     zoo = run_dir / "zoo"
     if (zoo / "manifest.json").is_file():
         n = len(load_json(zoo / "manifest.json")["models"])
-        cheapest = min(r["flops"] for r in pareto) / 1e6
-        print(f"\nzoo: {zoo} ({n} ONNX models + manifest.json)")
+        cheapest = min(z["flops"] for z in ev.zoo) / 1e6
+        print(f"\nzoo: {zoo} ({n} manifest entries)")
         print(f"pick one:  klas pick {zoo} --max-flops {max(cheapest * 2, cheapest + 0.01):.1f}M")
 
 
-def _compare_with_pretrained(ev: dict) -> None:
-    """Put the run beside the untouched pretrained anchors (embedded families carry their accuracy in the card):
-    shared-weight finetuning changes the anchors too, and a stitched model only helps if it beats *those*."""
-    from klas.errors import KlasError
-    from klas.stages.s5_evaluation import auc
-    from klas.families.trainer import load_card
-
-    try:
-        card = load_card(ev["family"])["anchors"]
-    except KlasError:
-        return
-    if ev.get("n_test") != 10000:
-        return  # the card's accuracies are on the full test set
-    flops, accs = [a["flops"] for a in card], [a["test_acc"] for a in card]
-    ref_auc = auc(flops, accs, ev["flops_range"]["min"], ev["flops_range"]["max"])
-    stair = sorted(zip(flops, accs))
-    beat = [r for r in ev["configs"] if not r.get("anchor")
-            and r["test_acc"] > max([a for f, a in stair if f <= r["flops"]], default=0.0)]
-    print(f"pretrained anchors before finetuning: " + ", ".join(f"{a['name']} {a['test_acc']:.2f}" for a in card)
-          + f" (AUC {ref_auc:.4f}); stitched models above their staircase: {len(beat)}"
-          + (f" ({', '.join(r['key'] for r in beat)})" if beat else
-             " -- at this finetuning budget stitching does not add over the original anchors"))
+def _stair(ev, flops: float) -> float:
+    """The untouched anchors' staircase on test: the best anchor within ``flops`` (0 if none)."""
+    return max((u["test_acc"] for u in ev.untouched if u["flops"] <= flops), default=0.0)
 
 
 def _onnx_latency(manifest: Path) -> dict[str, float]:

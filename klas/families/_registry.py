@@ -126,7 +126,9 @@ def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weig
     else:
         model = timm.create_model(anchor.arch, pretrained=pretrained, **kwargs)
     model.eval()
-    return block_view(model, anchor.name, input_shape)
+    view = block_view(model, anchor.name, input_shape)
+    view.weights_file = local  # the file the user's weights came from (None: hub or random): exported as given
+    return view
 
 
 def create_family(name: str, pretrained: bool = False, weights: str | Path | dict | None = None,

@@ -113,9 +113,16 @@ def measure_latency(net: torch.nn.Module, input_shape: tuple[int, ...], batch: i
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Every finetuned configuration on the test split: accuracy, FLOPs, params, CPU latency; the Pareto front."""
+    """Every finetuned configuration on val and test: accuracy, FLOPs, params, CPU latency. Which configurations
+    and cascades join the zoo is decided on val (a paired sign test against the untouched anchors); test accuracy is
+    reported after that decision."""
 
+    val_subset: int | None = setting(None, "decide admission on the first N val images", ge=1, none="all")
     test_subset: int | None = setting(None, "evaluate on the first N test images", ge=1, none="all")
+    alpha: float = setting(0.05, "significance level of the admission test, Bonferroni-corrected over all "
+                           "candidates", gt=0, le=0.5)
+    cascades: bool = setting(True, "also consider max-softmax cascades of two zoo models")
+    max_cascades: int = setting(2, "cascades kept in the zoo (the best on the val front)", ge=0)
     batch_size: int = setting(500, "test images per forward", ge=1, key=False)
     latency: bool = setting(True, "measure CPU latency (batch 1) of every configuration")
     latency_repeats: int = setting(30, "timed runs per configuration (median reported)", ge=1)
@@ -124,8 +131,10 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class EvaluationArtifact(Artifact):
-    """``evaluation.json``: one row per configuration (key, config, anchor, flops, params, test_acc, latency_ms,
-    pareto), the AUC and its definition; plus a markdown table and a PNG of the curve."""
+    """``evaluation.json``: one row per configuration (key, config, anchor, flops, params, val_acc, test_acc,
+    latency_ms, pareto on test, admission on val), the AUC and its definition; the user's untouched anchors
+    (``untouched``); the cascade candidates; the ``zoo``: untouched anchors + admitted configurations and cascades
+    (decided on val), with the zoo's and the untouched anchors' AUC on test. Plus a markdown table and a PNG."""
 
     KIND: ClassVar[str] = "evaluation"
     RECORD: ClassVar[str] = "evaluation.json"
@@ -140,6 +149,13 @@ class EvaluationArtifact(Artifact):
     n_pareto: int
     selection: dict | None
     configs: list
+    n_val: int
+    untouched: list
+    zoo: list
+    cascades: list
+    admission: dict
+    zoo_auc: float | None
+    anchors_auc: float | None
     machine: dict
     world_size: int
 
@@ -170,13 +186,16 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
     name = EvaluationArtifact.RECORD
     net, meta = load_supernet(path, state, family=family)
     test = load_dataset(meta["dataset"], "test", data_root).subset(test_samples)
+    val = load_dataset(meta["dataset"], "val", data_root).subset(cfg.val_subset)
     f_min, f_max = min(meta["anchor_flops"].values()), max(meta["anchor_flops"].values())
-    rows = []
+    rows, outputs = [], {}
     for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not progress or not di.is_main):
         sn = net.net(k)
+        outputs[sn.config.key] = (predictions(sn, val, batch_size), predictions(sn, test, batch_size))
         row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
                    flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params,
-                   test_acc=config_accuracy(sn, test, batch_size, sharded=True))
+                   val_acc=_acc(outputs[sn.config.key][0], val.labels),
+                   test_acc=_acc(outputs[sn.config.key][1], test.labels))
         if latency and di.is_main:
             lat = measure_latency(sn, tuple(meta["input_shape"]), repeats=latency_repeats, threads=threads)
             row.update(latency_ms=round(lat["median_ms"], 4), latency=lat)
@@ -188,11 +207,28 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
     mask = pareto_mask([r["flops"] for r in rows], [r["test_acc"] for r in rows])
     for r, m in zip(rows, mask):
         r["pareto"] = m
+    anchors = untouched_anchors(meta, family) if state == "final" else None
+    untouched = []
+    for v in anchors or []:
+        outputs[f"untouched:{v.name}"] = (predictions(v.model, val, batch_size), predictions(v.model, test, batch_size))
+        untouched.append(dict(key=v.name, flops=v.flops, params=sum(p.numel() for p in v.model.parameters()),
+                              flops_norm=normalize_flops(v.flops, f_min, f_max),
+                              val_acc=_acc(outputs[f"untouched:{v.name}"][0], val.labels),
+                              test_acc=_acc(outputs[f"untouched:{v.name}"][1], test.labels),
+                              weights=_weights_record(v)))
+    zoo, cascades, admission = build_zoo(rows, untouched, outputs, val.labels, test.labels, cfg)
+    # cascades at their average cost (measured on test, where this figure is reported)
+    zoo_auc = auc([z["flops_avg"]["test"] if z["kind"] == "cascade" else z["flops"] for z in zoo],
+                  [z["test_acc"] for z in zoo], f_min, f_max) if zoo else None
+    anchors_auc = auc([u["flops"] for u in untouched], [u["test_acc"] for u in untouched], f_min, f_max) \
+        if untouched else None
     art = EvaluationArtifact(family=meta["family"], dataset=meta["dataset"], split="test", n_test=len(test),
                              state=state, flops_range=dict(min=f_min, max=f_max, anchors=meta["anchor_flops"]),
                              auc=auc([r["flops"] for r in rows], [r["test_acc"] for r in rows], f_min, f_max),
                              auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.get("selection"),
-                             configs=rows, machine=meta_machine(), world_size=di.world)
+                             configs=rows, n_val=len(val), untouched=untouched, zoo=zoo, cascades=cascades,
+                             admission=admission, zoo_auc=zoo_auc, anchors_auc=anchors_auc, machine=meta_machine(),
+                             world_size=di.world)
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
         art.save(out)
@@ -201,6 +237,146 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
                     out / "evaluation.png", title=f"{meta['family']}: test accuracy vs FLOPs (AUC {art.auc:.4f})")
     kd.barrier("evaluation artifacts")
     return art
+
+
+# --- admission: which configurations and cascades join the zoo (decided on val) -------------------------------------
+
+@torch.inference_mode()
+def predictions(net: torch.nn.Module, data, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, max softmax probability) of every image of ``data``, in split order."""
+    from klas.data import batches
+
+    was = net.training
+    net.eval()
+    preds, conf = [], []
+    for x, _ in batches(data, batch_size):
+        p = torch.softmax(net(x).float(), dim=-1)
+        c, k = p.max(dim=-1)
+        preds.append(k)
+        conf.append(c)
+    net.train(was)
+    return torch.cat(preds), torch.cat(conf)
+
+
+def _acc(out: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> float:
+    return 100.0 * float((out[0] == labels).double().mean()) if len(labels) else 0.0
+
+
+def untouched_anchors(meta: dict, family=None):
+    """The anchors exactly as the user gave them (a passed-in family, or the family rebuilt from its weights), or
+    None when the run's anchors were passed in and not handed again (nothing to compare with)."""
+    if family is not None:
+        return list(family)
+    if not meta.get("pretrained"):
+        return None
+    from klas.families import create_family
+
+    return list(create_family(meta["family"], pretrained=True, weights=meta.get("weights"),
+                              num_classes=meta.get("num_classes"), input_shape=tuple(meta["input_shape"])))
+
+
+def _weights_record(view) -> dict | None:
+    """Where an untouched anchor's weights came from (file and sha256), for the export's bit-for-bit check."""
+    from klas.io import sha256_file
+
+    f = getattr(view, "weights_file", None)
+    return None if f is None else dict(file=str(f), sha256=sha256_file(f))
+
+
+def sign_test(cand: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Paired one-sided exact sign (McNemar) test that a candidate's correctness beats a reference's on the same
+    images: b = images only the candidate gets right, c = only the reference; p = P(Binomial(b + c, 1/2) >= b)."""
+    from scipy.stats import binomtest
+
+    b, c = int((cand & ~ref).sum()), int((~cand & ref).sum())
+    p = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+    return dict(only_candidate=b, only_reference=c, p_value=float(p))
+
+
+def cascade_outputs(small, large, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cascade's (prediction, deferred mask): the small model's answer unless its max probability is below
+    ``threshold``, then the large model's."""
+    deferred = small[1] < threshold
+    return torch.where(deferred, large[0], small[0]), deferred
+
+
+def build_zoo(rows: list[dict], untouched: list[dict], outputs: dict, y_val: torch.Tensor, y_test: torch.Tensor,
+              cfg: EvaluationConfig) -> tuple[list[dict], list[dict], dict]:
+    """The zoo: every untouched anchor, plus the configurations and cascades that beat the best untouched anchor
+    within their (average) FLOPs on val -- a paired sign test at ``cfg.alpha``, Bonferroni-corrected over every
+    candidate considered -- and that no other zoo member dominates on val. Test accuracy is only reported.
+    Returns (zoo members, cascade candidates, admission summary). Without untouched anchors (anchors passed in and
+    not handed back) the zoo is the val Pareto front of the configurations."""
+    if not untouched:
+        front = pareto_mask([r["flops"] for r in rows], [r["val_acc"] for r in rows])
+        return ([dict(kind="configuration", key=r["key"], name=r["key"], config=r["config"], flops=r["flops"],
+                      val_acc=r["val_acc"], test_acc=r["test_acc"]) for r, m in zip(rows, front) if m], [],
+                dict(rule="val Pareto front (no untouched anchors to compare with)"))
+    correct = {k: (v[0][0] == y_val) for k, v in outputs.items()}
+
+    def reference(flops: float) -> dict | None:
+        within = [u for u in untouched if u["flops"] <= flops]
+        return max(within, key=lambda u: u["val_acc"]) if within else None
+
+    def judge(cand_correct: torch.Tensor, flops: float) -> dict:
+        ref = reference(flops)
+        if ref is None:  # cheaper than every anchor: nothing to beat
+            return dict(reference=None, only_candidate=None, only_reference=None, p_value=0.0)
+        return dict(reference=ref["key"], **sign_test(cand_correct, correct[f"untouched:{ref['key']}"]))
+
+    # Bonferroni over every candidate, alpha split in halves: the configurations, then the cascades of zoo members
+    level = cfg.alpha / 2 / max(len(rows), 1)
+    for r in rows:
+        r["admission"] = judge(correct[r["key"]], r["flops"])
+        r["admitted"] = r["admission"]["p_value"] < level
+    zoo = [dict(kind="anchor", key=f"untouched:{u['key']}", name=u["key"], config=dict(source=u["key"], i=-1,
+                target=u["key"], j=-1), flops=u["flops"], val_acc=u["val_acc"], test_acc=u["test_acc"])
+           for u in untouched]
+    admitted = [dict(kind="configuration", key=r["key"], name=r["key"] if not r["anchor"] else f"{r['key']}.finetuned",
+                     config=r["config"], flops=r["flops"], val_acc=r["val_acc"], test_acc=r["test_acc"])
+                for r in rows if r["admitted"]]
+    # admitted configurations that another member dominates on val are never worth picking: left out
+    pool = zoo + admitted
+    front = pareto_mask([m["flops"] for m in pool], [m["val_acc"] for m in pool])
+    zoo += [m for m, keep in zip(admitted, front[len(zoo):]) if keep]
+    cascades = _cascade_candidates(zoo, outputs, y_val, y_test) if cfg.cascades else []
+    level_c = cfg.alpha / 2 / max(len(cascades), 1)
+    for c in cascades:
+        c["admission"] = judge(c.pop("_correct"), c["flops_avg"]["val"])
+        c["admitted"] = c["admission"]["p_value"] < level_c
+    ok = [c for c in cascades if c["admitted"]]
+    ok_front = pareto_mask([c["flops_avg"]["val"] for c in ok], [c["val_acc"] for c in ok]) if ok else []
+    best = sorted((c for c, keep in zip(ok, ok_front) if keep), key=lambda c: c["admission"]["p_value"])
+    zoo += [dict(c, key=c["name"]) for c in best[:cfg.max_cascades]]
+    for z in zoo:
+        z.pop("admission", None), z.pop("admitted", None)
+    return zoo, cascades, dict(rule="paired one-sided sign test on val against the best untouched anchor within the "
+                               "candidate's (average) FLOPs; Bonferroni: alpha/2 over the configurations, alpha/2 over "
+                               "the cascades", alpha=cfg.alpha, configurations=len(rows), level=level,
+                               cascades=len(cascades), level_cascades=level_c,
+                               admitted=sum(r["admitted"] for r in rows), admitted_cascades=len(ok))
+
+
+def _cascade_candidates(members: list[dict], outputs: dict, y_val: torch.Tensor, y_test: torch.Tensor) -> list[dict]:
+    """Every (cheaper, more accurate on val) pair of zoo members at thresholds = the 5 %, 10 %, ..., 95 % quantiles
+    of the cheaper one's val confidence."""
+    out = []
+    pool = sorted((m for m in members if m["kind"] != "cascade"), key=lambda m: m["flops"])
+    for a, sm in enumerate(pool):
+        for lg in pool[a + 1:]:
+            if lg["flops"] <= sm["flops"] or lg["val_acc"] <= sm["val_acc"]:
+                continue
+            (vs, ts), (vl, tl) = outputs[sm["key"]], outputs[lg["key"]]
+            for t in sorted({round(float(q), 4) for q in torch.quantile(vs[1], torch.linspace(0.05, 0.95, 19))}):
+                pv, dv = cascade_outputs(vs, vl, t)
+                pt, dt = cascade_outputs(ts, tl, t)
+                dvm, dtm = float(dv.double().mean()), float(dt.double().mean())
+                out.append(dict(kind="cascade", name=f"{sm['name']}>{lg['name']}@{t:.4f}",
+                                members=[sm["name"], lg["name"]], threshold=t, flops=sm["flops"] + lg["flops"],
+                                flops_avg=dict(val=sm["flops"] + dvm * lg["flops"], test=sm["flops"] + dtm * lg["flops"]),
+                                deferral=dict(val=dvm, test=dtm), val_acc=100.0 * float((pv == y_val).double().mean()),
+                                test_acc=100.0 * float((pt == y_test).double().mean()), _correct=pv == y_val))
+    return out
 
 
 def save_text(text: str, path: Path) -> None:
@@ -273,4 +449,6 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
 
 
 def summary(art: EvaluationArtifact) -> dict:
-    return dict(configurations=len(art.configs), pareto=art.n_pareto, auc=art.auc)
+    kinds = [z["kind"] for z in art.zoo]
+    return dict(configurations=len(art.configs), zoo=len(art.zoo), zoo_configurations=kinds.count("configuration"),
+                zoo_cascades=kinds.count("cascade"), zoo_auc=art.zoo_auc, anchors_auc=art.anchors_auc)

@@ -3,7 +3,8 @@
 For every configuration on the accuracy-vs-FLOPs Pareto front of ``RUN_DIR/evaluation/evaluation.json`` (and
 every anchor listed there), a *model provider* builds the network (``klas.stages.s4_finetune.load_stitched`` by default); we
 prune it to the weights its forward actually uses (source stem + blocks 0..i, stitch layer, target blocks j+1.. +
-head), trace it to ONNX (TorchScript exporter: dynamic batch axis, constant folding, weights inside the file), run
+head), export it to ONNX (``torch.onnx.export(dynamo=True)``, TorchScript only as a per-model fallback: dynamic
+batch axis, weights inside the file), run
 ``onnx.checker``, and compare onnxruntime logits with a float64 PyTorch reference on real test images. A model that
 misses the tolerance is not written: export stops with the figures. Latency is then measured on this machine.
 """
@@ -35,8 +36,9 @@ from klas_runtime.profile import latency_record, machine_info, open_session
 from klas.contract import StageContext, digest, setting
 from klas.io import sha256_file
 from klas.rundir import RunDir
+from klas.stages.s4_finetune import FinetuneArtifact
 from klas.stages.s5_evaluation import EvaluationArtifact
-from klas.stitch import StitchConfig
+from klas.stitch import StitchConfig, StitchedNet
 
 ModelProvider = Callable[[StitchConfig], nn.Module]
 """Builds the trained network of one configuration (anchors: ``StitchConfig.anchor(name)``). It must return a
@@ -113,16 +115,28 @@ def check_rows(rows: list, where: str) -> list[dict]:
     return rows
 
 
-def zoo_configs(rows: list[dict], where: str = "evaluation.json") -> list[tuple[StitchConfig, dict]]:
-    """The run's anchors (always) and its Pareto configurations, each once with its evaluation row; anchors first."""
-    chosen: dict[StitchConfig, dict] = {}
-    for k, row in enumerate(rows):
-        cfg = StitchConfig.from_dict(row["config"], f"{where}: configuration {k}")
-        if cfg.is_anchor or row.get("pareto"):
-            chosen.setdefault(cfg, row)
-    if not chosen:
-        raise KlasError(f"{where}: no anchors and no configuration marked pareto: nothing to export")
-    return sorted(chosen.items(), key=lambda item: not item[0].is_anchor)
+@dataclass(frozen=True)
+class ZooItem:
+    """One model of the zoo to export: its manifest name, configuration, where its network comes from, the
+    evaluation figures, and whether it is an untouched anchor (the weights the user gave, exported as given)."""
+
+    name: str
+    config: StitchConfig
+    untouched: bool
+    row: dict
+
+
+def zoo_items(zoo: list[dict], where: str) -> list[ZooItem]:
+    """The models of the evaluation's zoo (untouched anchors first); cascades are entries over two of them."""
+    items = []
+    for k, z in enumerate(zoo):
+        if z.get("kind") == "cascade":
+            continue
+        cfg = StitchConfig.from_dict(z.get("config") or {}, f"{where}: zoo[{k}]")
+        items.append(ZooItem(z["name"], cfg, z.get("kind") == "anchor", z))
+    if not items:
+        raise KlasError(f"{where}: the zoo is empty: nothing to export")
+    return sorted(items, key=lambda it: not it.untouched)
 
 
 def supernet_provider(run_dir: Path | str) -> ModelProvider:
@@ -356,12 +370,34 @@ def onnx_accuracy(model_bytes: bytes, data: ImageSet, limit: int | None, batch: 
     return float((logits.argmax(1) == data.labels.numpy()).mean() * 100), len(data)
 
 
-def file_name(config: StitchConfig) -> str:
-    """``fmnist-deit-ti.onnx`` for an anchor; ``ti.4+s.6.onnx``-style (source blocks kept, target block resumed
-    at) for a stitch."""
+def file_name(config: StitchConfig, name: str | None = None) -> str:
+    """``fmnist-deit-ti.onnx`` for an anchor (``fmnist-deit-ti.finetuned.onnx`` for one finetuned in a shared
+    supernetwork); ``ti.4+s.6.onnx``-style (source blocks kept, target block resumed at) for a stitch."""
     if config.is_anchor:
-        return f"{config.source}.onnx"
+        return f"{name or config.source}.onnx"
     return f"{config.source}.{config.i + 1}+{config.target}.{config.j + 1}.onnx"
+
+
+def check_untouched(view) -> dict:
+    """The exported anchor's weights against the file the user gave, tensor by tensor and bit for bit (the ONNX
+    parity check then ties the graph to them); a mismatch stops the export."""
+    f = getattr(view, "weights_file", None)
+    if f is None:
+        return dict(file=None, check="no local file (hub or random weights): nothing to compare with")
+    f = Path(f)
+    if f.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        given = load_file(str(f))
+    else:
+        given = torch.load(f, map_location="cpu", weights_only=True)
+        given = given.get("state_dict", given.get("model", given)) if isinstance(given, dict) else given
+    mine = view.model.state_dict()
+    shared = [k for k in given if k in mine]
+    bad = [k for k in shared if not torch.equal(given[k].to(mine[k].dtype), mine[k]) or given[k].dtype != mine[k].dtype]
+    if not shared or bad or len(shared) < len(given):
+        raise KlasError(f"{f}: the anchor {view.name!r} to export differs from the weights file "
+                        f"({len(bad)} tensors differ, {len(given) - len(shared)} missing): refusing to ship changed anchors")
+    return dict(file=str(f), sha256=sha256_file(f), check=f"bit-identical ({len(shared)} tensors)")
 
 
 def config_entry(config: StitchConfig, net: nn.Module) -> dict:
@@ -388,21 +424,28 @@ def input_spec(data: ImageSet, shape: tuple[int, int, int]) -> dict:
 
 
 def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: ImageSet, header: dict,
-                 out_dir: Path, options: ExportConfig) -> dict:
-    """Export, check, verify and profile one model; returns its manifest entry (the file is written last)."""
+                 out_dir: Path, options: ExportConfig, name: str | None = None, untouched=None) -> dict:
+    """Export, check, verify and profile one model; returns its manifest entry (the file is written last).
+    ``untouched``: the anchor view whose weights the user gave (checked bit for bit against their file)."""
     import onnx
 
     shape = tuple(header["input_shape"])
     example = data.normalize(data.images[:2]) if len(data) >= 2 else torch.randn(2, *shape)
     module = standalone(net, example)
     flops = count_flops(module, example[:1])
-    entry = dict(name=config.key, file=file_name(config), sha256="0" * 64, bytes=0, config=config_entry(config, net),
-                 params=sum(p.numel() for p in module.parameters()), flops=flops)
-    model = to_onnx(module, example, options.opset)
+    entry = dict(name=name or config.key, file=file_name(config, name), sha256="0" * 64, bytes=0,
+                 config=config_entry(config, net), params=sum(p.numel() for p in module.parameters()), flops=flops,
+                 origin="untouched" if untouched is not None else ("finetuned" if config.is_anchor else "stitched"))
+    if untouched is not None:
+        entry["weights"] = check_untouched(untouched)
+    model, info = export_onnx(module, example, options.opset)
+    entry["exporter"] = info
     onnx.checker.check_model(model, full_check=True)
     raw = model.SerializeToString()
+    if row is not None and row.get("val_acc") is not None:
+        entry["val_acc"] = float(row["val_acc"])
     if row is not None and row.get("test_acc") is not None:
-        entry.update(test_acc=float(row["test_acc"]), test_acc_source="evaluation.json (PyTorch, supernet stage)")
+        entry.update(test_acc=float(row["test_acc"]), test_acc_source="evaluation stage (PyTorch)")
     else:
         acc, n = onnx_accuracy(raw, data, options.accuracy_images)
         entry.update(test_acc=acc, test_acc_source=f"onnxruntime on {n} {data.spec.name} test images")
@@ -425,9 +468,10 @@ def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: I
 
 # --- a zoo ---------------------------------------------------------------------------------------------------------
 
-def export_models(models: list[tuple[StitchConfig, ModelProvider | nn.Module, dict | None]], out_dir: Path | str,
-                  family: str, data: ImageSet, options: ExportConfig, progress: bool = True) -> ExportArtifact:
-    """Export ``(config, net or provider, evaluation row)`` triples into ``out_dir`` and write its manifest."""
+def export_models(models: list[tuple], out_dir: Path | str, family: str, data: ImageSet, options: ExportConfig,
+                  progress: bool = True, cascades: list[dict] = ()) -> ExportArtifact:
+    """Export ``(config, net or provider, evaluation row[, name, untouched anchor view])`` tuples into ``out_dir``
+    and write its manifest; ``cascades`` (evaluation zoo entries over two of the models) become cascade entries."""
     from klas import __version__
     from tqdm import tqdm
 
@@ -438,16 +482,17 @@ def export_models(models: list[tuple[StitchConfig, ModelProvider | nn.Module, di
                   klas_version=__version__, input_shape=list(cfg.input_shape), num_classes=cfg.num_classes)
     old = _previous_files(out_dir)
     entries = []
-    for config, net, row in tqdm(models, desc="export", unit="model", disable=not progress):
+    for config, net, row, *extra in tqdm(models, desc="export", unit="model", disable=not progress):
         net = net(config) if not isinstance(net, nn.Module) else net
         try:
-            entries.append(export_model(config, net.eval(), row, data, header, out_dir, options))
+            entries.append(export_model(config, net.eval(), row, data, header, out_dir, options, *extra))
         except BaseException:
             for e in entries:
                 (out_dir / _staged(e["file"])).unlink(missing_ok=True)
             raise
     for e in entries:
         os.replace(out_dir / _staged(e["file"]), model_path(out_dir, e["file"]))
+    entries += [cascade_entry(c, entries, data, options) for c in cascades]
     manifest = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, family=family, dataset=data.spec.name,
                     klas_version=__version__, created=now(), created_on=machine_info(),
                     models=sorted(entries, key=lambda e: (e["flops"], e["name"])))
@@ -459,21 +504,54 @@ def export_models(models: list[tuple[StitchConfig, ModelProvider | nn.Module, di
 
 
 def export_zoo(run_dir: Path | str, out_dir: Path | str, options: ExportConfig, *,
-               provider: ModelProvider | None = None, data_root: Path | str | None = None,
+               provider: ModelProvider | None = None, family=None, data_root: Path | str | None = None,
                progress: bool = True) -> ExportArtifact:
-    """``klas export``: the anchors and the Pareto configurations of a run, through ``provider`` (default: the
-    finetune stage's ``load_stitched``)."""
+    """``klas export``: the evaluation's zoo -- the user's untouched anchors (their weights as given), the admitted
+    configurations (through ``provider``, default: the finetune stage's ``load_stitched``) and cascades."""
+    from klas.stages.s5_evaluation import untouched_anchors
+
     run = RunDir(run_dir)
     ev = EvaluationArtifact.load(run.path / "evaluation")
     where = str(run.path / "evaluation" / EvaluationArtifact.RECORD)
-    rows = check_rows(ev.configs, where)
+    check_rows(ev.configs, where)
+    items = zoo_items(ev.zoo, where)
     cfg = get_family_cfg(run.family)
     provider = provider or supernet_provider(run.path)
+    anchors = {}
+    if any(it.untouched for it in items):
+        meta = FinetuneArtifact.load(run.path / "finetune")
+        anchors = {v.name: v for v in (untouched_anchors(dict(pretrained=meta.pretrained, family=meta.family,
+                                                              weights=meta.weights, num_classes=meta.num_classes,
+                                                              input_shape=meta.input_shape), family) or [])}
     dataset = run.meta.get("dataset") or cfg.dataset
     kw = dict(img_size=cfg.input_shape[1]) if dataset == "imagefolder" else {}
     data = load_dataset(dataset, "test", data_root, **kw)
-    chosen = zoo_configs(rows, where)
-    return export_models([(c, provider, row) for c, row in chosen], out_dir, run.family, data, options, progress)
+    models = []
+    for it in items:
+        if it.untouched:
+            if it.config.source not in anchors:
+                raise KlasError(f"{where}: untouched anchor {it.name!r} cannot be rebuilt (anchors passed in?)")
+            v = anchors[it.config.source]
+            models.append((it.config, StitchedNet(v, -1, v, -1, None), it.row, it.name, v))
+        else:
+            models.append((it.config, provider, it.row, it.name))
+    cascades = [z for z in ev.zoo if z.get("kind") == "cascade"]
+    return export_models(models, out_dir, run.family, data, options, progress, cascades)
+
+
+def cascade_entry(c: dict, entries: list[dict], data: ImageSet, options: ExportConfig) -> dict:
+    """The manifest entry of a cascade over two exported models: worst-case and average FLOPs, accuracy as the
+    evaluation measured it, and latency measured through the runtime on real test images."""
+    by_name = {e["name"]: e for e in entries}
+    missing = [m for m in c["members"] if m not in by_name]
+    if missing:
+        raise KlasError(f"cascade {c['name']}: member {missing[0]!r} is not in the zoo")
+    small, large = (by_name[m] for m in c["members"])
+    entry = dict(name=c["name"], kind="cascade", members=list(c["members"]), threshold=c["threshold"],
+                 flops=small["flops"] + large["flops"], flops_avg=c["flops_avg"], deferral=c["deferral"],
+                 params=small["params"] + large["params"], val_acc=c["val_acc"], test_acc=c["test_acc"],
+                 test_acc_source="evaluation stage (PyTorch members)", latency=[])
+    return entry
 
 
 def _previous_files(out_dir: Path) -> set[str]:
@@ -493,12 +571,26 @@ def _staged(file: str) -> str:
 # --- the stage contract ---------------------------------------------------------------------------------------------
 NAME, CONFIG, ARTIFACT, AFTER = "export", ExportConfig, ExportArtifact, ("evaluation",)
 FOLDER = "zoo"  # the artifact is the run's zoo folder, <run>/zoo
-DESCRIBE = "export the Pareto front to ONNX + manifest"
+DESCRIBE = "export the zoo (untouched anchors + admitted models and cascades) to ONNX + manifest"
 
 
 def run(cfg: ExportConfig, ctx: StageContext) -> ExportArtifact:
-    return export_zoo(ctx.run_dir.path, ctx.run_dir.path / FOLDER, cfg, data_root=ctx.data_root,
-                      progress=ctx.progress)
+    """The new zoo is built in a sibling folder and swapped in with one rename: a kill at any moment leaves the old
+    zoo or the new one whole, never a mix."""
+    import shutil
+
+    from klas.io import swap_dirs
+
+    final = ctx.run_dir.path / FOLDER
+    staging = ctx.run_dir.path / f".{FOLDER}.staging-{os.getpid()}"
+    for stale in ctx.run_dir.path.glob(f".{FOLDER}.staging-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        art = export_zoo(ctx.run_dir.path, staging, cfg, data_root=ctx.data_root, progress=ctx.progress)
+        swap_dirs(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return art
 
 
 def summary(art: ExportArtifact) -> dict:
