@@ -18,15 +18,16 @@ import torch
 import klas
 from klas.data import load_dataset
 from klas.errors import KlasError
-from klas.stages.s6_export import ExportOptions, export_models, export_zoo, read_evaluation, standalone, zoo_configs
-from klas.stages.s6_export import EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT, export_onnx
+from klas.stages.s5_evaluation import EvaluationArtifact
+from klas.stages.s6_export import (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT, ExportConfig, check_rows, export_models,
+                                   export_onnx, export_zoo, standalone, zoo_items)
 from klas.families import stitched_flops
 from klas_runtime.manifest import METADATA_KEY, NOT_EMBEDDED, load_manifest
 from klas.rundir import RunDir
 from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 
 N_IMAGES = 300
-FAST = dict(parity_images=N_IMAGES, accuracy_images=N_IMAGES, warmup=2, runs=10, progress=False)
+FAST = dict(parity_images=N_IMAGES, accuracy_images=N_IMAGES, warmup=2, runs=10)
 STITCHES = [("fmnist-deit-ti", 3, "fmnist-deit-s", 5), ("fmnist-deit-s", 7, "fmnist-deit-b", 8),
             ("fmnist-deit-ti", 9, "fmnist-deit-b", 2)]
 
@@ -61,27 +62,26 @@ def pareto_flags(rows: list[dict]) -> list[bool]:
 
 
 def build_run(tmp: Path, family, provider, data) -> Path:
-    """A run dir with an evaluation.json as the evaluation stage writes it. Anchors carry their measured accuracy
-    (one has none, so export measures it through onnxruntime); the untrained stitches get accuracies placed so that
-    two lie on the front (above every anchor) and one is dominated (below every anchor), making the choice visible."""
+    """A run dir with an evaluation artifact as the evaluation stage writes it: its zoo holds the three anchors (one
+    without an accuracy, so export measures it through onnxruntime) and two of the three stitches (the third was not
+    admitted). Random-weight anchors: all are served by the provider as configurations."""
     run = RunDir(tmp / "run", "fmnist-deit", dataset="fashion-mnist")
     cfgs = [StitchConfig.anchor(v.name) for v in family] + [StitchConfig(*s) for s in STITCHES]
     rows = []
     for c in cfgs:
         net = provider(c)
-        rows.append(dict(config=c.to_dict(), key=c.key, anchor=c.is_anchor, flops=net.flops,
-                         params=sum(p.numel() for p in net.parameters()),
-                         test_acc=torch_accuracy(net, data) if c.is_anchor else None, latency_ms=None))
-    accs = [r["test_acc"] for r in rows if r["anchor"]]
-    for r, acc in zip(rows[len(accs):], (max(accs) + 1, max(accs) + 2, min(accs) - 1)):
-        r["test_acc"] = acc
-    for row, flag in zip(rows, pareto_flags(rows)):
-        row["pareto"] = flag
-    rows[len(accs) - 1]["test_acc"] = None
-    (run.stage("evaluation") / "evaluation.json").write_text(json.dumps({"configs": rows}))
+        acc = torch_accuracy(net, data)
+        rows.append(dict(config=c.to_dict(), key=c.key, anchor=c.is_anchor, flops=net.flops, flops_norm=0.0,
+                         params=sum(p.numel() for p in net.parameters()), val_acc=acc, test_acc=acc, latency_ms=None,
+                         pareto=True))
+    zoo = [dict(kind="configuration", key=r["key"], name=r["key"], config=r["config"], flops=r["flops"],
+                val_acc=r["val_acc"], test_acc=r["test_acc"]) for r in rows[:5]]
+    zoo[2]["test_acc"] = None
+    EvaluationArtifact(family="fmnist-deit", dataset="fashion-mnist", split="test", n_test=len(data), state="final",
+                       flops_range={}, auc=0.0, auc_definition="", n_pareto=len(rows), selection=None, configs=rows,
+                       n_val=len(data), untouched=[], zoo=zoo, cascades=[], admission={}, zoo_auc=None,
+                       anchors_auc=None, machine={}, world_size=1).save(run.stage("evaluation"))
     return run.path
-
-
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def zoo(tmp_path_factory, family, data):
     tmp = tmp_path_factory.mktemp("export")
     provider = Provider(family)
     run_dir = build_run(tmp, family, provider, data)
-    export_zoo(run_dir, tmp / "zoo", provider, ExportOptions(**FAST))
+    export_zoo(run_dir, tmp / "zoo", ExportConfig(**FAST), provider=provider, progress=False)
     return tmp / "zoo", run_dir, provider
 
 
@@ -185,15 +185,14 @@ def test_exporter_falls_back_to_torchscript_and_says_why(family, capfd):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-def test_zoo_holds_anchors_and_pareto_configs_only(zoo):
+def test_zoo_holds_exactly_the_evaluation_zoo(zoo):
     zoo_dir, run_dir, _ = zoo
-    rows = read_evaluation(run_dir / "evaluation" / "evaluation.json")
-    want = {r["key"] for r in rows if r["anchor"] or r["pareto"]}
-    assert sum(not r["anchor"] and r["pareto"] for r in rows) == 2 and len(want) == 5
+    want = {z["name"] for z in EvaluationArtifact.load(run_dir / "evaluation").zoo}
     manifest = load_manifest(zoo_dir)
-    assert {m["name"] for m in manifest["models"]} == want
+    assert {m["name"] for m in manifest["models"]} == want and len(want) == 5
     assert sorted(p.name for p in zoo_dir.iterdir()) == sorted([m["file"] for m in manifest["models"]]
                                                               + ["manifest.json"])
+    assert all(m["exporter"]["exporter"] in (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT) for m in manifest["models"])
 
 
 def test_every_model_passes_checker_and_float64_parity(zoo, family, data):
@@ -230,8 +229,7 @@ def test_every_model_passes_checker_and_float64_parity(zoo, family, data):
 
 def test_manifest_records_costs_accuracy_and_metadata(zoo, family, data):
     zoo_dir, run_dir, provider = zoo
-    rows = {json.dumps(r["config"], sort_keys=True): r for r in read_evaluation(run_dir / "evaluation" /
-                                                                                  "evaluation.json")}
+    rows = {json.dumps(z["config"], sort_keys=True): z for z in EvaluationArtifact.load(run_dir / "evaluation").zoo}
     manifest = load_manifest(zoo_dir)
     assert manifest["family"] == "fmnist-deit" and manifest["dataset"] == "fashion-mnist"
     assert manifest["klas_version"] == klas.__version__
@@ -274,71 +272,74 @@ def test_parity_failure_stops_export_and_writes_nothing(tmp_path, family, data):
     bad = BranchOnBatch(view, -1, view, -1, None)
     cfgs = [(StitchConfig.anchor("fmnist-deit-ti"), good, None), (StitchConfig.anchor("fmnist-deit-s"), bad, None)]
     with pytest.raises(KlasError, match=r"parity failed.*top-1 agreement"):
-        export_models(cfgs, tmp_path / "zoo", "fmnist-deit", data.subset(100), ExportOptions(**FAST, profile=False))
+        export_models(cfgs, tmp_path / "zoo", "fmnist-deit", data.subset(100), ExportConfig(**FAST, profile=False),
+                      progress=False)
     assert list((tmp_path / "zoo").iterdir()) == []
     with pytest.raises(KlasError, match=r"max \|logit diff\|"):  # a tolerance below float32 rounding must trip
         export_models(cfgs[:1], tmp_path / "zoo", "fmnist-deit", data.subset(50),
-                      ExportOptions(**{**FAST, "parity_images": 50}, atol=1e-12, profile=False))
+                      ExportConfig(**{**FAST, "parity_images": 50}, atol=1e-12, profile=False), progress=False)
     assert list((tmp_path / "zoo").iterdir()) == []
 
 
-def test_evaluation_json_errors(tmp_path, family):
+def test_evaluation_errors(tmp_path, family):
     run = RunDir(tmp_path / "run", "fmnist-deit")
     with pytest.raises(KlasError, match=r"evaluation\.json: missing"):
-        export_zoo(run.path, tmp_path / "zoo", Provider(family))
-    bad = run.stage("evaluation") / "evaluation.json"
-    bad.write_text(json.dumps([{"config": {"source": "a", "i": 1}}]))
+        export_zoo(run.path, tmp_path / "zoo", ExportConfig(), provider=Provider(family))
     with pytest.raises(KlasError, match=r"configuration 0 has no config"):
-        read_evaluation(bad)
-    bad.write_text(json.dumps([{"config": dict(source="a", i=0, target="b", j=1), "test_acc": 250}]))
+        check_rows([{"config": {"source": "a", "i": 1}}], "ev.json")
     with pytest.raises(KlasError, match="not a percentage"):
-        read_evaluation(bad)
-    rows = [{"config": dict(source="x", i=2, target="y", j=3), "pareto": True},
-            {"config": dict(source="x", i=1, target="y", j=3), "pareto": False},
-            {"config": dict(source="x", i=-1, target="x", j=-1), "pareto": False, "test_acc": 50.0}]
-    chosen = dict(zoo_configs(rows))
-    assert list(chosen) == [StitchConfig.anchor("x"), StitchConfig("x", 2, "y", 3)]
-    assert chosen[StitchConfig.anchor("x")]["test_acc"] == 50.0
-    with pytest.raises(KlasError, match="nothing to export"):
-        zoo_configs(rows[1:2])
-    with pytest.raises(KlasError, match=r"configuration 0: expected \{source, i, target, j\}"):
-        zoo_configs([{"config": dict(source="x", i="two", target="y", j=3), "pareto": True}])
+        check_rows([{"config": dict(source="a", i=0, target="b", j=1), "test_acc": 250}], "ev.json")
+    zoo = [dict(kind="configuration", name="x[:3]->y[4:]", config=dict(source="x", i=2, target="y", j=3)),
+           dict(kind="anchor", name="x", config=dict(source="x", i=-1, target="x", j=-1)),
+           dict(kind="cascade", name="x>y@0.5", members=["x", "y"])]
+    items = zoo_items(zoo, "ev.json")
+    assert [(it.name, it.untouched) for it in items] == [("x", True), ("x[:3]->y[4:]", False)]
+    with pytest.raises(KlasError, match="the zoo is empty"):
+        zoo_items(zoo[2:], "ev.json")
+    with pytest.raises(KlasError, match=r"zoo\[0\]: expected \{source, i, target, j\}"):
+        zoo_items([dict(kind="configuration", name="z", config=dict(source="x", i="two", target="y", j=3))], "e")
 
 
-def test_cli_export_uses_supernet_provider(tmp_path, family, data, monkeypatch, capsys):
-    from klas import cli, export
+def test_export_stage_swaps_the_zoo_whole(tmp_path, family, data, monkeypatch):
+    """The stage builds the new zoo beside the old one and swaps it in with one rename; staging is cleaned up."""
+    from klas.config import DataConfig, RunConfig
+    from klas.contract import StageContext
+    from klas.stages import s6_export
 
     provider = Provider(family)
     run_dir = build_run(tmp_path, family, provider, data.subset(60))
-    monkeypatch.setattr(export, "supernet_provider", lambda run: provider)
-    rc = cli.main(["export", str(run_dir), "--out", str(tmp_path / "zoo"), "--parity-images", "60",
-                   "--accuracy-images", "60", "--runs", "5", "--warmup", "1"])
-    assert rc == 0
-    out = capsys.readouterr().out
-    manifest = load_manifest(tmp_path / "zoo")
-    assert all(m["file"] in out for m in manifest["models"]) and "manifest.json" in out
+    old = run_dir / "zoo"
+    old.mkdir()
+    (old / "stale.onnx").write_bytes(b"old")
+    monkeypatch.setattr(s6_export, "supernet_provider", lambda run: provider)
+    ctx = StageContext(run_dir=RunDir(run_dir), run=RunConfig(), data=DataConfig(), progress=False)
+    art = s6_export.run(ExportConfig(parity_images=60, accuracy_images=60, runs=5, warmup=1), ctx)
+    assert not (old / "stale.onnx").exists() and not list(run_dir.glob(".zoo.staging-*"))
+    assert {m["name"] for m in load_manifest(old)["models"]} == {m["name"] for m in art.models}
+    assert s6_export.ExportArtifact.digest(old) is not None
 
 
 def test_export_of_a_finetuned_run_through_load_stitched(tmp_path):
-    """Integration with the supernetwork and evaluation stages: their evaluation.json and load_stitched as is."""
-    from klas.stages.s5_evaluation import evaluate_run
+    """Integration with the finetune and evaluation stages: their artifacts and load_stitched as they are. The
+    anchors were passed in (trained in place), so there are no untouched anchors to compare with: the zoo is the
+    val Pareto front of the configurations."""
+    from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet, load_stitched
+    from klas.stages.s5_evaluation import EvaluationConfig, evaluate_run
     from klas.stitch import FitCfg
-    from klas.stages.s4_finetune import FinetuneCfg, finetune_supernet, load_stitched
 
     anchors = ["fmnist-deit-ti", "fmnist-deit-s"]
     fam = klas.create_family("fmnist-deit", anchors=anchors)  # trained in place: not the shared fixture
     run = RunDir(tmp_path / "run", "fmnist-deit", dataset="fashion-mnist")
     sel = dict(family="fmnist-deit", anchors=anchors, selected=[dict(source=anchors[0], i=5, target=anchors[1], j=5)])
     (run.stage("selection") / "selection.json").write_text(json.dumps(sel))
-    finetune_supernet(run.path, family=fam, progress=False,
-                      cfg=FinetuneCfg(epochs=1, steps_per_epoch=3, batch_size=16, train_samples=64, val_samples=50,
-                                      init=FitCfg(samples=32)))
-    ev = evaluate_run(run.path, test_samples=80, latency=False, progress=False)
-    manifest = export_zoo(run.path, tmp_path / "zoo", options=ExportOptions(**{**FAST, "parity_images": 80}))
-    want = {r["key"] for r in ev["configs"] if r["anchor"] or r["pareto"]}
-    assert {m["name"] for m in manifest["models"]} == want
+    finetune_supernet(run.path, FinetuneConfig(epochs=1, steps_per_epoch=3, batch_size=16, train_subset=64,
+                                               val_images=50, init=FitCfg(samples=32)),
+                      seed=0, family=fam, progress=False)
+    ev = evaluate_run(run.path, EvaluationConfig(test_subset=80, val_subset=80, latency=False), progress=False)
+    art = export_zoo(run.path, tmp_path / "zoo", ExportConfig(**{**FAST, "parity_images": 80}), progress=False)
+    assert {m["name"] for m in art.models} == {z["name"] for z in ev.zoo} and not ev.untouched
     data = load_dataset("fashion-mnist", "test").subset(80)
-    for m in manifest["models"]:
+    for m in art.models:
         net = copy.deepcopy(load_stitched(run.path, m["name"])).double()
         sess = ort.InferenceSession(str(tmp_path / "zoo" / m["file"]), providers=["CPUExecutionProvider"])
         x = data.normalize(data.images)
@@ -346,4 +347,4 @@ def test_export_of_a_finetuned_run_through_load_stitched(tmp_path):
             ref = net(x.double()).numpy()
         got = sess.run(None, {"input": x.numpy()})[0]
         assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.999 and np.abs(got - ref).max() < 1e-4
-        assert m["test_acc"] == next(r["test_acc"] for r in ev["configs"] if r["key"] == m["name"])
+        assert m["test_acc"] == next(r["test_acc"] for r in ev.configs if r["key"] == m["name"])

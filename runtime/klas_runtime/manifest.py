@@ -5,6 +5,10 @@ it is (stitch configuration), what it costs (params, FLOPs per image, measured l
 threads / batch) and how good it is (test accuracy, parity with PyTorch). Deployment hosts read it through
 ``klas_runtime.runtime`` with numpy + onnxruntime only: standard library here, no torch and no ``klas`` import.
 
+Schema version 2 adds **cascade** entries (``"kind": "cascade"``, no file of their own): two model entries of the
+same manifest, the cheaper first, and a threshold -- the second runs on a sample when the first's max softmax
+probability is below it. Entries without ``kind`` are models; version-1 manifests (models only) are still read.
+
 Trust rules enforced here: a model file must be a plain name inside the zoo folder (no paths, no ``..``, no links
 out), and its sha256 must match -- a manifest that was edited by hand or copied next to other files is refused.
 """
@@ -24,7 +28,9 @@ from klas_runtime.io import atomic_path
 
 MANIFEST = "manifest.json"
 SCHEMA = "klas-zoo"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cascade entries ("kind": "cascade"); 1 (models only) is still read
+CASCADE_SINCE = 2
+KINDS = ("model", "cascade")
 METADATA_KEY = "klas"  # ONNX metadata_props key holding the model's own manifest entry (JSON)
 # Fields of a model entry that describe the file itself or later measurements, so they cannot live inside the file.
 NOT_EMBEDDED = ("file", "sha256", "bytes", "latency")
@@ -103,13 +109,23 @@ LATENCY = {"device": (_str, True), "provider": (_str, True), "threads": (_nonneg
            "batch": (lambda v: _nonneg_int(v) and v > 0, True), "p50_ms": (_pos_num, True),
            "p90_ms": (_pos_num, True), "p99_ms": (_pos_num, True), "mean_ms": (_pos_num, True),
            "warmup": (_nonneg_int, True), "runs": (lambda v: _nonneg_int(v) and v > 0, True),
-           "measured_at": (_str, True), "machine": (MACHINE, True)}
+           "measured_at": (_str, True), "machine": (MACHINE, True),
+           # cascades: what the timed calls were fed ("random" or real images) and the fraction deferred meanwhile
+           "inputs": (_str, False), "deferral": (_fraction, False)}
 MODEL = {"name": (_str, True), "file": (lambda v: isinstance(v, str) and bool(_SAFE_NAME.match(v)), True),
          "sha256": (lambda v: isinstance(v, str) and bool(_HEX64.match(v)), True), "bytes": (_nonneg_int, True),
          "config": (CONFIG, True), "params": (_nonneg_int, True), "flops": (_nonneg_int, True),
          "test_acc": (_percent, True), "test_acc_source": (_str, True), "input": (INPUT, True),
          "output": (OUTPUT, True), "opset": (_nonneg_int, True), "parity": (PARITY, True),
-         "latency": (lambda v: isinstance(v, list), True)}
+         "latency": (lambda v: isinstance(v, list), True), "val_acc": (_percent, False),
+         "kind": (lambda v: v == "model", False)}
+SPLITS = {"val": (_num, True), "test": (_num, True)}
+CASCADE = {"name": (_str, True), "kind": (lambda v: v == "cascade", True),
+           "members": (lambda v: isinstance(v, list) and len(v) == 2 and all(_str(x) for x in v), True),
+           "threshold": (lambda v: _num(v) and 0 < v <= 1, True), "flops": (_nonneg_int, True),
+           "flops_avg": (SPLITS, True), "deferral": ({"val": (_fraction, True), "test": (_fraction, True)}, True),
+           "params": (_nonneg_int, True), "test_acc": (_percent, True), "val_acc": (_percent, True),
+           "test_acc_source": (_str, False), "latency": (lambda v: isinstance(v, list), True)}
 TOP = {"schema": (lambda v: v == SCHEMA, True), "schema_version": (_nonneg_int, True), "family": (_str, True),
        "dataset": (_str, True), "klas_version": (_str, True), "created": (_str, True),
        "created_on": (MACHINE, True), "models": (lambda v: isinstance(v, list) and len(v) > 0, True)}
@@ -117,7 +133,9 @@ TOP = {"schema": (lambda v: v == SCHEMA, True), "schema_version": (_nonneg_int, 
 _EXPECTED = {"file": "a plain file name ending in .onnx inside the zoo folder (no path separators, no '..')",
              "sha256": "64 lowercase hex digits", "shape": "['batch', C, H, W] with positive ints",
              "test_acc": "a percentage in [0, 100]", "top1_agreement": "a fraction in [0, 1]",
-             "schema": f"{SCHEMA!r}"}
+             "schema": f"{SCHEMA!r}", "members": "a list of two model names, the cheaper first",
+             "threshold": "a probability in (0, 1]", "val_acc": "a percentage in [0, 100]",
+             "deferral": "a fraction in [0, 1]", "kind": "'model' or 'cascade'"}
 
 
 def _check(obj: Any, schema: dict, where: str) -> None:
@@ -146,17 +164,76 @@ def validate(manifest: Any, where: str = MANIFEST) -> dict:
     names, files = set(), set()
     for k, entry in enumerate(manifest["models"]):
         at = f"{where}: models[{k}]"
-        _check(entry, MODEL, at)
+        kind = entry_kind(entry, at)
+        if kind == "cascade":
+            if manifest["schema_version"] < CASCADE_SINCE:
+                raise ZooError(f"{at} (cascade {entry.get('name')!r}): cascade entries need schema_version "
+                                f">= {CASCADE_SINCE} (this manifest says {manifest['schema_version']})")
+            _check(entry, CASCADE, f"{at} (cascade {entry.get('name')!r})")
+        else:
+            _check(entry, MODEL, at)
         for r, rec in enumerate(entry["latency"]):
             _check(rec, LATENCY, f"{at}.latency[{r}]")
-        if entry["name"] in names or entry["file"] in files:
-            raise ZooError(f"{at}: duplicate model name {entry['name']!r} or file {entry['file']!r}")
+        if entry["name"] in names or entry.get("file") in files:
+            raise ZooError(f"{at}: duplicate model name {entry['name']!r} or file {entry.get('file')!r}")
         names.add(entry["name"])
-        files.add(entry["file"])
-        spec = entry["input"]
-        if len(spec["mean"]) != spec["shape"][1] or len(spec["std"]) != spec["shape"][1]:
-            raise ZooError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
+        if kind == "model":
+            files.add(entry["file"])
+            spec = entry["input"]
+            if len(spec["mean"]) != spec["shape"][1] or len(spec["std"]) != spec["shape"][1]:
+                raise ZooError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
+    models = {e["name"]: e for e in manifest["models"] if entry_kind(e) == "model"}
+    for k, entry in enumerate(manifest["models"]):
+        if entry_kind(entry) == "cascade":
+            check_cascade(entry, models, f"{where}: models[{k}] (cascade {entry['name']!r})")
     return manifest
+
+
+def entry_kind(entry: Any, where: str = MANIFEST) -> str:
+    """'model' or 'cascade' (an entry without ``kind`` is a model, as in schema version 1)."""
+    kind = entry.get("kind", "model") if isinstance(entry, dict) else "model"
+    if kind not in KINDS:
+        raise ZooError(f"{where}.kind: invalid value {json.dumps(kind)[:80]} (expected 'model' or 'cascade')")
+    return kind
+
+
+def is_cascade(entry: dict) -> bool:
+    return entry.get("kind") == "cascade"
+
+
+def check_cascade(entry: dict, models: dict[str, dict], at: str) -> None:
+    """A cascade's claims against its members' entries: two distinct model entries, cheaper first, sharing input
+    and classes; worst-case FLOPs and params the members' sums; average FLOPs between the first's and the sum."""
+    for key in ("file", "sha256", "bytes"):
+        if key in entry:
+            raise ZooError(f"{at}: a cascade has no {key!r} of its own (its members' files are verified)")
+    first, second = entry["members"]
+    if first == second:
+        raise ZooError(f"{at}: members must be two distinct models, got {first!r} twice")
+    for name in (first, second):
+        if name not in models:
+            raise ZooError(f"{at}: member {name!r} is not a model entry of this manifest "
+                            f"(models: {', '.join(models) or 'none'})")
+    a, b = models[first], models[second]
+    if not a["flops"] < b["flops"]:
+        raise ZooError(f"{at}: members must be listed cheaper first; {first!r} costs {a['flops']} FLOPs, "
+                        f"{second!r} {b['flops']}")
+    if entry["flops"] != a["flops"] + b["flops"]:
+        raise ZooError(f"{at}: flops {entry['flops']} is not the worst case, the sum of its members' flops "
+                        f"({a['flops']} + {b['flops']} = {a['flops'] + b['flops']})")
+    if entry["params"] != a["params"] + b["params"]:
+        raise ZooError(f"{at}: params {entry['params']} is not the sum of its members' params "
+                        f"({a['params'] + b['params']})")
+    lo, hi = a["flops"], a["flops"] + b["flops"]
+    for split, v in entry["flops_avg"].items():
+        if not lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9):
+            raise ZooError(f"{at}: flops_avg.{split} {v:g} is outside [{lo}, {hi}] (the first member's flops "
+                            f"alone, both members')")
+    if a["input"] != b["input"]:
+        raise ZooError(f"{at}: members {first!r} and {second!r} take different inputs "
+                        f"({json.dumps(a['input'])[:60]} vs {json.dumps(b['input'])[:60]}); one image cannot feed both")
+    if a["output"]["classes"] != b["output"]["classes"] or a["output"]["num_classes"] != b["output"]["num_classes"]:
+        raise ZooError(f"{at}: members {first!r} and {second!r} predict different classes")
 
 
 # --- files -------------------------------------------------------------------------------------------------------
@@ -194,6 +271,8 @@ def load_manifest(zoo_dir: Path | str, verify_files: bool = True) -> dict:
     """Read and validate ``ZOO_DIR/manifest.json``; with ``verify_files`` every model file's hash is checked too."""
     manifest = read_manifest(zoo_dir)
     for entry in manifest["models"]:
+        if is_cascade(entry):  # no file of its own: its members are model entries, checked here
+            continue
         if verify_files:
             read_model_bytes(zoo_dir, entry)
         else:

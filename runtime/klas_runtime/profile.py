@@ -4,6 +4,10 @@ FLOPs rank models on paper; deployment budgets are in milliseconds on one machin
 thread count and batch size. ``klas-runtime profile`` (= ``klas profile``) re-measures a zoo on the host it runs on
 and adds that device's figures to the manifest, so one zoo carries latency tables for every machine it was profiled
 on.
+A cascade's latency depends on what it is fed (how many samples go on to its second member), so it is timed on
+real images when the caller has them (``inputs``: the exporter passes test images, ``klas profile --images``
+image files) and otherwise on random normal inputs, which its record says (``"inputs": "random"``): their deferral
+rate is not that of real data.
 numpy + onnxruntime only (shared by ``klas.stages.s6_export`` and ``klas_runtime.runtime``).
 """
 from __future__ import annotations
@@ -12,14 +16,17 @@ import os
 import platform
 import shutil
 import subprocess
+import json
+import math
 import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from klas_runtime.errors import ZooError
-from klas_runtime.manifest import load_manifest, now, read_model_bytes, save_manifest
+from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -137,17 +144,97 @@ def latency_record(model: bytes | str | Path, provider: str, threads: int, batch
                 warmup=int(warmup), runs=int(runs), measured_at=now(), machine=machine_info())
 
 
+RANDOM_NOTE = ("random normal inputs: their deferral rate is not that of real data, so neither is this latency; "
+               "profile with real images (klas profile --images ..., or inputs=) for figures to budget on")
+RANDOM_POOL = 64  # random samples a cascade is timed on (cycled), so the deferral varies between calls as on data
+
+
+def _batches(x: np.ndarray, batch: int, limit: int) -> list[np.ndarray]:
+    """Consecutive batches of ``x`` (wrapping around), at most ``limit`` of them, contiguous float32."""
+    n = max(1, min(math.ceil(len(x) / batch), limit))
+    return [np.ascontiguousarray(np.take(x, np.arange(k * batch, (k + 1) * batch) % len(x), axis=0),
+                                 dtype=np.float32) for k in range(n)]
+
+
+def measure_cascade_latency(first, second, threshold: float, batch: int = 1, warmup: int = 20, runs: int = 200,
+                            inputs: np.ndarray | None = None, seed: int = 0) -> dict:
+    """Per-call wall time of a cascade: ``first`` on the batch, softmax, then ``second`` on the samples whose max
+    probability is below ``threshold`` (as ``CascadeChoice.predict`` does). Calls cycle through consecutive batches
+    of ``inputs`` (normalized [N, C, H, W]), or of a fixed pool of random normal samples when None; returns
+    p50/p90/p99/mean ms and the fraction of samples deferred during the timed calls."""
+    if batch < 1 or runs < 1 or warmup < 0:
+        raise ZooError(f"latency: batch ({batch}) and runs ({runs}) must be >= 1 and warmup ({warmup}) >= 0")
+    inp, inp2 = first.get_inputs()[0], second.get_inputs()[0]
+    out, out2 = [first.get_outputs()[0].name], [second.get_outputs()[0].name]
+    chw = [int(d) for d in inp.shape[1:]]
+    if inputs is None:
+        inputs = np.random.default_rng(seed).standard_normal([max(batch, RANDOM_POOL)] + chw, dtype=np.float32)
+    inputs = np.asarray(inputs)
+    if inputs.ndim != 4 or list(inputs.shape[1:]) != chw or len(inputs) < 1:
+        raise ZooError(f"cascade latency: inputs of shape {tuple(inputs.shape)} do not match the members' input "
+                       f"[batch, {', '.join(map(str, chw))}]")
+    batches = _batches(inputs, batch, warmup + runs)
+
+    def call(x: np.ndarray) -> int:
+        z = first.run(out, {inp.name: x})[0].astype(np.float64)
+        top = 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)  # max softmax probability
+        deferred = top < threshold
+        if deferred.any():
+            second.run(out2, {inp2.name: x[deferred]})
+        return int(deferred.sum())
+
+    for k in range(warmup):
+        call(batches[k % len(batches)])
+    times, sent = np.empty(runs, dtype=np.float64), 0
+    for k in range(runs):
+        x = batches[(warmup + k) % len(batches)]
+        t0 = time.perf_counter_ns()
+        sent += call(x)
+        times[k] = (time.perf_counter_ns() - t0) / 1e6
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    return dict(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean()),
+                deferral=sent / (runs * batch))
+
+
+def cascade_latency_record(first: bytes | str | Path, second: bytes | str | Path, threshold: float, provider: str,
+                           threads: int, batch: int, warmup: int, runs: int, inputs: np.ndarray | None = None,
+                           inputs_label: str | None = None) -> dict:
+    """One manifest latency record of a cascade (the members' ONNX bytes or paths, cheaper first): the same fields
+    as a model's, plus ``inputs`` (``"random"``, or ``inputs_label`` / "N provided images" for real ones) and the
+    ``deferral`` seen while timing; a random-input record carries a ``note`` that its deferral is not real data's."""
+    name = provider_name(provider)
+    s1, s2 = open_session(first, name, threads), open_session(second, name, threads)
+    stats = measure_cascade_latency(s1, s2, threshold, batch, warmup, runs, inputs)
+    rec = dict(device=device_label(name), provider=name, threads=int(threads), batch=int(batch), **stats,
+               warmup=int(warmup), runs=int(runs), measured_at=now(), machine=machine_info())
+    if inputs is None:
+        rec.update(inputs="random", note=RANDOM_NOTE)
+    else:
+        rec["inputs"] = inputs_label or f"{len(inputs)} provided images"
+    return rec
+
+
+def _input_kind(rec: dict) -> str:
+    return "random" if rec.get("inputs") == "random" else "data"
+
+
 def merge_latency(records: list[dict], new: dict) -> list[dict]:
-    """Replace the record with the same (device, provider, threads, batch) key, or append."""
+    """Replace the record with the same (device, provider, threads, batch) key, or append. A cascade's figures on
+    random inputs and on real images are kept side by side (the runtime prefers the real ones)."""
     key = ("device", "provider", "threads", "batch")
-    kept = [r for r in records if tuple(r[k] for k in key) != tuple(new[k] for k in key)]
+    same = tuple(new[k] for k in key) + (_input_kind(new),)
+    kept = [r for r in records if tuple(r[k] for k in key) + (_input_kind(r),) != same]
     return kept + [new]
 
 
 def profile_zoo(zoo_dir: Path | str, providers: list[str] | None = None, threads: list[int] | None = None,
                 batches: list[int] | None = None, warmup: int = 20, runs: int = 200,
-                models: list[str] | None = None, progress: bool = True) -> dict:
-    """Measure every model of a zoo on this machine and rewrite its manifest atomically with the new figures."""
+                models: list[str] | None = None, progress: bool = True,
+                inputs: np.ndarray | Sequence[str | Path] | None = None, inputs_label: str | None = None) -> dict:
+    """Measure every model and cascade of a zoo on this machine and rewrite its manifest atomically with the new
+    figures. ``inputs`` -- normalized images [N, C, H, W], or image files (read with each cascade's input spec) --
+    feed the cascades (models' latency does not depend on the values: random inputs); without them cascades get
+    random inputs and records that say so."""
     manifest = load_manifest(zoo_dir, verify_files=True)
     names = [provider_name(p) for p in (providers or [None])]
     threads, batches = threads or [1], batches or [1]
@@ -157,12 +244,35 @@ def profile_zoo(zoo_dir: Path | str, providers: list[str] | None = None, threads
     if models is not None and len(chosen) != len(set(models)):
         known = ", ".join(m["name"] for m in manifest["models"])
         raise ZooError(f"{zoo_dir}: unknown model in {models}; models: {known}")
+    by_name, loaded = {m["name"]: m for m in manifest["models"]}, {}
     jobs = [(m, p, t, b) for m in chosen for p in names for t in threads for b in batches]
     for entry, p, t, b in _progress(jobs, progress):
-        rec = latency_record(read_model_bytes(zoo_dir, entry), p, t, b, warmup, runs)
+        if is_cascade(entry):
+            first, second = (by_name[n] for n in entry["members"])
+            x, label = _cascade_inputs(inputs, inputs_label, first["input"], loaded)
+            rec = cascade_latency_record(read_model_bytes(zoo_dir, first), read_model_bytes(zoo_dir, second),
+                                         entry["threshold"], p, t, b, warmup, runs, x, label)
+        else:
+            rec = latency_record(read_model_bytes(zoo_dir, entry), p, t, b, warmup, runs)
         entry["latency"] = merge_latency(entry["latency"], rec)
     save_manifest(manifest, zoo_dir)
     return manifest
+
+
+def _cascade_inputs(inputs, label: str | None, spec: dict, loaded: dict) -> tuple[np.ndarray | None, str | None]:
+    """``inputs`` as a normalized array for a cascade whose members take ``spec``: image files are read with it
+    (once per spec: ``loaded`` caches them)."""
+    if inputs is None or isinstance(inputs, np.ndarray):
+        return inputs, label
+    from klas_runtime.runtime import load_image  # runtime imports this module: import here
+
+    paths = list(inputs)
+    if not paths:
+        return None, label
+    key = json.dumps(spec, sort_keys=True)
+    if key not in loaded:
+        loaded[key] = np.concatenate([load_image(f, spec) for f in paths])
+    return loaded[key], label or f"{len(paths)} image files"
 
 
 def _progress(jobs: list, show: bool):
