@@ -409,3 +409,76 @@ def stitch_mse(src: BlockView, i: int, tgt: BlockView, j: int, layer: StitchLaye
         total += (hs.double() - ht.double()).square().sum().item()
         count += ht.numel()
     return total / max(count, 1)
+
+
+# --- low-rank adapters (the ``frozen`` finetuning recipe) ----------------------------------------------------------
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")  # the Linear layers of a timm ViT / Swin block (attention and MLP)
+
+
+class LoRALinear(nn.Linear):
+    """``nn.Linear`` plus a low-rank update (LoRA, Hu et al. 2021): ``y = x W^T + b + (alpha / r) x A^T B^T``, with
+    ``A`` [r, in] drawn like a Linear's weight and ``B`` [out, r] zero, so a fresh adapter leaves the function
+    unchanged. It *is* the wrapped Linear (the same ``weight`` and ``bias`` Parameter objects, the same state-dict
+    keys) with two more parameters, ``lora_A`` and ``lora_B``; ``merged()`` folds them into a plain ``nn.Linear``.
+    Plain matmuls: it traces to ONNX as it is."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.scaling = self.alpha / self.rank
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=dev, dtype=dt))
+        bound = 1.0 / self.in_features ** 0.5  # nn.Linear's Kaiming-uniform (a = sqrt(5)), from an explicit generator
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same map: ``W + (alpha / r) B A`` (the merge is computed in float64)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        delta = (self.lora_B.double() @ self.lora_A.double()) * self.scaling
+        out.weight.copy_((self.weight.double() + delta).to(self.weight.dtype))
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        out.train(self.training)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
+
+
+def add_lora(view: BlockView, start: int, rank: int, alpha: float, generator: torch.Generator | None = None,
+             targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+    """Replace, in blocks ``start..`` of ``view`` (in place), every ``nn.Linear`` whose attribute name is in
+    ``targets`` by a ``LoRALinear`` around it; returns the replaced modules' names (relative to ``view.model``), in
+    order. Blocks without such layers (ResNet's convolutions) get none: an empty list."""
+    names = {id(m): n for n, m in view.model.named_modules()}
+    done = []
+    for blk in view.blocks[start:]:
+        for name, mod in list(blk.named_modules()):
+            leaf = name.rpartition(".")[2]
+            if leaf in targets and type(mod) is nn.Linear:
+                parent = blk.get_submodule(name.rpartition(".")[0]) if "." in name else blk
+                full = names.get(id(mod), name)
+                setattr(parent, leaf, LoRALinear(mod, rank, alpha, generator))
+                done.append(full)
+    return done
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Fold every ``LoRALinear`` inside ``module`` into a plain ``nn.Linear`` (in place); returns how many."""
+    n = 0
+    for name, mod in list(module.named_modules()):
+        if isinstance(mod, LoRALinear):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, leaf, mod.merged())
+            n += 1
+    return n

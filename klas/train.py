@@ -64,10 +64,12 @@ class Trainer:
         no_decay: timm's grouping -- no weight decay on biases, norms, position embeddings and class tokens
             (finetuning); False: ``weight_decay`` on every parameter (the anchor recipe, the probes).
         clip_grad: max global gradient norm over ``model.parameters()`` (0: no clipping).
+        lr_scale: optional ``f(parameter name) -> multiplier`` of the learning rate (and so of the decoupled weight
+            decay) per parameter, e.g. anchors at a fraction of the stitch layers' rate; None: one rate for all.
     """
 
     def __init__(self, model: nn.Module, *, lr: float, weight_decay: float, total_steps: int, warmup_steps: int = 0,
-                 min_lr: float = 0.0, clip_grad: float = 0.0, no_decay: bool = False):
+                 min_lr: float = 0.0, clip_grad: float = 0.0, no_decay: bool = False, lr_scale=None):
         self.model, self.clip_grad = model, clip_grad
         if no_decay:
             from timm.optim import param_groups_weight_decay
@@ -75,8 +77,11 @@ class Trainer:
             params = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=NO_DECAY)
         else:
             params = model.parameters()
+        if lr_scale is not None:  # optional: per-parameter learning-rate multipliers (see scale_groups)
+            params = scale_groups(model, params, lr_scale)
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        self.sched = WarmupCosineLR(self.opt, total_steps, warmup_steps, min_lr)
+        self.sched = (WarmupCosineLR if lr_scale is None else ScaledWarmupCosineLR)(self.opt, total_steps,
+                                                                                   warmup_steps, min_lr)
         self.opt.zero_grad(set_to_none=True)  # whatever an earlier fit left on shared parameters
 
     @property
@@ -117,6 +122,33 @@ class Trainer:
         self.opt.load_state_dict(ck["opt"])
         self.sched.load_state_dict(ck["sched"])
         torch.set_rng_state(ck["rng"])
+
+
+class ScaledWarmupCosineLR(WarmupCosineLR):
+    """``WarmupCosineLR`` times each param group's ``lr_scale`` (1 when absent): the whole schedule of a group, warm-up
+    and ``min_lr`` included, is the scaled one, so a group with scale 0 never moves (AdamW's decoupled weight decay
+    is multiplied by the lr too). Still a closed form of the step, so resumes stay exact."""
+
+    def get_lr(self) -> list[float]:
+        return [lr * g.get("lr_scale", 1.0) for lr, g in zip(super().get_lr(), self.optimizer.param_groups)]
+
+
+def scale_groups(model: nn.Module, groups, lr_scale) -> list[dict]:
+    """Split optimizer param groups (``model.parameters()`` or timm's decay / no-decay dicts) by a learning-rate
+    multiplier ``lr_scale(parameter name) -> float``, kept in each group as ``lr_scale`` (for
+    ``ScaledWarmupCosineLR``). Groups at scale 1 come first, so ``Trainer.lr`` reports the unscaled rate."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = list(groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [dict(params=groups)]
+    out = []
+    for g in groups:
+        by_scale: dict[float, list] = {}
+        for p in g["params"]:
+            by_scale.setdefault(float(lr_scale(names[id(p)])), []).append(p)
+        for s in sorted(by_scale, key=lambda s: (s != 1.0, s)):
+            out.append({**g, "params": by_scale[s], "lr_scale": s})
+    return sorted(out, key=lambda g: g["lr_scale"] != 1.0)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

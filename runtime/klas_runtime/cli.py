@@ -27,6 +27,8 @@ def budget_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="only latency measured with this many threads")
     parser.add_argument("--batch", type=int, default=1, help="batch size the latency budget is for")
     parser.add_argument("--stat", default="p90", choices=("p50", "p90", "p99", "mean"))
+    parser.add_argument("--by-average", action="store_true",
+                        help="check a cascade against --max-flops by its average FLOPs on val (default: worst case)")
 
 
 def profile_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +47,17 @@ def _profile(args) -> int:
     from klas_runtime.profile import profile_zoo
 
     manifest = profile_zoo(args.zoo_dir, providers=args.provider, threads=args.threads, batches=args.batch,
-                           warmup=args.warmup, runs=args.runs, models=args.model)
+                           warmup=args.warmup, runs=args.runs, models=args.model, inputs=args.images)
     for m in manifest["models"]:
         for r in m["latency"]:
+            extra = (f", {r['inputs']} inputs, {r['deferral']:.1%} deferred" if "inputs" in r and "deferral" in r
+                     else "")
             print(f"[profile] {m['name']:44s} {r['provider']:22s} threads {r['threads']} batch {r['batch']:3d}  "
-                  f"p50 {r['p50_ms']:8.3f} p90 {r['p90_ms']:8.3f} p99 {r['p99_ms']:8.3f} ms  ({r['device']})")
+                  f"p50 {r['p50_ms']:8.3f} p90 {r['p90_ms']:8.3f} p99 {r['p99_ms']:8.3f} ms  ({r['device']}{extra})")
+    if not args.images and any(m.get("kind") == "cascade" and (args.model is None or m["name"] in args.model)
+                               for m in manifest["models"]):
+        print("[profile] cascades were timed on random inputs, whose deferral rate is not that of real data; "
+              "pass --images with real images for latency to budget on")
     return 0
 
 
@@ -58,12 +66,12 @@ def _choose(args, with_session: bool):
 
     return Zoo(args.zoo_dir).pick(max_flops=args.max_flops, max_latency_ms=args.max_latency_ms, device=args.device,
                                   min_accuracy=args.min_accuracy, threads=args.threads, batch=args.batch,
-                                  stat=args.stat, with_session=with_session)
+                                  stat=args.stat, with_session=with_session, by_average=args.by_average)
 
 
 def _pick(args) -> int:
     choice = _choose(args, with_session=False)
-    print(f"{choice.entry['file']}")
+    print(" ".join(choice.files))  # a cascade: both members' files, the cheaper first
     print(f"  why: {choice.reason}")
     return 0
 
@@ -72,13 +80,14 @@ def _predict(args) -> int:
     from klas_runtime.runtime import load_image
 
     choice = _choose(args, with_session=True)
-    classes = choice.entry["output"]["classes"]
+    classes = choice.classes
     print(f"[predict] model {choice.name} ({choice.reason})")
     for path in args.images:
-        cls, probs = choice.predict(load_image(path, choice.entry["input"]))
+        cls, probs, answered = choice.predict_detailed(load_image(path, choice.input))
         k = int(cls[0])
         label = classes[k] if k < len(classes) else str(k)
-        print(f"{path}: {label} (class {k}, p={probs[0, k]:.3f})")
+        by = f", answered by {choice.members[int(answered[0])]}" if choice.kind == "cascade" else ""
+        print(f"{path}: {label} (class {k}, p={probs[0, k]:.3f}{by})")
     return 0
 
 
@@ -86,15 +95,19 @@ def _verify(args) -> int:
     from klas_runtime.manifest import MANIFEST, read_manifest
     from klas_runtime.runtime import verify_zoo
 
-    n = len(read_manifest(args.zoo_dir)["models"])  # a missing or invalid manifest: one ZooError line
+    entries = read_manifest(args.zoo_dir)["models"]  # a missing or invalid manifest: one ZooError line
+    c = sum(e.get("kind") == "cascade" for e in entries)
+    what = f"{len(entries) - c} models" + (f" and {c} cascade(s)" if c else "")
     problems = verify_zoo(args.zoo_dir)
     for line in problems:
         print(line, file=sys.stderr)
     where = Path(args.zoo_dir) / MANIFEST
     if problems:
-        print(f"[verify] {where}: {len(problems)} problem(s) in {n} models")
+        print(f"[verify] {where}: {len(problems)} problem(s) in {what}")
         return 1
-    print(f"[verify] {where}: {n} models, every file matches its sha256, loads as ONNX and agrees with the manifest")
+    runs = ", every cascade runs on its members" if c else ""
+    print(f"[verify] {where}: {what}, every file matches its sha256, loads as ONNX and agrees with the "
+          f"manifest{runs}")
     return 0
 
 
@@ -103,14 +116,18 @@ def _verify(args) -> int:
 def add_profile(sub) -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure a zoo's latency on this machine and add it to the manifest")
     pr.add_argument("zoo_dir", type=Path)
-    pr.add_argument("--model", action="append", default=None, help="only this model (repeatable)")
+    pr.add_argument("--model", action="append", default=None, help="only this model or cascade (repeatable)")
+    pr.add_argument("--images", nargs="+", type=Path, default=None,
+                    help="real images to time cascades on (their latency depends on how many samples the second "
+                         "member gets); default: random inputs, recorded as such")
     profile_flags(pr)
     pr.set_defaults(func=_profile)
     return pr
 
 
 def add_pick(sub) -> argparse.ArgumentParser:
-    pk = sub.add_parser("pick", help="the most accurate zoo model within a FLOPs / latency / accuracy budget")
+    pk = sub.add_parser("pick", help="the most accurate zoo model (or cascade) within a FLOPs / latency / accuracy "
+                        "budget")
     budget_flags(pk)
     pk.set_defaults(func=_pick)
     return pk

@@ -1,4 +1,4 @@
-"""The embedded anchor zoo: shipped weights against their card, and the trainer's exact resume."""
+"""The embedded anchor family: shipped weights against their card, and the anchor trainer's exact resume."""
 from pathlib import Path
 
 import pytest
