@@ -94,6 +94,16 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
             print(f"[{k}/{len(rows)}] {r['module'].NAME:11s} {what:48s} {r['module'].DESCRIBE}")
         return {}
     run_dir = RunDir(run_path, cfg.run.family, cfg.data.dataset)
+    if not dist.info().is_main:
+        return _run_stages(cfg, run_dir, rows, force, family, progress)
+    with run_dir.lock():
+        # re-planned under the lock: another process may have finished stages since the plan above
+        return _run_stages(cfg, run_dir, plan(cfg, run_path, until, force), force, family, progress)
+
+
+def _run_stages(cfg: Config, run_dir: RunDir, rows: list[dict], force: tuple[str, ...], family,
+                progress: bool) -> dict[str, object]:
+    run_path = run_dir.path
     if dist.info().is_main:
         from klas.io import atomic_path
 

@@ -14,6 +14,11 @@ class RunDir:
 
     def __init__(self, path: Path | str, family: str | None = None, dataset: str | None = None):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise KlasError(f"{self.path}: run directory is a file, not a directory (use another --run-dir)")
+        for parent in self.path.parents:
+            if parent.exists() and not parent.is_dir():
+                raise KlasError(f"{self.path}: run directory lies under {parent}, which is a file")
         meta_path = self.path / "run.json"
         if meta_path.is_file():
             self.meta = load_json(meta_path)
@@ -42,8 +47,16 @@ class RunDir:
         if name not in STAGES and name != "zoo":
             raise KlasError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")
         d = self.path / name
-        d.mkdir(parents=True, exist_ok=True)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise KlasError(f"{d}: exists and is not a directory") from None
+        except PermissionError:
+            raise KlasError(f"{d}: permission denied") from None
         return d
+
+    def lock(self) -> "RunLock":
+        return RunLock(self.path)
 
     def require(self, name: str, filename: str, hint: str | None = None) -> Path:
         """Path of an earlier stage's artifact, or a one-line error saying which command makes it."""
@@ -51,3 +64,44 @@ class RunDir:
         if not p.is_file():
             raise KlasError(f"{p}: missing; run {hint or f'the {name} stage'} first")
         return p
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a process works in it (``flock`` on ``.lock``, released by the
+    kernel when the holder dies, so a lock left by a killed process is simply taken over, with a message). A second
+    process gets one line naming the holder."""
+
+    def __init__(self, path: Path):
+        self.file = Path(path) / ".lock"
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import os
+        import socket
+        import sys
+
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 400, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise KlasError(f"{self.file.parent}: run directory in use by {holder}; wait for it or use another "
+                            f"--run-dir") from None
+        previous = os.pread(fd, 400, 0).decode(errors="replace").strip()
+        if previous:
+            print(f"[run] {self.file.parent}: taking over the lock of {previous} (no longer running)", flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv[:3])[:200]})".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # a clean exit leaves no holder behind
+            os.close(self.fd)
+            self.fd = None

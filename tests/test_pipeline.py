@@ -269,3 +269,37 @@ def test_single_stage_command_makes_later_stages_stale(tmp_path):
     assert '"method": "klas"' in (run / "selection" / "selection.json").read_text()
     assert (run / "zoo" / "manifest.json").read_text() != zoo  # rebuilt (its creation time differs at least)
     assert _klas("run", cfg, "--run-dir", run, "--dry-run").count("skip (up to date)") == 6
+
+
+def test_run_directory_is_locked_and_stale_locks_are_taken_over(tmp_path, monkeypatch, capsys):
+    """A second process on a working run directory gets one line naming the holder; a lock left by a killed process
+    (a holder line but no flock) is taken over with a message; a run directory that is a file is refused."""
+    import os
+
+    from klas.rundir import RunDir
+
+    monkeypatch.setattr(pipeline, "stage_modules", lambda: _fake_modules([], {}))
+    cfg = kc.load_config(raw={})
+    pipeline.run_pipeline(cfg, tmp_path / "run")
+    code = ("import sys, time; sys.path.insert(0, %r)\n"
+            "from klas.rundir import RunLock\n"
+            "with RunLock(__import__('pathlib').Path(%r)):\n"
+            "    print('locked', flush=True); time.sleep(60)\n") % (str(Path(__file__).parents[1]), str(tmp_path / "run"))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(KlasError, match=rf"run directory in use by pid {holder.pid} on .*another --run-dir") as e:
+            pipeline.run_pipeline(cfg, tmp_path / "run")
+        assert "\n" not in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    capsys.readouterr()
+    pipeline.run_pipeline(cfg, tmp_path / "run")  # the killed holder's lock is taken over
+    assert f"taking over the lock of pid {holder.pid}" in capsys.readouterr().out
+    assert (tmp_path / "run" / ".lock").read_text() == ""  # released on a clean exit
+    (tmp_path / "file").write_text("x")
+    for bad, needle in ((tmp_path / "file", "is a file, not a directory"), (tmp_path / "file" / "run", "lies under")):
+        with pytest.raises(KlasError, match=needle):
+            RunDir(bad, "fmnist-deit")
+    assert os.path.isfile(tmp_path / "file")
