@@ -120,9 +120,12 @@ def run(args: argparse.Namespace) -> dict:
                              gb_per_s=nbytes / statistics.median(times[name]) / 1e9, max_abs_err_vs_float64=err))
             bar.update()
         floor = statistics.median(times["floor_copy"])
+        # the speed-up is quoted against the FASTEST plain-PyTorch form measured in this same run
+        torch_best = min(statistics.median(times[k]) for k in ("product", "loop") if k in times)
         for r in rows:
             if r["shape"] == list(shape):
                 r["x_floor"] = r["median_s"] / floor
+                r["speedup_vs_fastest_torch"] = torch_best / r["median_s"]
         if "cpp" in times:
             print(f"{'x'.join(map(str, shape))}: cpp {statistics.median(times['cpp']) * 1e3:.1f} ms, product "
                   f"{statistics.median(times['product']) * 1e3:.1f} ms -> product / cpp = "
