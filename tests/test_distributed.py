@@ -32,7 +32,7 @@ TESTS = Path(__file__).parent
 STITCHES_DDP = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0)]
 PROBE_KW = dict(epochs=1, batch_size=32, train_subset=101, val_subset=50, stat_samples=64)  # ragged last batch
 SCORE_KW = dict(batch_size=25, val_subset=70, dm_samples=30)  # the dm subsample crosses a batch edge
-FT_KW = dict(epochs=1, steps_per_epoch=5, batch_size=32, train_subset=256, val_images=40, augment=False, lr=3e-3,
+FT_KW = dict(recipe="shared", distill=None, max_stitches=None, epochs=1, steps_per_epoch=5, batch_size=32, train_subset=256, val_images=40, augment=False, lr=3e-3,
              ckpt_every=2)
 EVAL_KW = dict(test_subset=101, latency=False)
 

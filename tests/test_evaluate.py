@@ -73,7 +73,7 @@ def test_measure_latency(rng):
 
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-32", 0), ("tv-8", 0, "tv-16", 2), ("tv-16", 2, "tv-32", 3)]
-BUDGET = FinetuneConfig(epochs=1, steps_per_epoch=4, batch_size=32, train_subset=256, val_images=0,
+BUDGET = FinetuneConfig(recipe="shared", distill=None, max_stitches=None, epochs=1, steps_per_epoch=4, batch_size=32, train_subset=256, val_images=0,
                         init=FitCfg(samples=64, batch_size=64))
 
 

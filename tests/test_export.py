@@ -61,7 +61,7 @@ def pareto_flags(rows: list[dict]) -> list[bool]:
                     and (o["flops"], o["test_acc"]) != (r["flops"], r["test_acc"]) for o in rows) for r in rows]
 
 
-def build_run(tmp: Path, family, provider, data) -> Path:
+def build_run(tmp: Path, family, provider, data, keep: int = 5) -> Path:
     """A run dir with an evaluation artifact as the evaluation stage writes it: its zoo holds the three anchors (one
     without an accuracy, so export measures it through onnxruntime) and two of the three stitches (the third was not
     admitted). Random-weight anchors: all are served by the provider as configurations."""
@@ -75,8 +75,8 @@ def build_run(tmp: Path, family, provider, data) -> Path:
                          params=sum(p.numel() for p in net.parameters()), val_acc=acc, test_acc=acc, latency_ms=None,
                          pareto=True))
     zoo = [dict(kind="configuration", key=r["key"], name=r["key"], config=r["config"], flops=r["flops"],
-                val_acc=r["val_acc"], test_acc=r["test_acc"]) for r in rows[:5]]
-    zoo[2]["test_acc"] = None
+                val_acc=r["val_acc"], test_acc=r["test_acc"]) for r in rows[:keep]]
+    zoo[min(2, keep - 1)]["test_acc"] = None
     EvaluationArtifact(family="fmnist-deit", dataset="fashion-mnist", split="test", n_test=len(data), state="final",
                        flops_range={}, auc=0.0, auc_definition="", n_pareto=len(rows), selection=None, configs=rows,
                        n_val=len(data), untouched=[], zoo=zoo, cascades=[], admission={}, zoo_auc=None,
@@ -307,7 +307,7 @@ def test_export_stage_swaps_the_zoo_whole(tmp_path, family, data, monkeypatch):
     from klas.stages import s6_export
 
     provider = Provider(family)
-    run_dir = build_run(tmp_path, family, provider, data.subset(60))
+    run_dir = build_run(tmp_path, family, provider, data.subset(60), keep=2)
     old = run_dir / "zoo"
     old.mkdir()
     (old / "stale.onnx").write_bytes(b"old")
@@ -332,7 +332,7 @@ def test_export_of_a_finetuned_run_through_load_stitched(tmp_path):
     run = RunDir(tmp_path / "run", "fmnist-deit", dataset="fashion-mnist")
     sel = dict(family="fmnist-deit", anchors=anchors, selected=[dict(source=anchors[0], i=5, target=anchors[1], j=5)])
     (run.stage("selection") / "selection.json").write_text(json.dumps(sel))
-    finetune_supernet(run.path, FinetuneConfig(epochs=1, steps_per_epoch=3, batch_size=16, train_subset=64,
+    finetune_supernet(run.path, FinetuneConfig(recipe="shared", distill=None, max_stitches=None, epochs=1, steps_per_epoch=3, batch_size=16, train_subset=64,
                                                val_images=50, init=FitCfg(samples=32)),
                       seed=0, family=fam, progress=False)
     ev = evaluate_run(run.path, EvaluationConfig(test_subset=80, val_subset=80, latency=False), progress=False)

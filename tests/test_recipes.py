@@ -22,7 +22,8 @@ X = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(7))
 
 
 def _cfg(**kw):
-    base = dict(epochs=2, steps_per_epoch=3, batch_size=32, train_subset=512, val_images=64, augment=True,
+    base = dict(recipe="shared", distill=None, max_stitches=None, epochs=2, steps_per_epoch=3, batch_size=32,
+                train_subset=512, val_images=64, augment=True,
                 lr=3e-3, warmup_frac=0.2, init=FitCfg(samples=128, batch_size=64))
     base.update(kw)
     return FinetuneConfig(**base)
@@ -198,10 +199,14 @@ def test_limit_stitches_spreads_over_flops(fam, tmp_path):
 
     configs = read_selection(write_selection(tmp_path / "s.json", STITCHES), fam)
     fl = {c: stitched_flops(fam[c.source], c.i, fam[c.target], c.j) for c in configs if not c.is_anchor}
-    two = limit_stitches(configs, 2, fam)
-    assert two[:2] == configs[:2] and sorted(fl[c] for c in two[2:]) == [min(fl.values()), max(fl.values())]
+    pos = {c: (f - fam[c.source].flops) / (fam[c.target].flops - fam[c.source].flops) for c, f in fl.items()}
+    for n in (1, 2):
+        middle = [c for c in fl if 0.15 <= pos[c] <= 0.85]
+        pool = sorted(middle if len(middle) >= n else fl, key=lambda c: (fl[c], c.key))
+        want = {pool[round(m * (len(pool) - 1) / max(n - 1, 1))] for m in range(n)}
+        got = limit_stitches(configs, n, fam)
+        assert got[:2] == configs[:2] and set(got[2:]) == want  # anchors first, then the chosen stitches
     assert limit_stitches(configs, None, fam) == configs and limit_stitches(configs, 3, fam) == configs
-    assert [c for c in limit_stitches(configs, 1, fam) if not c.is_anchor] == [min(fl, key=fl.get)]
 
 
 def test_distillation_loss_and_teacher(tmp_path, fam):
@@ -284,9 +289,7 @@ def test_recipe_settings_are_config_fields(tmp_path):
                                           "finetune.max_stitches=4", "finetune.lora_rank=8"])
     ft = cfg.finetune
     assert (ft.recipe, ft.distill, ft.max_stitches, ft.lora_rank) == ("frozen", "target", 4, 8)
-    default = kconfig.load_config(None).finetune
-    assert (default.recipe, default.distill, default.anchor_lr_scale, default.configs_per_step,
-            default.max_stitches) == ("shared", None, 1.0, 1, None)
+    assert kconfig.load_config(None).finetune == FinetuneConfig()  # the defaults live on the dataclass only
     for bad, msg in (("finetune.recipe=joint", "expected one of shared, independent, frozen"),
                      ("finetune.distill_weight=2", "expected <= 1"), ("finetune.configs_per_step=0", ">= 1")):
         with pytest.raises(KlasError, match=msg):

@@ -22,7 +22,8 @@ STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-3
 
 
 def _cfg(**kw):
-    base = dict(epochs=2, steps_per_epoch=3, batch_size=32, train_subset=512, val_images=0, augment=True,
+    base = dict(recipe="shared", distill=None, max_stitches=None, epochs=2, steps_per_epoch=3, batch_size=32,
+                train_subset=512, val_images=0, augment=True,
                 lr=3e-3, warmup_frac=0.2, init=FitCfg(samples=128, batch_size=64))
     base.update(kw)
     return FinetuneConfig(**base)
@@ -169,7 +170,8 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
     """Two gloo ranks, each on its shard of every global batch, end with the single-process weights: the sampled
     configuration agrees across ranks and DDP averages the shard gradients (augmentation off: it draws per shard)."""
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
-    kw = dict(epochs=1, steps_per_epoch=4, batch_size=32, train_subset=256, val_images=0, augment=False, lr=3e-3)
+    kw = dict(recipe="shared", distill=None, max_stitches=None, epochs=1, steps_per_epoch=4, batch_size=32,
+              train_subset=256, val_images=0, augment=False, lr=3e-3)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(cfg=repr(kw)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))

@@ -85,7 +85,7 @@ class FinetuneConfig:
     and step (same result, less memory) and ``parallel`` (ddp, or fsdp on CUDA) change memory and speed, not results.
     """
 
-    recipe: str = setting("shared", "shared: one SN-Net supernetwork; independent: each stitch finetunes its own copy "
+    recipe: str = setting("independent", "shared: one SN-Net supernetwork; independent: each stitch finetunes its own copy "
                           "of its anchors; frozen: anchors frozen, stitch layer + LoRA train", choices=RECIPES)
     epochs: int = setting(1, "training epochs", ge=1)
     steps_per_epoch: int | None = setting(None, "optimizer steps per epoch", ge=1, none="pass")
@@ -105,9 +105,9 @@ class FinetuneConfig:
                                     ge=1)
     anchor_lr_scale: float = setting(1.0, "anchors' learning rate as a fraction of the stitch layers' (shared, "
                                      "independent; 0 freezes them)", ge=0)
-    max_stitches: int | None = setting(None, "finetune at most N of the selected stitches, spread over their FLOPs",
-                                       ge=1, none="all")
-    distill: str | None = setting(None, "distil from an untouched anchor's logits: target (each configuration's "
+    max_stitches: int | None = setting(4, "finetune at most N of the selected stitches, spread over the middle of "
+                                       "their anchor gaps", ge=1, none="all")
+    distill: str | None = setting("target", "distil from an untouched anchor's logits: target (each configuration's "
                                   "target anchor), largest, or an anchor name", none="none")
     distill_weight: float = setting(0.5, "loss = (1 - w) cross-entropy + w T^2 KL(teacher || student)", ge=0, le=1)
     distill_temperature: float = setting(1.0, "softmax temperature T of the distillation term", gt=0)
@@ -230,13 +230,22 @@ def read_selection(path: Path | str, family: Family) -> list[StitchConfig]:
 
 
 def limit_stitches(configs: list[StitchConfig], n: int | None, family: Family) -> list[StitchConfig]:
-    """The anchors of ``configs`` plus at most ``n`` of its stitches, spread evenly over their FLOPs (cheapest and
-    dearest always kept; order of the selection kept). ``n`` None, or no more stitches than ``n``: unchanged."""
+    """The anchors of ``configs`` plus at most ``n`` of its stitches, spread evenly over their FLOPs among those in
+    the middle 70 % of their anchor pair's FLOPs gap (all of them when fewer than ``n`` are; order of the selection
+    kept). ``n`` None, or no more stitches than ``n``: unchanged."""
     from klas.families import stitched_flops
 
     stitched = [c for c in configs if not c.is_anchor]
     if n is None or len(stitched) <= n:
         return list(configs)
+
+    def position(c: StitchConfig) -> float:  # 0 at the source anchor's FLOPs, 1 at the target's
+        lo, hi = family[c.source].flops, family[c.target].flops
+        return (stitched_flops(family[c.source], c.i, family[c.target], c.j) - lo) / max(hi - lo, 1)
+
+    # NOTE: a stitch costing about what one of its anchors costs can only tie it; gains sit inside the gaps
+    middle = [c for c in stitched if 0.15 <= position(c) <= 0.85]
+    stitched = middle if len(middle) >= n else stitched
     ranked = sorted(stitched, key=lambda c: (stitched_flops(family[c.source], c.i, family[c.target], c.j), c.key))
     keep = {ranked[round(m * (len(ranked) - 1) / max(n - 1, 1))] for m in range(n)}
     return [c for c in configs if c.is_anchor or c in keep]

@@ -492,13 +492,13 @@ def export_models(models: list[tuple], out_dir: Path | str, family: str, data: I
             raise
     for e in entries:
         os.replace(out_dir / _staged(e["file"]), model_path(out_dir, e["file"]))
-    entries += [cascade_entry(c, entries, data, options) for c in cascades]
+    entries += [cascade_entry(c, entries, data, options, out_dir) for c in cascades]
     manifest = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, family=family, dataset=data.spec.name,
                     klas_version=__version__, created=now(), created_on=machine_info(),
                     models=sorted(entries, key=lambda e: (e["flops"], e["name"])))
     art = ExportArtifact(manifest)
     art.save(out_dir)
-    for stale in old - {e["file"] for e in entries}:
+    for stale in old - {e["file"] for e in entries if "file" in e}:
         model_path(out_dir, stale).unlink(missing_ok=True)
     return art
 
@@ -539,7 +539,7 @@ def export_zoo(run_dir: Path | str, out_dir: Path | str, options: ExportConfig, 
     return export_models(models, out_dir, run.family, data, options, progress, cascades)
 
 
-def cascade_entry(c: dict, entries: list[dict], data: ImageSet, options: ExportConfig) -> dict:
+def cascade_entry(c: dict, entries: list[dict], data: ImageSet, options: ExportConfig, out_dir: Path) -> dict:
     """The manifest entry of a cascade over two exported models: worst-case and average FLOPs, accuracy as the
     evaluation measured it, and latency measured through the runtime on real test images."""
     by_name = {e["name"]: e for e in entries}
@@ -551,6 +551,14 @@ def cascade_entry(c: dict, entries: list[dict], data: ImageSet, options: ExportC
                  flops=small["flops"] + large["flops"], flops_avg=c["flops_avg"], deferral=c["deferral"],
                  params=small["params"] + large["params"], val_acc=c["val_acc"], test_acc=c["test_acc"],
                  test_acc_source="evaluation stage (PyTorch members)", latency=[])
+    if options.profile:
+        from klas_runtime.profile import cascade_latency_record
+
+        n = min(len(data), max(options.runs, options.warmup) * options.batch)
+        images = data.normalize(data.images[:n]).numpy()
+        entry["latency"].append(cascade_latency_record(
+            out_dir / small["file"], out_dir / large["file"], c["threshold"], options.provider, options.threads,
+            options.batch, options.warmup, options.runs, inputs=images, inputs_label=f"{n} {data.spec.name} test images"))
     return entry
 
 
@@ -559,7 +567,7 @@ def _previous_files(out_dir: Path) -> set[str]:
     if not (out_dir / MANIFEST).is_file():
         return set()
     try:
-        return {m["file"] for m in load_manifest(out_dir, verify_files=False)["models"]}
+        return {m["file"] for m in load_manifest(out_dir, verify_files=False)["models"] if "file" in m}
     except ZooError:  # klas_runtime's errors (KlasError's base)
         return set()
 
