@@ -41,3 +41,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+DDP_SCRIPT = """
+import sys, torch
+from pathlib import Path
+torch.set_num_threads(1)
+from _stitch_helpers import tiny_family
+from klas.stitch import FitCfg
+from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
+torch.manual_seed(0)
+cfg = FinetuneConfig(**{cfg}, init=FitCfg(samples=128, batch_size=64))
+finetune_supernet(Path(sys.argv[1]), cfg, seed=0, selection_path=Path(sys.argv[2]), family=tiny_family(),
+                  progress=False)
+"""
+
+
+def ddp_and_single(tmp_path, sel, kw: dict) -> None:
+    """Finetune ``sel`` with FinetuneConfig(**kw) twice: under torchrun with two gloo ranks into tmp_path/ddp and in
+    this process into tmp_path/single (both seeded alike), for the DDP-equals-single-process tests."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
+    from klas.stitch import FitCfg
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(cfg=repr(kw)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "ddp"), str(sel)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.manual_seed(0)
+    finetune_supernet(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
+                      selection_path=sel, family=tiny_family(), progress=False)

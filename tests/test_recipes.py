@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
+from _stitch_helpers import ddp_and_single, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas import config as kconfig
 from klas.data import load_dataset
 from klas.errors import KlasError
@@ -296,42 +296,15 @@ def test_recipe_settings_are_config_fields(tmp_path):
             kconfig.load_config(None, sets=[bad])
 
 
-DDP_SCRIPT = """
-import sys, torch
-from pathlib import Path
-torch.set_num_threads(1)
-from _stitch_helpers import tiny_family
-from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
-torch.manual_seed(0)
-cfg = FinetuneConfig(**{cfg}, init=FitCfg(samples=128, batch_size=64))
-finetune_supernet(Path(sys.argv[1]), cfg, seed=0, selection_path=Path(sys.argv[2]), family=tiny_family(),
-                  progress=False)
-"""
-
-
 def test_torchrun_per_stitch_recipe_matches_single_process(tmp_path):
     """The frozen recipe under two gloo ranks (each stitch wrapped in DDP in turn) ends with the single-process
     stitch and LoRA weights (augmentation off: it is drawn per shard)."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
     kw = dict(recipe="frozen", epochs=1, steps_per_epoch=4, batch_size=32, train_subset=256, val_images=0,
               augment=False, lr=3e-3)
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(cfg=repr(kw)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "ddp"), str(sel)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    torch.manual_seed(0)
-    finetune_supernet(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
-                      selection_path=sel, family=tiny_family(), progress=False)
+    ddp_and_single(tmp_path, sel, kw)
     rec = json.loads((tmp_path / "ddp" / "finetune" / "supernet.json").read_text())
     assert rec["world_size"] == 2 and rec["recipe"] == "frozen"
     for r in rec["configs"]:

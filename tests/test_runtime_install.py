@@ -1,7 +1,8 @@
 """The torch-free runtime distribution (runtime/, ``klas-runtime``) installed alone: a fresh virtual environment made
 from the base interpreter gets ``pip install runtime/`` (numpy, onnxruntime, Pillow come from the package index) and
 nothing else; torch, timm, matplotlib and klas are absent there, and ``klas-runtime verify / pick / predict`` on a
-real exported zoo agree with onnxruntime run here. Also: ``klas`` and ``klas-runtime`` share the same subcommands."""
+real exported zoo (a cascade entry included) agree with onnxruntime run here. Also: ``klas`` and ``klas-runtime``
+share the same subcommands."""
 from __future__ import annotations
 
 import hashlib
@@ -124,6 +125,33 @@ def test_runtime_installs_alone_and_runs_on_an_exported_zoo(exported_zoo, tmp_pa
     assert r.returncode == 1 and len(lines) == 2, r.stdout + r.stderr
     assert first["file"] in lines[0] and "sha256" in lines[0]
     assert second["file"] in lines[1] and "not a valid ONNX model" in lines[1]
+    # a cascade (two of the zoo's models, max-softmax threshold; schema version 2) runs there too
+    from test_cascade_runtime import FIRST, SECOND, add_cascade, reference_cascade
+
+    casc = tmp_path / "cascade-zoo"
+    shutil.copytree(exported_zoo, casc)
+    c = add_cascade(casc)
+    entry = c["entry"]
+    r = _run(venv, env, tmp_path, "verify", casc)
+    assert r.returncode == 0 and "4 models and 1 cascade(s)" in r.stdout, r.stdout + r.stderr
+    avg = str(entry["flops_avg"]["val"])
+    r = _run(venv, env, tmp_path, "pick", casc, "--max-flops", avg, "--by-average", "--device", "cpu")
+    files = {m["name"]: m["file"] for m in json.loads((casc / "manifest.json").read_text())["models"]
+             if "file" in m}
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == f"{files[FIRST]} {files[SECOND]}", r.stdout + r.stderr
+    _, probs, deferred = reference_cascade(*c["logits"], entry["threshold"])
+    k = int(np.flatnonzero(deferred)[0])  # an image the large member answers
+    from PIL import Image
+
+    Image.fromarray(c["pixels"][k, 0]).save(tmp_path / "deferred.png")
+    r = _run(venv, env, tmp_path, "predict", casc, "--max-flops", avg, "--by-average", "--device", "cpu",
+             tmp_path / "deferred.png")
+    assert r.returncode == 0 and r.stdout.startswith(f"[predict] model {entry['name']} "), r.stdout + r.stderr
+    cls = int(probs[k].argmax())
+    got = re.search(r"\(class (\d+), p=([0-9.]+), answered by (.+)\)$", r.stdout.splitlines()[-1])
+    assert got and int(got.group(1)) == cls and got.group(3) == SECOND, r.stdout
+    assert abs(float(got.group(2)) - probs[k, cls]) <= 1.5e-3
+
     r = _run(venv, env, tmp_path, "pick", tmp_path / "nowhere")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("klas-runtime: error: ")
 

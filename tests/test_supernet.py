@@ -3,16 +3,12 @@ exact resume after a crash, reloading standalone stitched networks, DDP. (The ``
 pipeline stage command: tests/test_pipeline.py.)"""
 import copy
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
-from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
+from _stitch_helpers import ddp_and_single, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas.errors import KlasError
 from klas.io import load_tensors
 from klas.stages.s4_finetune import FinetuneConfig, config_at, finetune_supernet, load_stitched, read_selection
@@ -152,37 +148,13 @@ def test_bad_selection_is_one_line_error(tmp_path, fam):
         _finetune(tmp_path / "r3", tmp_path / "none.json", _cfg(), fam)
 
 
-DDP_SCRIPT = """
-import sys, torch
-from pathlib import Path
-torch.set_num_threads(1)
-from _stitch_helpers import tiny_family
-from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
-torch.manual_seed(0)
-cfg = FinetuneConfig(**{cfg}, init=FitCfg(samples=128, batch_size=64))
-finetune_supernet(Path(sys.argv[1]), cfg, seed=0, selection_path=Path(sys.argv[2]), family=tiny_family(),
-                  progress=False)
-"""
-
-
 def test_torchrun_ddp_matches_single_process(tmp_path):
     """Two gloo ranks, each on its shard of every global batch, end with the single-process weights: the sampled
     configuration agrees across ranks and DDP averages the shard gradients (augmentation off: it draws per shard)."""
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
     kw = dict(recipe="shared", distill=None, max_stitches=None, epochs=1, steps_per_epoch=4, batch_size=32,
               train_subset=256, val_images=0, augment=False, lr=3e-3)
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(cfg=repr(kw)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "ddp"), str(sel)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    torch.manual_seed(0)
-    fam = tiny_family()
-    finetune_supernet(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
-                      selection_path=sel, family=fam, progress=False)
+    ddp_and_single(tmp_path, sel, kw)
     assert json.loads((tmp_path / "ddp" / "finetune" / "supernet.json").read_text())["world_size"] == 2
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert a.keys() == b.keys()

@@ -31,7 +31,7 @@ import torch
 from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.families import Family, stitchable, stitched_flops
-from klas.io import load_json, save_json
+from klas.io import load_json
 from klas.contract import Artifact, StageContext, setting
 from klas.rundir import RunDir
 from klas.stages.s2_scores import SCORES_FILE, load_scores, stitch_score

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from klas import distributed as kd
 from klas.errors import KlasError
 from klas.families import Family, create_family, stitchable
-from klas.io import load_checkpoint, load_json, load_tensors, save_json, save_tensors
+from klas.io import load_checkpoint, load_json, load_tensors, save_tensors
 from klas.contract import Artifact, StageContext, digest, key_fields, setting
 from klas.rundir import RunDir
 from klas.stitch import FitCfg, LoRALinear, StitchConfig, StitchedNet, StitchLayer, add_lora, fit_stitch, merge_lora
@@ -506,6 +506,16 @@ def _stream(data, cfg: FinetuneConfig, seed: int, epoch: int, rank: int, world: 
                            rank=rank, world_size=world)
 
 
+def _rest_of_epoch(step: int, spe: int, train, cfg: FinetuneConfig, seed: int, rank: int, world: int, device):
+    """The training batches from global ``step`` to the end of its epoch, on ``device``: a resumed epoch replays its
+    seeded data order up to the step it stopped at (cheap: indexing + augmentation) and goes on from there."""
+    epoch, pos = divmod(step, spe)
+    stream = itertools.islice(_stream(train, cfg, seed, epoch, rank, world), pos, None)
+    for _ in range(pos, spe):
+        x, y = next(stream)
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
 # --- distributed --------------------------------------------------------------------------------------------------
 
 def _dist() -> tuple[int, int]:
@@ -723,12 +733,9 @@ def _train_shared(net: Supernet, env: dict) -> tuple[dict, list | None]:
                        enabled=progress, file=sys.stderr, leave=True)
     net.train()
     while tr.step < total:
-        epoch, pos = divmod(tr.step, spe)
+        epoch = tr.step // spe
         t0 = time.perf_counter()
-        stream = itertools.islice(_stream(train, cfg, seed, epoch, rank, world), pos, None)
-        for _ in range(pos, spe):
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for x, y in _rest_of_epoch(tr.step, spe, train, cfg, seed, rank, world, device):
             ks = [config_at(tr.step * per + m, n, seed, cfg.sampling) for m in range(per)]
             lr = tr.lr  # this step's learning rate (the history records the last one of each epoch)
             losses = [_accumulate(model, x, y, k, cfg, device.type, use_amp, world, teachers.get(k)) for k in ks]
@@ -859,12 +866,9 @@ def _train_stitch(net: Supernet, k: int, pos: int, tag: str, path: Path, env: di
 
     set_train_mode(sn, cfg.recipe)
     while tr.step < total:
-        epoch, p0 = divmod(tr.step, spe)
+        epoch = tr.step // spe
         t0 = time.perf_counter()
-        stream = itertools.islice(_stream(train, cfg, seed, epoch, rank, world), p0, None)
-        for _ in range(p0, spe):
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for x, y in _rest_of_epoch(tr.step, spe, train, cfg, seed, rank, world, device):
             lr = tr.lr
             loss = _accumulate(model, x, y, None, cfg, device.type, use_amp, world, teacher)
             tr.update()

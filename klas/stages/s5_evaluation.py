@@ -25,7 +25,6 @@ from typing import ClassVar
 import torch
 
 from klas.errors import KlasError
-from klas.io import load_json, save_json
 from klas.contract import Artifact, StageContext, setting
 from klas.rundir import RunDir
 
@@ -175,7 +174,7 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
 
     from klas import distributed as kd
     from klas.data import load_dataset
-    from klas.stages.s4_finetune import config_accuracy, load_supernet
+    from klas.stages.s4_finetune import load_supernet
 
     di = kd.init()
     test_samples, latency, latency_repeats, threads, batch_size = (cfg.test_subset, cfg.latency, cfg.latency_repeats,
@@ -183,7 +182,6 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
     path = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
     run = RunDir(path)
     out = Path(out) if out is not None else run.stage("evaluation") / ("" if state == "final" else state)
-    name = EvaluationArtifact.RECORD
     net, meta = load_supernet(path, state, family=family)
     test = load_dataset(meta["dataset"], "test", data_root).subset(test_samples)
     val = load_dataset(meta["dataset"], "val", data_root).subset(cfg.val_subset)

@@ -28,7 +28,6 @@ import torch.nn as nn
 from klas.data import ImageSet, load_dataset
 from klas.errors import KlasError
 from klas.families import count_flops, get_family_cfg
-from klas.io import load_json
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import (MANIFEST, METADATA_KEY, SCHEMA, SCHEMA_VERSION, embedded_entry, load_manifest,
                                    model_path, now, save_manifest, sha256_bytes, validate, write_atomic)

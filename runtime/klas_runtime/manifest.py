@@ -193,7 +193,8 @@ def entry_kind(entry: Any, where: str = MANIFEST) -> str:
     """'model' or 'cascade' (an entry without ``kind`` is a model, as in schema version 1)."""
     kind = entry.get("kind", "model") if isinstance(entry, dict) else "model"
     if kind not in KINDS:
-        raise ZooError(f"{where}.kind: invalid value {json.dumps(kind)[:80]} (expected 'model' or 'cascade')")
+        raise ZooError(f"{where} ({entry.get('name')!r}).kind: invalid value {json.dumps(kind)[:80]} "
+                        f"(expected 'model' or 'cascade')")
     return kind
 
 

@@ -372,6 +372,12 @@ class Zoo:
             avg = " on average on val" if by_average and is_cascade(nxt) else ""
             parts.append(f"the next more accurate, {nxt['name']} ({nxt['test_acc']:.2f}%), needs "
                          f"{format_count(cost(nxt))} FLOPs{avg}")
+        if flops_cap is not None and not by_average:
+            avg_fit = [m for m in better if is_cascade(m) and self.cost(m, True) <= flops_cap < m["flops"]]
+            if avg_fit:
+                top = max(avg_fit, key=lambda m: (m["test_acc"], -self.cost(m, True)))
+                parts.append(f"cascade {top['name']} ({top['test_acc']:.2f}%) would fit by its average FLOPs on "
+                             f"val, {format_count(self.cost(top, True))} (by_average / --by-average)")
         return "; ".join(parts)
 
 
