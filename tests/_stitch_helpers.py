@@ -78,3 +78,14 @@ def ddp_and_single(tmp_path, sel, kw: dict) -> None:
     torch.manual_seed(0)
     finetune_supernet(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
                       selection_path=sel, family=tiny_family(), progress=False)
+
+
+def small_finetune_cfg(**kw):
+    """A few steps of the shared supernetwork on the tiny family (the recipe tests override ``recipe`` etc.)."""
+    from klas.stages.s4_finetune import FinetuneConfig
+    from klas.stitch import FitCfg
+
+    base = dict(recipe="shared", distill=None, max_stitches=None, epochs=2, steps_per_epoch=3, batch_size=32,
+                train_subset=512, val_images=0, augment=True, lr=3e-3, warmup_frac=0.2,
+                init=FitCfg(samples=128, batch_size=64))
+    return FinetuneConfig(**{**base, **kw})

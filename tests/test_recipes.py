@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from _stitch_helpers import ddp_and_single, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
+from _stitch_helpers import ddp_and_single, small_finetune_cfg, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas import config as kconfig
 from klas.data import load_dataset
 from klas.errors import KlasError
@@ -15,18 +15,14 @@ from klas.io import load_tensors
 from klas.stages import s4_finetune as s4
 from klas.stages.s4_finetune import (FinetuneArtifact, FinetuneConfig, distill_loss, finetune_supernet,
                                      limit_stitches, load_stitched, load_supernet, read_selection)
-from klas.stitch import FitCfg, LoRALinear, StitchConfig, StitchLayer, add_lora, merge_lora
+from klas.stitch import LoRALinear, StitchConfig, StitchLayer, add_lora, merge_lora
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-32", 2)]
 X = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(7))
 
 
 def _cfg(**kw):
-    base = dict(recipe="shared", distill=None, max_stitches=None, epochs=2, steps_per_epoch=3, batch_size=32,
-                train_subset=512, val_images=64, augment=True,
-                lr=3e-3, warmup_frac=0.2, init=FitCfg(samples=128, batch_size=64))
-    base.update(kw)
-    return FinetuneConfig(**base)
+    return small_finetune_cfg(**{"val_images": 64, **kw})
 
 
 @pytest.fixture(scope="module")

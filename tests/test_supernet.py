@@ -8,21 +8,17 @@ from collections import Counter
 import pytest
 import torch
 
-from _stitch_helpers import ddp_and_single, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
+from _stitch_helpers import ddp_and_single, small_finetune_cfg, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas.errors import KlasError
 from klas.io import load_tensors
-from klas.stages.s4_finetune import FinetuneConfig, config_at, finetune_supernet, load_stitched, read_selection
-from klas.stitch import FitCfg, StitchConfig
+from klas.stages.s4_finetune import config_at, finetune_supernet, load_stitched, read_selection
+from klas.stitch import StitchConfig
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-32", 2)]
 
 
 def _cfg(**kw):
-    base = dict(recipe="shared", distill=None, max_stitches=None, epochs=2, steps_per_epoch=3, batch_size=32,
-                train_subset=512, val_images=0, augment=True,
-                lr=3e-3, warmup_frac=0.2, init=FitCfg(samples=128, batch_size=64))
-    base.update(kw)
-    return FinetuneConfig(**base)
+    return small_finetune_cfg(**kw)
 
 
 def _finetune(run, sel, cfg, fam, **kw):
