@@ -226,11 +226,11 @@ class StageContext:
     def family(self):
         if self.prebuilt is not None:
             return self.prebuilt
-        from klas.families import create_family, get_family_cfg
+        from klas.families import create_family
 
-        fam_cfg = get_family_cfg(self.run.family)
-        return create_family(self.run.family, pretrained=fam_cfg.embedded or self.run.weights is not None,
-                             weights=self.run.weights)
+        # NOTE: always the pretrained anchors (shipped files, local weights or the hub), in every stage alike; the
+        # finetune stage builds them the same way
+        return create_family(self.run.family, pretrained=True, weights=self.run.weights)
 
     @property
     def seed(self) -> int:
