@@ -72,9 +72,6 @@ class Config:
     def __eq__(self, other) -> bool:
         return isinstance(other, Config) and self._values == other._values
 
-    def replace(self, section: str, obj) -> "Config":
-        return Config({**self._values, section: obj}, self.origin)
-
     def to_toml(self, comments: bool = False) -> str:
         return render_toml(self._values, comments)
 

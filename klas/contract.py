@@ -240,9 +240,5 @@ class StageContext:
     def data_root(self) -> str | None:
         return self.data.root
 
-    @property
-    def dataset(self) -> str:
-        return self.data.dataset or self.family.cfg.dataset
-
     def folder(self, stage: str) -> Path:
         return self.run_dir.stage(stage)

@@ -96,9 +96,8 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
     run_dir = RunDir(run_path, cfg.run.family, cfg.data.dataset)
     if not dist.info().is_main:
         return _run_stages(cfg, run_dir, rows, force, family, progress)
-    with run_dir.lock():
-        # re-planned under the lock: another process may have finished stages since the plan above
-        return _run_stages(cfg, run_dir, plan(cfg, run_path, until, force), force, family, progress)
+    with run_dir.lock():  # each stage's status is decided again under the lock, just before it runs
+        return _run_stages(cfg, run_dir, rows, force, family, progress)
 
 
 def _run_stages(cfg: Config, run_dir: RunDir, rows: list[dict], force: tuple[str, ...], family,
