@@ -7,11 +7,19 @@ import sys
 
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors (unknown flag, bad choice, missing argument) as one line naming the flag, then exit 2 -- like
+    every other klas error -- instead of argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from klas import __version__
     from klas.commands import COMMAND_MODULES
 
-    p = argparse.ArgumentParser(prog="klas", description="KL-divergence based Anchor Stitching: from a family of "
+    p = OneLineParser(prog="klas", description="KL-divergence based Anchor Stitching: from a family of "
                                 "pretrained models to a zoo of stitched deployments.")
     p.add_argument("--version", action="version", version=f"klas {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -30,7 +30,9 @@ def _families() -> tuple[str, ...]:
 class RunConfig:
     """Run-wide settings: which family, the seed of every random choice, CPU threads."""
 
-    family: str = setting("fmnist-deit", "registered family to stitch (`klas anchors list`)", choices=_families)
+    family: str = setting("fmnist-deit", "family to stitch: a registered name (`klas anchors list`), the [family] "
+                          "section's, or a family file (path ending in .toml, relative to the config)",
+                          choices=_families)
     seed: int = setting(0, "seed of every random choice (data order, inits, sampling)", ge=0)
     threads: int | None = setting(None, "torch CPU threads", ge=1, none="auto", key=False)
     weights: str | None = setting(None, "directory of <anchor>.safetensors/.pth files instead of the family's own "
@@ -41,8 +43,21 @@ class RunConfig:
 class DataConfig:
     """Which dataset and where: by default the family's own dataset at its default location."""
 
-    dataset: str | None = setting(None, "dataset name (fashion-mnist, cifar100, imagefolder)", none="family")
+    dataset: str | None = setting(None, "dataset name", none="family",
+                                  choices=("fashion-mnist", "cifar100", "imagefolder"))
     root: str | None = setting(None, "dataset directory", none="default")
+    workers: int = setting(2, "DataLoader worker processes that read and transform images from disk (0: in the "
+                           "main process)", ge=0, key=False)
+    in_memory: str = setting("auto", "hold a split in memory as uint8 at the family's input size (the fast path; "
+                             "same batches as streaming) or stream it from disk: auto = in memory when it fits "
+                             "memory_mb and training augmentation is light", choices=("auto", "yes", "no"),
+                             key=False)
+    memory_mb: int = setting(1024, "largest split (uint8 at the input size) held in memory when in_memory = auto",
+                             ge=0, key=False)
+    train_transform: str = setting("auto", "training augmentation of finetuning: light = random shifts of up to 2 "
+                                   "px and flips on whole uint8 batches; timm = timm's train transform (random "
+                                   "resized crop, flip, colour jitter) per image; auto = light for inputs up to 64 "
+                                   "px, timm above", choices=("auto", "light", "timm"))
 
 
 def sections() -> dict[str, type]:
@@ -56,9 +71,19 @@ class Config:
     """A loaded, checked configuration: ``cfg.probes`` is a ``ProbesConfig``, ``cfg.run`` a ``RunConfig``, ...;
     ``cfg.origin`` maps ``section.key`` to where its value came from."""
 
-    def __init__(self, values: dict[str, Any], origin: dict[str, str]):
+    def __init__(self, values: dict[str, Any], origin: dict[str, str], family: Any = None):
         self._values = values
         self.origin = origin
+        self.family_cfg = family  # a FamilyCfg from the [family] section / a family file, else None
+
+    @property
+    def family_key(self) -> dict | None:
+        """The family definition and its weights files' digests (cache key part); None for registered families."""
+        if self.family_cfg is None:
+            return None
+        from klas.families.user import family_digest
+
+        return family_digest(self.family_cfg)
 
     def __getattr__(self, name: str):
         try:
@@ -73,7 +98,13 @@ class Config:
         return isinstance(other, Config) and self._values == other._values
 
     def to_toml(self, comments: bool = False) -> str:
-        return render_toml(self._values, comments)
+        text = render_toml(self._values, comments)
+        if self.family_cfg is not None:
+            from klas.families.user import family_definition, render_family
+
+            text += ("# the family, from " + self.family_cfg.source + "\n" if comments else "") + \
+                render_family(family_definition(self.family_cfg))
+        return text
 
 
 def _flatten(table: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -152,19 +183,48 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None,
     schema = sections()
     layers = _Layers()
     if raw is not None:
-        layers.add_toml(raw, "config", schema)
+        raw, source, base = dict(raw), "config", None
     else:
         path = Path(path) if path else DEFAULT_CONFIG
-        layers.add_toml(read_toml(path), str(path), schema)
+        raw, source, base = read_toml(path), str(path), path.parent
+    family_table = raw.pop("family", None)
+    layers.add_toml(raw, source, schema)
     for item in sets or []:
         section, key, value = parse_set(item)
         layers.add(section, key, value, f"--set {section}.{'.'.join(key)}", schema)
     for (section, key), (value, flag) in (flags or {}).items():
         layers.add(section, key, value, flag, schema)
+    family = _config_family(layers, family_table, source, base)
     values = {name: build(cls, layers.values.get(name, {}), layers.labels.get(name, {}))
               for name, cls in schema.items()}
     origin = {f"{s}.{'.'.join(p)}": lab for s, labs in layers.labels.items() for p, lab in labs.items()}
-    return Config(values, origin)
+    return Config(values, origin, family)
+
+
+def _config_family(layers: _Layers, table: Any, source: str, base: Path | None):
+    """A family defined by the config -- the ``[family]`` section, or ``[run] family = "file.toml"`` (relative to
+    the config's folder) -- parsed, checked and registered; ``[run] family`` is set to its name. None otherwise."""
+    from klas.families.user import parse_family, register_config_family
+
+    given = layers.values.get("run", {}).get(("family",))
+    label = layers.labels.get("run", {}).get(("family",), "[run] family")
+    if isinstance(given, str) and given.endswith(".toml"):
+        if table is not None:
+            raise KlasError(f"{label} = {given!r}: the config has a [family] section too; give one or the other")
+        f = Path(given).expanduser()
+        if not f.is_absolute() and not label.startswith("--") and base is not None:
+            f = base / f
+        doc = read_toml(f)
+        table, source, base = doc.get("family", doc), str(f), f.parent
+    elif table is not None and given is not None and given != (table.get("name") if isinstance(table, dict) else None):
+        raise KlasError(f"{label} = {given!r}: the [family] section of {source} defines "
+                        f"{table.get('name') if isinstance(table, dict) else None!r}; drop one of them")
+    if table is None:
+        return None
+    cfg = register_config_family(parse_family(table, source, base))
+    layers.values.setdefault("run", {})[("family",)] = cfg.name
+    layers.labels.setdefault("run", {})[("family",)] = f"{source}: [family] name"
+    return cfg
 
 
 def render_toml(values: dict[str, Any] | None = None, comments: bool = True) -> str:

@@ -31,7 +31,24 @@ def artifact_folder(run_dir: Path, mod: ModuleType) -> Path:
 
 def stage_key(cfg: Config, mod: ModuleType, upstream: dict[str, str | None]) -> str:
     run = key_fields(cfg.run)
-    return digest(mod.NAME, mod.ARTIFACT.VERSION, run, asdict(cfg.data), key_fields(cfg[mod.NAME]), upstream)
+    # NOTE: the [data] settings that change results; the ones added with the streaming pipeline enter the key only
+    # when they differ from their defaults, so runs made before them stay up to date
+    data = key_fields(cfg.data)
+    data = {k: v for k, v in data.items() if k in ("dataset", "root") or v != _DATA_DEFAULTS.get(k)}
+    parts = [mod.NAME, mod.ARTIFACT.VERSION, run, data, key_fields(cfg[mod.NAME]), upstream]
+    family = getattr(cfg, "family_key", None)
+    if family is not None:  # a family from the config: its definition and the sha256 of every weights file
+        parts.append(family)
+    return digest(*parts)
+
+
+def _data_defaults() -> dict:
+    from klas.config import DataConfig
+
+    return asdict(DataConfig())
+
+
+_DATA_DEFAULTS = _data_defaults()
 
 
 def read_record(run_dir: Path, name: str) -> dict | None:
@@ -88,6 +105,10 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
     for the stages that exist at the end. ``dry_run`` writes nothing."""
     run_path = Path(run_path)
     rows = plan(cfg, run_path, until, force)
+    if any(r["status"] != "done" for r in rows):
+        from klas.families.adapt import check_anchor_classes
+
+        check_anchor_classes(cfg)  # anchors whose heads do not fit the dataset: one line naming `klas anchors adapt`
     if dry_run:
         for k, r in enumerate(rows, 1):
             what = {"done": "skip (up to date)", "todo": "run"}.get(r["status"], f"re-run ({r['why']})")

@@ -21,6 +21,12 @@ def print_summary(run_dir: Path | str) -> None:
           f"{adm.get('cascades', 0)} cascade candidates judged on {ev.n_val} val images; zoo = "
           f"{len(ev.untouched)} untouched anchors + {n_conf} stitched/finetuned + {n_casc} cascades "
           f"(test accuracy on {ev.n_test} images, reported after the choice)")
+    try:  # the family's one input size and preprocessing (registered or from the config, in this process)
+        from klas.families import get_family_cfg
+
+        print(get_family_cfg(ev.family).input_report())
+    except Exception:  # noqa: BLE001 -- a family this process does not know: nothing to report
+        pass
     print(f"{'model':44s} {'MFLOPs':>8s} {'avg MFLOPs':>10s} {'val acc':>8s} {'test acc':>9s} {'onnx p50 ms':>12s}")
     onnx_p50 = _onnx_latency(run_dir / "zoo" / "manifest.json")
     for z in sorted(ev.zoo, key=lambda z: z["flops_avg"]["val"] if z["kind"] == "cascade" else z["flops"]):

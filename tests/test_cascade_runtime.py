@@ -131,7 +131,7 @@ def _pick(zoo: Zoo, flops: float, by_average: bool) -> str | None:
 
 def test_manifest_validation_of_cascades(cascade):
     good = load_manifest(cascade["zoo"])
-    assert good["schema_version"] == SCHEMA_VERSION == 2
+    assert good["schema_version"] == SCHEMA_VERSION == 4  # 4: input geometry (test_preprocess.py)
     name = cascade["entry"]["name"]
     k = next(i for i, e in enumerate(good["models"]) if e["name"] == name)
 

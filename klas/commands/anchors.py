@@ -1,5 +1,6 @@
 """``klas anchors ...``: list the registered families, evaluate an embedded family's shipped weights, train the
-anchors of an embedded family (``klas.families.trainer``)."""
+anchors of an embedded family (``klas.families.trainer``), adapt a family's anchors to a dataset's classes
+(``klas.families.adapt``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,6 +36,25 @@ def _eval(args) -> int:
     return 0
 
 
+def _adapt(args) -> int:
+    import torch
+
+    from klas.config import from_flags, load_config
+    from klas.families.adapt import RUN_FILE, AdaptRecipe, adapt_family
+
+    cfg = load_config(args.config, args.set)
+    recipe = from_flags(args, "adapt", AdaptRecipe)
+    threads = args.threads or cfg.run.threads
+    if threads:
+        torch.set_num_threads(threads)
+    family_file = adapt_family(cfg, args.out, recipe, name=args.name, anchors=args.anchor, data_root=args.data_root)
+    if family_file is None:
+        return 0
+    print(f"[adapt] family: {family_file}\n[adapt] run it: klas run {family_file.parent / RUN_FILE} (or set "
+          f"[run] family = \"{family_file}\" in your config, without its [family] section)")
+    return 0
+
+
 def register(sub) -> None:
     anc = sub.add_parser("anchors", help="anchor families: list, evaluate, train an embedded family's anchors")
     zsub = anc.add_subparsers(dest="anchors_command", required=True, metavar="ANCHORS_COMMAND")
@@ -56,3 +76,19 @@ def register(sub) -> None:
     zt.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     zt.add_argument("--data-root", type=Path, default=None)
     zt.set_defaults(func=_train)
+    za = zsub.add_parser("adapt", help="give each anchor a new head for the dataset's classes and finetune them all "
+                         "with one recipe (resumable); writes weights + a family TOML for `klas run`")
+    za.add_argument("config", nargs="?", type=Path, default=None,
+                    help="the run's TOML config (its family and [data]; default: the embedded one)")
+    za.add_argument("--out", type=Path, required=True, help="output directory: <anchor>.safetensors, family.toml, "
+                    "run.toml, adapt.json (and checkpoints while it runs)")
+    za.add_argument("--name", default=None, help="name of the adapted family (default: <family>-adapted)")
+    za.add_argument("--anchor", action="append", default=None, help="adapt only this anchor (repeatable)")
+    za.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one setting of the config (repeatable), e.g. --set data.root=/data/mine")
+    za.add_argument("--data-root", type=Path, default=None, help="dataset directory (default: the config's [data] root)")
+    za.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    from klas.families.adapt import AdaptRecipe
+
+    add_flags(za, "adapt", cls=AdaptRecipe)
+    za.set_defaults(func=_adapt)

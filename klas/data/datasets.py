@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from klas.data.idx import read_idx
+from klas.data.safety import check_dataset, load_pickle, open_image
 from klas.errors import KlasError
 
 FASHION_MNIST_ROOT = Path(os.environ.get("KLAS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
@@ -117,17 +118,17 @@ def load_cifar100(split: str, root: Path | str, n_val: int = 5000) -> ImageSet:
     fname = root / ("test" if split == "test" else "train")
     if not fname.is_file():
         raise KlasError(f"{root}: missing {fname.name}; a CIFAR-100 root (cifar-100-python) holds train, test, meta")
+    d = load_pickle(fname, what="CIFAR-100 pickle")  # restricted: arrays and containers only (klas.data.safety)
     try:
-        with open(fname, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
         x = torch.from_numpy(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).copy())
         y = torch.tensor(d["fine_labels"], dtype=torch.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
-        raise KlasError(f"{fname}: not a CIFAR-100 pickle ({e})") from None
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, RuntimeError) as e:
+        raise KlasError(f"{fname}: not a CIFAR-100 pickle (expected a dict with 'data' [N, 3072] uint8 and "
+                        f"'fine_labels'; {type(e).__name__}: {str(e)[:80]})") from None
     names: tuple[str, ...] = ()
     if (root / "meta").is_file():
-        with open(root / "meta", "rb") as f:
-            names = tuple(pickle.load(f, encoding="latin1").get("fine_label_names", ()))
+        meta = load_pickle(root / "meta", what="CIFAR-100 meta pickle")
+        names = tuple(meta.get("fine_label_names", ())) if isinstance(meta, dict) else ()
     spec = DataSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), names)
     if split != "test":
         train_idx, val_idx = split_indices(len(y), n_val)
@@ -155,7 +156,7 @@ def load_image_folder(split: str, root: Path | str, img_size: int = 224, n_val: 
         raise KlasError(f"{root}: missing {sub.name}/; an ImageFolder root holds train/<class>/* and val/<class>/*")
     tf = transforms.Compose([transforms.Resize(int(img_size * 256 / 224)), transforms.CenterCrop(img_size),
                              transforms.PILToTensor()])
-    ds = datasets.ImageFolder(str(sub), transform=tf)
+    ds = datasets.ImageFolder(str(sub), transform=tf, loader=open_image)  # pixel limit (klas.data.safety)
     idx = torch.arange(len(ds))
     if split != "test":
         train_idx, val_idx = split_indices(len(ds), min(n_val, len(ds) // 10 or 1))
@@ -179,4 +180,6 @@ def load_dataset(name: str, split: str, root: Path | str | None = None, **kw) ->
         raise KlasError(f"dataset {name!r}: expected one of {', '.join(DATASETS)}")
     if name != "fashion-mnist" and root is None:
         raise KlasError(f"dataset {name!r} needs a root directory (--data-root)")
-    return DATASETS[name](split, root, **kw)
+    data = DATASETS[name](split, root, **kw)
+    check_dataset(data, f"dataset {name} ({split}, {root or FASHION_MNIST_ROOT})")  # labels, image shape
+    return data

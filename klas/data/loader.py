@@ -1,4 +1,4 @@
-"""Batches from an in-memory ImageSet: shuffled with an explicit generator, optional shard for distributed runs.
+"""Batches from an in-memory ImageSet or a streamed split: shuffled with an explicit generator, optional shard for distributed runs.
 
 Augmentation runs on whole uint8 batches (random translation by padding + crop, horizontal flip) because
 per-sample Python transforms dominate the step time of these small models on a CPU.
@@ -29,10 +29,12 @@ def augment(images_u8: torch.Tensor, gen: torch.Generator, pad: int = 2, flip: b
     return out.contiguous()
 
 
-def batches(data: ImageSet, batch_size: int, shuffle: bool = False, gen: torch.Generator | None = None,
+def batches(data, batch_size: int, shuffle: bool = False, gen: torch.Generator | None = None,
             train_augment: bool = False, drop_last: bool = False, rank: int = 0, world_size: int = 1
             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalized float batches ``(x, y)``.
+    """Yield normalized float batches ``(x, y)`` of an in-memory ``ImageSet`` or a streamed ``StreamSet``
+    (``klas.data.open_split``): the same index order, sharding and augmentation for both, so both give the same
+    batches; a StreamSet's uint8 images are read by its DataLoader workers.
 
     With ``world_size > 1`` each rank takes an interleaved shard of the (shuffled) global batch order, so that the
     union of the ranks' batches is the single-process global batch.
@@ -40,12 +42,16 @@ def batches(data: ImageSet, batch_size: int, shuffle: bool = False, gen: torch.G
     n = len(data)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     stop = (n // batch_size) * batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        if world_size > 1:
-            idx = idx[rank::world_size]
-        x = data.images[idx]
-        if train_augment:
+    starts = range(0, stop, batch_size)
+    plan = [order[s:s + batch_size][rank::world_size] if world_size > 1 else order[s:s + batch_size] for s in starts]
+    timm_aug = train_augment and getattr(data, "train_mode", "light") == "timm"
+    if isinstance(data, ImageSet):
+        images = (data.images[idx] for idx in plan)
+    else:
+        seeds = torch.randint(0, 2 ** 31 - 1, (len(plan),), generator=gen).tolist() if timm_aug else None
+        images = data.stream(plan, seeds)
+    for start, idx, x in zip(starts, plan, images):
+        if train_augment and not timm_aug:
             x = augment(x, gen if gen is not None else torch.Generator().manual_seed(start))
         yield data.normalize(x), data.labels[idx]
 

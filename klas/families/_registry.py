@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 from klas.errors import KlasError
-from klas.families.blockview import BlockView, block_view
+from klas.families.blockview import BlockView, block_view, input_note
 
 _EMBEDDED_WEIGHTS = Path(__file__).parent / "weights"
 
@@ -20,6 +20,9 @@ class AnchorCfg:
     arch: str
     model_args: dict = field(default_factory=dict)
     embedded_file: str | None = None  # file under klas/families/weights/ shipped with the package
+    # a family from the config: an absolute local file (safetensors or a torch checkpoint), "hf-hub:<org>/<name>",
+    # "timm" (the architecture's default pretrained tag) or "timm:<tag>"; None: the hub for registered families
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,48 @@ class FamilyCfg:
     dataset: str = "imagenet"
     num_classes: int = 1000
     description: str = ""
+    # the input spec (any of channels, size, mean, std, interpolation, crop_pct, crop_mode); the rest comes from
+    # timm's pretrained cfg of the first anchor (``data_config``)
+    input: dict = field(default_factory=dict)
+    source: str = ""  # where a family from a config was defined ("" for registered ones)
 
     @property
     def embedded(self) -> bool:
         return all(a.embedded_file for a in self.anchors)
+
+    @property
+    def data_config(self) -> dict:
+        """timm-style data config (``input_size`` (C, H, W), ``interpolation``, ``mean``, ``std``, ``crop_pct``,
+        ``crop_mode``): the input spec where it says, else timm's pretrained cfg of the first anchor (what
+        ``timm.data.resolve_model_data_config`` gives for the built model), at the family's ``input_shape``."""
+        return resolve_data_config(self, self.input_shape)
+
+    def input_report(self) -> str:
+        """One line for the run summary: the one input size of the family and its preprocessing, and the anchors
+        whose native size (timm's pretrained cfg) differs from it."""
+        import math
+
+        dc = self.data_config
+        c, h, w = dc["input_size"]
+        scale = math.floor(min(h, w) / dc["crop_pct"])
+        geo = "no resize or crop" if scale == min(h, w) else \
+            f"{dc['interpolation']} resize to {scale} + {dc['crop_mode']} crop {h}x{w} (crop_pct {dc['crop_pct']:g})"
+        native = []
+        for a in self.anchors:
+            try:
+                import timm
+                pc = timm.get_pretrained_cfg(a.arch)
+                size = tuple(pc.input_size[1:]) if pc is not None and pc.input_size else None
+            except Exception:  # noqa: BLE001
+                size = None
+            # pretrained weights (the hub) have a native size; a user's own file does not say
+            hub = not a.embedded_file and (a.weights is None or is_hub_id(a.weights))
+            if hub and size is not None and size != (h, w):
+                native.append(f"{a.name} {size[0]}x{size[1]}")
+        mean = ", ".join(f"{v:g}" for v in dc["mean"])
+        std = ", ".join(f"{v:g}" for v in dc["std"])
+        return (f"input {c}x{h}x{w} for every anchor ({'grayscale' if c == 1 else 'RGB'}; {geo}; mean ({mean}), "
+                f"std ({std}))" + (f"; native sizes differ: {', '.join(native)}" if native else ""))
 
 
 @dataclass
@@ -48,6 +89,23 @@ class Family:
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The one (C, H, W) every anchor runs at: the family's own, or the one ``create_family`` was given."""
+        return self.anchors[0].input_shape if self.anchors else self.cfg.input_shape
+
+    @property
+    def input_note(self) -> str:
+        """One line for reports: the input size, and the anchors' native sizes where they differ from it."""
+        return input_note(self.anchors)
+
+    @property
+    def data_config(self) -> dict:
+        """The one timm-style data config every anchor is fed with (``FamilyCfg.data_config``) at the size the
+        family runs at; ``klas.data.open_split`` builds its transforms from it."""
+        return resolve_data_config(self.cfg, self.input_shape,
+                                   self.anchors[0].model if self.anchors else None)
 
     def __getitem__(self, key: int | str) -> BlockView:
         if isinstance(key, int):
@@ -82,6 +140,52 @@ def get_family_cfg(name: str) -> FamilyCfg:
     return _FAMILIES[name]
 
 
+_DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def resolve_data_config(cfg: FamilyCfg, input_shape, model=None) -> dict:
+    """The family's data config: timm's ``resolve_model_data_config(model)`` (or, without a built model, the same
+    from the first anchor's pretrained cfg), overridden by the family's input spec, at ``input_shape``; mean/std of
+    a 3-channel pretrained cfg are averaged for a 1-channel family."""
+    from timm.data import resolve_data_config as timm_resolve
+
+    if model is not None:
+        from timm.data import resolve_model_data_config
+        base = resolve_model_data_config(model)
+    else:
+        a = cfg.anchors[0]
+        tag = a.weights.split(":", 1)[1] if a.weights and a.weights.startswith("timm:") else None
+        pcfg = None
+        try:
+            import timm
+            pcfg = timm.get_pretrained_cfg(f"{a.arch}.{tag}" if tag else a.arch)
+        except Exception:  # noqa: BLE001 -- an unknown arch is reported when the family is built
+            pcfg = None
+        base = timm_resolve(pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
+    out = {k: base.get(k) for k in _DATA_KEYS}
+    spec = cfg.input or {}
+    for k in ("interpolation", "mean", "std", "crop_pct", "crop_mode"):
+        if spec.get(k) is not None:
+            out[k] = spec[k]
+    c = int(input_shape[0])
+    out["input_size"] = tuple(int(v) for v in input_shape)
+    for k in ("mean", "std"):
+        v = tuple(float(x) for x in out[k])
+        if len(v) != c:
+            if c == 1:
+                v = (sum(v) / len(v),)
+            elif len(v) == 1:
+                v = v * c
+            else:
+                raise KlasError(f"family {cfg.name}: {k} has {len(v)} values for {c} input channels; set "
+                                f"[family.input] {k}")
+        out[k] = v
+    out["crop_pct"] = float(out["crop_pct"] if out["crop_pct"] is not None else 1.0)
+    out["crop_mode"] = out["crop_mode"] or "center"
+    out["interpolation"] = out["interpolation"] or "bilinear"
+    return out
+
+
 def _weights_for(anchor: AnchorCfg, weights: str | Path | dict | None) -> Path | None:
     """Resolve a local weights file for one anchor: a dict name->file, a directory holding <name>.safetensors/.pth,
     or (embedded families) the file shipped in the package."""
@@ -96,6 +200,8 @@ def _weights_for(anchor: AnchorCfg, weights: str | Path | dict | None) -> Path |
                 return root / f"{anchor.name}{ext}"
         raise KlasError(f"{root}: no weights file for anchor {anchor.name!r} "
                         f"(expected {anchor.name}.safetensors or .pth)")
+    if anchor.weights and not is_hub_id(anchor.weights):
+        return Path(anchor.weights)
     if anchor.embedded_file:
         path = _EMBEDDED_WEIGHTS / anchor.embedded_file
         if not path.is_file():
@@ -104,16 +210,91 @@ def _weights_for(anchor: AnchorCfg, weights: str | Path | dict | None) -> Path |
     return None
 
 
+def is_hub_id(weights: str | None) -> bool:
+    """``hf-hub:<org>/<name>``, ``timm`` or ``timm:<tag>``: weights timm fetches (online users)."""
+    return bool(weights) and (weights.startswith("hf-hub:") or weights == "timm" or weights.startswith("timm:"))
+
+
+def read_state_dict(path: Path, anchor: str = "") -> dict:
+    """The tensors of a weights file: safetensors, or a PyTorch checkpoint read with ``weights_only=True`` (a
+    ``state_dict`` / ``model`` entry is unwrapped, as the export's bit-for-bit check does); one-line errors."""
+    who = f" (anchor {anchor!r})" if anchor else ""
+    if not path.is_file():
+        raise KlasError(f"{path}: weights file not found{who}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        else:
+            import torch
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(sd, dict):
+                sd = sd.get("state_dict", sd.get("model", sd))
+    except Exception as e:  # noqa: BLE001 -- any decoding failure is the file's fault
+        lines = [x for x in str(e).splitlines() if x.strip()]
+        raise KlasError(f"{path}: unreadable weights file{who} ({type(e).__name__}: "
+                        f"{(lines[0] if lines else '')[:160]})") from None
+    import torch
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise KlasError(f"{path}: not a state dict of tensors{who} (expected safetensors, or a torch checkpoint "
+                        f"holding one, optionally under 'state_dict' or 'model')")
+    return sd
+
+
+def _fmt_keys(keys: list[str], limit: int = 3) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_weights_file(model, path: Path, anchor: AnchorCfg) -> None:
+    """Load a user's weights file into ``model`` strictly: missing / unexpected keys and shape mismatches are one
+    line naming the anchor and the file (``num_batches_tracked`` counters may be absent)."""
+    sd = read_state_dict(path, anchor.name)
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in mine]
+    shapes = [f"{k} {tuple(sd[k].shape)} in the file vs {tuple(mine[k].shape)}" for k in sd
+              if k in mine and tuple(sd[k].shape) != tuple(mine[k].shape)]
+    if missing or unexpected or shapes:
+        parts = ([f"{len(missing)} missing keys ({_fmt_keys(missing)})"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected keys ({_fmt_keys(unexpected)})"] if unexpected else []) + \
+                ([f"{len(shapes)} shape mismatches ({_fmt_keys(shapes, 2)})"] if shapes else [])
+        raise KlasError(f"{path}: weights do not fit anchor {anchor.name!r} ({anchor.arch} with "
+                        f"{anchor.model_args or 'default args'}): {'; '.join(parts)}")
+    model.load_state_dict(sd, strict=False)
+
+
+def _build_model(anchor: AnchorCfg, pretrained: bool = False, **kwargs):
+    """``timm.create_model`` with one-line errors naming the anchor (unknown architecture, bad arguments, hub)."""
+    import timm
+
+    if not timm.is_model(anchor.arch):
+        import difflib
+        close = difflib.get_close_matches(anchor.arch, timm.list_models(), n=3)
+        raise KlasError(f"anchor {anchor.name!r}: unknown timm architecture {anchor.arch!r}"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    try:
+        return timm.create_model(anchor.arch, pretrained=pretrained, **kwargs)
+    except KlasError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        lines = [x for x in str(e).splitlines() if x.strip()]
+        what = "cannot fetch its pretrained weights" if pretrained else "cannot build it"
+        raise KlasError(f"anchor {anchor.name!r} ({anchor.arch}, {anchor.model_args or 'default args'}): {what} "
+                        f"({type(e).__name__}: {(lines[0] if lines else '')[:200]})") from None
+
+
 def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weights=None,
                   num_classes: int | None = None) -> BlockView:
     """Build one anchor with timm; ``pretrained`` loads hub weights, or a local file when one is given."""
-    import timm
-
     kwargs = dict(anchor.model_args)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     local = _weights_for(anchor, weights) if (pretrained or weights is not None) else None
-    if local is not None:
+    if local is not None and anchor.weights and str(local) == anchor.weights:
+        # a family from the config: the user's own file, loaded strictly into the architecture they named
+        model = _build_model(anchor, **kwargs)
+        load_weights_file(model, local, anchor)
+    elif local is not None:
         if not local.is_file():
             raise KlasError(f"{local}: weights file not found for anchor {anchor.name!r}")
         # timm's own loader, pointed at a local file: it applies the family's checkpoint filter (pos-embed
@@ -122,13 +303,41 @@ def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weig
         if anchor.embedded_file:
             # klas-trained files carry the family's own classifier: tell timm so it keeps it (not a 1000-class head)
             overlay.update(num_classes=anchor.model_args.get("num_classes"), input_size=tuple(input_shape))
-        model = timm.create_model(anchor.arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = _build_model(anchor, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    elif pretrained and is_hub_id(anchor.weights):
+        w = anchor.weights
+        if w.startswith("hf-hub:"):
+            model = _build_model(anchor, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=w[len("hf-hub:"):]),
+                                 **kwargs)
+        else:
+            tag = w.split(":", 1)[1] if ":" in w else None
+            model = _build_model(AnchorCfg(anchor.name, f"{anchor.arch}.{tag}" if tag else anchor.arch,
+                                           anchor.model_args), pretrained=True, **kwargs)
     else:
-        model = timm.create_model(anchor.arch, pretrained=pretrained, **kwargs)
+        model = _build_model(anchor, pretrained=pretrained, **kwargs)
     model.eval()
     view = block_view(model, anchor.name, input_shape)
     view.weights_file = local  # the file the user's weights came from (None: hub or random): exported as given
     return view
+
+
+def check_stitchable(name: str, views: list[BlockView], source: str = "") -> None:
+    """Anchors of one family must share a block-view type and have at least one stitchable pair (one-line error)."""
+    where = f"{source}: " if source else ""
+    kinds = {type(v).__name__ for v in views}
+    if len(kinds) > 1:
+        listed = ", ".join(f"{v.name} ({type(v.model).__name__})" for v in views)
+        raise KlasError(f"{where}family {name}: anchors of different architecture types cannot be stitched: {listed}")
+    if len(views) < 2:
+        return
+    from klas.families.blockview import stitchable
+    for a in views:
+        for b in views:
+            if a is not b and any(stitchable(a, i, b, j) for i in range(a.depth) for j in range(b.depth)):
+                return
+    shapes = "; ".join(f"{v.name}: {sorted({tuple(v.spatial(i)) for i in range(v.depth)})}" for v in views)
+    raise KlasError(f"{where}family {name}: no two anchors have blocks with the same output resolution, so nothing "
+                    f"can be stitched ({shapes})")
 
 
 def create_family(name: str, pretrained: bool = False, weights: str | Path | dict | None = None,
@@ -151,6 +360,8 @@ def create_family(name: str, pretrained: bool = False, weights: str | Path | dic
         raise KlasError(f"family {name}: unknown anchor in {anchors}; anchors: {known}")
     views = [create_anchor(a, shape, pretrained=pretrained, weights=weights, num_classes=num_classes)
              for a in chosen]
+    if cfg.source:  # a family from a config: say now, in one line, when its anchors cannot be stitched
+        check_stitchable(name, views, cfg.source)
     views.sort(key=lambda v: v.flops)
     return Family(cfg, views)
 

@@ -34,4 +34,6 @@ register_family(FamilyCfg(
                   dict(FMNIST_VIT, embed_dim=width, num_heads=width // 16), f"fmnist-deit-{size}.safetensors")
         for size, width in (("ti", 16), ("s", 32), ("b", 64))),
     input_shape=(1, 28, 28), dataset="fashion-mnist", num_classes=10,
+    # 28x28 grey, Fashion-MNIST's own statistics, no resize or crop: exactly how the anchors were trained
+    input=dict(mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0, crop_mode="center"),
     description="klas's embedded Fashion-MNIST family: ViT widths 16/32/64, 12 blocks, trained by `klas anchors train`"))

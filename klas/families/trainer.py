@@ -62,41 +62,9 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
     model = view.model
     train = load_dataset(cfg.dataset, "train", data_root).subset(recipe.train_subset)
     val = load_dataset(cfg.dataset, "val", data_root)
-    steps_per_epoch = num_batches(train, recipe.batch_size, drop_last=True)
     # the recipe of the shipped weights: AdamW decaying every parameter, warm-up then cosine to 0, grad norm <= 1
-    tr = Trainer(model, lr=recipe.lr, weight_decay=recipe.weight_decay, total_steps=recipe.epochs * steps_per_epoch,
-                 warmup_steps=int(recipe.warmup_epochs * steps_per_epoch), clip_grad=1.0)
-    state = dict(epoch=0, history=[], wall_s=0.0)
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
-        if not tr.matches(ck, asdict(recipe)):
-            raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe or an older klas; delete it to "
-                            f"start over")
-        tr.load_state_dict(ck)
-        state = ck["state"]
-        print(f"[zoo] {anchor.name}: resuming after epoch {state['epoch']}", flush=True)
-    for epoch in range(tr.step // steps_per_epoch, recipe.epochs):  # checkpoints are written at epoch ends
-        t0 = time.time()
-        model.train()
-        it = batches(train, recipe.batch_size, shuffle=True, gen=epoch_generator(recipe.seed, epoch),
-                     train_augment=True, drop_last=True)
-        bar = progress_bar(it, total=steps_per_epoch, desc=f"{anchor.name} epoch {epoch + 1}/{recipe.epochs}",
-                           mininterval=5)
-        loss_sum = 0.0
-        for x, y in bar:
-            loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
-            loss.backward()
-            tr.update()
-            loss_sum += loss.item()
-        val_acc = evaluate_accuracy(model, val)
-        state["epoch"] = epoch + 1
-        state["wall_s"] += time.time() - t0
-        state["history"].append(dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, val_acc=val_acc))
-        print(f"[zoo] {anchor.name} epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
-              f"val {val_acc:.2f}%  ({time.time() - t0:.0f}s)", flush=True)
-        tr.save(ckpt_path, resume_tag=asdict(recipe), state=state)
-        if stop_after_epoch is not None and epoch + 1 == stop_after_epoch:
-            raise KeyboardInterrupt
+    state = fit(model, train, val, recipe, ckpt_path, anchor.name, resume_tag=asdict(recipe),
+                stop_after_epoch=stop_after_epoch)
     test = load_dataset(cfg.dataset, "test", data_root)
     weights = out_dir / anchor.embedded_file if anchor.embedded_file else out_dir / f"{anchor.name}.safetensors"
     save_tensors(model.state_dict(), weights, metadata={"family": family, "anchor": anchor.name})
@@ -105,6 +73,68 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
                  history=state["history"], train_wall_s=round(state["wall_s"], 1), file=weights.name,
                  sha256=sha256_file(weights))
     return entry
+
+
+def fit(model: torch.nn.Module, train, val, recipe: Recipe, ckpt_path: Path, name: str, *, resume_tag,
+        no_decay: bool = False, ckpt_every: int | None = None, stop_after_epoch: int | None = None,
+        on_step=None, log: str = "zoo", progress: bool = True) -> dict:
+    """The one supervised loop of ``recipe`` (AdamW through ``klas.train.Trainer``, warm-up then cosine to 0, grad
+    norm <= 1, cross-entropy with label smoothing, the data order and augmentation of ``epoch_generator``), resumable
+    exactly from ``ckpt_path``: written at every epoch end and, with ``ckpt_every``, every that many steps within an
+    epoch (a resumed epoch replays its data order up to the step, without training, so the batches and the
+    augmentation are those of the uninterrupted run). ``resume_tag``: what the checkpoint must have been made for.
+    Returns the loop's state: ``epoch``, ``history`` (per epoch: train loss, val accuracy), ``wall_s``.
+
+    ``stop_after_epoch`` simulates an interruption (KeyboardInterrupt once that epoch's checkpoint is written);
+    ``on_step(step)`` is called after every optimizer step (tests kill the process there)."""
+    steps_per_epoch = num_batches(train, recipe.batch_size, drop_last=True)
+    if steps_per_epoch < 1:
+        raise KlasError(f"{name}: {len(train)} training images make no batch of {recipe.batch_size}; lower "
+                        f"--batch-size")
+    tr = Trainer(model, lr=recipe.lr, weight_decay=recipe.weight_decay, total_steps=recipe.epochs * steps_per_epoch,
+                 warmup_steps=int(recipe.warmup_epochs * steps_per_epoch), clip_grad=1.0, no_decay=no_decay)
+    state = dict(epoch=0, history=[], wall_s=0.0)
+    if ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if not tr.matches(ck, resume_tag):
+            raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe or an older klas; delete it to "
+                            f"start over")
+        tr.load_state_dict(ck)
+        state = ck["state"]
+        print(f"[{log}] {name}: resuming after step {tr.step} (epoch {state['epoch']})", flush=True)
+    for epoch in range(tr.step // steps_per_epoch, recipe.epochs):  # checkpoints: epoch ends (and every ckpt_every)
+        t0 = time.time()
+        model.train()
+        skip = tr.step - epoch * steps_per_epoch  # steps of this epoch already taken (a mid-epoch checkpoint)
+        loss_sum = state.get("epoch_loss", 0.0) if skip else 0.0
+        it = batches(train, recipe.batch_size, shuffle=True, gen=epoch_generator(recipe.seed, epoch),
+                     train_augment=True, drop_last=True)
+        bar = progress_bar(it, total=steps_per_epoch, desc=f"{name} epoch {epoch + 1}/{recipe.epochs}",
+                           mininterval=5, enabled=progress)
+        for k, (x, y) in enumerate(bar):
+            if k < skip:  # replayed: the generator's draws (order, augmentation) advance as in the first run
+                continue
+            loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+            loss.backward()
+            tr.update()
+            loss_sum += loss.item()
+            if ckpt_every and tr.step % ckpt_every == 0 and k + 1 < steps_per_epoch:
+                tr.save(ckpt_path, resume_tag=resume_tag,
+                        state=dict(state, epoch_loss=loss_sum, wall_s=state["wall_s"] + time.time() - t0))
+            if on_step is not None:
+                on_step(tr.step)
+        val_acc = evaluate_accuracy(model, val)
+        state = dict(state, epoch=epoch + 1, wall_s=state["wall_s"] + time.time() - t0, epoch_loss=0.0)
+        state["history"] = state["history"] + [dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch,
+                                                    val_acc=val_acc)]
+        print(f"[{log}] {name} epoch {epoch + 1}/{recipe.epochs}: loss {loss_sum / steps_per_epoch:.4f} "
+              f"val {val_acc:.2f}%  ({time.time() - t0:.0f}s)", flush=True)
+        tr.save(ckpt_path, resume_tag=resume_tag, state=state)
+        if stop_after_epoch is not None and epoch + 1 == stop_after_epoch:
+            raise KeyboardInterrupt
+    if not state["history"]:
+        raise KlasError(f"{ckpt_path}: checkpoint is past the recipe's {recipe.epochs} epochs; delete it")
+    return state
 
 
 def train_family(family: str, out_dir: Path | None = None, recipe: Recipe = Recipe(), data_root: Path | None = None,

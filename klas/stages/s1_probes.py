@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from klas import distributed as kd
-from klas.data import ImageSet, batches, load_dataset, num_batches
+from klas.data import ImageSet, batches, num_batches, open_split
 from klas.errors import KlasError
 from klas.families import BlockView, Family
 from klas.io import load_checkpoint, load_tensors, save_tensors
@@ -270,15 +270,17 @@ class _ProbeBank(nn.Module):
 
 
 def train_probes(family: Family, run_dir: Path | str | RunDir, cfg: ProbesConfig, *, seed: int,
-                 data_root: Path | str | None = None, key: str = "", progress: bool = True) -> ProbesArtifact:
+                 data_root: Path | str | None = None, key: str = "", progress: bool = True,
+                 data=None) -> ProbesArtifact:
     """Train the probes of every anchor of ``family`` into ``run_dir/probes``; resumed from ``checkpoint.pt`` after
-    an interruption when the checkpoint was made under the same stage ``key`` (``klas.pipeline``)."""
+    an interruption when the checkpoint was made under the same stage ``key`` (``klas.pipeline``). ``data``: the
+    ``[data]`` settings (dataset, workers, in-memory or streamed; ``klas.data.open_split``)."""
     di = kd.init()
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, family.name, family.cfg.dataset)
     out = run.stage("probes")
     inputs = dict(key=key, anchors={v.name: weights_digest(v) for v in family}, config=asdict(cfg), seed=seed)
-    train = load_dataset(family.cfg.dataset, "train", data_root).subset(cfg.train_subset)
-    val = load_dataset(family.cfg.dataset, "val", data_root).subset(cfg.val_subset)
+    train = open_split(family, "train", data, root=data_root).subset(cfg.train_subset)
+    val = open_split(family, "val", data, root=data_root).subset(cfg.val_subset)
     nets = {v.name: ProbeNet(v.name, v.widths, family.cfg.num_classes, seed) for v in family}
     for v in family:  # deterministic: the first stat_samples images of the fixed split order
         nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples))
@@ -391,7 +393,7 @@ DESCRIBE = "train one linear probe per block (ProbeNet)"
 
 def run(cfg: ProbesConfig, ctx: StageContext) -> ProbesArtifact:
     return train_probes(ctx.family, ctx.run_dir, cfg, seed=ctx.seed, data_root=ctx.data_root, key=ctx.key,
-                        progress=ctx.progress)
+                        progress=ctx.progress, data=ctx.data)
 
 
 def summary(art: ProbesArtifact) -> dict:

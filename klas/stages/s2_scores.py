@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from klas import distributed as kd
-from klas.data import batches, load_dataset, num_batches
+from klas.data import batches, num_batches, open_split
 from klas.errors import KlasError
 from klas.families import Family, stitchable
 from klas.io import load_tensors, save_tensors
@@ -202,7 +202,7 @@ def diagonal_summary(d: torch.Tensor) -> dict:
 
 
 def compute_scores(family: Family, run_dir: Path | str | RunDir, cfg: ScoresConfig, *,
-                   data_root: Path | str | None = None, progress: bool = True) -> ScoresArtifact:
+                   data_root: Path | str | None = None, progress: bool = True, data=None) -> ScoresArtifact:
     """D, Cap, S for every ordered anchor pair, the anchors' KL matrix and the baseline metric tables, on ``val``.
 
     Writes ``scores/scores.safetensors`` (D, cap, S, mask, anchor_kl, entropy), ``scores/metrics.safetensors``
@@ -215,7 +215,7 @@ def compute_scores(family: Family, run_dir: Path | str | RunDir, cfg: ScoresConf
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, family.name, family.cfg.dataset)
     out = run.stage("scores")
     nets = load_probes(run.path, family)
-    val = load_dataset(family.cfg.dataset, "val", data_root).subset(cfg.val_subset)
+    val = open_split(family, "val", data, root=data_root).subset(cfg.val_subset)
     names = [v.name for v in family]
     acc = ScoreAccumulator(names, [v.depth for v in family], temperature, impl)
     pairs = acc.pairs
@@ -334,7 +334,7 @@ DESCRIBE = "stream all-pairs KL (D, Cap, S) over the val split"
 
 
 def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
-    return compute_scores(ctx.family, ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress)
+    return compute_scores(ctx.family, ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress, data=ctx.data)
 
 
 def summary(art: ScoresArtifact) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from klas.data import load_dataset
+from klas.data import open_split
 from klas.errors import KlasError
 from klas.families import Family, stitchable, stitched_flops
 from klas.io import load_json
@@ -279,7 +279,7 @@ def sample_configs(tables: list[dict], max_pairs: int | None, seed: int = 0) -> 
 # ------------------------------------------------------------------------------------------------------- select
 def select(family: Family, run_dir: Path | str, cfg: SelectionConfig, *, seed: int = 0,
            data_root: Path | str | None = None, out: Path | None = None, fit=None,
-           progress: bool = True) -> SelectionArtifact:
+           progress: bool = True, data=None) -> SelectionArtifact:
     """Select stitch configurations with ``cfg.method`` from the run's scores; writes ``selection.json`` and a
     candidates plot into ``out`` (default: the run's ``selection/`` folder, the stage's artifact). ``fit``: the
     fitted baselines' budget (default ``klas.research.metrics.REFERENCE_FIT``; smaller in tests)."""
@@ -323,7 +323,7 @@ def select(family: Family, run_dir: Path | str, cfg: SelectionConfig, *, seed: i
     else:
         tables = tables_with(lambda p: None)
         t_fit = time.time()
-        fitted = _fit_scores(family, tables, method, max_pairs, seed, data_root, fit, progress)
+        fitted = _fit_scores(family, tables, method, max_pairs, seed, data_root, fit, progress, data)
         cost.update(fit_wall_s=round(time.time() - t_fit, 2), configs_fitted=fitted,
                     per_config_s=round((time.time() - t_fit) / max(fitted, 1), 3))
 
@@ -405,15 +405,15 @@ def _snnet_chosen(table: dict, method: str, rule_used: dict) -> list[bool]:
 
 
 def _fit_scores(family: Family, tables: list[dict], method: str, max_pairs: int | None, seed: int,
-                data_root, fit, progress: bool) -> int:
+                data_root, fit, progress: bool, data=None) -> int:
     """Fill the score column of the sampled configurations with the fitted metric (``fit``: default the reference
     budget, ``klas.research.metrics.REFERENCE_FIT``); returns how many were fitted."""
     from klas.research.metrics import REFERENCE_FIT, REFERENCE_VAL_SAMPLES, FittedScorer
 
     fit = fit or REFERENCE_FIT
     picks = sample_configs(tables, max_pairs, seed)
-    train = load_dataset(family.cfg.dataset, "train", data_root).subset(fit.samples)
-    val = load_dataset(family.cfg.dataset, "val", data_root).subset(REFERENCE_VAL_SAMPLES)
+    train = open_split(family, "train", data, root=data_root).subset(fit.samples)
+    val = open_split(family, "val", data, root=data_root).subset(REFERENCE_VAL_SAMPLES)
     used = sorted({tables[t]["source"] for t, _ in picks} | {tables[t]["target"] for t, _ in picks},
                   key=[v.name for v in family].index)
     scorer = FittedScorer([family[a] for a in used], train.normalize(train.images), train.labels,
@@ -462,7 +462,8 @@ DESCRIBE = "choose anchor pairs and the stitches per FLOPs bucket"
 
 
 def run(cfg: SelectionConfig, ctx: StageContext) -> SelectionArtifact:
-    return select(ctx.family, ctx.run_dir.path, cfg, seed=ctx.seed, data_root=ctx.data_root, progress=ctx.progress)
+    return select(ctx.family, ctx.run_dir.path, cfg, seed=ctx.seed, data_root=ctx.data_root, progress=ctx.progress,
+                  data=ctx.data)
 
 
 def summary(art: SelectionArtifact) -> dict:

@@ -611,7 +611,7 @@ def _init_layers(net: Supernet, train, cfg: FinetuneConfig, seed: int, path: Pat
 def finetune_supernet(run_dir: Path | str | RunDir, cfg: FinetuneConfig, *, seed: int,
                       selection_path: Path | str | None = None, family: str | Family | None = None, weights=None,
                       data_root: Path | str | None = None, dataset: str | None = None, progress: bool = True,
-                      restart: bool = False, on_step=None) -> FinetuneArtifact:
+                      restart: bool = False, on_step=None, data=None) -> FinetuneArtifact:
     """Initialise the stitch layers and finetune the selected configurations by ``cfg.recipe``; resumable,
     DDP-ready.
 
@@ -632,7 +632,7 @@ def finetune_supernet(run_dir: Path | str | RunDir, cfg: FinetuneConfig, *, seed
         on_step: called with the global step after each optimizer step (a test hook: raising there simulates a
             crash between checkpoints); independent / frozen count steps over the stitches in training order.
     """
-    from klas.data import load_dataset
+    from klas.data import open_split
 
     rank, world = _dist()
     run = run_dir if isinstance(run_dir, RunDir) else None
@@ -653,8 +653,10 @@ def finetune_supernet(run_dir: Path | str | RunDir, cfg: FinetuneConfig, *, seed
     fp = _resume_tag(fam.name, weights, configs, cfg, seed)
 
     dataset = dataset or run.meta.get("dataset") or fam.cfg.dataset
-    train = load_dataset(dataset, "train", data_root).subset(cfg.train_subset)
-    val = load_dataset(dataset, "val", data_root).subset(cfg.val_images) if cfg.val_images else None
+    train = open_split(fam, "train", data, root=data_root, dataset=dataset, augment=cfg.augment
+                       ).subset(cfg.train_subset)
+    val = open_split(fam, "val", data, root=data_root, dataset=dataset).subset(cfg.val_images) \
+        if cfg.val_images else None
     spe = cfg.steps_per_epoch or (len(train) // cfg.batch_size)
     if spe < 1:
         raise KlasError(f"--batch-size {cfg.batch_size}: larger than the training set ({len(train)} images)")
@@ -1079,7 +1081,8 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> FinetuneArtifact:
     # NOTE: restart: a checkpoint made under other settings belongs to a stale run of this stage (the pipeline
     # re-runs it because its key changed), so it is discarded rather than refused
     return finetune_supernet(ctx.run_dir, cfg, seed=ctx.seed, family=ctx.run.family, weights=ctx.run.weights,
-                             data_root=ctx.data_root, dataset=ctx.data.dataset, progress=ctx.progress, restart=True)
+                             data_root=ctx.data_root, dataset=ctx.data.dataset, progress=ctx.progress, restart=True,
+                             data=ctx.data)
 
 
 def summary(art: FinetuneArtifact) -> dict:

@@ -161,7 +161,7 @@ class EvaluationArtifact(Artifact):
 
 def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_root: Path | str | None = None,
                  state: str = "final", family=None, out: Path | None = None,
-                 progress: bool = True) -> EvaluationArtifact:
+                 progress: bool = True, data=None) -> EvaluationArtifact:
     """Evaluate every configuration of a finetuned run on the test split; writes ``evaluation.json`` (the
     artifact), a markdown table and a PNG of the accuracy-vs-FLOPs curve into ``out`` (default:
     ``run_dir/evaluation``, or ``run_dir/evaluation/init`` for ``state='init'``: the stitch layers before finetuning,
@@ -173,7 +173,7 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
     from tqdm import tqdm
 
     from klas import distributed as kd
-    from klas.data import load_dataset
+    from klas.data import open_split
     from klas.stages.s4_finetune import load_supernet
 
     di = kd.init()
@@ -183,8 +183,9 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
     run = RunDir(path)
     out = Path(out) if out is not None else run.stage("evaluation") / ("" if state == "final" else state)
     net, meta = load_supernet(path, state, family=family)
-    test = load_dataset(meta["dataset"], "test", data_root).subset(test_samples)
-    val = load_dataset(meta["dataset"], "val", data_root).subset(cfg.val_subset)
+    fam = family if family is not None else meta["family"]
+    test = open_split(fam, "test", data, root=data_root, dataset=meta["dataset"]).subset(test_samples)
+    val = open_split(fam, "val", data, root=data_root, dataset=meta["dataset"]).subset(cfg.val_subset)
     f_min, f_max = min(meta["anchor_flops"].values()), max(meta["anchor_flops"].values())
     rows, outputs = [], {}
     for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not progress or not di.is_main):
@@ -443,7 +444,7 @@ DESCRIBE = "test accuracy, FLOPs, params, latency; Pareto front"
 
 
 def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
-    return evaluate_run(ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress)
+    return evaluate_run(ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress, data=ctx.data)
 
 
 def summary(art: EvaluationArtifact) -> dict:

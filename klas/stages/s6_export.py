@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from klas.data import ImageSet, load_dataset
+from klas.data import ImageSet, open_split
 from klas.errors import KlasError
 from klas.families import count_flops, get_family_cfg
 from klas_runtime.errors import ZooError
@@ -66,6 +66,17 @@ class ExportConfig:
     batch: int = setting(1, "batch size while timing", ge=1)
     warmup: int = setting(20, "untimed runs first", ge=0)
     runs: int = setting(200, "timed runs per measurement", ge=1)
+    precisions: str = setting("fp16,int8", "reduced-precision variants of every model (klas.stages.variants): "
+                              "int8 = static QDQ calibrated on val images, fp16 = float16 inside, float32 I/O",
+                              choices=("fp16,int8", "fp16", "int8", "none"))
+    calibration_images: int = setting(256, "val images the int8 variants are calibrated on", ge=1)
+    per_channel: str = setting("auto", "int8 weights per channel (on), per tensor (off), or auto: both built, the "
+                               "one agreeing more with the float32 model on held-out val images kept",
+                               choices=("auto", "on", "off"))
+    per_channel_images: int = setting(1000, "val images after the calibration ones that decide per_channel = auto",
+                                      ge=1)
+    max_accuracy_loss: float = setting(1.0, "a variant losing more test accuracy points than this against its "
+                                       "float32 model is left out of the zoo (listed under rejected)", ge=0)
 
 
 class ExportArtifact:
@@ -415,11 +426,32 @@ def config_entry(config: StitchConfig, net: nn.Module) -> dict:
                 source_blocks=[0, config.i + 1], target_blocks=[config.j + 1, tgt_depth])
 
 
-def input_spec(data: ImageSet, shape: tuple[int, int, int]) -> dict:
+def input_spec(data: ImageSet, shape: tuple[int, int, int], data_config: dict | None = None) -> dict:
+    """The manifest's ``input``: shape, channels, scale, the mean/std the parity check normalized with, and the
+    geometry of timm's evaluation transform from the family's ``data_config`` (``interpolation``, ``crop_pct``,
+    ``crop_mode``; ``resize`` = floor(size / crop_pct)), which ``klas_runtime.preprocess`` applies to image files.
+    Without a data config: straight to the input size, bilinear, no crop (what the runtime always did)."""
+    from klas_runtime.preprocess import CROP_MODES, CROP_PCT_RANGE, INTERPOLATIONS, LEGACY, resize_size
+
     c, h, w = shape
+    geo = dict(LEGACY)
+    if data_config is not None:
+        # timm's own defaults for what a data config leaves out: crop_pct 0.875, crop_mode center
+        geo = dict(interpolation=data_config.get("interpolation") or "bilinear",
+                   crop_pct=float(data_config.get("crop_pct") or 0.875),
+                   crop_mode=data_config.get("crop_mode") or "center")
+        where = f"family data config ({data.spec.name} export)"
+        if geo["interpolation"] not in INTERPOLATIONS:
+            raise KlasError(f"{where}: interpolation {geo['interpolation']!r} cannot be reproduced at run time; "
+                            f"expected one of {', '.join(INTERPOLATIONS)}")
+        if geo["crop_mode"] not in CROP_MODES:
+            raise KlasError(f"{where}: crop_mode {geo['crop_mode']!r}: expected one of {', '.join(CROP_MODES)}")
+        if not CROP_PCT_RANGE[0] <= geo["crop_pct"] <= CROP_PCT_RANGE[1]:
+            raise KlasError(f"{where}: crop_pct {geo['crop_pct']:g}: expected a number in "
+                            f"[{CROP_PCT_RANGE[0]:g}, {CROP_PCT_RANGE[1]:g}]")
     return dict(name=INPUT_NAME, shape=["batch", c, h, w], dtype="float32", layout="NCHW",
                 color="grayscale" if c == 1 else "rgb", scale=1 / 255, mean=list(data.spec.mean),
-                std=list(data.spec.std))
+                std=list(data.spec.std), resize=resize_size(h, w, geo["crop_pct"]), **geo)
 
 
 def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: ImageSet, header: dict,
@@ -432,7 +464,7 @@ def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: I
     example = data.normalize(data.images[:2]) if len(data) >= 2 else torch.randn(2, *shape)
     module = standalone(net, example)
     flops = count_flops(module, example[:1])
-    entry = dict(name=name or config.key, file=file_name(config, name), sha256="0" * 64, bytes=0,
+    entry = dict(name=name or config.key, file=file_name(config, name), sha256="0" * 64, bytes=0, precision="fp32",
                  config=config_entry(config, net), params=sum(p.numel() for p in module.parameters()), flops=flops,
                  origin="untouched" if untouched is not None else ("finetuned" if config.is_anchor else "stitched"))
     if untouched is not None:
@@ -448,8 +480,8 @@ def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: I
     else:
         acc, n = onnx_accuracy(raw, data, options.accuracy_images)
         entry.update(test_acc=acc, test_acc_source=f"onnxruntime on {n} {data.spec.name} test images")
-    entry.update(input=input_spec(data, shape), output=dict(name=OUTPUT_NAME, num_classes=header["num_classes"],
-                                                            classes=list(data.spec.classes)),
+    entry.update(input=input_spec(data, shape, header.get("data_config")),
+                 output=dict(name=OUTPUT_NAME, num_classes=header["num_classes"], classes=list(data.spec.classes)),
                  opset=options.opset, parity=check_parity(raw, module, data, options, config.key), latency=[])
     del model.metadata_props[:]
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(embedded_entry(entry, header)))
@@ -468,9 +500,16 @@ def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: I
 # --- a zoo ---------------------------------------------------------------------------------------------------------
 
 def export_models(models: list[tuple], out_dir: Path | str, family: str, data: ImageSet, options: ExportConfig,
-                  progress: bool = True, cascades: list[dict] = ()) -> ExportArtifact:
+                  progress: bool = True, cascades: list[dict] = (), val: ImageSet | None = None,
+                  data_config: dict | None = None) -> ExportArtifact:
     """Export ``(config, net or provider, evaluation row[, name, untouched anchor view])`` tuples into ``out_dir``
-    and write its manifest; ``cascades`` (evaluation zoo entries over two of the models) become cascade entries."""
+    and write its manifest; ``cascades`` (evaluation zoo entries over two of the models) become cascade entries.
+    With ``val`` (the split int8 variants are calibrated on) every model also gets the ``options.precisions``
+    variants (``klas.stages.variants``), measured on all of ``data``; without it, the float32 zoo only.
+    ``data_config``: the timm data config ``data`` was preprocessed with (default: the family's
+    ``data_config``), whose resize / crop / interpolation the manifest's input spec carries for the runtime."""
+    from klas.stages.variants import make_variants, write_staged
+
     from klas import __version__
     from tqdm import tqdm
 
@@ -478,13 +517,20 @@ def export_models(models: list[tuple], out_dir: Path | str, family: str, data: I
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = get_family_cfg(family)
     header = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, family=family, dataset=data.spec.name,
-                  klas_version=__version__, input_shape=list(cfg.input_shape), num_classes=cfg.num_classes)
+                  klas_version=__version__, input_shape=list(cfg.input_shape), num_classes=cfg.num_classes,
+                  data_config=data_config if data_config is not None else getattr(cfg, "data_config", None))
     old = _previous_files(out_dir)
-    entries = []
+    entries, rejected = [], []
     for config, net, row, *extra in tqdm(models, desc="export", unit="model", disable=not progress):
         net = net(config) if not isinstance(net, nn.Module) else net
         try:
             entries.append(export_model(config, net.eval(), row, data, header, out_dir, options, *extra))
+            if val is not None:
+                parent = entries[-1]
+                made, refused = make_variants(parent, (out_dir / _staged(parent["file"])).read_bytes(), data, val,
+                                              header, options, write_staged(out_dir, _staged))
+                entries += made
+                rejected += refused
         except BaseException:
             for e in entries:
                 (out_dir / _staged(e["file"])).unlink(missing_ok=True)
@@ -495,6 +541,8 @@ def export_models(models: list[tuple], out_dir: Path | str, family: str, data: I
     manifest = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, family=family, dataset=data.spec.name,
                     klas_version=__version__, created=now(), created_on=machine_info(),
                     models=sorted(entries, key=lambda e: (e["flops"], e["name"])))
+    if val is not None:
+        manifest["rejected"] = rejected
     art = ExportArtifact(manifest)
     art.save(out_dir)
     for stale in old - {e["file"] for e in entries if "file" in e}:
@@ -504,7 +552,7 @@ def export_models(models: list[tuple], out_dir: Path | str, family: str, data: I
 
 def export_zoo(run_dir: Path | str, out_dir: Path | str, options: ExportConfig, *,
                provider: ModelProvider | None = None, family=None, data_root: Path | str | None = None,
-               progress: bool = True) -> ExportArtifact:
+               progress: bool = True, data_settings=None) -> ExportArtifact:
     """``klas export``: the evaluation's zoo -- the user's untouched anchors (their weights as given), the admitted
     configurations (through ``provider``, default: the finetune stage's ``load_stitched``) and cascades."""
     from klas.stages.s5_evaluation import untouched_anchors
@@ -523,8 +571,11 @@ def export_zoo(run_dir: Path | str, out_dir: Path | str, options: ExportConfig, 
                                                               weights=meta.weights, num_classes=meta.num_classes,
                                                               input_shape=meta.input_shape), family) or [])}
     dataset = run.meta.get("dataset") or cfg.dataset
-    kw = dict(img_size=cfg.input_shape[1]) if dataset == "imagefolder" else {}
-    data = load_dataset(dataset, "test", data_root, **kw)
+    # the family's own preprocessing (klas.data.open_split), in memory or streamed as the [data] settings say
+    data = open_split(family if family is not None else run.family, "test", data_settings, root=data_root,
+                      dataset=dataset)
+    val = open_split(family if family is not None else run.family, "val", data_settings, root=data_root,
+                     dataset=dataset) if options.precisions != "none" else None
     models = []
     for it in items:
         if it.untouched:
@@ -535,7 +586,8 @@ def export_zoo(run_dir: Path | str, out_dir: Path | str, options: ExportConfig, 
         else:
             models.append((it.config, provider, it.row, it.name))
     cascades = [z for z in ev.zoo if z.get("kind") == "cascade"]
-    return export_models(models, out_dir, run.family, data, options, progress, cascades)
+    return export_models(models, out_dir, run.family, data, options, progress, cascades, val,
+                         data_config=getattr(family, "data_config", None))
 
 
 def cascade_entry(c: dict, entries: list[dict], data: ImageSet, options: ExportConfig, out_dir: Path) -> dict:
@@ -593,7 +645,8 @@ def run(cfg: ExportConfig, ctx: StageContext) -> ExportArtifact:
     for stale in ctx.run_dir.path.glob(f".{FOLDER}.staging-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        art = export_zoo(ctx.run_dir.path, staging, cfg, data_root=ctx.data_root, progress=ctx.progress)
+        art = export_zoo(ctx.run_dir.path, staging, cfg, data_root=ctx.data_root, progress=ctx.progress,
+                         data_settings=ctx.data)
         swap_dirs(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -26,7 +26,10 @@ def budget_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when onnxruntime-gpu has it)")
     parser.add_argument("--threads", type=int, default=None, help="only latency measured with this many threads")
     parser.add_argument("--batch", type=int, default=1, help="batch size the latency budget is for")
-    parser.add_argument("--stat", default="p90", choices=("p50", "p90", "p99", "mean"))
+    parser.add_argument("--percentile", "--stat", dest="stat", default="p90", choices=("p50", "p90", "p99", "mean"),
+                        help="latency statistic the budget is checked against (default: p90)")
+    parser.add_argument("--precision", action="extend", nargs="+", default=None, choices=("fp32", "fp16", "int8"),
+                        help="only entries of these precisions (default: all; cascades are fp32)")
     parser.add_argument("--by-average", action="store_true",
                         help="check a cascade against --max-flops by its average FLOPs on val (default: worst case)")
 
@@ -35,8 +38,10 @@ def profile_flags(parser: argparse.ArgumentParser) -> None:
     """Latency measurement settings (``profile``, and ``klas export`` which profiles what it exports)."""
     parser.add_argument("--provider", action="append", default=None,
                         help="cpu or cuda (repeatable; default: best here)")
-    parser.add_argument("--threads", type=int, action="append", default=None, help="intra-op threads (repeatable; 1)")
-    parser.add_argument("--batch", type=int, action="append", default=None, help="batch size (repeatable; 1)")
+    parser.add_argument("--threads", type=int, action="extend", nargs="+", default=None,
+                        help="intra-op threads (one or more, repeatable; default 1)")
+    parser.add_argument("--batch", type=int, action="extend", nargs="+", default=None,
+                        help="batch sizes (one or more, repeatable; default 1)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed runs first")
     parser.add_argument("--runs", type=int, default=200, help="timed runs per measurement")
 
@@ -46,6 +51,10 @@ def profile_flags(parser: argparse.ArgumentParser) -> None:
 def _profile(args) -> int:
     from klas_runtime.profile import profile_zoo
 
+    from klas_runtime.profile import FRONT_STATS, device_profile, provider_name, write_device_profile
+
+    if args.percentile not in FRONT_STATS:
+        raise ZooError(f"--percentile {args.percentile!r}: expected one of {', '.join(FRONT_STATS)}")
     manifest = profile_zoo(args.zoo_dir, providers=args.provider, threads=args.threads, batches=args.batch,
                            warmup=args.warmup, runs=args.runs, models=args.model, inputs=args.images)
     for m in manifest["models"]:
@@ -58,6 +67,15 @@ def _profile(args) -> int:
                                for m in manifest["models"]):
         print("[profile] cascades were timed on random inputs, whose deferral rate is not that of real data; "
               "pass --images with real images for latency to budget on")
+    for provider in dict.fromkeys(provider_name(p) for p in (args.provider or [None])):
+        prof = device_profile(manifest, provider, args.percentile)
+        for table in prof["settings"]:
+            print(f"[profile] front on {prof['device']}, {table['threads']} thread(s), batch {table['batch']} "
+                  f"({args.percentile}): {' < '.join(table['front'])}")
+        files = write_device_profile(args.zoo_dir, manifest, provider, args.percentile)
+        if files:
+            png = "" if any(f.suffix == ".png" for f in files) else " (no plot: pip install matplotlib)"
+            print(f"[profile] {prof['device']}: {', '.join(map(str, files))}{png}")
     return 0
 
 
@@ -66,7 +84,8 @@ def _choose(args, with_session: bool):
 
     return Zoo(args.zoo_dir).pick(max_flops=args.max_flops, max_latency_ms=args.max_latency_ms, device=args.device,
                                   min_accuracy=args.min_accuracy, threads=args.threads, batch=args.batch,
-                                  stat=args.stat, with_session=with_session, by_average=args.by_average)
+                                  stat=args.stat, with_session=with_session, by_average=args.by_average,
+                                  precision=args.precision)
 
 
 def _pick(args) -> int:
@@ -121,6 +140,8 @@ def add_profile(sub) -> argparse.ArgumentParser:
                     help="real images to time cascades on (their latency depends on how many samples the second "
                          "member gets); default: random inputs, recorded as such")
     profile_flags(pr)
+    pr.add_argument("--percentile", default="p90", choices=("p50", "p90", "p99"),
+                    help="latency statistic the per-device front is drawn on (default: p90)")
     pr.set_defaults(func=_profile)
     return pr
 
@@ -166,9 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OS_HINTS = {"ENOSPC": "no space left on the device; free some space and run the same command again (finished "
+                       "work is kept)",
+             "EDQUOT": "disk quota exceeded; free some space and run the same command again",
+             "EACCES": "permission denied; choose a folder you can write to, or fix its permissions",
+             "EPERM": "operation not permitted; choose a folder you can write to, or fix its permissions",
+             "EROFS": "read-only file system; choose a folder you can write to",
+             "ENOTDIR": "a part of this path is a file, not a directory",
+             "EISDIR": "is a directory, where a file was expected",
+             "EEXIST": "already exists",
+             "ENOENT": "no such file or directory",
+             "ENAMETOOLONG": "file name too long",
+             "EMFILE": "too many open files", "ELOOP": "too many levels of symbolic links"}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: the path(s) it concerns and what to do."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or 0, "")
+    what = _OS_HINTS.get(name) or (e.strerror or str(e) or type(e).__name__)
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return (f"{paths}: {what}" if paths else what) + (f" [{name}]" if name else "")
+
+
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, interrupted: str = "interrupted") -> int:
     """Parse and run one command: a user error (``ZooError`` and its subclasses) is one line and exit 2; an
-    unexpected internal error is one line naming the file the full traceback was saved to, and exit 1."""
+    unexpected internal error is one line naming the file the full traceback was saved to, and exit 1; an
+    operating-system error (``OSError``: full disk, permissions, a file where a folder goes) is one line naming the
+    path, and exit 2."""
     prog = parser.prog
     args = parser.parse_args(argv)
     try:
@@ -179,6 +226,9 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None, interru
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
+    except OSError as e:  # the operating system refused (full disk, permissions, a file where a folder goes)
+        print(f"{prog}: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except Exception as e:  # a bug, or an OS failure nobody anticipated: one line, the traceback kept in a file
         import tempfile
         import time

@@ -18,6 +18,11 @@ def atomic_path(path: Path | str):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk while writing: the old file stays, the error names the file
+        Path(tmp).unlink(missing_ok=True)
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

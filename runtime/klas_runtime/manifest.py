@@ -9,6 +9,16 @@ Schema version 2 adds **cascade** entries (``"kind": "cascade"``, no file of the
 same manifest, the cheaper first, and a threshold -- the second runs on a sample when the first's max softmax
 probability is below it. Entries without ``kind`` are models; version-1 manifests (models only) are still read.
 
+Schema version 3 adds **precision variants**: model entries with ``"precision": "fp16"`` or ``"int8"``, a ``parent``
+(the float32 model entry they were made from: same configuration, input, output), ``parity`` against that parent and
+a ``variant`` block (how it was made, the accuracy it lost); variants that lost too much are listed under the
+top-level ``rejected``. An entry without ``precision`` is float32, so version-1 and -2 manifests read unchanged.
+
+Schema version 4 adds the **input geometry** to a model's ``input``: ``resize`` ([h, w] = floor(input size /
+crop_pct)), ``interpolation``, ``crop_pct`` and ``crop_mode`` -- timm's evaluation transform, which the runtime
+applies (``klas_runtime.preprocess``). An input without them (versions 1-3) means: resize straight to the input
+size, bilinear, no crop.
+
 Trust rules enforced here: a model file must be a plain name inside the zoo folder (no paths, no ``..``, no links
 out), and its sha256 must match -- a manifest that was edited by hand or copied next to other files is refused.
 """
@@ -25,11 +35,16 @@ from typing import Any
 
 from klas_runtime.errors import ZooError
 from klas_runtime.io import atomic_path
+from klas_runtime.preprocess import CROP_MODES, CROP_PCT_RANGE, GEOMETRY, INTERPOLATIONS, resize_size
 
 MANIFEST = "manifest.json"
 SCHEMA = "klas-zoo"
-SCHEMA_VERSION = 2  # 2: cascade entries ("kind": "cascade"); 1 (models only) is still read
+SCHEMA_VERSION = 4  # 4: input geometry (resize, interpolation, crop); 3: precision variants; 2: cascade entries
+#                     ("kind": "cascade"); 1 (models only) is still read
 CASCADE_SINCE = 2
+VARIANTS_SINCE = 3
+GEOMETRY_SINCE = 4
+PRECISIONS = ("fp32", "fp16", "int8")  # an entry without "precision" is fp32 (schema versions 1 and 2)
 KINDS = ("model", "cascade")
 METADATA_KEY = "klas"  # ONNX metadata_props key holding the model's own manifest entry (JSON)
 # Fields of a model entry that describe the file itself or later measurements, so they cannot live inside the file.
@@ -98,7 +113,13 @@ MACHINE = {"host": (_str, True), "platform": (_str, True), "cpu": (_str, True), 
            "onnxruntime": (_str, True)}
 INPUT = {"name": (_str, True), "shape": (_shape, True), "dtype": (lambda v: v == "float32", True),
          "layout": (lambda v: v == "NCHW", True), "color": (lambda v: v in ("grayscale", "rgb"), True),
-         "scale": (_pos_num, True), "mean": (_num_list, True), "std": (lambda v: _num_list(v) and min(v) > 0, True)}
+         "scale": (_pos_num, True), "mean": (_num_list, True), "std": (lambda v: _num_list(v) and min(v) > 0, True),
+         # schema version 4 (klas_runtime.preprocess): all four or none (none: straight to the input size)
+         "resize": (lambda v: isinstance(v, list) and len(v) == 2 and all(
+             isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v), False),
+         "interpolation": (lambda v: v in INTERPOLATIONS, False),
+         "crop_pct": (lambda v: _num(v) and CROP_PCT_RANGE[0] <= v <= CROP_PCT_RANGE[1], False),
+         "crop_mode": (lambda v: v in CROP_MODES, False)}
 OUTPUT = {"name": (_str, True), "num_classes": (_nonneg_int, True), "classes": (_str_list, True)}
 CONFIG = {"source": (_str, True), "i": (_int_or_minus1, True), "target": (_str, True), "j": (_int_or_minus1, True),
           "anchor": (_bool, True), "source_blocks": (_block_range, True), "target_blocks": (_block_range, True)}
@@ -118,7 +139,17 @@ MODEL = {"name": (_str, True), "file": (lambda v: isinstance(v, str) and bool(_S
          "test_acc": (_percent, True), "test_acc_source": (_str, True), "input": (INPUT, True),
          "output": (OUTPUT, True), "opset": (_nonneg_int, True), "parity": (PARITY, True),
          "latency": (lambda v: isinstance(v, list), True), "val_acc": (_percent, False),
-         "kind": (lambda v: v == "model", False)}
+         "kind": (lambda v: v == "model", False), "precision": (lambda v: v in PRECISIONS, False)}
+# A variant (precision fp16 / int8) of a float32 model entry: same configuration, input and output; its parity is
+# against that parent (onnxruntime both), and ``variant`` says how it was made and what it lost.
+VARIANT_PARITY = {"images": (_nonneg_int, True), "max_abs_diff": (lambda v: _num(v) and v >= 0, True),
+                  "top1_agreement": (_fraction, True), "reference": (_str, True)}
+VARIANT_INFO = {"method": (_str, True), "parent_test_acc": (_percent, True), "accuracy_loss": (_num, True),
+                "max_accuracy_loss": (lambda v: _num(v) and v >= 0, True)}
+VARIANT = {**MODEL, "precision": (lambda v: v in PRECISIONS[1:], True), "parent": (_str, True),
+           "parity": (VARIANT_PARITY, True), "variant": (VARIANT_INFO, True)}
+REJECTED = {"name": (_str, True), "parent": (_str, True), "precision": (lambda v: v in PRECISIONS[1:], True),
+            "reason": (_str, True)}
 SPLITS = {"val": (_num, True), "test": (_num, True)}
 CASCADE = {"name": (_str, True), "kind": (lambda v: v == "cascade", True),
            "members": (lambda v: isinstance(v, list) and len(v) == 2 and all(_str(x) for x in v), True),
@@ -128,14 +159,19 @@ CASCADE = {"name": (_str, True), "kind": (lambda v: v == "cascade", True),
            "test_acc_source": (_str, False), "latency": (lambda v: isinstance(v, list), True)}
 TOP = {"schema": (lambda v: v == SCHEMA, True), "schema_version": (_nonneg_int, True), "family": (_str, True),
        "dataset": (_str, True), "klas_version": (_str, True), "created": (_str, True),
-       "created_on": (MACHINE, True), "models": (lambda v: isinstance(v, list) and len(v) > 0, True)}
+       "created_on": (MACHINE, True), "models": (lambda v: isinstance(v, list) and len(v) > 0, True),
+       "rejected": (lambda v: isinstance(v, list), False)}
 
 _EXPECTED = {"file": "a plain file name ending in .onnx inside the zoo folder (no path separators, no '..')",
              "sha256": "64 lowercase hex digits", "shape": "['batch', C, H, W] with positive ints",
              "test_acc": "a percentage in [0, 100]", "top1_agreement": "a fraction in [0, 1]",
              "schema": f"{SCHEMA!r}", "members": "a list of two model names, the cheaper first",
              "threshold": "a probability in (0, 1]", "val_acc": "a percentage in [0, 100]",
-             "deferral": "a fraction in [0, 1]", "kind": "'model' or 'cascade'"}
+             "deferral": "a fraction in [0, 1]", "kind": "'model' or 'cascade'",
+             "precision": "one of " + ", ".join(PRECISIONS) + " (a variant: fp16 or int8)",
+             "resize": "[h, w] with positive ints", "interpolation": "one of " + ", ".join(INTERPOLATIONS),
+             "crop_pct": f"a number in [{CROP_PCT_RANGE[0]:g}, {CROP_PCT_RANGE[1]:g}] (1.0: no crop)",
+             "crop_mode": "one of " + ", ".join(CROP_MODES)}
 
 
 def _check(obj: Any, schema: dict, where: str) -> None:
@@ -170,6 +206,11 @@ def validate(manifest: Any, where: str = MANIFEST) -> dict:
                 raise ZooError(f"{at} (cascade {entry.get('name')!r}): cascade entries need schema_version "
                                 f">= {CASCADE_SINCE} (this manifest says {manifest['schema_version']})")
             _check(entry, CASCADE, f"{at} (cascade {entry.get('name')!r})")
+        elif precision(entry) != "fp32":
+            if manifest["schema_version"] < VARIANTS_SINCE:
+                raise ZooError(f"{at} ({entry.get('name')!r}): precision variants need schema_version "
+                                f">= {VARIANTS_SINCE} (this manifest says {manifest['schema_version']})")
+            _check(entry, VARIANT, f"{at} ({precision(entry)} variant {entry.get('name')!r})")
         else:
             _check(entry, MODEL, at)
         for r, rec in enumerate(entry["latency"]):
@@ -182,11 +223,53 @@ def validate(manifest: Any, where: str = MANIFEST) -> dict:
             spec = entry["input"]
             if len(spec["mean"]) != spec["shape"][1] or len(spec["std"]) != spec["shape"][1]:
                 raise ZooError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
+            check_geometry(spec, f"{at}.input")
     models = {e["name"]: e for e in manifest["models"] if entry_kind(e) == "model"}
     for k, entry in enumerate(manifest["models"]):
         if entry_kind(entry) == "cascade":
             check_cascade(entry, models, f"{where}: models[{k}] (cascade {entry['name']!r})")
+        elif precision(entry) != "fp32":
+            check_variant(entry, models, f"{where}: models[{k}] ({precision(entry)} variant {entry['name']!r})")
+    for k, rec in enumerate(manifest.get("rejected", [])):
+        _check(rec, REJECTED, f"{where}: rejected[{k}]")
     return manifest
+
+
+def check_geometry(spec: dict, at: str) -> None:
+    """The input geometry fields (written since schema version 4; a reader older than that refuses the manifest
+    by its version): all four or none, ``color`` agreeing with the channels, and ``resize`` equal to
+    floor(input size / crop_pct), as timm derives it."""
+    given = [k for k in GEOMETRY if k in spec]
+    c, h, w = spec["shape"][1:]
+    if (spec["color"] == "grayscale") != (c == 1):
+        raise ZooError(f"{at}.color: {spec['color']!r} does not fit {c} input channel(s) (grayscale: 1, rgb: 3)")
+    if not given:
+        return
+    missing = [k for k in GEOMETRY if k not in spec]
+    if missing:
+        raise ZooError(f"{at}: missing field {missing[0]!r} (resize, interpolation, crop_pct and crop_mode go "
+                        f"together)")
+    want = resize_size(h, w, spec["crop_pct"])
+    if spec["resize"] != want:
+        raise ZooError(f"{at}.resize: {spec['resize']} is not floor([{h}, {w}] / crop_pct {spec['crop_pct']:g}) "
+                        f"= {want}")
+
+
+def precision(entry: dict) -> str:
+    """'fp32', 'fp16' or 'int8' (entries without ``precision``, and cascades, are float32)."""
+    return entry.get("precision", "fp32") if isinstance(entry, dict) else "fp32"
+
+
+def check_variant(entry: dict, models: dict[str, dict], at: str) -> None:
+    """A variant's claims against its parent: a float32 model entry of this manifest with the same configuration,
+    FLOPs, params, input and output (a variant changes the arithmetic, never the network)."""
+    parent = models.get(entry["parent"])
+    if parent is None or precision(parent) != "fp32":
+        raise ZooError(f"{at}: parent {entry['parent']!r} is not a float32 model entry of this manifest")
+    for key in ("config", "flops", "params", "input", "output"):
+        if entry.get(key) != parent.get(key):
+            raise ZooError(f"{at}: {key!r} differs from its parent {entry['parent']!r} "
+                            f"({json.dumps(entry.get(key))[:60]} vs {json.dumps(parent.get(key))[:60]})")
 
 
 def entry_kind(entry: Any, where: str = MANIFEST) -> str:
@@ -255,17 +338,126 @@ def model_path(zoo_dir: Path | str, file: str) -> Path:
     return path
 
 
+def read_regular(path: Path | str) -> bytes:
+    """The bytes of a regular file, opened without following a symlink (no swap between check and read)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(0, "not a regular file", str(path))
+        return f.read()
+
+
 def read_model_bytes(zoo_dir: Path | str, entry: dict) -> bytes:
     """A model's bytes after checking its sha256 against the manifest (read once: what is checked is what runs)."""
     path = model_path(zoo_dir, entry["file"])
     if not path.is_file():
-        raise ZooError(f"{path}: model file listed in {MANIFEST} is missing")
-    data = path.read_bytes()
+        raise ZooError(f"{path}: model file listed in {MANIFEST} is missing" if not path.exists() else
+                       f"{path}: model file listed in {MANIFEST} is not a regular file")
+    try:
+        data = read_regular(path)
+    except OSError as e:
+        raise ZooError(f"{path}: cannot read the model file ({e.strerror or e})") from None
     digest = sha256_bytes(data)
     if digest != entry["sha256"]:
         raise ZooError(f"{path}: sha256 {digest[:12]}... does not match {MANIFEST} ({entry['sha256'][:12]}...); "
                         f"the file or the manifest was altered -- re-export the zoo")
+    check_onnx_bytes(data, path)
     return data
+
+
+# ONNX protobuf field numbers (onnx/onnx.proto) of the messages that can hold tensors, directly or in subgraphs.
+_MSG_FIELDS = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {},
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _MAX_DEPTH = 13, 14, 64
+
+
+class _NotProtobuf(Exception):
+    pass
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotProtobuf("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, pos: int, end: int):
+    """(field number, wire type, value or (start, end) of a length-delimited payload) of one message."""
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise _NotProtobuf("field number 0")
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+            yield field, wire, value
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise _NotProtobuf("truncated fixed-size field")
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            if pos + n > end:
+                raise _NotProtobuf("length past the end")
+            yield field, wire, (pos, pos + n)
+            pos += n
+        else:  # groups (3, 4) are not used by ONNX; 6, 7 do not exist
+            raise _NotProtobuf(f"wire type {wire}")
+
+
+def _external_tensor(buf, kind: str, start: int, end: int, depth: int = 0) -> bool:
+    """Whether the message of ``kind`` at buf[start:end] (or a tensor in a subgraph of it) uses external data."""
+    if depth > _MAX_DEPTH:
+        raise _NotProtobuf("nesting too deep")
+    inner = _MSG_FIELDS[kind]
+    for field, wire, value in _fields(buf, start, end):
+        if kind == "tensor":
+            if field == _TENSOR_EXTERNAL_DATA and wire == 2:
+                return True
+            if field == _TENSOR_DATA_LOCATION and wire == 0 and value != 0:
+                return True
+        elif field in inner and wire == 2 and _external_tensor(buf, inner[field], *value, depth + 1):
+            return True
+    return False
+
+
+def check_onnx_bytes(data: bytes, path: Path | str) -> None:
+    """Refuse bytes that are not an ONNX model, or whose tensors keep their data in external files.
+
+    Models run from the hashed bytes; external data would be read from another file (relative to the current
+    directory, for a model loaded from memory) that the manifest does not cover, so it is refused, never resolved.
+    A small protobuf walk of ModelProto (graphs, nodes, attributes, subgraphs, functions, sparse tensors) with the
+    standard library: no ``onnx`` package on deployment hosts."""
+    buf = memoryview(data)
+    try:
+        top = {field: value for field, wire, value in _fields(buf, 0, len(buf))
+               if (field, wire) in ((1, 0), (7, 2))}
+        if 1 not in top or 7 not in top:
+            raise _NotProtobuf("no ir_version or graph")
+        external = _external_tensor(buf, "model", 0, len(buf))
+    except (_NotProtobuf, IndexError) as e:
+        raise ZooError(f"{path}: not an ONNX model (unreadable protobuf: {e})") from None
+    if external:
+        raise ZooError(f"{path}: the model keeps tensors in external data files, which {MANIFEST} does not cover "
+                        f"and would be read from outside the zoo; refusing it (export with the weights inside the "
+                        f".onnx file)")
 
 
 def load_manifest(zoo_dir: Path | str, verify_files: bool = True) -> dict:
@@ -285,13 +477,19 @@ def read_manifest(zoo_dir: Path | str) -> dict:
     """Read and validate ``ZOO_DIR/manifest.json`` against the schema, without looking at the model files."""
     path = Path(zoo_dir) / MANIFEST
     if not Path(zoo_dir).is_dir():
-        raise ZooError(f"{zoo_dir}: zoo directory not found")
+        raise ZooError(f"{zoo_dir}: zoo directory not found" if not Path(zoo_dir).exists()
+                       else f"{zoo_dir}: is a file, not a zoo directory")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ZooError(f"{path}: not a regular file (a symlink or another kind of file); the manifest must be a "
+                        f"plain file inside the zoo folder -- refusing it")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_regular(path).decode("utf-8"))
     except FileNotFoundError:
         raise ZooError(f"{path}: not found; make a zoo with `klas export RUN_DIR --out {zoo_dir}`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZooError(f"{path}: not valid JSON ({e})") from None
+        raise ZooError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except OSError as e:
+        raise ZooError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
     return validate(manifest, str(path))
 
 

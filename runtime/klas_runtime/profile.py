@@ -28,7 +28,8 @@ import numpy as np
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+GPU_PROVIDERS = (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
 
 
 def _ort():
@@ -49,7 +50,7 @@ def provider_name(device: str | None) -> str:
         raise ZooError(f"--device/--provider {device!r}: expected one of {', '.join(PROVIDERS)} "
                         f"(or {', '.join(PROVIDERS.values())})")
     if name not in available:
-        hint = " (pip install onnxruntime-gpu, or klas[gpu])" if name == PROVIDERS["cuda"] else ""
+        hint = " (pip install onnxruntime-gpu, or klas[gpu])" if name in GPU_PROVIDERS else ""
         raise ZooError(f"execution provider {name} is not available here; onnxruntime has "
                         f"{', '.join(available)}{hint}")
     return name
@@ -85,7 +86,7 @@ def _gpu_model() -> str:
 
 def device_label(provider: str) -> str:
     """The hardware a provider runs on here, e.g. 'cpu: AMD EPYC 7B13' -- what latency figures are keyed by."""
-    return f"gpu: {_gpu_model()}" if provider == PROVIDERS["cuda"] else f"cpu: {_cpu_model()}"
+    return f"gpu: {_gpu_model()}" if provider in GPU_PROVIDERS else f"cpu: {_cpu_model()}"
 
 
 def machine_info() -> dict:
@@ -106,7 +107,10 @@ def open_session(model: bytes | str | Path, provider: str | None = None, threads
     if threads:
         opts.intra_op_num_threads = int(threads)
     opts.log_severity_level = 3
-    providers = [name] if name == PROVIDERS["cpu"] else [name, PROVIDERS["cpu"]]
+    # NOTE: TensorRT falls back to CUDA, then CPU, for what it cannot build (int8 QDQ and fp16 graphs included)
+    fallback = {PROVIDERS["cpu"]: [], PROVIDERS["cuda"]: [PROVIDERS["cpu"]],
+                PROVIDERS["tensorrt"]: [PROVIDERS["cuda"], PROVIDERS["cpu"]]}[name]
+    providers = [name] + [p for p in fallback if p in ort.get_available_providers()]
     src = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(src, sess_options=opts, providers=providers)
 
@@ -284,3 +288,124 @@ def _progress(jobs: list, show: bool):
             return jobs
         return tqdm(jobs, desc="profile", unit="run")
     return jobs
+
+
+# --- per-device fronts --------------------------------------------------------------------------------------------
+
+FRONT_STATS = ("p50", "p90", "p99")
+MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "cascade": "D"}
+
+
+def device_key(provider: str) -> str:
+    """This machine's key for ``provider``: the hardware label its latency records carry plus the provider, e.g.
+    'cpu: Intel(R) Xeon(R) Processor | CPUExecutionProvider'; threads and batch are the records' own fields."""
+    name = provider_name(provider)
+    return f"{device_label(name)} | {name}"
+
+
+def record_key(rec: dict) -> str:
+    return f"{rec['device']} | {rec['provider']}"
+
+
+def device_slug(key: str) -> str:
+    """A file-name-safe form of a device key ('cpu-intel-r-xeon-r-processor-cpu')."""
+    import re
+
+    device, _, provider = key.partition(" | ")
+    return re.sub(r"[^a-z0-9]+", "-", f"{device} {short_provider(provider)}".lower()).strip("-") or "device"
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the (name, latency, accuracy) points no other point beats: lower-or-equal latency and higher-or-equal
+    accuracy, one of them strictly. Sorted by latency."""
+    front = [p for p in points if not any(q[1] <= p[1] and q[2] >= p[2] and (q[1], q[2]) != (p[1], p[2])
+                                          for q in points)]
+    return [p[0] for p in sorted(front, key=lambda p: (p[1], -p[2], p[0]))]
+
+
+def entry_precision(entry: dict) -> str:
+    return "cascade" if is_cascade(entry) else entry.get("precision", "fp32")
+
+
+def device_profile(manifest: dict, provider: str, stat: str = "p90", key: str | None = None) -> dict:
+    """This device's latency table and fronts from the manifest's records: for every (threads, batch) measured on
+    ``key`` (default: this machine with ``provider``), each entry's accuracy, size and p50/p90/p99/mean, and the
+    accuracy-vs-``stat`` front. Records of other devices are not mixed in."""
+    if stat not in FRONT_STATS:
+        raise ZooError(f"--percentile {stat!r}: expected one of {', '.join(FRONT_STATS)}")
+    key = key or device_key(provider)
+    settings: dict[tuple[int, int], list[dict]] = {}
+    machine, inputs_kind = None, {}
+    for entry in manifest["models"]:
+        recs = [r for r in entry["latency"] if record_key(r) == key]
+        by_setting: dict[tuple[int, int], dict] = {}
+        for r in recs:  # a cascade measured on real images and on random ones: the real ones
+            k = (r["threads"], r["batch"])
+            if k not in by_setting or (by_setting[k].get("inputs") == "random" and r.get("inputs") != "random"):
+                by_setting[k] = r
+        for k, r in by_setting.items():
+            machine = machine or r["machine"]
+            row = dict(name=entry["name"], precision=entry_precision(entry), parent=entry.get("parent"),
+                       test_acc=entry["test_acc"], bytes=entry.get("bytes"), flops=entry["flops"],
+                       **{f"{s}_ms": r[f"{s}_ms"] for s in (*FRONT_STATS, "mean")}, measured_at=r["measured_at"])
+            if is_cascade(entry):
+                row.update(members=entry["members"], inputs=r.get("inputs", "data"))
+            settings.setdefault(k, []).append(row)
+    tables = []
+    for (threads, batch), rows in sorted(settings.items()):
+        front = pareto_front([(r["name"], r[f"{stat}_ms"], r["test_acc"]) for r in rows])
+        for r in rows:
+            r["front"] = r["name"] in front
+        tables.append(dict(threads=threads, batch=batch, front=front,
+                           entries=sorted(rows, key=lambda r: (r[f"{stat}_ms"], r["name"]))))
+    return dict(device=key, provider=key.partition(" | ")[2], stat=stat, machine=machine, created=now(),
+                settings=tables)
+
+
+def write_device_profile(zoo_dir: Path | str, manifest: dict, provider: str | None, stat: str = "p90") -> list[Path]:
+    """``ZOO/profile-<device>.json`` (``device_profile``) and, where matplotlib is installed, ``.png`` beside it:
+    accuracy vs measured ``stat`` latency, one panel per (threads, batch), fp32 / fp16 / int8 / cascades with
+    their own markers, the front drawn. Returns the files written."""
+    from klas_runtime.io import atomic_path
+    from klas_runtime.manifest import write_atomic
+
+    prof = device_profile(manifest, provider_name(provider), stat)
+    if not prof["settings"]:
+        return []
+    base = Path(zoo_dir) / f"profile-{device_slug(prof['device'])}"
+    write_atomic(base.with_suffix(".json"), (json.dumps(prof, indent=2) + "\n").encode())
+    written = [base.with_suffix(".json")]
+    try:
+        import matplotlib
+    except ImportError:
+        return written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = prof["settings"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    for ax, table in zip(axes[0], panels):
+        rows = table["entries"]
+        for prec, marker in MARKERS.items():
+            pts = [r for r in rows if r["precision"] == prec]
+            if pts:
+                ax.scatter([r[f"{stat}_ms"] for r in pts], [r["test_acc"] for r in pts], marker=marker, s=46,
+                           label=prec, zorder=3, edgecolors="black", linewidths=0.5)
+        front = [next(r for r in rows if r["name"] == n) for n in table["front"]]
+        ax.step([r[f"{stat}_ms"] for r in front], [r["test_acc"] for r in front], where="post", color="grey",
+                lw=1, zorder=2, label="front")
+        for r in rows:
+            ax.annotate(r["name"].replace(f"{manifest['family']}-", ""), (r[f"{stat}_ms"], r["test_acc"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{stat} latency per batch (ms, log)")
+        ax.set_ylabel(f"test accuracy (%), {manifest['dataset']}")
+        ax.set_title(f"{table['threads']} thread(s), batch {table['batch']}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{manifest['family']} zoo on {prof['device']}", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(base.with_suffix(".png")) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return written + [base.with_suffix(".png")]

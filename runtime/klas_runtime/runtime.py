@@ -11,6 +11,7 @@ its ``CascadeChoice`` is used exactly like a model's ``Choice`` (``predict``, ``
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from klas_runtime.errors import ZooError
-from klas_runtime.manifest import (MANIFEST, check_embedded, is_cascade, load_manifest, read_manifest,
-                                   read_model_bytes)
+from klas_runtime.manifest import (MANIFEST, PRECISIONS, check_embedded, is_cascade, load_manifest,
+                                   read_manifest, read_model_bytes)
+from klas_runtime.manifest import precision as precision_of
 from klas_runtime.profile import device_label, open_session, provider_name, short_provider
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -180,27 +182,59 @@ def check_input(x: np.ndarray, spec: dict, name: str = "model") -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def load_image(path: Path | str, spec: dict) -> np.ndarray:
-    """An image file -> [1, C, H, W] float32 as the model expects: grayscale/RGB, resized, scaled, normalized."""
+# Decoding limit for input images (width x height): a small file may declare a huge image (a decompression bomb).
+MAX_IMAGE_PIXELS = int(os.environ.get("KLAS_MAX_IMAGE_PIXELS", 50_000_000))
+
+
+def open_checked_image(path: Path | str, max_pixels: int | None = None):
+    """``PIL.Image.open`` refusing, before decoding, an image larger than ``max_pixels`` (default
+    ``MAX_IMAGE_PIXELS``, env ``KLAS_MAX_IMAGE_PIXELS``) and anything Pillow cannot identify: one-line ZooError."""
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise ZooError("Pillow is needed to read images: pip install pillow") from None
-    _, c, h, w = spec["shape"]
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     try:
-        with Image.open(path) as img:
-            img = img.convert("L" if spec["color"] == "grayscale" else "RGB")
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32)
+        img = Image.open(path)
     except FileNotFoundError:
         raise ZooError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ZooError(f"{path}: not a readable image ({e})") from None
-    arr = arr.reshape(h, w, -1).transpose(2, 0, 1)[:c] * np.float32(spec["scale"])
-    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)
-    return ((arr - mean) / std)[None].astype(np.float32)
+    except IsADirectoryError:
+        raise ZooError(f"{path}: is a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise ZooError(f"{path}: image declares more pixels than Pillow's decompression-bomb limit; refusing to "
+                       f"decode it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ZooError(f"{path}: not a readable image ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+                       ) from None
+    w, h = img.size
+    if w * h > limit:
+        img.close()
+        raise ZooError(f"{path}: image of {w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
+                       f"(KLAS_MAX_IMAGE_PIXELS); refusing to decode it")
+    return img
+
+
+def load_image(path: Path | str, spec: dict) -> np.ndarray:
+    """An image file -> [1, C, H, W] float32 as the model expects: converted to grayscale/RGB, resized and centre
+    cropped with the spec's interpolation, crop_pct and crop_mode (timm's evaluation transform; older manifests:
+    straight to the input size), scaled, normalized (``klas_runtime.preprocess``). Images above
+    ``MAX_IMAGE_PIXELS`` are refused before decoding."""
+    from klas_runtime.preprocess import preprocess
+
+    opened = open_checked_image(path)  # Pillow present, the file identified, within the pixel limit
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with opened as img:
+            x = preprocess(img, spec)
+    except FileNotFoundError:
+        raise ZooError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ZooError(f"{path}: not a readable image ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
+                       ) from None
+    except ZooError as e:
+        raise ZooError(f"{path}: {e}") from None
+    return x[None]
 
 
 class Zoo:
@@ -240,7 +274,14 @@ class Zoo:
         if is_cascade(entry):
             raise ZooError(f"{entry['name']}: a cascade has no file (and no session) of its own; use "
                            f"Zoo.open({entry['name']!r}), which opens both members")
-        session = open_session(read_model_bytes(self.path, entry), provider_name(device), threads)
+        data = read_model_bytes(self.path, entry)  # hash and ONNX structure checked (no external data)
+        try:
+            session = open_session(data, provider_name(device), threads)
+        except ZooError:
+            raise
+        except Exception as e:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...): one line naming the file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ZooError(f"{self.path / entry['file']}: not a valid ONNX model for onnxruntime ({first})") from None
         check_embedded(entry, session.get_modelmeta().custom_metadata_map, str(self.path / entry["file"]))
         return session
 
@@ -265,15 +306,14 @@ class Zoo:
 
     def latency(self, entry: dict, provider: str, batch: int = 1, threads: int | None = None,
                 stat: str = "p90") -> tuple[float, dict] | None:
-        """The model's measured latency for (provider, batch[, threads]): this device's figure when it has one,
-        else another device's; the fastest thread setting when ``threads`` is None. None when never measured.
-        A cascade's latency depends on its inputs: figures taken on real images win over ones on random inputs."""
+        """The entry's latency measured on this device (hardware label and provider) for (batch[, threads]); the
+        fastest thread setting when ``threads`` is None. None when never measured here: figures of other machines
+        are not used (``klas profile`` measures this one). A cascade's latency depends on its inputs: figures
+        taken on real images win over ones on random inputs."""
         if stat not in STATS:
             raise ZooError(f"latency statistic {stat!r}: expected one of {', '.join(STATS)}")
         recs = [r for r in entry["latency"] if r["provider"] == provider and r["batch"] == batch
-                and (threads is None or r["threads"] == threads)]
-        here = [r for r in recs if r["device"] == device_label(provider)]
-        recs = here or recs
+                and (threads is None or r["threads"] == threads) and r["device"] == device_label(provider)]
         recs = [r for r in recs if r.get("inputs") != "random"] or recs
         if not recs:
             return None
@@ -282,17 +322,20 @@ class Zoo:
 
     def pick(self, max_flops: float | str | None = None, max_latency_ms: float | None = None,
              device: str | None = None, min_accuracy: float | None = None, threads: int | None = None,
-             batch: int = 1, stat: str = "p90", with_session: bool = True, by_average: bool = False) -> Choice:
-        """The most accurate model or cascade within every given budget (ties: lower cost), with sessions on
-        ``device``.
+             batch: int = 1, stat: str = "p90", with_session: bool = True, by_average: bool = False,
+             precision: str | list[str] | tuple | None = None) -> Choice:
+        """The most accurate model or cascade within every given budget (ties: lower cost, then float32 before a
+        variant), with sessions on ``device``; ``precision`` ('fp32', 'fp16', 'int8', a list or a comma-separated
+        string of them; cascades count as fp32) restricts the candidates.
 
         Budgets are inclusive (a model costing exactly ``max_flops`` fits). A cascade's FLOPs are its worst case
         (both members on every sample) unless ``by_average``, then its average on validation data. Latency uses the
-        manifest's ``stat`` percentile for ``device``'s provider and ``batch`` (a cascade's own records); measure
-        with ``klas-runtime profile`` first.
+        manifest's ``stat`` percentile measured on this device (its hardware and ``device``'s provider) at
+        ``batch`` (a cascade's own records); measure with ``klas profile`` first.
         """
         provider = provider_name(device)
         flops_cap = parse_count(max_flops) if max_flops is not None else None
+        wanted = _precisions(precision)
         lat = {m["name"]: self.latency(m, provider, batch, threads, stat) for m in self.entries}
 
         def cost(m):
@@ -305,13 +348,20 @@ class Zoo:
             tests.append(("latency", lambda m: lat[m["name"]] is not None and lat[m["name"]][0] <= max_latency_ms))
         if min_accuracy is not None:
             tests.append(("accuracy", lambda m: m["test_acc"] >= min_accuracy))
-        fits = [m for m in self.entries if all(t(m) for _, t in tests)]
+        pool = [m for m in self.entries if wanted is None or precision_of(m) in wanted]
+        if not pool:
+            have = sorted({precision_of(m) for m in self.entries}, key=PRECISIONS.index)
+            raise ZooError(f"--precision {','.join(wanted)}: this zoo has no such entry (its precisions: "
+                           f"{', '.join(have)}); re-export with `klas export --precisions ...`")
+        fits = [m for m in pool if all(t(m) for _, t in tests)]
         where = f"{short_provider(provider)}, batch {batch}" + (f", {threads} thread(s)" if threads else "")
         budget = _budget_text(flops_cap, max_latency_ms, min_accuracy, stat, where, by_average and self.cascades)
+        if wanted is not None:
+            budget += f", precision {'/'.join(wanted)}"
         if not fits:
             raise ZooError(self._nothing_fits(lat, flops_cap, max_latency_ms, min_accuracy, stat, where, budget,
-                                               cost))
-        best = max(fits, key=lambda m: (m["test_acc"], -cost(m), m["name"]))
+                                               cost, pool, provider, batch, threads))
+        best = max(fits, key=lambda m: (m["test_acc"], -cost(m), precision_of(m) == "fp32", m["name"]))
         latency = lat[best["name"]]
         reason = self._reason(best, fits, latency, stat, where, budget, cost, by_average, flops_cap)
         use_threads = latency[1]["threads"] if (latency and max_latency_ms is not None) else threads
@@ -319,22 +369,26 @@ class Zoo:
         choice.latency_ms, choice.latency_record = (latency[0], latency[1]) if latency else (None, None)
         return choice
 
-    def _nothing_fits(self, lat, flops_cap, max_latency_ms, min_accuracy, stat, where, budget, cost) -> str:
-        cheapest = min(self.entries, key=lambda m: (cost(m), m["name"]))
+    def _nothing_fits(self, lat, flops_cap, max_latency_ms, min_accuracy, stat, where, budget, cost, pool=None,
+                      provider=None, batch=1, threads=None) -> str:
+        pool = self.entries if pool is None else pool
+        cheapest = min(pool, key=lambda m: (cost(m), m["name"]))
         if flops_cap is not None and cost(cheapest) > flops_cap:
             return (f"max_flops {format_count(flops_cap)} is below the cheapest model, {cheapest['name']} "
                     f"({format_count(cost(cheapest))} FLOPs)")
         if max_latency_ms is not None:
-            measured = [m for m in self.entries if lat[m["name"]] is not None]
+            measured = [m for m in pool if lat[m["name"]] is not None]
             if not measured:
-                return (f"no model in this zoo has a latency measured for {where}; "
-                        f"run `klas-runtime profile ZOO_DIR --provider ... --batch ...` first")
+                sp = short_provider(provider) if provider else "cpu"
+                return (f"no entry of this zoo has a latency measured on this device ({device_label(provider)}, "
+                        f"{where}); measure it with `klas profile {self.path} --provider {sp} --threads "
+                        f"{threads or 1} --batch {batch}`")
             fastest = min(measured, key=lambda m: lat[m["name"]][0])
             if lat[fastest["name"]][0] > max_latency_ms:
                 return (f"max_latency_ms {max_latency_ms:g} is below the fastest model, {fastest['name']} "
                         f"({stat} {lat[fastest['name']][0]:.3g} ms on {where})")
         if min_accuracy is not None:
-            top = max(self.entries, key=lambda m: m["test_acc"])
+            top = max(pool, key=lambda m: m["test_acc"])
             if top["test_acc"] < min_accuracy:
                 return (f"min_accuracy {min_accuracy:g}% is above the most accurate model, {top['name']} "
                         f"({top['test_acc']:.2f}%)")
@@ -358,8 +412,10 @@ class Zoo:
                              "FLOPs budget checked against its worst case (by_average / --by-average would use its "
                              "average on validation data)")
         else:
-            parts = [f"{best['name']}: test accuracy {best['test_acc']:.2f}%, {format_count(best['flops'])} FLOPs, "
-                     f"{format_count(best['params'])} params"]
+            variant = (f" ({best['precision']} variant of {best['parent']})" if precision_of(best) != "fp32"
+                       else "")
+            parts = [f"{best['name']}{variant}: test accuracy {best['test_acc']:.2f}%, "
+                     f"{format_count(best['flops'])} FLOPs, {format_count(best['params'])} params"]
         if latency:
             inputs = f", {latency[1]['inputs']} inputs" if is_cascade(best) and latency[1].get("inputs") else ""
             parts.append(f"{stat} {latency[0]:.3g} ms on {where} ({latency[1]['threads']} thread(s), "
@@ -454,6 +510,18 @@ def _check_signature(session, entry: dict, where: str) -> None:
                        f"({spec['name']}{spec['shape']})")
     if out["name"] not in [o.name for o in outputs]:
         raise ZooError(f"{where}: no output {out['name']!r} (the file has {', '.join(o.name for o in outputs)})")
+
+
+def _precisions(value) -> tuple[str, ...] | None:
+    """None, 'int8', 'fp32,int8' or a list of them -> the precisions asked for (checked)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else [p for v in value for p in str(v).split(",")]
+    got = [p.strip().lower() for p in items if p.strip()]
+    bad = [p for p in got if p not in PRECISIONS]
+    if bad or not got:
+        raise ZooError(f"--precision {value!r}: expected one or more of {', '.join(PRECISIONS)}")
+    return tuple(p for p in PRECISIONS if p in got)
 
 
 def _budget_text(flops_cap, max_latency_ms, min_accuracy, stat, where, by_average=False) -> str:

@@ -1,0 +1,153 @@
+"""Run-time preprocessing: an image -> the model's normalized input, exactly as the family was evaluated.
+
+The manifest's input spec (``entry["input"]``) carries timm's evaluation transform
+(``timm.data.create_transform(**data_config, is_training=False)``, timm 1.0 ``transforms_imagenet_eval``):
+
+* ``shape`` ``["batch", C, H, W]`` and ``color`` (``grayscale`` or ``rgb``): the image is first converted to
+  Pillow's ``L`` or ``RGB`` (an RGBA / palette / 16-bit file likewise, by Pillow's own conversion);
+* ``resize`` ``[h, w]`` = ``[floor(H / crop_pct), floor(W / crop_pct)]``, ``interpolation`` (``bilinear``,
+  ``bicubic``, ``nearest``, ``lanczos``, ``box``, ``hamming``: Pillow's filters, which is what torchvision's
+  ``Resize`` runs on PIL images, antialiased), ``crop_pct`` and ``crop_mode`` as timm defines them:
+
+  - ``center``: resize the shorter side to ``resize`` keeping the aspect ratio (for a square target torchvision's
+    ``Resize(int)``: the long side becomes ``int(short_target * long / short)``; for a non-square one timm's
+    ``ResizeKeepRatio``: both sides divided by ``min(h / rh, w / rw)`` and rounded), then a centre crop of
+    ``H x W`` (torchvision's ``CenterCrop``: offsets ``round((size - crop) / 2)``, zero padding when the image is
+    smaller);
+  - ``squash``: resize to exactly ``resize`` (aspect ratio not kept), then the centre crop;
+  - ``border``: resize the longer side to fit ``resize`` keeping the ratio (``ResizeKeepRatio(longest=1)``), then
+    centre crop or pad to ``H x W`` with the mean colour ``round(255 * mean)``;
+
+* ``scale`` (1/255), ``mean``, ``std``: ``(pixel * scale - mean) / std`` per channel, in float32 (torchvision's
+  ``ToTensor`` + ``Normalize``).
+
+Manifests written before these fields existed (schema version 3 and older) resized straight to the input size with
+bilinear filtering: that is ``crop_mode = "squash"``, ``crop_pct = 1.0``, ``interpolation = "bilinear"``
+(``LEGACY``), which ``geometry`` fills in. numpy + Pillow only (no torch): deployment hosts lack it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from klas_runtime.errors import ZooError
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+CROP_MODES = ("center", "squash", "border")
+GEOMETRY = ("resize", "interpolation", "crop_pct", "crop_mode")  # the fields added in schema version 4
+LEGACY = dict(interpolation="bilinear", crop_pct=1.0, crop_mode="squash")  # what a spec without them means
+CROP_PCT_RANGE = (0.1, 2.0)
+
+
+def resize_size(h: int, w: int, crop_pct: float) -> list[int]:
+    """timm's ``scale_size``: ``[floor(h / crop_pct), floor(w / crop_pct)]``."""
+    return [math.floor(h / crop_pct), math.floor(w / crop_pct)]
+
+
+def geometry(spec: dict) -> dict:
+    """``resize``, ``interpolation``, ``crop_pct``, ``crop_mode`` of an input spec; a spec without them (older
+    manifests) means: resize straight to the input size, bilinear, no crop."""
+    _, _, h, w = spec["shape"]
+    out = {k: spec.get(k, LEGACY.get(k)) for k in ("interpolation", "crop_pct", "crop_mode")}
+    out["resize"] = list(spec.get("resize") or resize_size(h, w, out["crop_pct"]))
+    return out
+
+
+def _pil_filter(name: str):
+    from PIL import Image
+
+    # torchvision's pil_modes_mapping: InterpolationMode -> Pillow filter
+    table = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+    if name not in table:
+        raise ZooError(f"input interpolation {name!r}: expected one of {', '.join(INTERPOLATIONS)}")
+    return table[name]
+
+
+def _resize(img, size_hw: tuple[int, int], resample):
+    """torchvision ``F.resize`` on a PIL image to an exact (h, w): nothing when the size is already right."""
+    h, w = size_hw
+    if (img.size[1], img.size[0]) == (h, w):
+        return img
+    return img.resize((w, h), resample)
+
+
+def _keep_ratio_size(ih: int, iw: int, target: list[int], longest: float) -> tuple[int, int]:
+    """timm ``ResizeKeepRatio.get_params`` without randomness (same float expressions, Python's round)."""
+    th, tw = target
+    ratio_h, ratio_w = ih / th, iw / tw
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1. - longest)
+    return round(ih * 1. / ratio), round(iw * 1. / ratio)
+
+
+def _short_side_size(ih: int, iw: int, size: int) -> tuple[int, int]:
+    """torchvision ``Resize(int)``: the shorter side to ``size``, the longer to ``int(size * long / short)``."""
+    short, long = (iw, ih) if iw <= ih else (ih, iw)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if iw <= ih else (new_long, new_short)
+    return new_h, new_w
+
+
+def _center_crop_or_pad(arr: np.ndarray, h: int, w: int, fill) -> np.ndarray:
+    """torchvision ``center_crop`` (fill 0) / timm ``center_crop_or_pad`` on an [H, W, C] uint8 array: pad
+    ``(size - image) // 2`` left/top and the rest right/bottom when smaller, then crop at
+    ``round((size - crop) / 2)``."""
+    ih, iw = arr.shape[:2]
+    if h > ih or w > iw:
+        top, left = ((h - ih) // 2 if h > ih else 0), ((w - iw) // 2 if w > iw else 0)
+        bottom, right = ((h - ih + 1) // 2 if h > ih else 0), ((w - iw + 1) // 2 if w > iw else 0)
+        out = np.empty((ih + top + bottom, iw + left + right, arr.shape[2]), dtype=arr.dtype)
+        out[...] = np.asarray(fill, dtype=arr.dtype).reshape(1, 1, -1)
+        out[top:top + ih, left:left + iw] = arr
+        arr = out
+        ih, iw = arr.shape[:2]
+    top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
+    return arr[top:top + h, left:left + w]
+
+
+def convert(img, spec: dict):
+    """The image in the channels the model takes: Pillow ``L`` (grayscale) or ``RGB``, whatever the file holds."""
+    want = "L" if spec["color"] == "grayscale" else "RGB"
+    return img if img.mode == want else img.convert(want)
+
+
+def resize_crop(img, spec: dict) -> np.ndarray:
+    """Resize and crop an ``L``/``RGB`` PIL image as the spec says -> uint8 [H, W, C] of the input size."""
+    _, c, h, w = spec["shape"]
+    g = geometry(spec)
+    resample = _pil_filter(g["interpolation"])
+    rh, rw = g["resize"]
+    ih, iw = img.size[1], img.size[0]
+    fill = 0
+    if g["crop_mode"] == "squash":
+        img = _resize(img, (rh, rw), resample)
+    elif g["crop_mode"] == "border":
+        img = _resize(img, _keep_ratio_size(ih, iw, [rh, rw], 1.0), resample)
+        fill = [round(255 * v) for v in spec["mean"]]
+    elif g["crop_mode"] == "center":
+        size = _short_side_size(ih, iw, rh) if rh == rw else _keep_ratio_size(ih, iw, [rh, rw], 0.0)
+        img = _resize(img, size, resample)
+    else:
+        raise ZooError(f"input crop_mode {g['crop_mode']!r}: expected one of {', '.join(CROP_MODES)}")
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr.reshape(arr.shape[0], arr.shape[1], -1)
+    if arr.shape[2] != c:
+        raise ZooError(f"image has {arr.shape[2]} channels after conversion, the model takes {c}")
+    return _center_crop_or_pad(arr, h, w, fill)
+
+
+def normalize(arr_hwc: np.ndarray, spec: dict) -> np.ndarray:
+    """uint8 [H, W, C] -> float32 [C, H, W]: ``(x * scale - mean) / std`` in float32 (for scale 1/255 exactly
+    torchvision's ``ToTensor`` (x / 255) + ``Normalize``)."""
+    x = arr_hwc.transpose(2, 0, 1).astype(np.float32)
+    inv = 1.0 / float(spec["scale"])
+    x = x / np.float32(inv) if abs(inv - round(inv)) < 1e-9 else x * np.float32(spec["scale"])
+    mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def preprocess(img, spec: dict) -> np.ndarray:
+    """A PIL image (any mode, any size) -> float32 [C, H, W], the model's input."""
+    return normalize(resize_crop(convert(img, spec), spec), spec)

@@ -1,0 +1,652 @@
+"""The battery: bad inputs and faults against every ``klas`` command, table-driven.
+
+Every case runs the real CLI (``klas.cli.main``) in its own process and asserts: a non-zero exit, exactly one line
+on stderr (progress bars aside) naming the culprit (key, flag or file), no "Traceback" in stdout or stderr, and no
+file lost or half-written (the hashes of every file the case guards are the same afterwards). One small real run
+(a two-anchor ViT family defined in the config, tiny settings) is built once per module by ``klas run`` in a
+subprocess and copied for destructive cases. To keep ~70 CLI calls within a couple of minutes on a 2-core box the
+simple cases are forked from a warm server process that imported klas once (each case is still a separate
+process with its own stdout/stderr, cwd and exit status); the run, the concurrent runs and the final resume are
+plain ``python -m klas`` subprocesses.
+
+Faults during export: one export is run with hooks that copy the run directory at each moment a kill could strike
+(first model file staged, all staged before the manifest, manifest staged before the swap) -- the state a SIGKILL
+leaves on disk -- and then SIGKILL the process for real right after the swap, before the stage record is written.
+Every such state must hold a zoo that ``klas verify`` accepts (the old one or the new one) and none may be reported
+as up to date by ``klas run --dry-run`` unless its record and artifact agree.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+FAMILY = """
+[run]
+family = "battery-vit"
+threads = 1
+[family]
+name = "battery-vit"
+dataset = "fashion-mnist"
+num_classes = 10
+[family.input]
+channels = 1
+size = 28
+mean = [0.2860]
+std = [0.3530]
+{anchors}
+[probes]
+epochs = 1
+train_subset = 256
+val_subset = 200
+stat_samples = 128
+[scores]
+val_subset = 200
+dm_samples = 100
+[selection]
+num_buckets = 2
+[finetune]
+steps_per_epoch = 2
+batch_size = 32
+train_subset = 256
+val_images = 0
+[finetune.init]
+samples = 64
+[evaluation]
+val_subset = 300
+test_subset = 100
+latency = false
+[export]
+precisions = "none"
+parity_images = 50
+profile = false
+"""
+ANCHOR = """
+[[family.anchors]]
+name = "tv-{w}"
+arch = "vit_tiny_patch16_224"
+model_args = {{ img_size = 28, patch_size = 7, in_chans = 1, num_classes = 10, depth = 4, mlp_ratio = 2.0, embed_dim = {w}, num_heads = {h} }}
+weights = "tv-{w}.safetensors"
+"""
+
+# A warm process that imported klas (and torch's ONNX exporter) once and forks one child per request; the child
+# chdirs, points fds 1 and 2 at files, applies an optional fault and runs ``klas.cli.main(argv)``.
+SERVER = r'''
+import errno, json, os, shutil, signal, sys
+sys.argv = ["klas"]
+import klas.cli, klas.io, klas.stages.s6_export as s6
+import klas.config, klas.pipeline, klas.data, klas_runtime.runtime, klas_runtime.profile, onnxruntime, PIL.Image
+klas.cli.build_parser()  # every command module imported once, here
+from klas_runtime.io import atomic_path
+reply = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+print("ready", file=reply)
+
+def faults(f):
+    if "snapshots" in f:  # copy the run dir at each moment a kill could strike, then SIGKILL after the swap
+        run, dest, seen = f["run"], f["snapshots"], {"n": 0}
+        write, save, swap = s6.write_atomic, s6.save_manifest, klas.io.swap_dirs
+        def snap(name):
+            shutil.copytree(run, os.path.join(dest, name), symlinks=True)
+        def w(path, data):
+            write(path, data)
+            seen["n"] += 1
+            if seen["n"] == 1:
+                snap("first-model-staged")
+        def sm(*a, **k):
+            snap("models-staged-no-manifest")
+            return save(*a, **k)
+        def sw(new, old):
+            snap("manifest-staged-before-swap")
+            swap(new, old)
+            os.kill(os.getpid(), signal.SIGKILL)  # a real kill: after the swap, before the stage record
+        s6.write_atomic, s6.save_manifest, klas.io.swap_dirs = w, sm, sw
+    if "enospc" in f:  # the disk fills up while the n-th zoo file is written
+        write, seen = s6.write_atomic, {"n": 0}
+        def full(path, data):
+            seen["n"] += 1
+            if seen["n"] >= f["enospc"]:
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(data[: len(data) // 2])
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            write(path, data)
+        s6.write_atomic = full
+    if "eacces" in f:  # the file system refuses to create folders under a prefix
+        mkdir, prefix = os.mkdir, f["eacces"]
+        def no(path, *a, **k):
+            if os.fspath(path).startswith(prefix):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return mkdir(path, *a, **k)
+        os.mkdir = no
+
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.chdir(req["cwd"])
+            os.environ.update(req["env"])
+            os.dup2(os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+            os.dup2(os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+            sys.argv = ["klas"] + req["argv"]
+            faults(req["fault"])
+            try:
+                rc = klas.cli.main(req["argv"])
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            rc = 99
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), file=reply)
+'''
+
+
+class Server:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=ENV, cwd=ROOT)
+        self.lock = threading.Lock()
+        self.n = 0
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, argv, cwd=None, fault=None, env=None):
+        with self.lock:
+            self.n += 1
+            out, err = self.tmp / f"out{self.n}.txt", self.tmp / f"err{self.n}.txt"
+            req = dict(argv=[str(a) for a in argv], cwd=str(cwd or self.tmp), fault=fault or {}, env=env or {},
+                       out=str(out), err=str(err))
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            rc = json.loads(self.proc.stdout.readline())["rc"]
+        return rc, out.read_text(errors="replace"), err.read_text(errors="replace")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def klas_proc(*argv, **kw):
+    return subprocess.run([sys.executable, "-m", "klas", *map(str, argv)], capture_output=True, text=True, env=ENV,
+                          cwd=kw.pop("cwd", ROOT), **kw)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """One small real run (probes ... zoo) of a two-anchor family defined in the config, and the fork server."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("battery")
+    torch.manual_seed(0)
+    anchors = ""
+    for w in (8, 16):
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                              num_classes=10, depth=4, mlp_ratio=2.0, embed_dim=w, num_heads=max(1, w // 8))
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(d / f"tv-{w}.safetensors"))
+        anchors += ANCHOR.format(w=w, h=max(1, w // 8))
+    cfg = d / "tiny.toml"
+    cfg.write_text(FAMILY.format(anchors=anchors))
+    r = klas_proc("run", cfg, "--run-dir", d / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    server = Server(tmp_path_factory.mktemp("server"))
+    yield dict(dir=d, cfg=cfg, run=d / "run", zoo=d / "run" / "zoo", server=server)
+    server.close()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root`` (the run's lock file aside: a refused command may take
+    and release it)."""
+    if not root.exists():
+        return {}
+    if root.is_file():
+        return {"": hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != ".lock"}
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without progress bars (tqdm redraws with carriage returns) and blank lines."""
+    lines = []
+    for ln in stderr.splitlines():
+        ln = ln.split("\r")[-1].strip()
+        if ln and not ("it/s]" in ln or "s/it]" in ln or "model/s]" in ln):
+            lines.append(ln)
+    return lines
+
+
+# --- setups: each gets (base, tmp) and returns the placeholders its argv uses; they build only in tmp ------------------
+
+def _zoo(b, t):
+    shutil.copytree(b["zoo"], t / "zoo", symlinks=True)
+    return t / "zoo"
+
+
+def _manifest(zoo):
+    return json.loads((zoo / "manifest.json").read_text())
+
+
+def _first_model(zoo):
+    return next(m for m in _manifest(zoo)["models"] if "file" in m)
+
+
+def setup_tampered(b, t):
+    zoo = _zoo(b, t)
+    f = zoo / _first_model(zoo)["file"]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return dict(zoo=zoo, culprit=f.name)
+
+
+def setup_missing(b, t):
+    zoo = _zoo(b, t)
+    f = zoo / _first_model(zoo)["file"]
+    f.unlink()
+    return dict(zoo=zoo, culprit=f.name)
+
+
+def setup_symlinked_manifest(b, t):
+    zoo = _zoo(b, t)
+    outside = t / "elsewhere.json"
+    shutil.move(zoo / "manifest.json", outside)
+    (zoo / "manifest.json").symlink_to(outside)
+    return dict(zoo=zoo, culprit="manifest.json")
+
+
+def _rewrite(zoo, entry_name, data: bytes, **fields):
+    """Replace a model file with ``data`` and re-hash it in the manifest (what a forger would do)."""
+    m = _manifest(zoo)
+    for e in m["models"]:
+        if e["name"] == entry_name:
+            (zoo / e["file"]).write_bytes(data)
+            e.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data), **fields)
+    (zoo / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def setup_not_onnx(b, t):
+    zoo = _zoo(b, t)
+    e = _first_model(zoo)
+    _rewrite(zoo, e["name"], b"these bytes are not an ONNX model, but the manifest has their hash\n" * 50)
+    return dict(zoo=zoo, culprit=e["file"])
+
+
+def setup_external_data(b, t):
+    """A real model whose weights were moved to weights.bin by onnx.external_data_helper; the manifest re-hashed;
+    the command runs from a cwd holding that weights.bin (where onnxruntime would otherwise look)."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    zoo = _zoo(b, t)
+    e = _first_model(zoo)
+    model = onnx.load(str(zoo / e["file"]))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=256)
+    cwd = t / "cwd"
+    cwd.mkdir()
+    onnx.save(model, str(cwd / "moved.onnx"))
+    _rewrite(zoo, e["name"], (cwd / "moved.onnx").read_bytes())
+    shutil.copy(cwd / "weights.bin", zoo / "weights.bin")
+    return dict(zoo=zoo, cwd=cwd, culprit=e["file"])
+
+
+def setup_traversal(b, t):
+    zoo = _zoo(b, t)
+    m = _manifest(zoo)
+    m["models"][0]["file"] = "../../etc/passwd.onnx"
+    (zoo / "manifest.json").write_text(json.dumps(m, indent=2))
+    return dict(zoo=zoo, culprit="../../etc/passwd.onnx")
+
+
+def setup_zoo_is_file(b, t):
+    (t / "zoo").write_text("not a folder")
+    return dict(zoo=t / "zoo", culprit="zoo")
+
+
+def setup_not_image(b, t):
+    zoo = _zoo(b, t)
+    (t / "cat.png").write_text("not an image at all")
+    return dict(zoo=zoo, img=t / "cat.png", culprit="cat.png")
+
+
+def setup_bomb(b, t):
+    """A PNG of a few hundred bytes whose header declares 100000 x 100000 pixels (10 gigapixels)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
+    (t / "bomb.png").write_bytes(png)
+    zoo = _zoo(b, t)
+    return dict(zoo=zoo, img=t / "bomb.png", culprit="bomb.png")
+
+
+def setup_config(text, culprit="bad.toml"):
+    def make(b, t):
+        (t / "bad.toml").write_text(text)
+        return dict(cfg=t / "bad.toml", culprit=culprit)
+    return make
+
+
+def setup_config_dir(b, t):
+    (t / "conf.toml").mkdir()
+    return dict(cfg=t / "conf.toml", culprit="conf.toml")
+
+
+def setup_config_binary(b, t):
+    (t / "bin.toml").write_bytes(b"\xff\xfe\x00\x81 not text")
+    return dict(cfg=t / "bin.toml", culprit="bin.toml")
+
+
+def setup_none(b, t):
+    return {}
+
+
+def setup_file(b, t):
+    (t / "afile").write_text("x")
+    return dict(file=t / "afile", culprit="afile")
+
+
+def setup_run(b, t):
+    shutil.copytree(b["run"], t / "run", symlinks=True)
+    return dict(run=t / "run", culprit="")
+
+
+def _fmnist_root(t, images, labels):
+    """A Fashion-MNIST root of IDX files from uint8 arrays (train and test alike)."""
+    import numpy as np
+
+    root = t / "fmnist"
+    root.mkdir()
+
+    def idx(arr, code=0x08):
+        return bytes([0, 0, code, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape) + \
+            np.ascontiguousarray(arr).tobytes()
+    for img, lbl in (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                     ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
+        (root / img).write_bytes(idx(images))
+        (root / lbl).write_bytes(idx(labels))
+    return root
+
+
+def setup_bad_labels(b, t):
+    import numpy as np
+
+    labels = np.arange(6000, dtype=np.uint8) % 10
+    labels[4321] = 17
+    root = _fmnist_root(t, np.zeros((6000, 28, 28), np.uint8), labels)
+    return dict(root=root, culprit="label 17")
+
+
+def setup_bad_size(b, t):
+    import numpy as np
+
+    root = _fmnist_root(t, np.zeros((6000, 32, 32), np.uint8), np.arange(6000, dtype=np.uint8) % 10)
+    return dict(root=root, culprit="32x32")
+
+
+def setup_evil_cifar(b, t):
+    """A CIFAR-100 root whose train file is a pickle that calls os.system when loaded with plain pickle."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {t / 'PWNED'}",))
+
+    root = t / "cifar"
+    root.mkdir()
+    for name in ("train", "test", "meta"):
+        (root / name).write_bytes(pickle.dumps({"data": Evil(), "fine_labels": [0]}, protocol=2))
+    cfg = t / "cifar.toml"  # the family's dataset is CIFAR-100 (the anchors are never reached)
+    cfg.write_text(b["cfg"].read_text().replace('dataset = "fashion-mnist"', 'dataset = "cifar100"')
+                   .replace('weights = "', f'weights = "{b["dir"]}/'))
+    return dict(root=root, cfg=cfg, culprit="cifar/train", pwned=t / "PWNED")
+
+
+# Each case: id, setup, argv (placeholders from the setup and {tmp}), needle the one stderr line must contain, the
+# paths whose files must be unchanged ("guard", placeholders), and an optional fault for the forked process.
+CFG_RUN = ["run", "{cfg}", "--run-dir", "{tmp}/newrun"]
+CASES = [
+    # --- settings, checked at load (every example of the issue), before any stage or folder is made -------------
+    ("config-selection-method", setup_config("[selection]\nmethod = 'nope'\n"), CFG_RUN,
+     "[selection] method = 'nope'", ["{cfg}"]),
+    ("config-scores-impl", setup_config("[scores]\nimpl = 'bogus'\n"), CFG_RUN, "[scores] impl = 'bogus'", []),
+    ("config-finetune-lr", setup_config("[finetune]\nlr = -1.0\n"), CFG_RUN, "[finetune] lr = -1.0", []),
+    ("config-latency-repeats", setup_config("[evaluation]\nlatency_repeats = 0\n"), CFG_RUN,
+     "[evaluation] latency_repeats = 0", []),
+    ("config-export-opset", setup_config("[export]\nopset = 3\n"), CFG_RUN, "[export] opset = 3", []),
+    ("config-temperature", setup_config("[scores]\ntemperature = 0\n"), CFG_RUN, "[scores] temperature = 0", []),
+    ("config-test-subset", setup_config("[evaluation]\ntest_subset = -1\n"), CFG_RUN,
+     "[evaluation] test_subset = -1", []),
+    ("config-threads-dry-run", setup_config("[run]\nthreads = -2\n"), CFG_RUN + ["--dry-run"],
+     "[run] threads = -2", []),
+    ("config-unknown-key", setup_config("[probes]\nepoch = 3\n"), CFG_RUN, "unknown key [probes] epoch", []),
+    ("config-invalid-toml", setup_config("[probes\nepochs = 1\n"), CFG_RUN, "invalid TOML", []),
+    ("config-bad-set", setup_config("[selection]\ntau = 0.1\n", "--set"), CFG_RUN + ["--set", "selection.tau=-1"],
+     "--set selection.tau = -1", []),
+    ("config-malformed-set", setup_config("", "--set"), CFG_RUN + ["--set", "tau"], "--set 'tau'", []),
+    ("config-path-is-dir", setup_config_dir, ["config", "{cfg}"], "conf.toml", []),
+    ("config-not-text", setup_config_binary, ["config", "{cfg}"], "bin.toml", ["{cfg}"]),
+    ("config-missing", setup_config("", "nope.toml"), ["config", "{tmp}/nope.toml"], "nope.toml", []),
+    ("config-dry-run-writes-nothing", setup_config("[export]\nopset = 3\n"), CFG_RUN + ["--dry-run"],
+     "[export] opset = 3", []),
+    # --- single-stage commands: bad flags and --set blamed on themselves -----------------------------------------
+    ("probe-bad-set", setup_run, ["probe", "--run-dir", "{run}", "--set", "probes.epochs=0"],
+     "--set probes.epochs = 0", ["{run}"]),
+    ("score-bad-impl", setup_run, ["score", "--run-dir", "{run}", "--set", "scores.impl=bogus"],
+     "scores.impl = 'bogus'", ["{run}"]),
+    ("select-bad-method", setup_run, ["select", "--run-dir", "{run}", "--method", "nope"], "--method 'nope'",
+     ["{run}"]),
+    ("finetune-bad-lr", setup_run, ["finetune", "--run-dir", "{run}", "--set", "finetune.lr=-1.0"],
+     "finetune.lr = -1.0", ["{run}"]),
+    ("evaluate-unknown-flag", setup_run, ["evaluate", "--run-dir", "{run}", "--no-such-flag"], "--no-such-flag",
+     ["{run}"]),
+    ("export-bad-opset", setup_run, ["export", "--run-dir", "{run}", "--set", "export.opset=3"],
+     "export.opset = 3", ["{run}"]),
+    ("anchors-unknown-family", setup_none, ["anchors", "eval", "no-such-family"], "no-such-family", []),
+    # --- run directories ------------------------------------------------------------------------------------------
+    ("run-dir-is-file", setup_file, ["run", "--run-dir", "{file}", "--until", "probes"], "afile", ["{file}"]),
+    ("evaluate-run-dir-under-file", setup_file, ["evaluate", "--run-dir", "{file}/run"], "lies under",
+     ["{file}"]),
+    ("probe-permission-denied", setup_none, ["probe", "--run-dir", "{tmp}/locked/run"], "locked",
+     [], {"eacces": "{tmp}/locked"}),
+    ("compare-method-without-run-dir", setup_none, ["compare", "--out", "{tmp}/out", "--selection", "klas", "mse"],
+     "--selection 'klas'", []),
+    ("report-out-under-file", setup_run, ["report", "{run}", "--out", "{run}/config.toml/report.html"],
+     "config.toml", ["{run}"]),
+    ("report-not-a-run", setup_none, ["report", "{tmp}/no-run"], "no-run", []),
+    ("study-not-a-run", setup_none, ["study", "sensitivity", "--run-dir", "{tmp}/no-run", "--out", "{tmp}/o"],
+     "no-run", []),
+    # --- data: contents checked when a stage first loads them, untrusted files never executed ------------------
+    ("data-label-out-of-range", setup_bad_labels, ["run", "{base_cfg}", "--run-dir", "{tmp}/r",
+                                                   "--set", "data.root=\"{root}\"", "--until", "probes"],
+     "label 17", ["{root}"]),
+    ("data-image-size", setup_bad_size, ["run", "{base_cfg}", "--run-dir", "{tmp}/r",
+                                         "--set", "data.root=\"{root}\"", "--until", "probes"], "32x32",
+     ["{root}"]),
+    ("data-evil-pickle", setup_evil_cifar, ["run", "{cfg}", "--run-dir", "{tmp}/r", "--set",
+                                            "data.root=\"{root}\"", "--until", "probes"], "system",
+     ["{root}"]),
+    # --- zoos: verify / pick / predict / profile refuse what the manifest does not vouch for --------------------
+    ("verify-tampered", setup_tampered, ["verify", "{zoo}"], "sha256", ["{zoo}"]),
+    ("pick-tampered", setup_tampered, ["pick", "{zoo}"], "sha256", ["{zoo}"]),
+    ("verify-missing-file", setup_missing, ["verify", "{zoo}"], "missing", ["{zoo}"]),
+    ("predict-missing-file", setup_missing, ["predict", "{zoo}", "{tmp}/x.png"], "missing", ["{zoo}"]),
+    ("verify-symlinked-manifest", setup_symlinked_manifest, ["verify", "{zoo}"], "not a regular file", ["{zoo}"]),
+    ("profile-symlinked-manifest", setup_symlinked_manifest, ["profile", "{zoo}", "--runs", "1"],
+     "not a regular file", ["{zoo}"]),
+    ("verify-external-data", setup_external_data, ["verify", "{zoo}"], "external data", ["{zoo}", "{cwd}"]),
+    ("predict-external-data", setup_external_data, ["pick", "{zoo}", "--max-flops", "1G"], "external data",
+     ["{zoo}", "{cwd}"]),
+    ("verify-not-onnx", setup_not_onnx, ["verify", "{zoo}"], "not an ONNX model", ["{zoo}"]),
+    ("pick-not-onnx", setup_not_onnx, ["pick", "{zoo}"], "not an ONNX model", ["{zoo}"]),
+    ("verify-traversal", setup_traversal, ["verify", "{zoo}"], "passwd", ["{zoo}"]),
+    ("pick-zoo-is-file", setup_zoo_is_file, ["pick", "{zoo}"], "zoo", ["{zoo}"]),
+    # --- images -----------------------------------------------------------------------------------------------
+    ("predict-not-an-image", setup_not_image, ["predict", "{zoo}", "{img}"], "cat.png", ["{zoo}", "{img}"]),
+    ("predict-decompression-bomb", setup_bomb, ["predict", "{zoo}", "{img}"], "bomb.png", ["{zoo}", "{img}"]),
+    ("profile-not-onnx", setup_not_onnx, ["profile", "{zoo}", "--runs", "1", "--warmup", "0"],
+     "not an ONNX model", ["{zoo}"]),
+    # --- a full disk while exporting: one line naming the file, the old zoo intact ---------------------------
+    ("export-disk-full", setup_run, ["export", "--run-dir", "{run}", "--force"], "no space left",
+     ["{run}/zoo"], {"enospc": 1}),
+]
+print(f"test_battery: {len(CASES)} table cases + 2 fault scenarios (kill during export at 4 moments, two "
+      f"concurrent runs)")
+
+
+def _fill(x, ph):
+    return x.format(**ph) if isinstance(x, str) else x
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_battery(case, base, tmp_path):
+    name, setup, argv, needle, guard = case[:5]
+    fault = case[5] if len(case) > 5 else {}
+    ph = dict(tmp=tmp_path, base_cfg=base["cfg"], base_zoo=base["zoo"])
+    ph.update(setup(base, tmp_path))
+    argv = [_fill(a, ph) for a in argv]
+    fault = {k: _fill(v, ph) for k, v in fault.items()}
+    guarded = [Path(_fill(g, ph)) for g in guard]
+    before = {g: tree_hashes(g) for g in guarded}
+    base_before = tree_hashes(base["run"])
+    rc, out, err = base["server"].run(argv, cwd=ph.get("cwd", tmp_path), fault=fault)
+    lines = error_lines(err)
+    assert rc not in (0, 99) and rc > 0, (name, rc, out[-800:], err[-2000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    assert len(lines) == 1, (name, lines)
+    assert needle in lines[0], (name, needle, lines[0])
+    if ph.get("culprit"):
+        assert ph["culprit"] in lines[0], (name, ph["culprit"], lines[0])
+    assert "internal error" not in lines[0], lines[0]
+    if ph.get("culprit") == "--set":
+        assert "bad.toml" not in lines[0], lines[0]  # a bad --set is blamed on --set, not on the config file
+    for g in guarded:
+        assert tree_hashes(g) == before[g], (name, g)  # nothing lost or half-written
+    assert tree_hashes(base["run"]) == base_before  # the shared run is never touched
+    if "pwned" in ph:
+        assert not ph["pwned"].exists(), "the pickle's code ran"
+    if name.startswith("config-") and "newrun" in " ".join(argv):
+        assert not (tmp_path / "newrun").exists()  # refused before any folder is made (--dry-run or not)
+    if name == "export-disk-full":
+        assert not list((tmp_path / "run").glob(".zoo.staging-*"))  # the half-built zoo is cleaned up
+        assert base["server"].run(["verify", tmp_path / "run" / "zoo"])[0] == 0
+
+
+def _verify_ok(server, zoo):
+    rc, out, err = server.run(["verify", zoo])
+    assert rc == 0, (zoo, out, err)
+
+
+def _dry_run_lines(server, cfg, run, *sets):
+    rc, out, err = server.run(["run", cfg, "--run-dir", run, "--dry-run"] + [a for s in sets for a in ("--set", s)])
+    assert rc == 0, err
+    return {ln.split()[1]: ln for ln in out.splitlines() if ln.startswith("[")}
+
+
+def test_kill_during_export_leaves_old_or_new_zoo(base, tmp_path):
+    """The export killed at four moments: each state holds a zoo that verifies (the old or the new one) and the
+    next `klas run` does not call a broken stage up to date; a real resume after the real SIGKILL finishes."""
+    server = base["server"]
+    run, snaps = tmp_path / "run", tmp_path / "snaps"
+    shutil.copytree(base["run"], run, symlinks=True)
+    snaps.mkdir()
+    old = tree_hashes(base["zoo"])
+    rc, out, err = server.run(["export", "--run-dir", run, "--force"],
+                              fault={"snapshots": str(snaps), "run": str(run)})
+    assert rc == -9, (rc, err[-2000:])  # killed for real, right after the swap
+    states = {p.name: p for p in snaps.iterdir()} | {"killed-after-swap": run}
+    assert set(states) == {"first-model-staged", "models-staged-no-manifest", "manifest-staged-before-swap",
+                           "killed-after-swap"}
+    for what, state in states.items():
+        _verify_ok(server, state / "zoo")
+        now = tree_hashes(state / "zoo")
+        if what != "killed-after-swap":
+            assert now == old, what  # before the swap: the old zoo, untouched
+        else:
+            assert set(now) == set(old)  # the new zoo, whole (same models; the manifest's timestamps differ)
+        lines = _dry_run_lines(server, base["cfg"], state)
+        assert "skip" not in lines["export"], (what, lines["export"])  # a record was deleted before the re-run
+    rc, out, err = server.run(["run", base["cfg"], "--run-dir", run])  # resume; the killed export's lock is taken over
+    assert rc == 0, err[-2000:]
+    assert "taking over the lock" in out and "export: done in" in out and "Traceback" not in out + err
+    assert not list(run.glob(".zoo.staging-*"))
+    _verify_ok(server, run / "zoo")
+    assert "skip" in _dry_run_lines(server, base["cfg"], run)["export"]
+
+
+def test_two_concurrent_runs_one_run_dir(base, tmp_path):
+    """The second `klas run` on a directory in use gets one line naming the holder; the zoo then verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run, symlinks=True)
+    first = subprocess.Popen([sys.executable, "-m", "klas", "run", str(base["cfg"]), "--run-dir", str(run),
+                              "--set", "export.parity_images=40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=ENV, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "pid" not in ((run / ".lock").read_text() if (run / ".lock").exists()
+                                                        else ""):
+            time.sleep(0.2)
+        assert f"pid {first.pid}" in (run / ".lock").read_text()
+        second = klas_proc("run", base["cfg"], "--run-dir", run, "--set", "export.parity_images=30")
+        lines = error_lines(second.stderr)
+        assert second.returncode != 0 and len(lines) == 1, second.stderr
+        assert f"in use by pid {first.pid}" in lines[0] and "Traceback" not in second.stderr + second.stdout
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err[-2000:]
+    assert "Traceback" not in out + err
+    _verify_ok(base["server"], run / "zoo")
+    assert "skip" in _dry_run_lines(base["server"], base["cfg"], run, "export.parity_images=40")["export"]
+
+
+def test_restricted_unpickler_reads_numpy_arrays_of_numpy_1_and_2_and_refuses_the_rest(tmp_path):
+    """What the CIFAR-100 files need loads (arrays pickled by numpy 2.x, and by numpy 1.x, whose pickles name
+    numpy.core.multiarray._reconstruct); a pickle naming any other callable is refused and never runs."""
+    import pickle
+
+    import numpy as np
+
+    from klas.data.safety import load_pickle, loads_pickle
+    from klas.errors import KlasError
+
+    d = {"data": np.arange(3072 * 2, dtype=np.uint8).reshape(2, 3072), "fine_labels": [3, 99], b"raw": "x"}
+    raw2 = pickle.dumps(d, protocol=2)  # GLOBAL opcodes name modules as text lines, as numpy 1.x wrote them
+    old = raw2.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert old != raw2
+    for blob in (raw2, old, pickle.dumps(d, protocol=4)):
+        got = loads_pickle(blob)
+        assert np.array_equal(got["data"], d["data"]) and got["fine_labels"] == [3, 99]
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (eval, (f"open({str(marker)!r}, 'w')",))
+    (tmp_path / "evil").write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
+    refused = r"evil: not a dataset pickle \(refusing global (__builtin__|builtins)\.eval"
+    with pytest.raises(KlasError, match=refused) as e:
+        load_pickle(tmp_path / "evil")
+    assert "\n" not in str(e.value) and not marker.exists()

@@ -1,0 +1,273 @@
+"""Reduced-precision variants of zoo models (int8 static QDQ, fp16) and latency per device.
+
+A real exported zoo (the embedded family's pretrained fmnist-deit-ti anchor, parity-checked by the exporter) gets its
+variants from ``export_models(val=...)`` on real Fashion-MNIST images; every figure the manifest claims is re-computed
+here with plain onnxruntime sessions and numpy (accuracy, agreement with the float32 parent, max logit difference).
+Rejection is engineered: int8 calibrated on a single val image with ``max_accuracy_loss = 0`` -- the clipped ranges
+cost accuracy, which is checked independently before the rejection is. Pick by latency is checked against an oracle
+over this device's records, and refused in one line (naming ``klas profile``) where only another device has any.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from klas_runtime import cli
+from klas_runtime.errors import ZooError
+from klas_runtime.manifest import (MANIFEST, SCHEMA_VERSION, VARIANTS_SINCE, load_manifest, read_manifest,
+                                   save_manifest, validate)
+from klas_runtime.profile import device_key, device_label, device_slug, profile_zoo
+from klas_runtime.runtime import Zoo, verify_zoo
+
+ANCHOR = "fmnist-deit-ti"
+N_TEST, N_VAL, N_CAL = 1000, 400, 128
+MAX_LOSS = 1.0
+
+
+def ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[s:s + 250]})[0] for s in range(0, len(x), 250)])
+
+
+@pytest.fixture(scope="module")
+def sets():
+    from klas.data import load_dataset
+
+    test = load_dataset("fashion-mnist", "test").subset(N_TEST)
+    val = load_dataset("fashion-mnist", "val").subset(N_VAL)
+    return test, val
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, sets, one_thread):
+    """The ti anchor exported with its fp16 and int8 variants (per_channel auto: both built, one kept)."""
+    import torch
+
+    import klas
+    from klas.stages.s6_export import ExportConfig, export_models
+    from klas.stitch import StitchConfig, StitchedNet
+
+    test, val = sets
+    torch.manual_seed(0)
+    view = klas.create_family("fmnist-deit", pretrained=True)[ANCHOR]
+    out = tmp_path_factory.mktemp("variants") / "zoo"
+    options = ExportConfig(parity_images=200, accuracy_images=N_TEST, provider="cpu", warmup=2, runs=10,
+                           calibration_images=N_CAL, per_channel="auto", per_channel_images=200,
+                           max_accuracy_loss=MAX_LOSS)
+    export_models([(StitchConfig.anchor(ANCHOR), StitchedNet(view, -1, view, -1, None), None)], out, "fmnist-deit",
+                  test, options, progress=False, val=val)
+    return out
+
+
+def x_y(data) -> tuple[np.ndarray, np.ndarray]:
+    return data.normalize(data.images).numpy(), data.labels.numpy()
+
+
+# --- accuracy and parity, recomputed ------------------------------------------------------------------------------
+
+def test_variants_accuracy_and_parity_recomputed(zoo, sets):
+    manifest = load_manifest(zoo)
+    by = {m["name"]: m for m in manifest["models"]}
+    assert sorted(by) == [ANCHOR, f"{ANCHOR}.fp16", f"{ANCHOR}.int8"] and manifest["rejected"] == []
+    assert manifest["schema_version"] == SCHEMA_VERSION >= VARIANTS_SINCE == 3 and by[ANCHOR]["precision"] == "fp32"
+    x, y = x_y(sets[0])
+    ref = ort_logits(zoo / by[ANCHOR]["file"], x)
+    parent_acc = (ref.argmax(1) == y).mean() * 100
+    for prec in ("fp16", "int8"):
+        e = by[f"{ANCHOR}.{prec}"]
+        assert e["precision"] == prec and e["parent"] == ANCHOR and e["file"] == f"{ANCHOR}.{prec}.onnx"
+        path = zoo / e["file"]
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        assert e["bytes"] == path.stat().st_size
+        z = ort_logits(path, x)
+        acc = (z.argmax(1) == y).mean() * 100
+        agree = (z.argmax(1) == ref.argmax(1)).mean()
+        diff = np.abs(z.astype(np.float64) - ref).max()
+        # one image of slack: onnxruntime's intra-op threads may reorder a reduction
+        assert abs(e["test_acc"] - acc) <= 100 / N_TEST + 1e-9, (prec, e["test_acc"], acc)
+        assert abs(e["parity"]["top1_agreement"] - agree) <= 1 / N_TEST + 1e-9
+        assert e["parity"]["max_abs_diff"] == pytest.approx(diff, rel=0.05, abs=1e-3)
+        assert e["parity"]["images"] == N_TEST and e["variant"]["parent_test_acc"] == pytest.approx(parent_acc)
+        assert parent_acc - acc <= MAX_LOSS, (prec, parent_acc, acc)  # within the configured loss
+        assert e["variant"]["accuracy_loss"] == pytest.approx(parent_acc - acc, abs=100 / N_TEST + 1e-9)
+        assert 0 < diff and agree > 0.9  # a different arithmetic, the same classifier
+        init_types = {t.data_type for t in model.graph.initializer}
+        io_types = {v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+        assert io_types == {onnx.TensorProto.FLOAT}
+        if prec == "fp16":
+            assert onnx.TensorProto.FLOAT16 in init_types
+            assert e["bytes"] < 0.8 * by[ANCHOR]["bytes"]
+        else:
+            ops = {n.op_type for n in model.graph.node}
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops and onnx.TensorProto.INT8 in init_types
+            choice = e["variant"]["per_channel_choice"]
+            assert choice["held_out"] and choice["images"] == 200
+            best = max(choice["candidates"], key=lambda c: (c["top1_agreement"], -c["max_abs_diff"]))
+            assert e["variant"]["per_channel"] == best["per_channel"]
+            assert e["variant"]["calibration"] == dict(split="val", images=N_CAL)
+        assert e["latency"] and e["latency"][0]["device"] == device_label("CPUExecutionProvider")
+    assert verify_zoo(zoo) == []
+
+
+def test_rejected_when_the_loss_exceeds_the_setting(zoo, sets):
+    """int8 calibrated on one val image, max_accuracy_loss 0: it loses accuracy (checked here first), so it is
+    rejected with the figures; fp16 is kept or rejected exactly as its own loss says."""
+    from klas.stages.s6_export import ExportConfig
+    from klas.stages.variants import make_variants, to_int8
+
+    test, val = sets
+    manifest = load_manifest(zoo)
+    parent = next(m for m in manifest["models"] if m["name"] == ANCHOR)
+    raw = (zoo / parent["file"]).read_bytes()
+    x, y = x_y(test)
+    ref = ort_logits(zoo / parent["file"], x)
+    parent_acc = (ref.argmax(1) == y).mean() * 100
+    coarse = to_int8(onnx.load_from_string(raw), x_y(val)[0][:1], False, "input")
+    onnx.save(coarse, str(zoo.parent / "coarse.onnx"))
+    coarse_acc = (ort_logits(zoo.parent / "coarse.onnx", x).argmax(1) == y).mean() * 100
+    assert parent_acc - coarse_acc > 100 / N_TEST, (parent_acc, coarse_acc)  # the engineered loss is real
+    written = {}
+    opts = ExportConfig(calibration_images=1, per_channel="off", max_accuracy_loss=0.0, profile=False)
+    header = dict(family="fmnist-deit", dataset="fashion-mnist", klas_version="test",
+                  schema_version=SCHEMA_VERSION)
+    made, rejected = make_variants(parent, raw, test, val, header, opts, lambda f, b: written.setdefault(f, b))
+    int8 = next(r for r in rejected if r["precision"] == "int8")
+    assert int8["test_acc"] == pytest.approx(coarse_acc, abs=100 / N_TEST + 1e-9)
+    assert int8["accuracy_loss"] > 0 and "max_accuracy_loss = 0" in int8["reason"]
+    assert re.search(rf"loses {int8['accuracy_loss']:.2f} accuracy points", int8["reason"])
+    assert f"{ANCHOR}.int8.onnx" not in written
+    fp16_acc = (ort_logits(zoo / f"{ANCHOR}.fp16.onnx", x).argmax(1) == y).mean() * 100
+    assert (f"{ANCHOR}.fp16.onnx" in written) == (parent_acc - fp16_acc <= 0)
+    assert [m["precision"] for m in made] == (["fp16"] if parent_acc - fp16_acc <= 0 else [])
+    # a manifest listing the rejection validates; one without a reason does not
+    manifest["rejected"] = rejected
+    validate(json.loads(json.dumps(manifest)))
+    bad = json.loads(json.dumps(manifest))
+    del bad["rejected"][0]["reason"]
+    with pytest.raises(ZooError, match=r"rejected\[0\]: missing field 'reason'"):
+        validate(bad)
+
+
+# --- manifest ------------------------------------------------------------------------------------------------------
+
+def test_manifest_round_trip_with_variants_and_old_manifests(zoo, tmp_path):
+    dst = tmp_path / "zoo"
+    shutil.copytree(zoo, dst)
+    m = load_manifest(dst, verify_files=True)
+    save_manifest(m, dst)
+    assert read_manifest(dst) == m == json.loads((zoo / MANIFEST).read_text())
+    # an old (version 2) manifest: no variants, no precision fields -- still read, every entry float32
+    from klas_runtime.preprocess import GEOMETRY
+
+    old = json.loads(json.dumps(m))
+    old["schema_version"] = 2
+    old["models"] = [e for e in old["models"] if "parent" not in e]
+    for e in old["models"]:
+        e.pop("precision")
+        for k in GEOMETRY:  # version 4's input geometry
+            e["input"].pop(k, None)
+    old.pop("rejected")
+    (dst / MANIFEST).write_text(json.dumps(old))
+    assert load_manifest(dst) == old
+    assert Zoo(dst).pick(device="cpu", with_session=False).name == ANCHOR
+    assert Zoo(dst).pick(device="cpu", with_session=False, precision="fp32").name == ANCHOR
+    with pytest.raises(ZooError, match="no such entry"):
+        Zoo(dst).pick(device="cpu", with_session=False, precision="int8")
+    # what the schema refuses
+    k = next(i for i, e in enumerate(m["models"]) if e.get("precision") == "int8")
+    cases = [(lambda d: d.update(schema_version=VARIANTS_SINCE - 1), "need schema_version >= 3"),
+             (lambda d: d["models"][k].update(parent="nope"), "parent 'nope' is not a float32 model"),
+             (lambda d: d["models"][k].update(flops=d["models"][k]["flops"] + 1), "'flops' differs from its parent"),
+             (lambda d: d["models"][k].update(precision="int4"), r"precision: invalid value"),
+             (lambda d: d["models"][k].pop("variant"), "missing field 'variant'"),
+             (lambda d: d["models"][k]["parity"].pop("top1_agreement"), "missing field 'top1_agreement'")]
+    for edit, msg in cases:
+        bad = json.loads(json.dumps(m))
+        edit(bad)
+        with pytest.raises(ZooError, match=msg):
+            validate(bad)
+    # a variant file swapped for its parent's is caught by verify (hash), as any model
+    shutil.copy(zoo / MANIFEST, dst / MANIFEST)
+    shutil.copy(dst / f"{ANCHOR}.onnx", dst / f"{ANCHOR}.int8.onnx")
+    assert any(f"{ANCHOR}.int8.onnx" in p and "sha256" in p for p in verify_zoo(dst))
+
+
+# --- latency per device ---------------------------------------------------------------------------------------------
+
+def _oracle(manifest: dict, ms: float, batch: int, precisions=None) -> str | None:
+    """The most accurate entry whose fastest p90 on this device (CPU) at ``batch`` is within ``ms``."""
+    here = device_label("CPUExecutionProvider")
+    fits = []
+    for e in manifest["models"]:
+        recs = [r["p90_ms"] for r in e["latency"] if r["device"] == here and r["batch"] == batch
+                and r["provider"] == "CPUExecutionProvider"]
+        if recs and min(recs) <= ms and (precisions is None or e.get("precision", "fp32") in precisions):
+            fits.append(e)
+    if not fits:
+        return None
+    return max(fits, key=lambda e: (e["test_acc"], e.get("precision", "fp32") == "fp32", e["name"]))["name"]
+
+
+def test_pick_by_latency_with_and_without_this_device(zoo, tmp_path, capsys):
+    dst = tmp_path / "zoo"
+    shutil.copytree(zoo, dst)
+    assert cli.main(["profile", str(dst), "--threads", "1", "--batch", "1", "2", "--warmup", "1", "--runs", "5",
+                     "--provider", "cpu", "--percentile", "p90"]) == 0
+    out = capsys.readouterr().out
+    manifest = load_manifest(dst)
+    for e in manifest["models"]:
+        assert {(r["threads"], r["batch"]) for r in e["latency"]} == {(1, 1), (1, 2)}
+    # the per-device profile: JSON + PNG beside the manifest, its front recomputed here
+    base = dst / f"profile-{device_slug(device_key('cpu'))}"
+    prof = json.loads(base.with_suffix(".json").read_text())
+    assert base.with_suffix(".png").stat().st_size > 5000 and prof["device"] == device_key("cpu")
+    for table in prof["settings"]:
+        pts = [(r["name"], r["p90_ms"], r["test_acc"]) for r in table["entries"]]
+        front = [p for p in pts if not any(q[1] <= p[1] and q[2] >= p[2] and q[:1] != p[:1] and
+                                           (q[1], q[2]) != (p[1], p[2]) for q in pts)]
+        assert set(table["front"]) == {p[0] for p in front} and table["front"]
+        assert {r["precision"] for r in table["entries"]} == {"fp32", "fp16", "int8"}
+        assert f"batch {table['batch']} (p90): {' < '.join(table['front'])}" in out
+    # budgets between the measured figures: the oracle over this device's records
+    for batch in (1, 2):
+        figures = sorted(min(r["p90_ms"] for r in e["latency"] if r["batch"] == batch) for e in manifest["models"])
+        for ms in [figures[0] * 0.99] + [f * 1.0001 for f in figures]:
+            want = _oracle(manifest, ms, batch)
+            try:
+                got = Zoo(dst).pick(max_latency_ms=ms, batch=batch, device="cpu", with_session=False).name
+            except ZooError:
+                got = None
+            assert got == want, (batch, ms)
+        for prec in ("fp16", "int8"):
+            got = Zoo(dst).pick(max_latency_ms=1e6, batch=batch, device="cpu", precision=prec).name
+            assert got == _oracle(manifest, 1e6, batch, (prec,)) == f"{ANCHOR}.{prec}"
+    assert cli.main(["pick", str(dst), "--max-latency-ms", "1e6", "--percentile", "p90", "--precision", "int8",
+                     "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{ANCHOR}.int8.onnx"
+    # only another machine's figures: no pick by latency here, one line naming the command that measures
+    other = json.loads(json.dumps(manifest))
+    for e in other["models"]:
+        for r in e["latency"]:
+            r["device"] = "cpu: Some Other CPU"
+    save_manifest(other, dst)
+    with pytest.raises(ZooError, match=r"no entry of this zoo has a latency measured on this device") as err:
+        Zoo(dst).pick(max_latency_ms=1e6, device="cpu", with_session=False)
+    assert "klas profile" in str(err.value) and "\n" not in str(err.value)
+    assert cli.main(["pick", str(dst), "--max-latency-ms", "1e6", "--device", "cpu"]) == 2
+    err_line = capsys.readouterr().err.strip()
+    assert len(err_line.splitlines()) == 1 and f"klas profile {dst}" in err_line
+    assert Zoo(dst).pick(max_flops="1G", device="cpu", with_session=False).name  # FLOPs budgets still answer
+    profile_zoo(dst, providers=["cpu"], threads=[1], batches=[1], warmup=1, runs=3, progress=False)
+    assert _oracle(load_manifest(dst), 1e6, 1) == Zoo(dst).pick(max_latency_ms=1e6, device="cpu",
+                                                               with_session=False).name
