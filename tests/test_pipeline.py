@@ -102,7 +102,10 @@ def test_every_default_is_defined_once_and_agrees():
     assert kc.load_config() == kc.load_config(raw={})
     from klas.families.trainer import Recipe
 
-    by_dest = {"__".join(("cfg", name) + s.path): s for name, cls in {**schema, "recipe": Recipe}.items()
+    from klas.families.adapt import AdaptRecipe
+
+    by_dest = {"__".join(("cfg", name) + s.path): s
+               for name, cls in {**schema, "recipe": Recipe, "adapt": AdaptRecipe}.items()
                for s in specs(cls)}
     names = {s.path[-1] for cls in schema.values() for s in specs(cls)}
     seen = 0
@@ -230,6 +233,7 @@ latency = false
 [export]
 parity_images = 50
 profile = false
+precisions = "none"
 """
 
 
