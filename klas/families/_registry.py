@@ -164,13 +164,13 @@ def resolve_data_config(cfg: FamilyCfg, input_shape, model=None) -> dict:
         base = timm_resolve(pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
     out = {k: base.get(k) for k in _DATA_KEYS}
     spec = cfg.input or {}
-    if cfg.dataset == "fashion-mnist" and not spec:
-        # NOTE: a family registered on Fashion-MNIST without an input spec was trained on the 28x28 images as they
-        # are, with the dataset's own statistics (klas-trained anchors, the tests' tiny families); timm's pretrained
-        # cfg of the architecture would say ImageNet statistics and a resize + crop
+    if cfg.dataset == "fashion-mnist":
+        # NOTE: a family on Fashion-MNIST was trained on the 28x28 images as they are, with the dataset's own
+        # statistics (klas-trained anchors, the tests' tiny families); where its input spec is silent, these are the
+        # defaults, not timm's pretrained cfg of the architecture (ImageNet statistics, resize + crop)
         from klas.data.datasets import FASHION_MNIST
-        spec = dict(mean=FASHION_MNIST.mean, std=FASHION_MNIST.std, interpolation="bilinear", crop_pct=1.0,
-                    crop_mode="center")
+        spec = dict(dict(mean=FASHION_MNIST.mean, std=FASHION_MNIST.std, interpolation="bilinear", crop_pct=1.0,
+                         crop_mode="center"), **{k: v for k, v in spec.items() if v is not None})
     for k in ("interpolation", "mean", "std", "crop_pct", "crop_mode"):
         if spec.get(k) is not None:
             out[k] = spec[k]
