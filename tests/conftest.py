@@ -46,7 +46,8 @@ def exported_zoo(tmp_path_factory):
     out = tmp_path_factory.mktemp("exported") / "zoo"
     data = load_dataset("fashion-mnist", "test").subset(100)
     export_models(nets, out, "fmnist-deit", data,
-                  ExportConfig(parity_images=100, accuracy_images=100, provider="cpu", warmup=2, runs=10),
+                  ExportConfig(parity_images=100, accuracy_images=100, provider="cpu", warmup=2, runs=10,
+                               exporter="torchscript"),
                   progress=False)
     torch.set_num_threads(before)
     return out

@@ -69,6 +69,7 @@ val_subset = 300
 test_subset = 100
 latency = false
 [export]
+exporter = "torchscript"  # the dynamo exporter is tested in test_export.py; ~30x faster here
 precisions = "none"
 parity_images = 50
 profile = false

@@ -184,6 +184,32 @@ def test_exporter_falls_back_to_torchscript_and_says_why(family, capfd):
     assert capfd.readouterr() == ("", "")
     onnx.checker.check_model(model, full_check=True)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # [export] exporter = "dynamo": the same failure is an error naming the setting, not a silent fallback
+    with pytest.raises(KlasError, match=r"dynamo ONNX exporter failed .*batch.*\[export\] exporter"):
+        export_onnx(standalone(BranchOnBatch(view, -1, view, -1, None).eval(), example), example, 18, "dynamo")
+
+
+def test_exporter_torchscript_when_asked(family):
+    """[export] exporter = "torchscript": the TorchScript exporter for every model, no fallback reason, and the graph
+    agrees with float64 PyTorch at batch sizes other than the example's."""
+    src, tgt = family["fmnist-deit-ti"], family["fmnist-deit-s"]
+    torch.manual_seed(5)
+    net = StitchedNet(src, 4, tgt, 6, StitchLayer(src.feature_dim(4), tgt.feature_dim(6))).eval()
+    example = torch.randn(2, 1, 28, 28)
+    module = standalone(net, example)
+    model, info = export_onnx(module, example, 18, "torchscript")
+    assert info == {"exporter": EXPORTER_TORCHSCRIPT}
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref64 = copy.deepcopy(module).double()
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 28, 28, dtype=torch.float64) * 3
+        with torch.no_grad():
+            want = ref64(x).numpy()
+        got = sess.run(None, {"input": x.float().numpy()})[0]
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    with pytest.raises(KlasError, match="exporter 'tensorrt'"):
+        export_onnx(module, example, 18, "tensorrt")
 
 
 def test_zoo_holds_exactly_the_evaluation_zoo(zoo):

@@ -83,6 +83,24 @@ def test_data_config_defaults_to_timm_resolve(tmp_path, two):
     assert fam.data_config == resolve_model_data_config(fam[0].model)
 
 
+@pytest.mark.parametrize("dataset, channels, size", [("fashion-mnist", 1, 28), ("cifar100", 3, 32)])
+def test_data_config_defaults_to_a_builtin_datasets_statistics(tmp_path, two, dataset, channels, size):
+    """A family on a built-in dataset sees the images as they are, with the dataset's own statistics, where its input
+    spec is silent -- not the architecture's ImageNet pretrained cfg; what the spec gives overrides key by key."""
+    from klas.data.datasets import BUILTIN_SPECS
+
+    anchors = [dict(a, model_args={**a["model_args"], "in_chans": channels}) for a in two]
+    for a in anchors:
+        save("resnet18", a["model_args"], tmp_path / a["weights"], a["weights"].rsplit(".", 1)[1])
+    spec = BUILTIN_SPECS[dataset]
+    load_config(family_toml(tmp_path, anchors, f'dataset = "{dataset}"\n[family.input]\nchannels = {channels}\n'
+                                               f"size = {size}\ncrop_pct = 0.9"))
+    fam = create_family("cfg-fam", pretrained=True)
+    assert fam.data_config == dict(input_size=(channels, size, size), interpolation="bilinear", mean=spec.mean,
+                                   std=spec.std, crop_pct=0.9, crop_mode="center")
+    assert len(spec.mean) == channels
+
+
 def test_family_file_from_run_section(tmp_path, two):
     fam_file = family_toml(tmp_path, two)
     fam_file.rename(tmp_path / "family.toml")

@@ -231,6 +231,7 @@ samples = 64
 test_subset = 100
 latency = false
 [export]
+exporter = "torchscript"  # the dynamo exporter is tested in test_export.py; ~30x faster here
 parity_images = 50
 profile = false
 precisions = "none"

@@ -43,7 +43,7 @@ def zoo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "zoo"
     data = load_dataset("fashion-mnist", "test").subset(200)
     export_models(nets, out, "fmnist-deit", data, ExportConfig(parity_images=200, accuracy_images=200, warmup=2,
-                                                               runs=10), progress=False)
+                                                               runs=10, exporter="torchscript"), progress=False)
     return out
 
 

@@ -29,7 +29,7 @@ KLAS = [sys.executable, "-m", "klas"]
 TINY = ["run.threads=1", "probes.epochs=1", "probes.batch_size=64", "probes.stat_samples=64", "scores.metrics=false",
         "finetune.steps_per_epoch=4", "finetune.batch_size=32", "finetune.max_stitches=2", "finetune.val_images=40",
         "finetune.init.samples=64", "finetune.init.batch_size=64", "evaluation.latency=false", "export.profile=false",
-        "export.parity_images=40", "export.precisions=none", "data.workers=1"]
+        "export.parity_images=40", "export.precisions=none", "export.exporter=torchscript", "data.workers=1"]
 
 
 def klas(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

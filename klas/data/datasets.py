@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,23 @@ FASHION_MNIST = DataSpec(
     classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
              "Ankle boot"),
 )
+CIFAR100 = DataSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+"""CIFAR-100's statistics; the class names come from the root's ``meta`` file when it is read."""
+
+BUILTIN_SPECS = {s.name: s for s in (FASHION_MNIST, CIFAR100)}
+"""Datasets klas reads itself, with fixed classes, size and statistics (an ImageFolder's come from its folders)."""
+
+
+def native_data_config(dataset: str | None) -> dict | None:
+    """How a family trained on a built-in dataset sees its images when its input spec is silent: as they are
+    (native size, no resize or crop), normalised with the dataset's own statistics -- the timm data-config keys.
+    None for an ImageFolder (whose images have no native size: the architecture's pretrained cfg decides)."""
+    spec = BUILTIN_SPECS.get(dataset)
+    if spec is None:
+        return None
+    return dict(mean=spec.mean, std=spec.std, interpolation="bilinear", crop_pct=1.0, crop_mode="center")
+
+
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -129,7 +146,7 @@ def load_cifar100(split: str, root: Path | str, n_val: int = 5000) -> ImageSet:
     if (root / "meta").is_file():
         meta = load_pickle(root / "meta", what="CIFAR-100 meta pickle")
         names = tuple(meta.get("fine_label_names", ())) if isinstance(meta, dict) else ()
-    spec = DataSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), names)
+    spec = replace(CIFAR100, classes=names)
     if split != "test":
         train_idx, val_idx = split_indices(len(y), n_val)
         idx = train_idx if split == "train" else val_idx

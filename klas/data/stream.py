@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from klas.data.datasets import SPLITS, DataSpec, ImageSet, load_dataset, split_indices
+from klas.data.datasets import BUILTIN_SPECS, SPLITS, DataSpec, ImageSet, load_dataset, split_indices
 from klas.errors import KlasError
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -291,7 +291,7 @@ def open_split(family, split: str, data=None, *, root: Path | str | None = None,
         if root is None:
             raise KlasError("dataset 'imagefolder' needs a root directory ([data] root or --data-root)")
         source, index, spec_name, split_of = _folder(Path(root), split)
-    elif name in ("fashion-mnist", "cifar100"):
+    elif name in BUILTIN_SPECS:
         raw = load_dataset(name, split, root)
         _check_classes(raw.spec.num_classes, num_classes, name, fam_name)
         spec = replace(raw.spec, in_chans=shape[0], img_size=shape[1], mean=tuple(dc["mean"]), std=tuple(dc["std"]))

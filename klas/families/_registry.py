@@ -164,13 +164,13 @@ def resolve_data_config(cfg: FamilyCfg, input_shape, model=None) -> dict:
         base = timm_resolve(pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
     out = {k: base.get(k) for k in _DATA_KEYS}
     spec = cfg.input or {}
-    if cfg.dataset == "fashion-mnist":
-        # NOTE: a family on Fashion-MNIST was trained on the 28x28 images as they are, with the dataset's own
-        # statistics (klas-trained anchors, the tests' tiny families); where its input spec is silent, these are the
-        # defaults, not timm's pretrained cfg of the architecture (ImageNet statistics, resize + crop)
-        from klas.data.datasets import FASHION_MNIST
-        spec = dict(dict(mean=FASHION_MNIST.mean, std=FASHION_MNIST.std, interpolation="bilinear", crop_pct=1.0,
-                         crop_mode="center"), **{k: v for k, v in spec.items() if v is not None})
+    from klas.data.datasets import native_data_config
+    native = native_data_config(cfg.dataset)
+    if native is not None:
+        # NOTE: a family on a built-in dataset (Fashion-MNIST, CIFAR-100) was trained on its images as they are,
+        # with the dataset's statistics (klas-trained anchors, the usual CIFAR recipe); where its input spec is
+        # silent these are the defaults, not the architecture's ImageNet pretrained cfg (statistics, resize + crop)
+        spec = dict(native, **{k: v for k, v in spec.items() if v is not None})
     for k in ("interpolation", "mean", "std", "crop_pct", "crop_mode"):
         if spec.get(k) is not None:
             out[k] = spec[k]

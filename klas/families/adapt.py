@@ -52,10 +52,10 @@ def dataset_classes(dataset: str, root) -> int | None:
     """The number of classes of ``dataset`` without decoding it: fixed for Fashion-MNIST (10) and CIFAR-100 (100),
     the class folders of ``root/train`` for an ImageFolder; None when that cannot be known yet (a missing root:
     the stage that reads it says so)."""
-    if dataset == "fashion-mnist":
-        return 10
-    if dataset == "cifar100":
-        return 100
+    from klas.data.datasets import BUILTIN_SPECS
+
+    if dataset in BUILTIN_SPECS:
+        return BUILTIN_SPECS[dataset].num_classes
     if dataset == "imagefolder" and root is not None and (Path(root) / "train").is_dir():
         return sum(1 for e in os.scandir(Path(root) / "train") if e.is_dir() and not e.name.startswith("."))
     return None

@@ -52,6 +52,10 @@ class ExportConfig:
     and timed with onnxruntime on this machine."""
 
     opset: int = setting(18, "ONNX opset", ge=18)
+    exporter: str = setting("auto", "ONNX exporter: auto = torch.onnx.export(dynamo=True), TorchScript only where a "
+                            "model's dynamo graph fails its self-check; dynamo = no fallback (fail instead); "
+                            "torchscript = the deprecated TorchScript exporter for every model (about 30x faster to "
+                            "export; same parity check)", choices=("auto", "dynamo", "torchscript"))
     parity_images: int = setting(10000, "test images for the ONNX vs PyTorch check", ge=1)
     parity_batch: int = setting(61, "images per parity batch (odd on purpose: exercises the dynamic batch axis)",
                                 ge=1, key=False)
@@ -195,22 +199,32 @@ SELF_CHECK_BATCHES = (1, 3)  # NOTE: neither is the example's batch (2): a batch
 SELF_CHECK_TOL = 1e-3  # max |logit diff| / max(1, max |logit|) of the dynamo graph vs float64 PyTorch, random inputs
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, opset: int) -> tuple["onnx.ModelProto", dict]:  # noqa: F821
+def export_onnx(module: nn.Module, example: torch.Tensor, opset: int,
+                exporter: str = "auto") -> tuple["onnx.ModelProto", dict]:  # noqa: F821
     """``module`` as an in-memory ONNX model with a dynamic batch axis (``input [batch, C, H, W] -> logits
     [batch, classes]``) and every weight inside it, plus ``{"exporter": "dynamo"}``, or ``{"exporter":
     "torchscript", "fallback_reason": ...}`` when the dynamo exporter failed for this model.
 
-    The dynamo exporter (``torch.export`` + onnxscript) is tried first; its graph must declare ``opset``, pass
-    ``onnx.checker`` (full check) and agree with a float64 PyTorch reference under onnxruntime at batch sizes the
-    example does not have. Otherwise the model is exported again by the TorchScript exporter (the caller's parity
-    check then judges that one). Both are silent: their progress lines, warnings and log records are captured.
+    ``exporter="auto"``: the dynamo exporter (``torch.export`` + onnxscript) is tried first; its graph must declare
+    ``opset``, pass ``onnx.checker`` (full check) and agree with a float64 PyTorch reference under onnxruntime at
+    batch sizes the example does not have. Otherwise the model is exported again by the TorchScript exporter (the
+    caller's parity check then judges that one). ``"dynamo"``: the same without the fallback (a failure is a
+    ``KlasError``). ``"torchscript"``: the TorchScript exporter only (``{"exporter": "torchscript"}``, no reason:
+    it was asked for). All are silent: their progress lines, warnings and log records are captured.
     """
+    if exporter == EXPORTER_TORCHSCRIPT:
+        return _torchscript_onnx(module, example, opset), dict(exporter=EXPORTER_TORCHSCRIPT)
+    if exporter not in ("auto", EXPORTER_DYNAMO):
+        raise KlasError(f"exporter {exporter!r}: expected auto, dynamo or torchscript")
     try:
         model = _dynamo_onnx(module, example, opset)
         _self_check(model, module, example, opset)
         return model, dict(exporter=EXPORTER_DYNAMO)
     except Exception as e:  # noqa: BLE001 -- any failure of the dynamo path means: fall back, say why
         reason = _one_line(e)
+        if exporter == EXPORTER_DYNAMO:
+            raise KlasError(f"the dynamo ONNX exporter failed ({reason}); [export] exporter = \"auto\" falls back "
+                            "to TorchScript") from None
     return _torchscript_onnx(module, example, opset), dict(exporter=EXPORTER_TORCHSCRIPT, fallback_reason=reason)
 
 
@@ -469,7 +483,7 @@ def export_model(config: StitchConfig, net: nn.Module, row: dict | None, data: I
                  origin="untouched" if untouched is not None else ("finetuned" if config.is_anchor else "stitched"))
     if untouched is not None:
         entry["weights"] = check_untouched(untouched)
-    model, info = export_onnx(module, example, options.opset)
+    model, info = export_onnx(module, example, options.opset, options.exporter)
     entry["exporter"] = info
     onnx.checker.check_model(model, full_check=True)
     raw = model.SerializeToString()
