@@ -30,6 +30,29 @@ def setting(default: Any, help: str = "", *, ge: float | None = None, gt: float 
     return field(default=default, metadata=dict(help=help, ge=ge, gt=gt, le=le, choices=choices, none=none, key=key))
 
 
+def toml_value(v: Any) -> str:
+    """``v`` as a TOML value -- the one writer of config and family files (strings escaped, tuples as arrays)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        import json
+        return json.dumps(str(v))  # a JSON string is a TOML basic string: the same escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise KlasError(f"{v!r}: not a TOML value (TOML has no null)" if v is None else
+                    f"a {type(v).__name__} is not a TOML value")
+
+
+def toml_key(k: str) -> str:
+    """A bare key where TOML allows one, else a quoted one."""
+    import re
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_value(k)
+
+
 @dataclass(frozen=True)
 class Spec:
     """One leaf setting of a config dataclass, as the schema walker sees it."""
@@ -49,11 +72,7 @@ class Spec:
 
     def show(self, value: Any) -> str:
         """How a value is written in TOML and help texts."""
-        if value is None:
-            return f'"{self.meta.get("none")}"'
-        if isinstance(value, str):
-            return f'"{value}"'
-        return str(value).lower() if isinstance(value, bool) else repr(value)
+        return toml_value(self.meta.get("none") if value is None else value)
 
     def allowed(self) -> tuple | None:
         c = self.meta.get("choices")

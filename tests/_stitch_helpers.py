@@ -7,6 +7,35 @@ import torch
 from klas.families import AnchorCfg, FamilyCfg, create_family, get_family_cfg, register_family
 
 TINY = "klas-test-vit"
+TINY_STAGES = """
+[probes]
+epochs = 1
+train_subset = 256
+val_subset = 200
+stat_samples = 128
+[scores]
+val_subset = 200
+dm_samples = 100
+[selection]
+num_buckets = 2
+[finetune]
+steps_per_epoch = 2
+batch_size = 32
+train_subset = 256
+val_images = 0
+[finetune.init]
+samples = 64
+[evaluation]
+val_subset = 300
+test_subset = 100
+latency = false
+[export]
+exporter = "torchscript"  # the dynamo exporter is tested in test_export.py; ~30x faster here
+precisions = "none"
+parity_images = 50
+profile = false
+"""
+"""Every stage's sections of a smoke run's TOML (seconds per stage): the CLI end-to-end tests add [run] / [family]."""
 WIDTHS = (8, 16, 32)
 
 

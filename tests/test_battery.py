@@ -17,7 +17,6 @@ as up to date by ``klas run --dry-run`` unless its record and artifact agree.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _stitch_helpers import TINY_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -47,33 +47,7 @@ size = 28
 mean = [0.2860]
 std = [0.3530]
 {anchors}
-[probes]
-epochs = 1
-train_subset = 256
-val_subset = 200
-stat_samples = 128
-[scores]
-val_subset = 200
-dm_samples = 100
-[selection]
-num_buckets = 2
-[finetune]
-steps_per_epoch = 2
-batch_size = 32
-train_subset = 256
-val_images = 0
-[finetune.init]
-samples = 64
-[evaluation]
-val_subset = 300
-test_subset = 100
-latency = false
-[export]
-exporter = "torchscript"  # the dynamo exporter is tested in test_export.py; ~30x faster here
-precisions = "none"
-parity_images = 50
-profile = false
-"""
+""" + TINY_STAGES
 ANCHOR = """
 [[family.anchors]]
 name = "tv-{w}"

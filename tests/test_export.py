@@ -29,6 +29,7 @@ from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 N_IMAGES = 300
 FAST = dict(parity_images=N_IMAGES, accuracy_images=N_IMAGES, warmup=2, runs=10,
             precisions="none")  # the float32 zoo; variants: tests/test_variants.py
+TS = dict(FAST, exporter="torchscript")  # tests not about the dynamo exporter (the `zoo` fixture's): ~30x faster
 STITCHES = [("fmnist-deit-ti", 3, "fmnist-deit-s", 5), ("fmnist-deit-s", 7, "fmnist-deit-b", 8),
             ("fmnist-deit-ti", 9, "fmnist-deit-b", 2)]
 
@@ -299,12 +300,12 @@ def test_parity_failure_stops_export_and_writes_nothing(tmp_path, family, data):
     bad = BranchOnBatch(view, -1, view, -1, None)
     cfgs = [(StitchConfig.anchor("fmnist-deit-ti"), good, None), (StitchConfig.anchor("fmnist-deit-s"), bad, None)]
     with pytest.raises(KlasError, match=r"parity failed.*top-1 agreement"):
-        export_models(cfgs, tmp_path / "zoo", "fmnist-deit", data.subset(100), ExportConfig(**FAST, profile=False),
+        export_models(cfgs, tmp_path / "zoo", "fmnist-deit", data.subset(100), ExportConfig(**TS, profile=False),
                       progress=False)
     assert list((tmp_path / "zoo").iterdir()) == []
     with pytest.raises(KlasError, match=r"max \|logit diff\|"):  # a tolerance below float32 rounding must trip
         export_models(cfgs[:1], tmp_path / "zoo", "fmnist-deit", data.subset(50),
-                      ExportConfig(**{**FAST, "parity_images": 50}, atol=1e-12, profile=False), progress=False)
+                      ExportConfig(**{**TS, "parity_images": 50}, atol=1e-12, profile=False), progress=False)
     assert list((tmp_path / "zoo").iterdir()) == []
 
 
@@ -340,7 +341,8 @@ def test_export_stage_swaps_the_zoo_whole(tmp_path, family, data, monkeypatch):
     (old / "stale.onnx").write_bytes(b"old")
     monkeypatch.setattr(s6_export, "supernet_provider", lambda run: provider)
     ctx = StageContext(run_dir=RunDir(run_dir), run=RunConfig(), data=DataConfig(), progress=False)
-    art = s6_export.run(ExportConfig(parity_images=60, accuracy_images=60, runs=5, warmup=1), ctx)
+    art = s6_export.run(ExportConfig(parity_images=60, accuracy_images=60, runs=5, warmup=1, precisions="none",
+                                      exporter="torchscript"), ctx)
     assert not (old / "stale.onnx").exists() and not list(run_dir.glob(".zoo.staging-*"))
     assert {m["name"] for m in load_manifest(old)["models"]} == {m["name"] for m in art.models}
     assert s6_export.ExportArtifact.digest(old) is not None
@@ -363,7 +365,7 @@ def test_export_of_a_finetuned_run_through_load_stitched(tmp_path):
                                                val_images=50, init=FitCfg(samples=32)),
                       seed=0, family=fam, progress=False)
     ev = evaluate_run(run.path, EvaluationConfig(test_subset=80, val_subset=80, latency=False), progress=False)
-    art = export_zoo(run.path, tmp_path / "zoo", ExportConfig(**{**FAST, "parity_images": 80}), progress=False)
+    art = export_zoo(run.path, tmp_path / "zoo", ExportConfig(**{**TS, "parity_images": 80}), progress=False)
     assert {m["name"] for m in art.models} == {z["name"] for z in ev.zoo} and not ev.untouched
     data = load_dataset("fashion-mnist", "test").subset(80)
     for m in art.models:

@@ -19,6 +19,8 @@ from klas.contract import Artifact, specs
 from klas.errors import KlasError
 from klas.stages import STAGES
 
+from _stitch_helpers import TINY_STAGES
+
 
 @pytest.mark.parametrize("raw,needle", [
     ({"probes": {"epoch": 3}}, "unknown key [probes] epoch"),
@@ -207,35 +209,7 @@ def test_run_dir_of_another_family(tmp_path, monkeypatch):
 
 
 # --- the stale-selection scenario, end to end with the real stages ----------------------------------------------
-TINY = """
-[run]
-threads = 1
-[probes]
-epochs = 1
-train_subset = 256
-val_subset = 200
-stat_samples = 128
-[scores]
-val_subset = 200
-dm_samples = 100
-[selection]
-num_buckets = 2
-[finetune]
-steps_per_epoch = 2
-batch_size = 32
-train_subset = 256
-val_images = 0
-[finetune.init]
-samples = 64
-[evaluation]
-test_subset = 100
-latency = false
-[export]
-exporter = "torchscript"  # the dynamo exporter is tested in test_export.py; ~30x faster here
-parity_images = 50
-profile = false
-precisions = "none"
-"""
+TINY = "[run]\nthreads = 1\n" + TINY_STAGES
 
 
 def _klas(*argv):
@@ -322,3 +296,11 @@ def test_run_directory_is_locked_and_stale_locks_are_taken_over(tmp_path, monkey
         with pytest.raises(KlasError, match=needle):
             RunDir(bad, "fmnist-deit")
     assert os.path.isfile(tmp_path / "file")
+
+
+def test_config_toml_round_trips_awkward_strings():
+    """The one TOML writer (klas.contract.toml_value) escapes what a path can hold: quotes, backslashes, unicode."""
+    root = 'C:\\data\\"quoted" ünï\tcode'
+    cfg = kc.load_config(raw={"data": {"root": root}, "run": {"threads": 3}})
+    again = kc.load_config(raw=tomllib.loads(cfg.to_toml()))
+    assert again == cfg and str(again.data.root) == root

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from klas.errors import KlasError
+from klas.contract import toml_key, toml_value
 from klas.families._registry import AnchorCfg, FamilyCfg, _FAMILIES, is_hub_id, register_family
 
 FAMILY_KEYS = ("name", "dataset", "num_classes", "description", "input", "anchors")
@@ -235,41 +236,19 @@ def family_digest(cfg: FamilyCfg) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- TOML out
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        import json
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    if v is None:
-        raise KlasError("a family definition cannot hold None values")
-    raise KlasError(f"a family definition holds a {type(v).__name__}, not a TOML value")
-
-
-def _toml_key(k: str) -> str:
-    import re
-    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
-
-
 def render_family(definition: dict) -> str:
     """A ``[family]`` table as TOML text (what ``parse_family`` reads back)."""
     lines = ["[family]"]
     for k, v in definition.items():
         if k not in ("input", "anchors"):
-            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+            lines.append(f"{toml_key(k)} = {toml_value(v)}")
     lines.append("")
     if definition.get("input"):
         lines.append("[family.input]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in definition["input"].items()]
+        lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in definition["input"].items()]
         lines.append("")
     for a in definition.get("anchors", []):
         lines.append("[[family.anchors]]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in a.items()]
+        lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in a.items()]
         lines.append("")
     return "\n".join(lines)
