@@ -576,16 +576,29 @@ def test_two_concurrent_runs_one_run_dir(base, tmp_path):
     """The second `klas run` on a directory in use gets one line naming the holder; the zoo then verifies."""
     run = tmp_path / "run"
     shutil.copytree(base["run"], run, symlinks=True)
-    first = subprocess.Popen([sys.executable, "-m", "klas", "run", str(base["cfg"]), "--run-dir", str(run),
+    # the first run holds its export until told to go on, so the second surely starts while the first works (a
+    # fast export would otherwise finish before a second Python process has imported torch)
+    inside, go = tmp_path / "in-export", tmp_path / "go"
+    hold = ("import pathlib, sys, time, klas.cli, klas.stages.s6_export as s6\n"
+            "orig = s6.export_models\n"
+            "def held(*a, **k):\n"
+            f"    pathlib.Path({str(inside)!r}).write_text('x')\n"
+            f"    while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.05)\n"
+            "    return orig(*a, **k)\n"
+            "s6.export_models = held\n"
+            "sys.argv = ['klas'] + sys.argv[1:]\n"
+            "sys.exit(klas.cli.main(sys.argv[1:]))\n")
+    first = subprocess.Popen([sys.executable, "-c", hold, "run", str(base["cfg"]), "--run-dir", str(run),
                               "--set", "export.parity_images=40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=ENV, cwd=ROOT)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and "pid" not in ((run / ".lock").read_text() if (run / ".lock").exists()
-                                                        else ""):
-            time.sleep(0.2)
+        deadline = time.time() + 300
+        while time.time() < deadline and not inside.exists() and first.poll() is None:
+            time.sleep(0.1)
+        assert inside.exists(), first.communicate()[1][-2000:]
         assert f"pid {first.pid}" in (run / ".lock").read_text()
         second = klas_proc("run", base["cfg"], "--run-dir", run, "--set", "export.parity_images=30")
+        go.write_text("go")
         lines = error_lines(second.stderr)
         assert second.returncode != 0 and len(lines) == 1, second.stderr
         assert f"in use by pid {first.pid}" in lines[0] and "Traceback" not in second.stderr + second.stdout
