@@ -30,7 +30,7 @@ val_subset = 300
 test_subset = 100
 latency = false
 [export]
-exporter = "torchscript"  # the dynamo exporter is tested in test_export.py; ~30x faster here
+exporter = "torchscript"  # the dynamo exporter is tested in test_export.py; TorchScript exports far faster
 precisions = "none"
 parity_images = 50
 profile = false

@@ -29,7 +29,7 @@ from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 N_IMAGES = 300
 FAST = dict(parity_images=N_IMAGES, accuracy_images=N_IMAGES, warmup=2, runs=10,
             precisions="none")  # the float32 zoo; variants: tests/test_variants.py
-TS = dict(FAST, exporter="torchscript")  # tests not about the dynamo exporter (the `zoo` fixture's): ~30x faster
+TS = dict(FAST, exporter="torchscript")  # tests not about the dynamo exporter (the `zoo` fixture's): far faster
 STITCHES = [("fmnist-deit-ti", 3, "fmnist-deit-s", 5), ("fmnist-deit-s", 7, "fmnist-deit-b", 8),
             ("fmnist-deit-ti", 9, "fmnist-deit-b", 2)]
 

@@ -54,8 +54,8 @@ class ExportConfig:
     opset: int = setting(18, "ONNX opset", ge=18)
     exporter: str = setting("auto", "ONNX exporter: auto = torch.onnx.export(dynamo=True), TorchScript only where a "
                             "model's dynamo graph fails its self-check; dynamo = no fallback (fail instead); "
-                            "torchscript = the deprecated TorchScript exporter for every model (about 30x faster to "
-                            "export; same parity check)", choices=("auto", "dynamo", "torchscript"))
+                            "torchscript = the deprecated TorchScript exporter for every model (much faster to export; "
+                            "the same parity check)", choices=("auto", "dynamo", "torchscript"))
     parity_images: int = setting(10000, "test images for the ONNX vs PyTorch check", ge=1)
     parity_batch: int = setting(61, "images per parity batch (odd on purpose: exercises the dynamic batch axis)",
                                 ge=1, key=False)
