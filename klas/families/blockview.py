@@ -438,7 +438,12 @@ def stitch_layer_flops(src: BlockView, i: int, tgt: BlockView, j: int) -> int:
     return 2 * src.tokens(i) * src.feature_dim(i) * tgt.feature_dim(j)
 
 
+def prefix_flops(view: BlockView, i: int) -> int:
+    """FLOPs per image of ``view``'s stem + blocks 0..i (what a stitch at block i runs of its source)."""
+    return int(view.stem_flops + sum(b.flops for b in view.infos[:i + 1]))
+
+
 def stitched_flops(src: BlockView, i: int, tgt: BlockView, j: int) -> int:
     """FLOPs per image of: source stem + source blocks 0..i + stitch layer + target blocks j+1.. + target head."""
-    return (src.stem_flops + sum(b.flops for b in src.infos[:i + 1]) + stitch_layer_flops(src, i, tgt, j)
+    return (prefix_flops(src, i) + stitch_layer_flops(src, i, tgt, j)
             + sum(b.flops for b in tgt.infos[j + 1:]) + tgt.head_flops)

@@ -24,17 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from klas.stages.s5_evaluation import cascade_outputs
+from klas.families.blockview import prefix_flops
+from klas.stages.s5_evaluation import cascade_outputs, cascade_thresholds, top1_confidence
 
 SPLITS = ("val", "test")
 
 
 # --- the handoff network and its cost -----------------------------------------------------------------------------
-
-def prefix_flops(view, i: int) -> int:
-    """FLOPs per image of ``view``'s stem + blocks 0..i (what a handoff at block i has already paid for)."""
-    return int(view.stem_flops + sum(b.flops for b in view.infos[:i + 1]))
-
 
 def handoff_extra_flops(source, stitched) -> int:
     """FLOPs per image a deferred image costs on top of the source anchor: the stitched configuration minus the
@@ -74,12 +70,6 @@ class Handoff(nn.Module):
         return self.suffix(self.prefix(x))
 
 
-def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, max softmax probability), as ``s5_evaluation.predictions`` computes them."""
-    c, k = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-    return k, c
-
-
 @torch.inference_mode()
 def handoff_cascade(handoff: Handoff, x: torch.Tensor, threshold: float) -> dict:
     """Run the handoff cascade as deployed: the source anchor once (keeping its block-i output), then the suffix on
@@ -93,7 +83,7 @@ def handoff_cascade(handoff: Handoff, x: torch.Tensor, threshold: float) -> dict
         if k == handoff.i:
             h_i = h
     small = src.forward_head(h)
-    _, conf = confidence(small)
+    _, conf = top1_confidence(small)
     deferred = conf < threshold
     out = small.clone()
     if bool(deferred.any()):
@@ -122,12 +112,6 @@ def source_identity(source, stitched) -> dict:
 
 # --- operating points ---------------------------------------------------------------------------------------------
 
-def thresholds(conf_val: torch.Tensor) -> list[float]:
-    """The 5 %, 10 %, ..., 95 % quantiles of the small model's val confidence, rounded to 4 digits (the thresholds of
-    ``s5_evaluation._cascade_candidates``)."""
-    return sorted({round(float(q), 4) for q in torch.quantile(conf_val.float(), torch.linspace(0.05, 0.95, 19))})
-
-
 def _acc(pred: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * float((pred == y).double().mean()) if len(y) else 0.0
 
@@ -145,7 +129,7 @@ def cascade_points(kind: str, name: str, small: dict, large: dict, labels: dict,
     """A cascade's operating points at ``ts`` (default: ``thresholds`` of the small model's val confidence):
     ``small[split]``, ``large[split]`` = (pred, conf); a deferred image costs ``extra_flops`` more (an ordinary
     cascade: the large model's FLOPs; a handoff: ``handoff_extra_flops``)."""
-    ts = thresholds(small["val"][1]) if ts is None else ts
+    ts = cascade_thresholds(small["val"][1]) if ts is None else ts
     pts = []
     for t in ts:
         p, d, correct = {}, {}, {}

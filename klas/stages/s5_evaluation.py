@@ -249,12 +249,23 @@ def predictions(net: torch.nn.Module, data, batch_size: int = 500) -> tuple[torc
     net.eval()
     preds, conf = [], []
     for x, _ in batches(data, batch_size):
-        p = torch.softmax(net(x).float(), dim=-1)
-        c, k = p.max(dim=-1)
+        k, c = top1_confidence(net(x))
         preds.append(k)
         conf.append(c)
     net.train(was)
     return torch.cat(preds), torch.cat(conf)
+
+
+def top1_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, max softmax probability) per row of ``logits`` -- what a max-softmax cascade decides on."""
+    c, k = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+    return k, c
+
+
+def cascade_thresholds(conf_val: torch.Tensor) -> list[float]:
+    """The thresholds a cascade is tried at: the 5 %, 10 %, ..., 95 % quantiles of the cheaper model's val
+    confidence, rounded to 4 digits."""
+    return sorted({round(float(q), 4) for q in torch.quantile(conf_val.float(), torch.linspace(0.05, 0.95, 19))})
 
 
 def _acc(out: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> float:
@@ -366,7 +377,7 @@ def _cascade_candidates(members: list[dict], outputs: dict, y_val: torch.Tensor,
             if lg["flops"] <= sm["flops"] or lg["val_acc"] <= sm["val_acc"]:
                 continue
             (vs, ts), (vl, tl) = outputs[sm["key"]], outputs[lg["key"]]
-            for t in sorted({round(float(q), 4) for q in torch.quantile(vs[1], torch.linspace(0.05, 0.95, 19))}):
+            for t in cascade_thresholds(vs[1]):
                 pv, dv = cascade_outputs(vs, vl, t)
                 pt, dt = cascade_outputs(ts, tl, t)
                 dvm, dtm = float(dv.double().mean()), float(dt.double().mean())
