@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from klas.families.blockview import prefix_flops
-from klas.stages.s5_evaluation import cascade_outputs, cascade_thresholds, top1_confidence
+from klas.stages.s5_evaluation import cascade_outputs, cascade_thresholds, top1_accuracy, top1_confidence
 
 SPLITS = ("val", "test")
 
@@ -112,15 +112,11 @@ def source_identity(source, stitched) -> dict:
 
 # --- operating points ---------------------------------------------------------------------------------------------
 
-def _acc(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * float((pred == y).double().mean()) if len(y) else 0.0
-
-
 def single_point(kind: str, name: str, out: dict, labels: dict, flops: float) -> dict:
     """One network as an operating point: ``out[split] = (pred, conf)``."""
     correct = {s: out[s][0] == labels[s] for s in SPLITS}
     return dict(kind=kind, name=name, flops_avg={s: float(flops) for s in SPLITS}, flops_worst=float(flops),
-                deferral=None, threshold=None, **{f"{s}_acc": _acc(out[s][0], labels[s]) for s in SPLITS},
+                deferral=None, threshold=None, **{f"{s}_acc": top1_accuracy(out[s], labels[s]) for s in SPLITS},
                 _correct=correct)
 
 
@@ -139,7 +135,7 @@ def cascade_points(kind: str, name: str, small: dict, large: dict, labels: dict,
         pts.append(dict(kind=kind, name=f"{name}@{t:.4f}", threshold=t,
                         flops_avg={s: handoff_costs(small_flops, extra_flops, d[s])[0] for s in SPLITS},
                         flops_worst=float(small_flops + extra_flops), deferral=d,
-                        **{f"{s}_acc": _acc(p[s], labels[s]) for s in SPLITS}, _correct=correct))
+                        **{f"{s}_acc": top1_accuracy((p[s],), labels[s]) for s in SPLITS}, _correct=correct))
     return pts
 
 

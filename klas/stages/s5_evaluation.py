@@ -193,8 +193,8 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
         outputs[sn.config.key] = (predictions(sn, val, batch_size), predictions(sn, test, batch_size))
         row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
                    flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params,
-                   val_acc=_acc(outputs[sn.config.key][0], val.labels),
-                   test_acc=_acc(outputs[sn.config.key][1], test.labels))
+                   val_acc=top1_accuracy(outputs[sn.config.key][0], val.labels),
+                   test_acc=top1_accuracy(outputs[sn.config.key][1], test.labels))
         if latency and di.is_main:
             lat = measure_latency(sn, tuple(meta["input_shape"]), repeats=latency_repeats, threads=threads)
             row.update(latency_ms=round(lat["median_ms"], 4), latency=lat)
@@ -212,8 +212,8 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
         outputs[f"untouched:{v.name}"] = (predictions(v.model, val, batch_size), predictions(v.model, test, batch_size))
         untouched.append(dict(key=v.name, flops=v.flops, params=sum(p.numel() for p in v.model.parameters()),
                               flops_norm=normalize_flops(v.flops, f_min, f_max),
-                              val_acc=_acc(outputs[f"untouched:{v.name}"][0], val.labels),
-                              test_acc=_acc(outputs[f"untouched:{v.name}"][1], test.labels),
+                              val_acc=top1_accuracy(outputs[f"untouched:{v.name}"][0], val.labels),
+                              test_acc=top1_accuracy(outputs[f"untouched:{v.name}"][1], test.labels),
                               weights=_weights_record(v)))
     zoo, cascades, admission = build_zoo(rows, untouched, outputs, val.labels, test.labels, cfg)
     # cascades at their average cost (measured on test, where this figure is reported)
@@ -268,7 +268,8 @@ def cascade_thresholds(conf_val: torch.Tensor) -> list[float]:
     return sorted({round(float(q), 4) for q in torch.quantile(conf_val.float(), torch.linspace(0.05, 0.95, 19))})
 
 
-def _acc(out: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> float:
+def top1_accuracy(out: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent of ``out`` = (predicted class, ...) against ``labels``."""
     return 100.0 * float((out[0] == labels).double().mean()) if len(labels) else 0.0
 
 
