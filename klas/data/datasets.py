@@ -105,6 +105,15 @@ def split_indices(n_total: int, n_val: int, seed: int = SPLIT_SEED) -> tuple[tor
     return perm[n_val:], perm[:n_val]
 
 
+FOLDER_VAL = 10000  # images of root/train held out as klas's val split of an ImageFolder (at most a tenth of them)
+
+
+def folder_split_indices(n_total: int, n_val: int = FOLDER_VAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageFolder protocol: klas's val is ``n_val`` images of ``root/train`` but at most a tenth of them (at
+    least one), the rest is train; the folder's own ``val`` is the test split."""
+    return split_indices(n_total, min(n_val, n_total // 10 or 1))
+
+
 def load_fashion_mnist(split: str, root: Path | str | None = None, n_val: int = 5000) -> ImageSet:
     """Fashion-MNIST from the IDX files; ``val`` is ``n_val`` images held out of the official train set."""
     if split not in SPLITS:
@@ -157,7 +166,7 @@ def load_cifar100(split: str, root: Path | str, n_val: int = 5000) -> ImageSet:
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_image_folder(split: str, root: Path | str, img_size: int = 224, n_val: int = 10000,
+def load_image_folder(split: str, root: Path | str, img_size: int = 224, n_val: int = FOLDER_VAL,
                       max_images: int | None = None) -> ImageSet:
     """ImageNet-layout folders (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) resized into memory.
 
@@ -176,7 +185,7 @@ def load_image_folder(split: str, root: Path | str, img_size: int = 224, n_val: 
     ds = datasets.ImageFolder(str(sub), transform=tf, loader=open_image)  # pixel limit (klas.data.safety)
     idx = torch.arange(len(ds))
     if split != "test":
-        train_idx, val_idx = split_indices(len(ds), min(n_val, len(ds) // 10 or 1))
+        train_idx, val_idx = folder_split_indices(len(ds), n_val)
         idx = train_idx if split == "train" else val_idx
     if max_images is not None:
         idx = idx[:max_images]

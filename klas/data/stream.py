@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from klas.data.datasets import BUILTIN_SPECS, SPLITS, DataSpec, ImageSet, load_dataset, split_indices
+from klas.data.datasets import BUILTIN_SPECS, SPLITS, DataSpec, ImageSet, folder_split_indices, load_dataset
 from klas.errors import KlasError
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-FOLDER_VAL = 10000  # images of root/train held out as klas's val split (at most a tenth of them)
 SMALL_INPUT = 64  # train_transform = auto: light augmentation up to this input size, timm's above
 
 
@@ -290,7 +289,7 @@ def open_split(family, split: str, data=None, *, root: Path | str | None = None,
     if name == "imagefolder":
         if root is None:
             raise KlasError("dataset 'imagefolder' needs a root directory ([data] root or --data-root)")
-        source, index, spec_name, split_of = _folder(Path(root), split)
+        source, index, spec_name = _folder(Path(root), split)
     elif name in BUILTIN_SPECS:
         raw = load_dataset(name, split, root)
         _check_classes(raw.spec.num_classes, num_classes, name, fam_name)
@@ -298,7 +297,7 @@ def open_split(family, split: str, data=None, *, root: Path | str | None = None,
         if prep.is_identity(tuple(raw.images.shape[1:])) and not (augment and train_mode == "timm"):
             # the fast path: the images are already what the family takes
             return raw if spec == raw.spec else ImageSet(spec, split, raw.images, raw.labels)
-        source, index, spec_name, split_of = ArraySource(raw), torch.arange(len(raw)), raw.spec.name, None
+        source, index, spec_name = ArraySource(raw), torch.arange(len(raw)), raw.spec.name
     else:
         raise KlasError(f"dataset {name!r}: expected one of imagefolder, fashion-mnist, cifar100")
     classes = tuple(source.classes)
@@ -343,12 +342,12 @@ def _folder(root: Path, split: str):
             raise KlasError(f"{root}: missing val/ (the test split); an ImageFolder root holds train/<class>/* "
                             f"and val/<class>/*")
         src = _folder_source(root / "val", dict(zip(train_src.classes, range(len(train_src.classes)))))
-        return src, torch.arange(len(src)), f"imagefolder:{root.name}", None
+        return src, torch.arange(len(src)), f"imagefolder:{root.name}"
     n = len(train_src)
     if n < 2:
         raise KlasError(f"{train_dir}: {n} image(s); klas holds a val split out of train, so it needs at least 2")
-    train_idx, val_idx = split_indices(n, min(FOLDER_VAL, n // 10 or 1))
-    return train_src, (train_idx if split == "train" else val_idx), f"imagefolder:{root.name}", split
+    train_idx, val_idx = folder_split_indices(n)
+    return train_src, (train_idx if split == "train" else val_idx), f"imagefolder:{root.name}"
 
 
 _SOURCES: dict[tuple, FolderSource] = {}

@@ -56,12 +56,7 @@ def parse_family(table: Any, source: str, base: Path | None = None) -> FamilyCfg
     where = f"{source}: [family]"
     if not isinstance(table, dict):
         raise KlasError(f"{where} must be a table (name, anchors, ...)")
-    unknown = [k for k in table if k not in FAMILY_KEYS]
-    if unknown:
-        raise KlasError(f"{where} {unknown[0]}: unknown key; keys: {', '.join(FAMILY_KEYS)}")
-    name = table.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise KlasError(f"{where} name = {name!r}: expected a non-empty name without '/'")
+    name = _keys_and_name(table, FAMILY_KEYS, where, "name")
     dataset = table.get("dataset", "imagefolder")
     if dataset not in DATASETS:
         raise KlasError(f"{where} dataset = {dataset!r}: expected one of {', '.join(DATASETS)}")
@@ -147,15 +142,21 @@ def _parse_input(t: Any, where: str) -> dict:
     return out
 
 
+def _keys_and_name(t: dict, keys: tuple[str, ...], where: str, what: str) -> str:
+    """A table's keys checked against ``keys`` and its ``name`` (used in paths: non-empty, no '/'), returned."""
+    unknown = [k for k in t if k not in keys]
+    if unknown:
+        raise KlasError(f"{where} {unknown[0]}: unknown key; keys: {', '.join(keys)}")
+    name = t.get("name")
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise KlasError(f"{where} name = {name!r}: expected a non-empty {what} without '/'")
+    return name
+
+
 def _parse_anchor(t: Any, where: str, base: Path, inp: dict, num_classes: int | None) -> AnchorCfg:
     if not isinstance(t, dict):
         raise KlasError(f"{where}: expected a table (name, arch, model_args, weights)")
-    unknown = [k for k in t if k not in ANCHOR_KEYS]
-    if unknown:
-        raise KlasError(f"{where} {unknown[0]}: unknown key; keys: {', '.join(ANCHOR_KEYS)}")
-    name = t.get("name")
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise KlasError(f"{where} name = {name!r}: expected a non-empty anchor name without '/'")
+    name = _keys_and_name(t, ANCHOR_KEYS, where, "anchor name")
     where = f"{where} ({name})"
     arch = t.get("arch")
     if not isinstance(arch, str) or not arch:
