@@ -183,6 +183,7 @@ class Artifact:
     VERSION: ClassVar[int] = 1
     RECORD: ClassVar[str] = ""
     FILES: ClassVar[tuple[str, ...]] = ()
+    FOLDER: ClassVar[str] = ""  # the artifact's folder in the run directory ("": the stage's name, KIND)
 
     def save(self, folder: Path | str) -> None:
         from klas.io import save_json
@@ -228,10 +229,12 @@ class Artifact:
 # ------------------------------------------------------------------------------------------------------ context
 @dataclass
 class StageContext:
-    """What a stage gets besides its own config: where to write, the run-wide settings, its cache key.
+    """What a stage gets besides its own config: where to write, the run-wide settings, its cache key, and -- built
+    on first use -- the family, its task, the data splits, the upstream artifacts, the device and the distributed
+    state. A stage reads nothing else: no second API, no other stage's JSON.
 
-    ``family`` is built on first use from ``run`` (the registry name, pretrained/shipped weights or ``run.weights``)
-    unless one is passed in (tests, research code).
+    ``family`` is built from ``run`` (the registry name, pretrained/shipped weights or ``run.weights``) unless one is
+    passed in (tests, research code).
     """
 
     run_dir: Any  # klas.rundir.RunDir
@@ -240,6 +243,7 @@ class StageContext:
     key: str = ""
     progress: bool = True
     prebuilt: Any = None  # a Family built by the caller
+    artifacts: dict = field(default_factory=dict)  # artifact class -> instance handed in by the pipeline
 
     @cached_property
     def family(self):
@@ -247,13 +251,51 @@ class StageContext:
             return self.prebuilt
         from klas.families import create_family
 
-        # NOTE: always the pretrained anchors (shipped files, local weights or the hub), in every stage alike; the
-        # finetune stage builds them the same way
+        # NOTE: always the pretrained anchors (shipped files, local weights or the hub), in every stage alike
         return create_family(self.run.family, pretrained=True, weights=self.run.weights)
+
+    @cached_property
+    def task(self):
+        """The family's task plug-in (``klas.tasks``): everything that differs between kinds of model."""
+        from klas.tasks import task_of
+
+        return task_of(self.family)
 
     @property
     def seed(self) -> int:
         return self.run.seed
+
+    @property
+    def dataset(self) -> str:
+        """The run's dataset, resolved once: ``[data] dataset``, else the family's own."""
+        return self.data.dataset or self.family.cfg.dataset
+
+    def split(self, name: str, *, augment: bool = False, family=None):
+        """Split ``name`` (train / val / test) of the run's data, read and batched as the task says. ``family``: a
+        family other than the run's built one (e.g. the finetune stage's copy); its preprocessing is the same."""
+        return self.task.open_split(family if family is not None else self.family, name, self.data,
+                                    dataset=self.dataset, augment=augment)
+
+    def upstream(self, cls):
+        """The typed artifact of an upstream stage (``ctx.upstream(SelectionArtifact)``), loaded and validated."""
+        if cls not in self.artifacts:
+            self.artifacts[cls] = cls.load(self.folder_of(cls))
+        return self.artifacts[cls]
+
+    def folder_of(self, cls) -> Path:
+        """Where an artifact class lives in this run."""
+        return self.run_dir.path / (cls.FOLDER or cls.KIND)
+
+    @property
+    def dist(self):
+        """The distributed state (``klas.distributed.DistInfo``): joins torchrun's process group on first use."""
+        from klas import distributed as kd
+
+        return kd.init()
+
+    @property
+    def device(self):
+        return self.dist.device
 
     @property
     def data_root(self) -> str | None:

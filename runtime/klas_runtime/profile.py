@@ -12,20 +12,16 @@ numpy + onnxruntime only (shared by ``klas.stages.s6_export`` and ``klas_runtime
 """
 from __future__ import annotations
 
-import os
-import platform
-import shutil
-import subprocess
 import json
 import math
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from klas_runtime.errors import ZooError
+from klas_runtime.machine import cpu_model, gpu_model, machine_info  # noqa: F401 (machine_info: re-exported)
 from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -60,39 +56,9 @@ def short_provider(name: str) -> str:
     return next((k for k, v in PROVIDERS.items() if v == name), name)
 
 
-@lru_cache(maxsize=None)
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
-
-
-@lru_cache(maxsize=None)
-def _gpu_model() -> str:
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=10, check=True).stdout.strip().splitlines()
-            if out:
-                return out[0].strip()
-        except (subprocess.SubprocessError, OSError):
-            pass
-    return "unknown gpu"
-
-
 def device_label(provider: str) -> str:
     """The hardware a provider runs on here, e.g. 'cpu: AMD EPYC 7B13' -- what latency figures are keyed by."""
-    return f"gpu: {_gpu_model()}" if provider in GPU_PROVIDERS else f"cpu: {_cpu_model()}"
-
-
-def machine_info() -> dict:
-    """Where a measurement was taken (hardware and software, no user data)."""
-    return dict(host=platform.node() or "unknown", platform=platform.platform(), cpu=_cpu_model(),
-                cores=os.cpu_count() or 0, onnxruntime=_ort().__version__)
+    return f"gpu: {gpu_model()}" if provider in GPU_PROVIDERS else f"cpu: {cpu_model()}"
 
 
 def open_session(model: bytes | str | Path, provider: str | None = None, threads: int | None = None):
