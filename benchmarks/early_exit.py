@@ -82,7 +82,8 @@ def study_row(label: str, run: Path, args, untouched: Untouched) -> dict:
     from klas.io import load_json
     from klas.research import early_exit as ee
     from klas.stages.s4_finetune import load_supernet
-    from klas.stages.s5_evaluation import predictions, sign_test, top1_accuracy
+    from klas.metrics import sign_test, top1_accuracy
+    from klas.stages.s5_evaluation import predictions
 
     t0 = time.perf_counter()
     meta = load_json(run / "finetune" / "supernet.json")

@@ -90,7 +90,7 @@ def stitched_aucs(row: dict, work: Path) -> dict:
     anchors plus the admitted stitched models (what the zoo would be without cascades), and the anchors plus every
     finetuned stitch (no admission: the most a recipe could add at this budget)."""
     from klas.io import load_json
-    from klas.stages.s5_evaluation import auc
+    from klas.metrics import auc
 
     ev = load_json(work / row["label"] / "evaluation" / "evaluation.json")
     anchors = [(u["flops"], u["test_acc"]) for u in ev["untouched"]]

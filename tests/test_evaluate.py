@@ -11,8 +11,8 @@ import torch
 from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas.research.compare import Arm, compare, equalize
 from klas.data import load_dataset
-from klas.stages.s5_evaluation import (EvaluationArtifact, EvaluationConfig, auc, evaluate_run, measure_latency,
-                                       normalize_flops, pareto_mask, staircase)
+from klas.metrics import auc, normalize_flops, pareto_mask, staircase
+from klas.stages.s5_evaluation import EvaluationArtifact, EvaluationConfig, evaluate_run, measure_latency
 from klas.families import count_flops, stitched_flops
 from klas.stitch import FitCfg
 from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet, load_stitched

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from klas.errors import KlasError
-from klas.stages.s5_evaluation import evaluate_run, plot_curves, save_text, staircase
+from klas.metrics import staircase
+from klas.stages.s5_evaluation import evaluate_run, plot_curves, save_text
 from klas.families import Family, create_family, stitched_flops
 from klas.io import load_json, save_json
 from klas.rundir import RunDir

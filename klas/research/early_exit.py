@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from klas.families.blockview import prefix_flops
-from klas.stages.s5_evaluation import cascade_outputs, cascade_thresholds, top1_accuracy, top1_confidence
+from klas.metrics import cascade_outputs, cascade_thresholds, top1_accuracy
+from klas.stages.s5_evaluation import top1_confidence
 
 SPLITS = ("val", "test")
 

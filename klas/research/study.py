@@ -464,7 +464,7 @@ def cascades(run_dir: Path | str, out_dir: Path | str, test_samples: int | None 
     """Two-anchor cascades for every ordered anchor pair on the test split, next to the stitched Pareto front of
     ``evaluation`` (an evaluation.json; default: the run's own, else the AUC study's KLAS arm, seed 0)."""
     from klas.data import load_dataset
-    from klas.stages.s5_evaluation import auc, pareto_mask
+    from klas.metrics import auc, pareto_mask
 
     run = RunDir(run_dir)
     fam = _family(run, family)
@@ -574,7 +574,7 @@ def stitching_gain(rows: list[dict]) -> dict:
     """What the stitched configurations add over the anchors' staircase (the same evaluation's anchors): stitched
     points on the Pareto front, and the largest accuracy gain of a stitched model over the best anchor within its
     FLOPs (negative when none beats it)."""
-    from klas.stages.s5_evaluation import auc, pareto_mask
+    from klas.metrics import auc, pareto_mask
 
     anchors = [r for r in rows if r["anchor"]]
     stitched = [r for r in rows if not r["anchor"]]

@@ -26,6 +26,8 @@ import torch
 
 from klas.errors import KlasError
 from klas.contract import Artifact, StageContext, setting
+from klas.metrics import (AUC_DEFINITION, auc, cascade_outputs, cascade_thresholds, normalize_flops, pareto_mask,
+                          sign_test, staircase, top1_accuracy)
 from klas.rundir import RunDir
 
 # --- measurements -------------------------------------------------------------------------------------------------
