@@ -244,6 +244,9 @@ class StageContext:
     progress: bool = True
     prebuilt: Any = None  # a Family built by the caller
     artifacts: dict = field(default_factory=dict)  # artifact class -> instance handed in by the pipeline
+    # test and tool hooks by name, e.g. the finetune stage's ``on_step(step)`` (raising there simulates a crash) and
+    # ``restart`` (False: refuse to discard checkpoints made under other settings)
+    hooks: dict = field(default_factory=dict)
 
     @cached_property
     def family(self):
@@ -254,12 +257,21 @@ class StageContext:
         # NOTE: always the pretrained anchors (shipped files, local weights or the hub), in every stage alike
         return create_family(self.run.family, pretrained=True, weights=self.run.weights)
 
+    @property
+    def family_cfg(self):
+        """The family's definition (``FamilyCfg``), without building its anchors."""
+        if self.prebuilt is not None:
+            return self.prebuilt.cfg
+        from klas.families import get_family_cfg
+
+        return get_family_cfg(self.run.family)
+
     @cached_property
     def task(self):
         """The family's task plug-in (``klas.tasks``): everything that differs between kinds of model."""
         from klas.tasks import task_of
 
-        return task_of(self.family)
+        return task_of(self.family_cfg)
 
     @property
     def seed(self) -> int:
@@ -268,11 +280,11 @@ class StageContext:
     @property
     def dataset(self) -> str:
         """The run's dataset, resolved once: ``[data] dataset``, else the family's own."""
-        return self.data.dataset or self.family.cfg.dataset
+        return self.data.dataset or self.family_cfg.dataset
 
     def split(self, name: str, *, augment: bool = False, family=None):
-        """Split ``name`` (train / val / test) of the run's data, read and batched as the task says. ``family``: a
-        family other than the run's built one (e.g. the finetune stage's copy); its preprocessing is the same."""
+        """Split ``name`` (train / val / test) of the run's data, read and batched as the task says, preprocessed for
+        ``family`` (default: the run's built family; a registered name reads the preprocessing without building)."""
         return self.task.open_split(family if family is not None else self.family, name, self.data,
                                     dataset=self.dataset, augment=augment)
 

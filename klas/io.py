@@ -104,3 +104,16 @@ def swap_dirs(new: Path | str, old: Path | str) -> None:
     os.replace(old, aside)
     os.replace(new, old)
     os.replace(aside, new)
+
+
+def tensor_metadata(path: Path) -> dict | None:
+    """The metadata of a safetensors file (None when it is missing or unreadable)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001 -- a torn or foreign file: train the stitch again
+        return None

@@ -6,7 +6,8 @@ finetuning samples a stitch configuration per step under DDP); what they share l
 * ``WarmupCosineLR``: the one learning-rate schedule, a ``torch.optim.lr_scheduler.LRScheduler``;
 * ``Trainer``: AdamW (optionally timm's no-decay groups), that schedule, gradient clipping, and a checkpoint
   (model + optimizer + schedule + torch RNG + step, written atomically) that resumes exactly;
-* ``epoch_generator`` (seeded data order) and ``progress_bar`` (tqdm on the main rank only).
+* ``epoch_generator`` (seeded data order) and ``progress_bar`` (tqdm on the main rank only);
+* ``run_epochs`` and its typed ``LoopState``: the one epoch loop of the finetune stage's recipes.
 
 Exact resume rests on the rest being a function of the seed and the step: the learning rate is a closed form of the
 step (restored with the scheduler), and a loop's data order comes from a generator seeded per epoch.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import math
 import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -163,3 +166,150 @@ def progress_bar(iterable=None, *, enabled: bool = True, **kw) -> tqdm:
 
     kw = dict(dict(file=sys.stdout, leave=False, mininterval=2), **kw)
     return tqdm(iterable, disable=not enabled or not kd.info().is_main, **kw)
+
+
+@dataclass
+class LoopState:
+    """What a training loop carries across steps and into its checkpoint: per-epoch history, every step's loss,
+    training wall time; the ``shared`` recipe also counts steps per configuration and keeps the val accuracy before
+    training. Checkpointed as a plain dict (``as_dict``), so checkpoints load with ``weights_only=True``."""
+
+    history: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    wall_s: float = 0.0
+    counts: list | None = None
+    val_init: list | None = None
+    curves: dict | None = None  # independent / frozen: each stitch's step losses, by configuration key
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoopState":
+        return cls(**{k: d[k] for k in ("history", "losses", "wall_s", "counts", "val_init", "curves") if k in d})
+
+
+def run_epochs(tr: Trainer, state: LoopState, *, total: int, steps_per_epoch: int, epoch_batches, step, bar,
+               save, ckpt_every: int = 0, on_step=None) -> None:
+    """The one epoch loop of the finetune stage's recipes, from ``tr.step`` to ``total`` optimizer steps.
+
+    ``epoch_batches(step)`` yields the batches from global ``step`` to the end of its epoch (a resumed epoch replays
+    its seeded order up to there); ``step(batch) -> (loss, label)`` runs forward and backward (``label`` names what
+    trained, for the progress bar); the loop then takes the optimizer step, records the loss, calls ``on_step(step)``
+    (a test hook) and checkpoints (``save()``) at every epoch end and every ``ckpt_every`` steps within an epoch.
+    """
+    lr = tr.lr
+    while tr.step < total:
+        epoch = tr.step // steps_per_epoch
+        t0 = time.perf_counter()
+        for batch in epoch_batches(tr.step):
+            lr = tr.lr  # this step's learning rate (the history records the last one of each epoch)
+            loss, label = step(batch)
+            tr.update()
+            state.losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", cfg=label)
+            if on_step is not None:
+                on_step(tr.step)
+            if ckpt_every and tr.step % ckpt_every == 0 and tr.step % steps_per_epoch:
+                state.wall_s += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save()
+        state.wall_s += time.perf_counter() - t0
+        done = state.losses[epoch * steps_per_epoch:]  # the whole epoch, also when it was resumed midway
+        state.history.append(dict(epoch=epoch + 1, step=tr.step, lr=lr, loss=sum(done) / len(done)))
+        save()
+
+
+# --- the finetune stage's deterministic schedule and data-parallel wrapper ------------------------------------------
+
+def derive_seed(seed: int, *tags) -> int:
+    """A 63-bit seed derived from the run seed and tags: independent streams without arithmetic seed collisions."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([seed, *tags]).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def config_at(step: int, n_configs: int, seed: int, sampling: str = "balanced") -> int:
+    """Index of the configuration trained at global step ``step``; the same on every rank and after any resume."""
+    if sampling == "uniform":
+        g = torch.Generator().manual_seed(derive_seed(seed, "uniform", step))
+        return int(torch.randint(n_configs, (1,), generator=g))
+    block, pos = divmod(step, n_configs)
+    g = torch.Generator().manual_seed(derive_seed(seed, "balanced", block))
+    return int(torch.randperm(n_configs, generator=g)[pos])
+
+
+def _stream(data, batch_size: int, augment: bool, seed: int, epoch: int, rank: int, world: int):
+    """Training batches of epoch ``epoch``: seeded passes over the data, repeated as needed, rank-sharded."""
+    from klas.data import batches
+
+    gen = torch.Generator().manual_seed(derive_seed(seed, "data", epoch))
+    while True:
+        yield from batches(data, batch_size, shuffle=True, gen=gen, train_augment=augment, drop_last=True,
+                           rank=rank, world_size=world)
+
+
+def rest_of_epoch(step: int, spe: int, train, batch_size: int, augment: bool, seed: int, rank: int, world: int,
+                  device):
+    """The training batches from global ``step`` to the end of its epoch, on ``device``: a resumed epoch replays its
+    seeded data order up to the step it stopped at (cheap: indexing + augmentation) and goes on from there."""
+    import itertools
+
+    epoch, pos = divmod(step, spe)
+    stream = itertools.islice(_stream(train, batch_size, augment, seed, epoch, rank, world), pos, None)
+    for _ in range(pos, spe):
+        x, y = next(stream)
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def data_parallel(net: nn.Module, parallel: str, device: torch.device) -> nn.Module:
+    """The data-parallel wrapper: DDP (find_unused_parameters: each step trains one configuration) or FSDP."""
+    from klas.errors import KlasError
+
+    if parallel == "fsdp":
+        if device.type != "cuda":
+            raise KlasError("--parallel fsdp: torch's FSDP needs CUDA devices; use --parallel ddp on the CPU")
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # NOTE: one root unit with original parameters, so the supernet's per-config forward (which reuses the
+        # anchors' submodules) keeps working; every rank runs the same configuration, so all-gathers line up.
+        return FSDP(net, device_id=device, use_orig_params=True, sync_module_states=True)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def plot_training(losses: list[float], path: Path, curves: dict[str, list[float]] | None = None) -> None:
+    if not losses:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from klas.io import atomic_path
+
+    def smooth(v: list[float]) -> list[float]:
+        w = max(1, len(v) // 50)
+        return [sum(v[max(0, s - w + 1):s + 1]) / len(v[max(0, s - w + 1):s + 1]) for s in range(len(v))]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if curves:  # independent / frozen: one curve per stitch, each over its own steps
+        for key, v in curves.items():
+            ax.plot(smooth(v), lw=1.2, label=key)
+        ax.set_title("finetuning, one network per stitch (moving mean)")
+        ax.legend(fontsize=6)
+    else:
+        ax.plot(losses, lw=0.5, alpha=0.4, label="step loss (sampled config)")
+        ax.plot(smooth(losses), lw=1.5, label=f"moving mean ({max(1, len(losses) // 50)} steps)")
+        ax.set_title("supernetwork finetuning")
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -39,6 +39,7 @@ class FamilyCfg:
     # timm's pretrained cfg of the first anchor (``data_config``)
     input: dict = field(default_factory=dict)
     source: str = ""  # where a family from a config was defined ("" for registered ones)
+    task: str = "image-classification"  # the task plug-in (klas.tasks) that says what the anchors do
 
     @property
     def embedded(self) -> bool:

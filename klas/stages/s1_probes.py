@@ -1,6 +1,7 @@
 """ProbeNet (KLAS paper, Alg. 1): one linear probe per block of every anchor, trained jointly on frozen anchors.
 
-A probe reads ``view.pool(block output)`` (mean over tokens / positions) and predicts the class. All probes of an
+A probe reads what the task says of a block's output (``task.probe_features``; for images, the mean over tokens /
+positions) and predicts the task's outputs (classes), trained with the task's loss. All probes of an
 anchor are fed by ONE forward of the anchor per batch (``view.forward_all``); each probe gets detached features, the
 probe losses are summed and one backward runs. Because the probes share no parameters and the optimizer (AdamW) is
 per-parameter, this is exactly equivalent to training every probe on its own with the same seed and data order --
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import platform
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from klas import distributed as kd
-from klas.data import ImageSet, batches, num_batches, open_split
+from klas.data import ImageSet, batches, num_batches
 from klas.errors import KlasError
 from klas.families import BlockView, Family
 from klas.io import load_checkpoint, load_tensors, save_tensors
 from klas.contract import Artifact, StageContext, setting
 from klas.rundir import RunDir
+from klas.tasks import task_of
 from klas.train import Trainer, epoch_generator, progress_bar
 
 PROBES_FILE, PROBES_JSON, PROBES_PNG = "probes.safetensors", "probes.json", "probe_accuracy.png"
@@ -79,17 +79,17 @@ class ProbesArtifact(Artifact):
 
 
 class ProbeNet(nn.Module):
-    """The linear probes of ONE anchor: probe k maps pooled block-k features [B, C_k] to class logits.
+    """The linear probes of ONE anchor: probe k maps block-k features [B, C_k] to the task's outputs.
 
     Features are standardized with fixed per-channel statistics (``set_stats``) before the linear map: the same
     affine family of probes, but well conditioned whatever the scale of a block's residual stream (Adam alone
     converged several points lower in 4 epochs). ``folded()`` returns plain linear weights on the raw features.
     """
 
-    def __init__(self, anchor: str, widths: list[int], num_classes: int, seed: int = 0):
+    def __init__(self, anchor: str, widths: list[int], num_outputs: int, seed: int = 0):
         super().__init__()
-        self.anchor, self.widths, self.num_classes = anchor, list(widths), num_classes
-        self.probes = nn.ModuleList(nn.Linear(c, num_classes) for c in widths)
+        self.anchor, self.widths, self.num_outputs = anchor, list(widths), num_outputs
+        self.probes = nn.ModuleList(nn.Linear(c, num_outputs) for c in widths)
         for k, (lin, c) in enumerate(zip(self.probes, widths)):
             init_probe(lin, probe_seed(seed, anchor, k))
             self.register_buffer(f"shift_{k}", torch.zeros(c))
@@ -106,7 +106,7 @@ class ProbeNet(nn.Module):
             getattr(self, f"scale_{k}").copy_(1.0 / std)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Pooled features of every block -> logits [depth, B, num_classes]."""
+        """Features of every block -> logits [depth, B, num_outputs]."""
         return torch.stack([p((f - getattr(self, f"shift_{k}")) * getattr(self, f"scale_{k}"))
                             for k, (p, f) in enumerate(zip(self.probes, feats))])
 
@@ -120,13 +120,13 @@ class ProbeNet(nn.Module):
 
 
 @torch.no_grad()
-def feature_stats(view: BlockView, data: ImageSet, n: int = 2048, batch_size: int = 512
+def feature_stats(view: BlockView, data: ImageSet, n: int = 2048, batch_size: int = 512, task=None
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(mean, std) per channel of every block's pooled features over the first ``n`` images (float64 sums)."""
+    """(mean, std) per channel of every block's probe features over the first ``n`` samples (float64 sums)."""
     data = data.subset(n)
     s1 = s2 = None
     for x, _ in batches(data, batch_size):
-        feats = [f.double() for f in anchor_features(view, x)[0]]
+        feats = [f.double() for f in anchor_features(view, x, task)[0]]
         s1 = [f.sum(0) for f in feats] if s1 is None else [a + f.sum(0) for a, f in zip(s1, feats)]
         s2 = [(f * f).sum(0) for f in feats] if s2 is None else [a + (f * f).sum(0) for a, f in zip(s2, feats)]
     m = len(data)
@@ -153,10 +153,12 @@ def init_probe(lin: nn.Linear, seed: int) -> None:
 
 
 @torch.no_grad()
-def anchor_features(view: BlockView, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One frozen forward: pooled features of every block (detached) and the anchor's own logits."""
+def anchor_features(view: BlockView, x: torch.Tensor, task=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One frozen forward: every block's probe features (``task.probe_features``; default: the view's pooling),
+    detached, and the anchor's own logits."""
     outs, logits = view.forward_all(x)
-    return [view.pool(h) for h in outs], logits
+    feats = task.probe_features if task is not None else (lambda v, h: v.pool(h))
+    return [feats(view, h) for h in outs], logits
 
 
 def weights_digest(view: BlockView) -> str:
@@ -169,20 +171,21 @@ def weights_digest(view: BlockView) -> str:
 
 
 @torch.no_grad()
-def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, batch_size: int = 1000
+def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, batch_size: int = 1000, *, task
                     ) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Top-1 accuracy (%) of every probe and of every anchor's own head on ``data`` (sharded over ranks, counts
-    summed: every rank gets the whole-split figures)."""
+    """The task's metric (%) of every probe and of every anchor's own head on ``data`` (sharded over ranks,
+    per-sample qualities summed: every rank gets the whole-split figures)."""
     di = kd.info()
-    correct = {v.name: torch.zeros(nets[v.name].depth, dtype=torch.long) for v in family}
-    heads = torch.zeros(len(family), dtype=torch.long)
+    correct = {v.name: torch.zeros(nets[v.name].depth, dtype=torch.float64) for v in family}
+    heads = torch.zeros(len(family), dtype=torch.float64)
     for x, y in batches(data, batch_size, rank=di.rank, world_size=di.world):
         for a, v in enumerate(family):
-            feats, logits = anchor_features(v, x)
-            correct[v.name] += (nets[v.name](feats).argmax(-1) == y).sum(dim=1)
-            heads[a] += (logits.argmax(-1) == y).sum()
+            feats, logits = anchor_features(v, x, task)
+            correct[v.name] += torch.stack([task.quality(task.predict(lg)[0], y).double().sum()
+                                            for lg in nets[v.name](feats)])  # per probe: [B, outputs] logits
+            heads[a] += task.quality(task.predict(logits)[0], y).double().sum()
     kd.all_reduce_([*correct.values(), heads], "probe evaluation")
-    head = {v.name: int(heads[a]) for a, v in enumerate(family)}
+    head = {v.name: float(heads[a]) for a, v in enumerate(family)}
     n = max(len(data), 1)
     return ({a: [round(100.0 * float(c) / n, 3) for c in cs] for a, cs in correct.items()},
             {a: round(100.0 * c / n, 3) for a, c in head.items()})
@@ -196,7 +199,8 @@ def probe_trainer(nets: dict[str, ProbeNet], cfg: ProbesConfig, steps_per_epoch:
 
 def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: int,
                      nets: dict[str, ProbeNet] | None = None, trainer: Trainer | None = None,
-                     val: ImageSet | None = None, on_epoch=None, progress: bool = True) -> dict[str, ProbeNet]:
+                     val: ImageSet | None = None, on_epoch=None, progress: bool = True, task=None
+                     ) -> dict[str, ProbeNet]:
     """The ProbeNet loop: per batch, one frozen forward per anchor feeds all its probes; summed loss, one backward.
 
     Under torchrun each rank runs its shard of every global batch through a DDP wrapper over the probes (the anchors
@@ -204,13 +208,11 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
     starts at the epoch its step count reaches); ``on_epoch(epoch, nets, trainer, train_loss, val_acc, head_acc,
     wall_s)`` is called after every epoch (checkpointing).
     """
+    task = task if task is not None else task_of(family)
     for v in family:
         v.eval()
-    num_classes = family.cfg.num_classes
     if nets is None:
-        nets = {v.name: ProbeNet(v.name, v.widths, num_classes, seed) for v in family}
-        for v in family:
-            nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples))
+        nets = new_probes(family, train, cfg, seed, task)
     steps = num_batches(train, cfg.batch_size)
     tr = trainer if trainer is not None else probe_trainer(nets, cfg, steps)
     di = kd.info()
@@ -230,11 +232,11 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
         for k, (x, y) in enumerate(bar):
             # this rank's shard of global batch k: the global batch size is known from the split, not the shard
             global_b = min(cfg.batch_size, len(train) - k * cfg.batch_size)
-            feats = {v.name: anchor_features(v, x)[0] for v in family}
+            feats = {v.name: anchor_features(v, x, task)[0] for v in family}
             logits = model(feats)  # {anchor: [depth, B_shard, classes]}
-            # sum over probes of each probe's mean cross-entropy over the GLOBAL batch: gradients stay per-probe;
+            # sum over probes of each probe's mean loss over the GLOBAL batch: gradients stay per-probe;
             # x world because DDP averages over ranks
-            loss = sum(F.cross_entropy(lg.flatten(0, 1), y.repeat(lg.shape[0]), reduction="sum")
+            loss = sum(task.probe_loss(lg.flatten(0, 1), y.repeat(lg.shape[0], *([1] * (y.dim() - 1))))
                        for lg in logits.values()) * (di.world / global_b)
             try:
                 loss.backward()
@@ -251,7 +253,7 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
             loss_sum = float(t)
         probes_total = sum(n.depth for n in nets.values())
         train_loss = loss_sum / max(steps, 1) / max(probes_total, 1)
-        val_acc, head_acc = evaluate_probes(family, nets, val) if val is not None else ({}, {})
+        val_acc, head_acc = evaluate_probes(family, nets, val, task=task) if val is not None else ({}, {})
         if on_epoch is not None:
             on_epoch(epoch, nets, tr, train_loss, val_acc, head_acc, time.time() - t0)
     return nets
@@ -269,21 +271,25 @@ class _ProbeBank(nn.Module):
         return {name: self.nets[str(i)](feats[name]) for i, name in enumerate(self.names)}
 
 
-def train_probes(family: Family, run_dir: Path | str | RunDir, cfg: ProbesConfig, *, seed: int,
-                 data_root: Path | str | None = None, key: str = "", progress: bool = True,
-                 data=None) -> ProbesArtifact:
-    """Train the probes of every anchor of ``family`` into ``run_dir/probes``; resumed from ``checkpoint.pt`` after
-    an interruption when the checkpoint was made under the same stage ``key`` (``klas.pipeline``). ``data``: the
-    ``[data]`` settings (dataset, workers, in-memory or streamed; ``klas.data.open_split``)."""
-    di = kd.init()
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, family.name, family.cfg.dataset)
-    out = run.stage("probes")
-    inputs = dict(key=key, anchors={v.name: weights_digest(v) for v in family}, config=asdict(cfg), seed=seed)
-    train = open_split(family, "train", data, root=data_root).subset(cfg.train_subset)
-    val = open_split(family, "val", data, root=data_root).subset(cfg.val_subset)
-    nets = {v.name: ProbeNet(v.name, v.widths, family.cfg.num_classes, seed) for v in family}
-    for v in family:  # deterministic: the first stat_samples images of the fixed split order
-        nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples))
+def new_probes(family: Family, train, cfg: ProbesConfig, seed: int, task) -> dict[str, ProbeNet]:
+    """Fresh probes for every anchor, their feature standardization measured on the first ``cfg.stat_samples``
+    training samples of the fixed split order (deterministic)."""
+    nets = {v.name: ProbeNet(v.name, v.widths, task.num_outputs(family), seed) for v in family}
+    for v in family:
+        nets[v.name].set_stats(feature_stats(v, train, cfg.stat_samples, task=task))
+    return nets
+
+
+def run(cfg: ProbesConfig, ctx: StageContext) -> ProbesArtifact:
+    """Train the probes of every anchor of ``ctx.family`` into ``<run>/probes``; resumed from ``checkpoint.pt`` after
+    an interruption when the checkpoint was made under the same stage key (``klas.pipeline``)."""
+    di = ctx.dist
+    family, task, seed = ctx.family, ctx.task, ctx.seed
+    out = ctx.folder("probes")
+    inputs = dict(key=ctx.key, anchors={v.name: weights_digest(v) for v in family}, config=asdict(cfg), seed=seed)
+    train = ctx.split("train").subset(cfg.train_subset)
+    val = ctx.split("val").subset(cfg.val_subset)
+    nets = new_probes(family, train, cfg, seed, task)
     tr = probe_trainer(nets, cfg, num_batches(train, cfg.batch_size))
     state = dict(epoch=0, history=[], wall_s=0.0)
     ckpt_path = out / CHECKPOINT
@@ -304,15 +310,15 @@ def train_probes(family: Family, run_dir: Path | str | RunDir, cfg: ProbesConfig
                                      val_acc=val_acc, head_val_acc=head_acc))
         mean_acc = {a: round(sum(v) / len(v), 2) for a, v in val_acc.items()}
         if di.is_main:
-            print(f"[probe] epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, mean probe val acc {mean_acc} "
-                  f"({wall:.0f}s)", flush=True)
+            print(f"[probe] epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, mean probe val {task.metric} "
+                  f"{mean_acc} ({wall:.0f}s)", flush=True)
             tr_.save(ckpt_path, resume_tag=inputs, state=state)
         kd.barrier("probe checkpoint")
 
-    train_probe_nets(family, train, cfg, seed, nets, tr, val, on_epoch, progress)
+    train_probe_nets(family, train, cfg, seed, nets, tr, val, on_epoch, ctx.progress, task=task)
     tensors = {f"{name}/{k}.{p}": t for name, n in nets.items()
                for k, (w, b) in enumerate(n.folded()) for p, t in (("weight", w), ("bias", b))}
-    art = ProbesArtifact(**_record(family, cfg, state, len(train), len(val)), world_size=di.world)
+    art = ProbesArtifact(**_record(family, ctx.dataset, cfg, state, len(train), len(val)), world_size=di.world)
     if di.is_main:
         save_tensors(tensors, out / PROBES_FILE, metadata={"family": family.name, "format": "klas-probes-v1"})
         plot_probe_accuracy(asdict(art), out / PROBES_PNG)
@@ -321,17 +327,19 @@ def train_probes(family: Family, run_dir: Path | str | RunDir, cfg: ProbesConfig
     return art
 
 
-def _record(family: Family, cfg: ProbesConfig, state: dict, n_train: int, n_val: int) -> dict:
+def _record(family: Family, dataset: str, cfg: ProbesConfig, state: dict, n_train: int, n_val: int) -> dict:
+    from klas_runtime.machine import machine_info
+
     hist = state["history"]
     final = hist[-1]["val_acc"] if hist else {}
     # epochs until a probe is within 1 point of its final accuracy (the paper reports convergence by epoch 4)
     converged = {a: [next(h["epoch"] for h in hist if h["val_acc"][a][k] >= acc - 1.0) for k, acc in enumerate(accs)]
                  for a, accs in final.items()}
-    return dict(family=family.name, dataset=family.cfg.dataset, n_train=n_train, n_val=n_val, config=asdict(cfg),
+    return dict(family=family.name, dataset=dataset, n_train=n_train, n_val=n_val, config=asdict(cfg),
                 anchors=[dict(name=v.name, depth=v.depth, widths=v.widths, flops=v.flops) for v in family],
                 history=hist, final_val_acc=final, epochs_to_within_1pt=converged,
                 head_val_acc=hist[-1]["head_val_acc"] if hist else {}, wall_s=round(state["wall_s"], 2),
-                machine=dict(platform=platform.platform(), torch=torch.__version__, threads=torch.get_num_threads()))
+                machine=machine_info())
 
 
 def plot_probe_accuracy(rec: dict, path: Path) -> None:
@@ -369,7 +377,7 @@ def load_probes(run_dir: Path | str, family: Family) -> dict[str, ProbeNet]:
     tensors = load_tensors(path)
     nets = {}
     for v in family:
-        net = ProbeNet(v.name, v.widths, family.cfg.num_classes)
+        net = ProbeNet(v.name, v.widths, task_of(family).num_outputs(family))
         sd = {}
         for k in range(v.depth):
             for p in ("weight", "bias"):
@@ -389,11 +397,6 @@ def load_probes(run_dir: Path | str, family: Family) -> dict[str, ProbeNet]:
 # --- the stage contract ---------------------------------------------------------------------------------------------
 NAME, CONFIG, ARTIFACT, AFTER = "probes", ProbesConfig, ProbesArtifact, ()
 DESCRIBE = "train one linear probe per block (ProbeNet)"
-
-
-def run(cfg: ProbesConfig, ctx: StageContext) -> ProbesArtifact:
-    return train_probes(ctx.family, ctx.run_dir, cfg, seed=ctx.seed, data_root=ctx.data_root, key=ctx.key,
-                        progress=ctx.progress, data=ctx.data)
 
 
 def summary(art: ProbesArtifact) -> dict:

@@ -1,4 +1,5 @@
-"""Evaluation of a finetuned supernetwork: every configuration's top-1 test accuracy, FLOPs, parameters and CPU
+"""Evaluation of a finetuned run: every configuration's test quality (the task's metric: top-1 accuracy for
+classifiers), FLOPs, parameters and CPU
 latency; the accuracy-vs-FLOPs Pareto front; and the KLAS paper's summary metric, the area under the accuracy vs
 normalized-FLOPs curve (App. B "Success Metric"; the exact definition is ours, see docs/evaluation.md):
 
@@ -24,11 +25,11 @@ from typing import ClassVar
 
 import torch
 
-from klas.errors import KlasError
+from klas import distributed as kd
+from klas_runtime.machine import machine_info
 from klas.contract import Artifact, StageContext, setting
 from klas.metrics import (AUC_DEFINITION, auc, cascade_outputs, cascade_thresholds, normalize_flops, pareto_mask,
-                          sign_test, staircase, top1_accuracy)
-from klas.rundir import RunDir
+                          sign_test, staircase)
 
 # --- measurements -------------------------------------------------------------------------------------------------
 
@@ -109,44 +110,42 @@ class EvaluationArtifact(Artifact):
     world_size: int
 
 
-def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_root: Path | str | None = None,
-                 state: str = "final", family=None, out: Path | None = None,
-                 progress: bool = True, data=None) -> EvaluationArtifact:
-    """Evaluate every configuration of a finetuned run on the test split; writes ``evaluation.json`` (the
-    artifact), a markdown table and a PNG of the accuracy-vs-FLOPs curve into ``out`` (default:
-    ``run_dir/evaluation``, or ``run_dir/evaluation/init`` for ``state='init'``: the stitch layers before finetuning,
-    a research comparison).
+def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
+    """Evaluate every configuration of the finetuned run on val and test; writes ``evaluation.json`` (the
+    artifact), a markdown table and a PNG of the metric-vs-FLOPs curve into ``<run>/evaluation``.
 
-    Args:
-        family: an already built family (needed for ``state='init'`` of runs whose anchors were passed in).
+    Research variants (``klas.research``) set ``ctx.hooks``: ``state="init"`` evaluates the stitch layers before
+    finetuning (written to ``evaluation/init``, or ``hooks["out"]``), ``family`` hands in an already built family
+    (needed for ``init`` of runs whose anchors were passed in).
     """
     from tqdm import tqdm
 
-    from klas import distributed as kd
-    from klas.data import open_split
-    from klas.stages.s4_finetune import load_supernet
+    from klas.stitched import load_stitched_models
 
-    di = kd.init()
-    test_samples, latency, latency_repeats, threads, batch_size = (cfg.test_subset, cfg.latency, cfg.latency_repeats,
-                                                                   cfg.threads, cfg.batch_size)
-    path = run_dir.path if isinstance(run_dir, RunDir) else Path(run_dir)
-    run = RunDir(path)
-    out = Path(out) if out is not None else run.stage("evaluation") / ("" if state == "final" else state)
-    net, meta = load_supernet(path, state, family=family)
-    fam = family if family is not None else meta["family"]
-    test = open_split(fam, "test", data, root=data_root, dataset=meta["dataset"]).subset(test_samples)
-    val = open_split(fam, "val", data, root=data_root, dataset=meta["dataset"]).subset(cfg.val_subset)
-    f_min, f_max = min(meta["anchor_flops"].values()), max(meta["anchor_flops"].values())
+    di = ctx.dist
+    state, family, task = ctx.hooks.get("state", "final"), ctx.hooks.get("family"), ctx.task
+    latency, latency_repeats, threads, batch_size = cfg.latency, cfg.latency_repeats, cfg.threads, cfg.batch_size
+    out = ctx.hooks.get("out") or ctx.folder("evaluation") / ("" if state == "final" else state)
+    out = Path(out)
+    net, meta = load_stitched_models(ctx.run_dir, state, family=family)
+    fam = family if family is not None else meta.family  # a name: the preprocessing, without building the anchors
+    test = ctx.split("test", family=fam).subset(cfg.test_subset)
+    val = ctx.split("val", family=fam).subset(cfg.val_subset)
+    f_min, f_max = min(meta.anchor_flops.values()), max(meta.anchor_flops.values())
     rows, outputs = [], {}
-    for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not progress or not di.is_main):
+
+    def measured(key: str, model) -> dict:
+        outputs[key] = (predictions(task, model, val, batch_size), predictions(task, model, test, batch_size))
+        return dict(val_acc=task.score(outputs[key][0][0], val.labels),
+                    test_acc=task.score(outputs[key][1][0], test.labels))
+
+    for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not ctx.progress or not di.is_main):
         sn = net.net(k)
-        outputs[sn.config.key] = (predictions(sn, val, batch_size), predictions(sn, test, batch_size))
         row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
                    flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params,
-                   val_acc=top1_accuracy(outputs[sn.config.key][0], val.labels),
-                   test_acc=top1_accuracy(outputs[sn.config.key][1], test.labels))
+                   **measured(sn.config.key, sn))
         if latency and di.is_main:
-            lat = measure_latency(sn, tuple(meta["input_shape"]), repeats=latency_repeats, threads=threads)
+            lat = measure_latency(sn, tuple(meta.input_shape), repeats=latency_repeats, threads=threads)
             row.update(latency_ms=round(lat["median_ms"], 4), latency=lat)
         else:
             row["latency_ms"] = None
@@ -159,31 +158,28 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
     anchors = untouched_anchors(meta, family) if state == "final" else None
     untouched = []
     for v in anchors or []:
-        outputs[f"untouched:{v.name}"] = (predictions(v.model, val, batch_size), predictions(v.model, test, batch_size))
         untouched.append(dict(key=v.name, flops=v.flops, params=sum(p.numel() for p in v.model.parameters()),
                               flops_norm=normalize_flops(v.flops, f_min, f_max),
-                              val_acc=top1_accuracy(outputs[f"untouched:{v.name}"][0], val.labels),
-                              test_acc=top1_accuracy(outputs[f"untouched:{v.name}"][1], test.labels),
-                              weights=_weights_record(v)))
-    zoo, cascades, admission = build_zoo(rows, untouched, outputs, val.labels, test.labels, cfg)
+                              **measured(f"untouched:{v.name}", v.model), weights=_weights_record(v)))
+    zoo, cascades, admission = build_zoo(task, rows, untouched, outputs, val.labels, test.labels, cfg)
     # cascades at their average cost (measured on test, where this figure is reported)
     zoo_auc = auc([z["flops_avg"]["test"] if z["kind"] == "cascade" else z["flops"] for z in zoo],
                   [z["test_acc"] for z in zoo], f_min, f_max) if zoo else None
     anchors_auc = auc([u["flops"] for u in untouched], [u["test_acc"] for u in untouched], f_min, f_max) \
         if untouched else None
-    art = EvaluationArtifact(family=meta["family"], dataset=meta["dataset"], split="test", n_test=len(test),
-                             state=state, flops_range=dict(min=f_min, max=f_max, anchors=meta["anchor_flops"]),
+    art = EvaluationArtifact(family=meta.family, dataset=meta.dataset, split="test", n_test=len(test),
+                             state=state, flops_range=dict(min=f_min, max=f_max, anchors=meta.anchor_flops),
                              auc=auc([r["flops"] for r in rows], [r["test_acc"] for r in rows], f_min, f_max),
-                             auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.get("selection"),
+                             auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.selection,
                              configs=rows, n_val=len(val), untouched=untouched, zoo=zoo, cascades=cascades,
-                             admission=admission, zoo_auc=zoo_auc, anchors_auc=anchors_auc, machine=meta_machine(),
+                             admission=admission, zoo_auc=zoo_auc, anchors_auc=anchors_auc, machine=machine_info(),
                              world_size=di.world)
     if di.is_main:
         out.mkdir(parents=True, exist_ok=True)
         art.save(out)
         save_text(markdown_table(rows), out / "evaluation.md")
-        plot_curves({f"{(meta.get('selection') or {}).get('method') or 'run'} ({state})": rows},
-                    out / "evaluation.png", title=f"{meta['family']}: test accuracy vs FLOPs (AUC {art.auc:.4f})")
+        plot_curves({f"{(meta.selection or {}).get('method') or 'run'} ({state})": rows},
+                    out / "evaluation.png", title=f"{meta.family}: test {task.metric} vs FLOPs (AUC {art.auc:.4f})")
     kd.barrier("evaluation artifacts")
     return art
 
@@ -191,38 +187,32 @@ def evaluate_run(run_dir: Path | str | RunDir, cfg: EvaluationConfig, *, data_ro
 # --- admission: which configurations and cascades join the zoo (decided on val) -------------------------------------
 
 @torch.inference_mode()
-def predictions(net: torch.nn.Module, data, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, max softmax probability) of every image of ``data``, in split order."""
+def predictions(task, net: torch.nn.Module, data, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's (prediction, confidence) of every sample of ``data``, in split order."""
     from klas.data import batches
 
     was = net.training
     net.eval()
     preds, conf = [], []
     for x, _ in batches(data, batch_size):
-        k, c = top1_confidence(net(x))
+        k, c = task.predict(net(x))
         preds.append(k)
         conf.append(c)
     net.train(was)
     return torch.cat(preds), torch.cat(conf)
 
 
-def top1_confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted class, max softmax probability) per row of ``logits`` -- what a max-softmax cascade decides on."""
-    c, k = torch.softmax(logits.float(), dim=-1).max(dim=-1)
-    return k, c
-
-
-def untouched_anchors(meta: dict, family=None):
+def untouched_anchors(meta, family=None):
     """The anchors exactly as the user gave them (a passed-in family, or the family rebuilt from its weights), or
     None when the run's anchors were passed in and not handed again (nothing to compare with)."""
     if family is not None:
         return list(family)
-    if not meta.get("pretrained"):
+    if not meta.pretrained:
         return None
     from klas.families import create_family
 
-    return list(create_family(meta["family"], pretrained=True, weights=meta.get("weights"),
-                              num_classes=meta.get("num_classes"), input_shape=tuple(meta["input_shape"])))
+    return list(create_family(meta.family, pretrained=True, weights=meta.weights, num_classes=meta.num_classes,
+                              input_shape=tuple(meta.input_shape)))
 
 
 def _weights_record(view) -> dict | None:
@@ -233,7 +223,7 @@ def _weights_record(view) -> dict | None:
     return None if f is None else dict(file=str(f), sha256=sha256_file(f))
 
 
-def build_zoo(rows: list[dict], untouched: list[dict], outputs: dict, y_val: torch.Tensor, y_test: torch.Tensor,
+def build_zoo(task, rows: list[dict], untouched: list[dict], outputs: dict, y_val: torch.Tensor, y_test: torch.Tensor,
               cfg: EvaluationConfig) -> tuple[list[dict], list[dict], dict]:
     """The zoo: every untouched anchor, plus the configurations and cascades that beat the best untouched anchor
     within their (average) FLOPs on val -- a paired sign test at ``cfg.alpha``, Bonferroni-corrected over every
@@ -245,7 +235,7 @@ def build_zoo(rows: list[dict], untouched: list[dict], outputs: dict, y_val: tor
         return ([dict(kind="configuration", key=r["key"], name=r["key"], config=r["config"], flops=r["flops"],
                       val_acc=r["val_acc"], test_acc=r["test_acc"]) for r, m in zip(rows, front) if m], [],
                 dict(rule="val Pareto front (no untouched anchors to compare with)"))
-    correct = {k: (v[0][0] == y_val) for k, v in outputs.items()}
+    correct = {k: task.quality(v[0][0], y_val) for k, v in outputs.items()}
 
     def reference(flops: float) -> dict | None:
         within = [u for u in untouched if u["flops"] <= flops]
@@ -272,7 +262,7 @@ def build_zoo(rows: list[dict], untouched: list[dict], outputs: dict, y_val: tor
     pool = zoo + admitted
     front = pareto_mask([m["flops"] for m in pool], [m["val_acc"] for m in pool])
     zoo += [m for m, keep in zip(admitted, front[len(zoo):]) if keep]
-    cascades = _cascade_candidates(zoo, outputs, y_val, y_test) if cfg.cascades else []
+    cascades = _cascade_candidates(task, zoo, outputs, y_val, y_test) if cfg.cascades else []
     level_c = cfg.alpha / 2 / max(len(cascades), 1)
     for c in cascades:
         c["admission"] = judge(c.pop("_correct"), c["flops_avg"]["val"])
@@ -290,7 +280,7 @@ def build_zoo(rows: list[dict], untouched: list[dict], outputs: dict, y_val: tor
                                admitted=sum(r["admitted"] for r in rows), admitted_cascades=len(ok))
 
 
-def _cascade_candidates(members: list[dict], outputs: dict, y_val: torch.Tensor, y_test: torch.Tensor) -> list[dict]:
+def _cascade_candidates(task, members: list[dict], outputs: dict, y_val: torch.Tensor, y_test: torch.Tensor) -> list[dict]:
     """Every (cheaper, more accurate on val) pair of zoo members at thresholds = the 5 %, 10 %, ..., 95 % quantiles
     of the cheaper one's val confidence."""
     out = []
@@ -307,8 +297,8 @@ def _cascade_candidates(members: list[dict], outputs: dict, y_val: torch.Tensor,
                 out.append(dict(kind="cascade", name=f"{sm['name']}>{lg['name']}@{t:.4f}",
                                 members=[sm["name"], lg["name"]], threshold=t, flops=sm["flops"] + lg["flops"],
                                 flops_avg=dict(val=sm["flops"] + dvm * lg["flops"], test=sm["flops"] + dtm * lg["flops"]),
-                                deferral=dict(val=dvm, test=dtm), val_acc=100.0 * float((pv == y_val).double().mean()),
-                                test_acc=100.0 * float((pt == y_test).double().mean()), _correct=pv == y_val))
+                                deferral=dict(val=dvm, test=dtm), val_acc=task.score(pv, y_val),
+                                test_acc=task.score(pt, y_test), _correct=task.quality(pv, y_val)))
     return out
 
 
@@ -317,13 +307,6 @@ def save_text(text: str, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def meta_machine() -> dict:
-    import platform
-
-    return dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                torch=torch.__version__, cpu_threads=torch.get_num_threads())
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -375,10 +358,6 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> N
 # --- the stage contract ---------------------------------------------------------------------------------------------
 NAME, CONFIG, ARTIFACT, AFTER = "evaluation", EvaluationConfig, EvaluationArtifact, ("finetune",)
 DESCRIBE = "test accuracy, FLOPs, params, latency; Pareto front"
-
-
-def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
-    return evaluate_run(ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress, data=ctx.data)
 
 
 def summary(art: EvaluationArtifact) -> dict:

@@ -49,9 +49,8 @@ def profile_flags(parser: argparse.ArgumentParser) -> None:
 # --- handlers ------------------------------------------------------------------------------------------------------
 
 def _profile(args) -> int:
-    from klas_runtime.profile import profile_zoo
-
-    from klas_runtime.profile import FRONT_STATS, device_profile, provider_name, write_device_profile
+    from klas_runtime.profile import FRONT_STATS, device_profile, profile_zoo, write_device_profile
+    from klas_runtime.session import provider_name
 
     if args.percentile not in FRONT_STATS:
         raise ZooError(f"--percentile {args.percentile!r}: expected one of {', '.join(FRONT_STATS)}")
@@ -79,13 +78,13 @@ def _profile(args) -> int:
     return 0
 
 
-def _choose(args, with_session: bool):
+def _choose(args, with_session: bool, zoo=None):
     from klas_runtime.runtime import Zoo
 
-    return Zoo(args.zoo_dir).pick(max_flops=args.max_flops, max_latency_ms=args.max_latency_ms, device=args.device,
-                                  min_accuracy=args.min_accuracy, threads=args.threads, batch=args.batch,
-                                  stat=args.stat, with_session=with_session, by_average=args.by_average,
-                                  precision=args.precision)
+    zoo = zoo or Zoo(args.zoo_dir)
+    return zoo.pick(max_flops=args.max_flops, max_latency_ms=args.max_latency_ms, device=args.device,
+                    min_accuracy=args.min_accuracy, threads=args.threads, batch=args.batch, stat=args.stat,
+                    with_session=with_session, by_average=args.by_average, precision=args.precision)
 
 
 def _pick(args) -> int:
@@ -96,17 +95,15 @@ def _pick(args) -> int:
 
 
 def _predict(args) -> int:
-    from klas_runtime.runtime import load_image
+    """Read each input and print its prediction through the zoo's runtime entry (``classify`` for images)."""
+    from klas_runtime.runtime import Zoo
 
-    choice = _choose(args, with_session=True)
-    classes = choice.classes
+    zoo = Zoo(args.zoo_dir)
+    rt = zoo.runtime  # an entry this runtime does not serve: one line naming the manifest, before any work
+    choice = _choose(args, with_session=True, zoo=zoo)
     print(f"[predict] model {choice.name} ({choice.reason})")
     for path in args.images:
-        cls, probs, answered = choice.predict_detailed(load_image(path, choice.input))
-        k = int(cls[0])
-        label = classes[k] if k < len(classes) else str(k)
-        by = f", answered by {choice.members[int(answered[0])]}" if choice.kind == "cascade" else ""
-        print(f"{path}: {label} (class {k}, p={probs[0, k]:.3f}{by})")
+        print(f"{path}: {rt.describe(choice, rt.load_input(path, choice.input))}")
     return 0
 
 

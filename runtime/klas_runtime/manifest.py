@@ -19,6 +19,11 @@ crop_pct)), ``interpolation``, ``crop_pct`` and ``crop_mode`` -- timm's evaluati
 applies (``klas_runtime.preprocess``). An input without them (versions 1-3) means: resize straight to the input
 size, bilinear, no crop.
 
+The header may name the **task** that made the zoo (``task``, ``cost_unit``, ``metric``, ``runtime_entry``:
+``klas.tasks.Task.manifest_fields``); the runtime serves the zoo through the entry ``runtime_entry`` names
+(``klas_runtime.entries``). Optional, at any schema version: a manifest without them is an image classifier's,
+served by ``classify``, so older manifests read unchanged.
+
 Trust rules enforced here: a model file must be a plain name inside the zoo folder (no paths, no ``..``, no links
 out), and its sha256 must match -- a manifest that was edited by hand or copied next to other files is refused.
 """
@@ -160,7 +165,10 @@ CASCADE = {"name": (_str, True), "kind": (lambda v: v == "cascade", True),
 TOP = {"schema": (lambda v: v == SCHEMA, True), "schema_version": (_nonneg_int, True), "family": (_str, True),
        "dataset": (_str, True), "klas_version": (_str, True), "created": (_str, True),
        "created_on": (MACHINE, True), "models": (lambda v: isinstance(v, list) and len(v) > 0, True),
-       "rejected": (lambda v: isinstance(v, list), False)}
+       "rejected": (lambda v: isinstance(v, list), False),
+       # the task that made the zoo (klas.tasks: Task.manifest_fields); absent before tasks: image classification
+       # served by the "classify" runtime entry (klas_runtime.entries)
+       "task": (_str, False), "cost_unit": (_str, False), "metric": (_str, False), "runtime_entry": (_str, False)}
 
 _EXPECTED = {"file": "a plain file name ending in .onnx inside the zoo folder (no path separators, no '..')",
              "sha256": "64 lowercase hex digits", "shape": "['batch', C, H, W] with positive ints",

@@ -23,15 +23,18 @@ The manifest's input spec (``entry["input"]``) carries timm's evaluation transfo
 
 Manifests written before these fields existed (schema version 3 and older) resized straight to the input size with
 bilinear filtering: that is ``crop_mode = "squash"``, ``crop_pct = 1.0``, ``interpolation = "bilinear"``
-(``LEGACY``), which ``geometry`` fills in. numpy + Pillow only (no torch): deployment hosts lack it.
+(``LEGACY``), which ``geometry`` fills in. ``load_image`` reads a file through all of it, refusing an image too
+large to decode safely. numpy + Pillow only (no torch): deployment hosts lack it.
 """
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 
-from klas_runtime.errors import ZooError
+from klas_runtime.errors import ZooError, first_line
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 CROP_MODES = ("center", "squash", "border")
@@ -151,3 +154,64 @@ def normalize(arr_hwc: np.ndarray, spec: dict) -> np.ndarray:
 def preprocess(img, spec: dict) -> np.ndarray:
     """A PIL image (any mode, any size) -> float32 [C, H, W], the model's input."""
     return normalize(resize_crop(convert(img, spec), spec), spec)
+
+
+# --- image files ---------------------------------------------------------------------------------------------------
+
+# Decoding limit for input images (width x height): a small file may declare a huge image (a decompression bomb).
+MAX_IMAGE_PIXELS = int(os.environ.get("KLAS_MAX_IMAGE_PIXELS", 50_000_000))
+
+
+def _pil():
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise ZooError("Pillow is needed to read images: pip install pillow") from None
+    return Image, UnidentifiedImageError
+
+
+def _unreadable(path, e: BaseException) -> ZooError:
+    return ZooError(f"{path}: not a readable image ({first_line(e, 120)})")
+
+
+def open_checked_image(path: Path | str, max_pixels: int | None = None):
+    """``PIL.Image.open`` refusing, before decoding, an image larger than ``max_pixels`` (default
+    ``MAX_IMAGE_PIXELS``, env ``KLAS_MAX_IMAGE_PIXELS``) and anything Pillow cannot identify: one-line ZooError."""
+    Image, UnidentifiedImageError = _pil()
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    try:
+        img = Image.open(path)
+    except FileNotFoundError:
+        raise ZooError(f"{path}: image not found") from None
+    except IsADirectoryError:
+        raise ZooError(f"{path}: is a directory, not an image") from None
+    except Image.DecompressionBombError:
+        raise ZooError(f"{path}: image declares more pixels than Pillow's decompression-bomb limit; refusing to "
+                       f"decode it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise _unreadable(path, e) from None
+    w, h = img.size
+    if w * h > limit:
+        img.close()
+        raise ZooError(f"{path}: image of {w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
+                       f"(KLAS_MAX_IMAGE_PIXELS); refusing to decode it")
+    return img
+
+
+def load_image(path: Path | str, spec: dict) -> np.ndarray:
+    """An image file -> [1, C, H, W] float32 as the model expects: converted to grayscale/RGB, resized and centre
+    cropped with the spec's interpolation, crop_pct and crop_mode (timm's evaluation transform; older manifests:
+    straight to the input size), scaled, normalized (``preprocess``). Images above ``MAX_IMAGE_PIXELS`` are
+    refused before decoding."""
+    opened = open_checked_image(path)  # Pillow present, the file identified, within the pixel limit
+    Image, UnidentifiedImageError = _pil()
+    try:
+        with opened as img:
+            x = preprocess(img, spec)
+    except FileNotFoundError:
+        raise ZooError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _unreadable(path, e) from None
+    except ZooError as e:
+        raise ZooError(f"{path}: {e}") from None
+    return x[None]

@@ -8,77 +8,52 @@ A cascade's latency depends on what it is fed (how many samples go on to its sec
 real images when the caller has them (``inputs``: the exporter passes test images, ``klas profile --images``
 image files) and otherwise on random normal inputs, which its record says (``"inputs": "random"``): their deferral
 rate is not that of real data.
-numpy + onnxruntime only (shared by ``klas.stages.s6_export`` and ``klas_runtime.runtime``).
+numpy + onnxruntime only (used by ``klas.stages.s6_export`` and ``klas-runtime profile``); sessions and providers
+are ``klas_runtime.session``'s, the machine record ``klas_runtime.machine``'s.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
+from klas_runtime.classify import deferred
 from klas_runtime.errors import ZooError
-from klas_runtime.machine import cpu_model, gpu_model, machine_info  # noqa: F401 (machine_info: re-exported)
-from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-GPU_PROVIDERS = (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
-
-
-def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ZooError("onnxruntime is not installed: pip install onnxruntime (onnxruntime-gpu for CUDA)") from None
-    return onnxruntime
+from klas_runtime.io import atomic_path
+from klas_runtime.machine import machine_info
+from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest, write_atomic
+from klas_runtime.preprocess import load_image
+from klas_runtime.session import device_label, open_session, provider_name, short_provider
 
 
-def provider_name(device: str | None) -> str:
-    """'cpu' / 'cuda' / a full provider name -> the onnxruntime provider; None picks CUDA when present."""
-    available = _ort().get_available_providers()
-    if device is None:
-        return PROVIDERS["cuda"] if PROVIDERS["cuda"] in available else PROVIDERS["cpu"]
-    name = PROVIDERS.get(device.lower(), device)
-    if name not in PROVIDERS.values():
-        raise ZooError(f"--device/--provider {device!r}: expected one of {', '.join(PROVIDERS)} "
-                        f"(or {', '.join(PROVIDERS.values())})")
-    if name not in available:
-        hint = " (pip install onnxruntime-gpu, or klas[gpu])" if name in GPU_PROVIDERS else ""
-        raise ZooError(f"execution provider {name} is not available here; onnxruntime has "
-                        f"{', '.join(available)}{hint}")
-    return name
+def _check_counts(batch: int, warmup: int, runs: int) -> None:
+    if batch < 1 or runs < 1 or warmup < 0:
+        raise ZooError(f"latency: batch ({batch}) and runs ({runs}) must be >= 1 and warmup ({warmup}) >= 0")
 
 
-def short_provider(name: str) -> str:
-    return next((k for k, v in PROVIDERS.items() if v == name), name)
+def _time_calls(call: Callable[[int], object], warmup: int, runs: int) -> tuple[dict, list]:
+    """``call(k)`` for k = 0 .. warmup - 1 untimed, then ``runs`` timed calls (k = warmup ...): p50/p90/p99/mean
+    wall time in ms and what the timed calls returned."""
+    for k in range(warmup):
+        call(k)
+    times, results = np.empty(runs, dtype=np.float64), []
+    for k in range(runs):
+        t0 = time.perf_counter_ns()
+        results.append(call(warmup + k))
+        times[k] = (time.perf_counter_ns() - t0) / 1e6
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    return dict(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean())), results
 
 
-def device_label(provider: str) -> str:
-    """The hardware a provider runs on here, e.g. 'cpu: AMD EPYC 7B13' -- what latency figures are keyed by."""
-    return f"gpu: {gpu_model()}" if provider in GPU_PROVIDERS else f"cpu: {cpu_model()}"
-
-
-def open_session(model: bytes | str | Path, provider: str | None = None, threads: int | None = None):
-    """An InferenceSession on ``provider`` (CPU as fallback for ops CUDA lacks) with ``threads`` intra-op threads
-    (0 or None: onnxruntime's default, all cores)."""
-    ort = _ort()
-    name = provider_name(provider)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.log_severity_level = 3
-    # NOTE: TensorRT falls back to CUDA, then CPU, for what it cannot build (int8 QDQ and fp16 graphs included)
-    fallback = {PROVIDERS["cpu"]: [], PROVIDERS["cuda"]: [PROVIDERS["cpu"]],
-                PROVIDERS["tensorrt"]: [PROVIDERS["cuda"], PROVIDERS["cpu"]]}[name]
-    providers = [name] + [p for p in fallback if p in ort.get_available_providers()]
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, sess_options=opts, providers=providers)
+def _record(name: str, threads: int, batch: int, stats: dict, warmup: int, runs: int) -> dict:
+    """A manifest latency record: the (device, provider, threads, batch) key, the figures, when and where."""
+    return dict(device=device_label(name), provider=name, threads=int(threads), batch=int(batch), **stats,
+                warmup=int(warmup), runs=int(runs), measured_at=now(), machine=machine_info())
 
 
 def measure_latency(session, batch: int = 1, warmup: int = 20, runs: int = 200, seed: int = 0) -> dict:
@@ -87,31 +62,23 @@ def measure_latency(session, batch: int = 1, warmup: int = 20, runs: int = 200, 
     The input is random normal data of the model's declared shape: latency of these dense networks does not
     depend on the values, and a fixed array keeps allocation out of the timed region.
     """
-    if batch < 1 or runs < 1 or warmup < 0:
-        raise ZooError(f"latency: batch ({batch}) and runs ({runs}) must be >= 1 and warmup ({warmup}) >= 0")
+    _check_counts(batch, warmup, runs)
     inp = session.get_inputs()[0]
     shape = [batch] + [int(d) for d in inp.shape[1:]]
-    x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    feed = {inp.name: x}
-    for _ in range(warmup):
+    feed = {inp.name: np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)}
+
+    def call(k: int) -> None:
         session.run(None, feed)
-    times = np.empty(runs, dtype=np.float64)
-    for k in range(runs):
-        t0 = time.perf_counter_ns()
-        session.run(None, feed)
-        times[k] = (time.perf_counter_ns() - t0) / 1e6
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return dict(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean()))
+
+    return _time_calls(call, warmup, runs)[0]
 
 
 def latency_record(model: bytes | str | Path, provider: str, threads: int, batch: int, warmup: int,
                    runs: int) -> dict:
     """One manifest latency record: figures plus the (device, provider, threads, batch) key and when/where."""
     name = provider_name(provider)
-    session = open_session(model, name, threads)
-    stats = measure_latency(session, batch, warmup, runs)
-    return dict(device=device_label(name), provider=name, threads=int(threads), batch=int(batch), **stats,
-                warmup=int(warmup), runs=int(runs), measured_at=now(), machine=machine_info())
+    stats = measure_latency(open_session(model, name, threads), batch, warmup, runs)
+    return _record(name, threads, batch, stats, warmup, runs)
 
 
 RANDOM_NOTE = ("random normal inputs: their deferral rate is not that of real data, so neither is this latency; "
@@ -132,8 +99,7 @@ def measure_cascade_latency(first, second, threshold: float, batch: int = 1, war
     probability is below ``threshold`` (as ``CascadeChoice.predict`` does). Calls cycle through consecutive batches
     of ``inputs`` (normalized [N, C, H, W]), or of a fixed pool of random normal samples when None; returns
     p50/p90/p99/mean ms and the fraction of samples deferred during the timed calls."""
-    if batch < 1 or runs < 1 or warmup < 0:
-        raise ZooError(f"latency: batch ({batch}) and runs ({runs}) must be >= 1 and warmup ({warmup}) >= 0")
+    _check_counts(batch, warmup, runs)
     inp, inp2 = first.get_inputs()[0], second.get_inputs()[0]
     out, out2 = [first.get_outputs()[0].name], [second.get_outputs()[0].name]
     chw = [int(d) for d in inp.shape[1:]]
@@ -145,25 +111,15 @@ def measure_cascade_latency(first, second, threshold: float, batch: int = 1, war
                        f"[batch, {', '.join(map(str, chw))}]")
     batches = _batches(inputs, batch, warmup + runs)
 
-    def call(x: np.ndarray) -> int:
-        z = first.run(out, {inp.name: x})[0].astype(np.float64)
-        top = 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)  # max softmax probability
-        deferred = top < threshold
-        if deferred.any():
-            second.run(out2, {inp2.name: x[deferred]})
-        return int(deferred.sum())
+    def call(k: int) -> int:
+        x = batches[k % len(batches)]
+        sent = deferred(first.run(out, {inp.name: x})[0], threshold)
+        if sent.any():
+            second.run(out2, {inp2.name: x[sent]})
+        return int(sent.sum())
 
-    for k in range(warmup):
-        call(batches[k % len(batches)])
-    times, sent = np.empty(runs, dtype=np.float64), 0
-    for k in range(runs):
-        x = batches[(warmup + k) % len(batches)]
-        t0 = time.perf_counter_ns()
-        sent += call(x)
-        times[k] = (time.perf_counter_ns() - t0) / 1e6
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return dict(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean()),
-                deferral=sent / (runs * batch))
+    stats, sent = _time_calls(call, warmup, runs)
+    return dict(**stats, deferral=sum(sent) / (runs * batch))
 
 
 def cascade_latency_record(first: bytes | str | Path, second: bytes | str | Path, threshold: float, provider: str,
@@ -174,9 +130,8 @@ def cascade_latency_record(first: bytes | str | Path, second: bytes | str | Path
     ``deferral`` seen while timing; a random-input record carries a ``note`` that its deferral is not real data's."""
     name = provider_name(provider)
     s1, s2 = open_session(first, name, threads), open_session(second, name, threads)
-    stats = measure_cascade_latency(s1, s2, threshold, batch, warmup, runs, inputs)
-    rec = dict(device=device_label(name), provider=name, threads=int(threads), batch=int(batch), **stats,
-               warmup=int(warmup), runs=int(runs), measured_at=now(), machine=machine_info())
+    rec = _record(name, threads, batch, measure_cascade_latency(s1, s2, threshold, batch, warmup, runs, inputs),
+                  warmup, runs)
     if inputs is None:
         rec.update(inputs="random", note=RANDOM_NOTE)
     else:
@@ -234,8 +189,6 @@ def _cascade_inputs(inputs, label: str | None, spec: dict, loaded: dict) -> tupl
     (once per spec: ``loaded`` caches them)."""
     if inputs is None or isinstance(inputs, np.ndarray):
         return inputs, label
-    from klas_runtime.runtime import load_image  # runtime imports this module: import here
-
     paths = list(inputs)
     if not paths:
         return None, label
@@ -275,8 +228,6 @@ def record_key(rec: dict) -> str:
 
 def device_slug(key: str) -> str:
     """A file-name-safe form of a device key ('cpu-intel-r-xeon-r-processor-cpu')."""
-    import re
-
     device, _, provider = key.partition(" | ")
     return re.sub(r"[^a-z0-9]+", "-", f"{device} {short_provider(provider)}".lower()).strip("-") or "device"
 
@@ -301,7 +252,7 @@ def device_profile(manifest: dict, provider: str, stat: str = "p90", key: str | 
         raise ZooError(f"--percentile {stat!r}: expected one of {', '.join(FRONT_STATS)}")
     key = key or device_key(provider)
     settings: dict[tuple[int, int], list[dict]] = {}
-    machine, inputs_kind = None, {}
+    machine = None
     for entry in manifest["models"]:
         recs = [r for r in entry["latency"] if record_key(r) == key]
         by_setting: dict[tuple[int, int], dict] = {}
@@ -332,9 +283,6 @@ def write_device_profile(zoo_dir: Path | str, manifest: dict, provider: str | No
     """``ZOO/profile-<device>.json`` (``device_profile``) and, where matplotlib is installed, ``.png`` beside it:
     accuracy vs measured ``stat`` latency, one panel per (threads, batch), fp32 / fp16 / int8 / cascades with
     their own markers, the front drawn. Returns the files written."""
-    from klas_runtime.io import atomic_path
-    from klas_runtime.manifest import write_atomic
-
     prof = device_profile(manifest, provider_name(provider), stat)
     if not prof["settings"]:
         return []

@@ -8,21 +8,27 @@ manifest and every file hash are checked on load; this module never imports torc
 
 Cascades (two models and a max-softmax threshold) are candidates like models: ``pick`` may answer with one, and
 its ``CascadeChoice`` is used exactly like a model's ``Choice`` (``predict``, ``run``, ``input``, ``classes``).
+What a choice is and runs comes from the zoo's runtime entry (``klas_runtime.entries``; ``classify`` for image
+classification, ``klas_runtime.classify``); picking by FLOPs, latency and accuracy is the same for every entry.
 """
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from klas_runtime.classify import CascadeChoice, Choice, check_input, softmax
+from klas_runtime.entries import RuntimeEntry, make_choice, runtime_entry
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import (MANIFEST, PRECISIONS, check_embedded, is_cascade, load_manifest,
                                    read_manifest, read_model_bytes)
 from klas_runtime.manifest import precision as precision_of
-from klas_runtime.profile import device_label, open_session, provider_name, short_provider
+from klas_runtime.preprocess import MAX_IMAGE_PIXELS, load_image, open_checked_image
+from klas_runtime.session import device_label, open_model, provider_name, short_provider
+
+# The API this module has always offered (``from klas_runtime.runtime import Zoo, load_image``): what a choice
+# is and how an image becomes its input now live in klas_runtime.classify and klas_runtime.preprocess.
+__all__ = ["MAX_IMAGE_PIXELS", "CascadeChoice", "Choice", "Zoo", "check_input", "format_count", "load_image",
+           "open_checked_image", "parse_count", "softmax", "verify_zoo"]
 
 _SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGTkmgt]?)\s*$")
@@ -51,192 +57,6 @@ def format_count(n: float) -> str:
     return f"{n:.3g}"
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (what ``predict`` and the cascade's threshold test use)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-
-@dataclass
-class Choice:
-    """The picked model: its manifest entry, a session for it and why it was chosen.
-
-    A picked cascade is a ``CascadeChoice`` with the same attributes and methods, so callers need not tell them
-    apart: ``predict``/``run`` take the same input, ``input``/``classes`` say what that input and output are,
-    ``files`` the ONNX files it runs and ``members`` which model answers (``predict_detailed``)."""
-
-    entry: dict
-    session: object
-    reason: str
-    provider: str
-    latency_ms: float | None = None
-    latency_record: dict | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.entry["name"]
-
-    @property
-    def kind(self) -> str:
-        return "model"
-
-    @property
-    def input(self) -> dict:
-        """The input spec (``load_image(path, choice.input)``)."""
-        return self.entry["input"]
-
-    @property
-    def classes(self) -> list[str]:
-        return self.entry["output"]["classes"]
-
-    @property
-    def files(self) -> list[str]:
-        return [self.entry["file"]]
-
-    @property
-    def members(self) -> list[str]:
-        """The models that may answer: this one."""
-        return [self.name]
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits [N, classes] for normalized input [N, C, H, W] (float32)."""
-        x = check_input(x, self.entry["input"], self.name)
-        return self.session.run([self.entry["output"]["name"]], {self.entry["input"]["name"]: x})[0]
-
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(top-1 class index [N], softmax probabilities [N, classes])."""
-        labels, probs, _ = self.predict_detailed(x)
-        return labels, probs
-
-    def predict_detailed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``predict`` plus, per sample, the index into ``members`` of the model that answered (here always 0)."""
-        probs = softmax(self.run(x))
-        return probs.argmax(axis=1), probs, np.zeros(len(probs), dtype=np.int64)
-
-
-@dataclass
-class CascadeChoice(Choice):
-    """A picked cascade: the first (cheaper) member answers every sample whose max softmax probability is at least
-    ``threshold``; the second runs only on the others. ``session`` is the pair of member sessions (None without
-    sessions); ``parts`` the members' own ``Choice`` objects."""
-
-    parts: tuple = ()
-
-    @property
-    def kind(self) -> str:
-        return "cascade"
-
-    @property
-    def threshold(self) -> float:
-        return float(self.entry["threshold"])
-
-    @property
-    def input(self) -> dict:
-        return self.parts[0].entry["input"]  # the same for both members (validated)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.parts[0].entry["output"]["classes"]
-
-    @property
-    def files(self) -> list[str]:
-        return [p.entry["file"] for p in self.parts]
-
-    @property
-    def members(self) -> list[str]:
-        return list(self.entry["members"])
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits [N, classes] of whichever member answered each sample."""
-        return self._route(x)[0]
-
-    def predict_detailed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        logits, answered = self._route(x)
-        probs = softmax(logits)
-        return probs.argmax(axis=1), probs, answered
-
-    def _route(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        first, second = self.parts
-        if first.session is None:
-            raise ZooError(f"{self.name}: picked without sessions (with_session=False); nothing to run")
-        x = check_input(x, first.entry["input"], self.name)
-        logits = first.run(x)
-        deferred = softmax(logits).max(axis=1) < self.threshold
-        if deferred.any():
-            logits = logits.copy()
-            logits[deferred] = second.run(x[deferred])
-        return logits, deferred.astype(np.int64)
-
-
-def check_input(x: np.ndarray, spec: dict, name: str = "model") -> np.ndarray:
-    """Refuse an input whose shape differs from the model's [batch, C, H, W], in one line naming both shapes."""
-    x = np.asarray(x)
-    want = spec["shape"][1:]
-    if x.ndim != 4 or list(x.shape[1:]) != want or x.shape[0] < 1:
-        raise ZooError(f"{name}: input shape {tuple(x.shape)} does not match the model input "
-                        f"[batch, {', '.join(map(str, want))}] ({spec['color']} {want[1]}x{want[2]}, {spec['layout']})")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ZooError(f"{name}: input dtype {x.dtype} is not floating point; pass normalized float32 "
-                        f"(see klas_runtime.runtime.load_image)")
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-# Decoding limit for input images (width x height): a small file may declare a huge image (a decompression bomb).
-MAX_IMAGE_PIXELS = int(os.environ.get("KLAS_MAX_IMAGE_PIXELS", 50_000_000))
-
-
-def open_checked_image(path: Path | str, max_pixels: int | None = None):
-    """``PIL.Image.open`` refusing, before decoding, an image larger than ``max_pixels`` (default
-    ``MAX_IMAGE_PIXELS``, env ``KLAS_MAX_IMAGE_PIXELS``) and anything Pillow cannot identify: one-line ZooError."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise ZooError("Pillow is needed to read images: pip install pillow") from None
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
-    try:
-        img = Image.open(path)
-    except FileNotFoundError:
-        raise ZooError(f"{path}: image not found") from None
-    except IsADirectoryError:
-        raise ZooError(f"{path}: is a directory, not an image") from None
-    except Image.DecompressionBombError:
-        raise ZooError(f"{path}: image declares more pixels than Pillow's decompression-bomb limit; refusing to "
-                       f"decode it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ZooError(f"{path}: not a readable image ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
-                       ) from None
-    w, h = img.size
-    if w * h > limit:
-        img.close()
-        raise ZooError(f"{path}: image of {w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
-                       f"(KLAS_MAX_IMAGE_PIXELS); refusing to decode it")
-    return img
-
-
-def load_image(path: Path | str, spec: dict) -> np.ndarray:
-    """An image file -> [1, C, H, W] float32 as the model expects: converted to grayscale/RGB, resized and centre
-    cropped with the spec's interpolation, crop_pct and crop_mode (timm's evaluation transform; older manifests:
-    straight to the input size), scaled, normalized (``klas_runtime.preprocess``). Images above
-    ``MAX_IMAGE_PIXELS`` are refused before decoding."""
-    from klas_runtime.preprocess import preprocess
-
-    opened = open_checked_image(path)  # Pillow present, the file identified, within the pixel limit
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with opened as img:
-            x = preprocess(img, spec)
-    except FileNotFoundError:
-        raise ZooError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ZooError(f"{path}: not a readable image ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
-                       ) from None
-    except ZooError as e:
-        raise ZooError(f"{path}: {e}") from None
-    return x[None]
-
-
 class Zoo:
     """A zoo folder: the validated manifest, hash-checked model files, budget queries.
 
@@ -246,6 +66,12 @@ class Zoo:
     def __init__(self, path: Path | str, verify: bool = True):
         self.path = Path(path)
         self.manifest = load_manifest(self.path, verify_files=verify)
+
+    @property
+    def runtime(self) -> RuntimeEntry:
+        """The runtime entry that serves this zoo (its manifest's ``runtime_entry``; ``classify`` when absent);
+        one ZooError line when this runtime has no such entry."""
+        return runtime_entry(self.manifest, self.path)
 
     @property
     def entries(self) -> list[dict]:
@@ -275,27 +101,23 @@ class Zoo:
             raise ZooError(f"{entry['name']}: a cascade has no file (and no session) of its own; use "
                            f"Zoo.open({entry['name']!r}), which opens both members")
         data = read_model_bytes(self.path, entry)  # hash and ONNX structure checked (no external data)
-        try:
-            session = open_session(data, provider_name(device), threads)
-        except ZooError:
-            raise
-        except Exception as e:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...): one line naming the file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise ZooError(f"{self.path / entry['file']}: not a valid ONNX model for onnxruntime ({first})") from None
+        session = open_model(data, str(self.path / entry["file"]), provider_name(device), threads)
         check_embedded(entry, session.get_modelmeta().custom_metadata_map, str(self.path / entry["file"]))
         return session
 
     def open(self, entry: dict | str, device: str | None = None, threads: int | None = None,
              with_session: bool = True, reason: str = "chosen by name") -> Choice:
-        """A model's ``Choice`` or a cascade's ``CascadeChoice`` (sessions of both members) for one entry."""
+        """The zoo's runtime entry's choice for one entry: a model's ``Choice`` or a cascade's ``CascadeChoice``
+        (sessions of both members) under ``classify``."""
         entry = self[entry] if isinstance(entry, str) else entry
-        provider = provider_name(device)
+        rt, provider = self.runtime, provider_name(device)
         if is_cascade(entry):
             parts = tuple(self.open(name, provider, threads, with_session, reason=f"member of {entry['name']}")
                           for name in entry["members"])
             sessions = tuple(p.session for p in parts) if with_session else None
-            return CascadeChoice(entry, sessions, reason, provider, parts=parts)
-        return Choice(entry, self.session(entry, provider, threads) if with_session else None, reason, provider)
+            return make_choice(rt, entry, sessions, reason, provider, parts)
+        return make_choice(rt, entry, self.session(entry, provider, threads) if with_session else None, reason,
+                           provider)
 
     @staticmethod
     def cost(entry: dict, by_average: bool = False) -> float:
@@ -440,65 +262,50 @@ class Zoo:
 def verify_zoo(zoo_dir: Path | str) -> list[str]:
     """Every problem of a zoo, one line each (empty when sound): per model file, that it is a plain name in the
     folder, exists, matches its sha256, loads in onnxruntime as an ONNX model, carries an embedded entry that agrees
-    with the manifest, and has the input / output names and shapes the manifest gives. Per cascade (whose claims
-    against its members the schema already checked): that both members passed, and that the composite runs on a
-    small random batch (both members, [N, classes] each). A manifest that is missing or fails the schema raises
-    ZooError (nothing else can be checked then)."""
+    with the manifest, and has the input / output names and shapes the manifest gives. That this runtime has the
+    zoo's runtime entry. Per cascade (whose claims against its members the schema already checked): that both
+    members passed, and that the composite runs on a small random batch (the entry's ``check_cascade``). A manifest
+    that is missing or fails the schema raises ZooError (nothing else can be checked then)."""
     root = Path(zoo_dir)
     manifest = read_manifest(root)
+    cpu = provider_name("cpu")  # onnxruntime missing: an error of this host (raised), not a problem of the zoo
     problems, sessions = [], {}
     for entry in manifest["models"]:
         if is_cascade(entry):
             continue
         where = str(root / entry["file"])
         try:
-            data = read_model_bytes(root, entry)
-        except ZooError as e:
-            problems.append(str(e))
-            continue
-        try:
-            session = open_session(data, "cpu", 1)
-        except ZooError:
-            raise  # onnxruntime missing: not a problem of this zoo
-        except Exception as e:  # onnxruntime's own errors (InvalidProtobuf, Fail, ...)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            problems.append(f"{where}: not a valid ONNX model for onnxruntime ({first})")
-            continue
-        try:
+            session = open_model(read_model_bytes(root, entry), where, cpu, 1)
             check_embedded(entry, session.get_modelmeta().custom_metadata_map, where)
             _check_signature(session, entry, where)
-            sessions[entry["name"]] = session
         except ZooError as e:
             problems.append(str(e))
+            continue
+        sessions[entry["name"]] = session
+    try:
+        rt = runtime_entry(manifest, root)
+    except ZooError as e:
+        return problems + [str(e)]
     models = {e["name"]: e for e in manifest["models"] if not is_cascade(e)}
     for entry in manifest["models"]:
         if is_cascade(entry):
-            problems += _check_cascade_runs(entry, models, sessions, root)
+            problems += _check_cascade_runs(rt, entry, models, sessions, root, cpu)
     return problems
 
 
-def _check_cascade_runs(entry: dict, models: dict, sessions: dict, root: Path) -> list[str]:
+def _check_cascade_runs(rt: RuntimeEntry, entry: dict, models: dict, sessions: dict, root: Path,
+                        cpu: str) -> list[str]:
     where = f"{root / MANIFEST}: cascade {entry['name']!r}"
     bad = [m for m in entry["members"] if m not in sessions]
     if bad:
         return [f"{where}: member {m!r} failed verification (its file's problem is listed above)" for m in bad]
-    parts = tuple(Choice(models[m], sessions[m], "verify", "CPUExecutionProvider") for m in entry["members"])
-    spec, classes = parts[0].entry["input"], parts[0].entry["output"]["num_classes"]
-    x = np.random.default_rng(0).standard_normal([2] + spec["shape"][1:]).astype(np.float32)
+    parts = tuple(make_choice(rt, models[m], sessions[m], "verify", cpu) for m in entry["members"])
     try:
-        for p in parts:  # both members, whatever the threshold routes to
-            if p.run(x).shape != (2, classes):
-                return [f"{where}: member {p.name!r} gives logits of shape {p.run(x).shape}, not (2, {classes})"]
-        labels, probs = CascadeChoice(entry, tuple(sessions[m] for m in entry["members"]), "verify",
-                                      "CPUExecutionProvider", parts=parts).predict(x)
-        if probs.shape != (2, classes):
-            return [f"{where}: the composite gives probabilities of shape {probs.shape}, not (2, {classes})"]
+        choice = make_choice(rt, entry, tuple(p.session for p in parts), "verify", cpu, parts)
     except ZooError as e:
         return [f"{where}: {e}"]
-    except Exception as e:  # onnxruntime's own errors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        return [f"{where}: does not run ({first})"]
-    return []
+    problem = rt.check_cascade(choice) if rt.check_cascade else None
+    return [f"{where}: {problem}"] if problem else []
 
 
 def _check_signature(session, entry: dict, where: str) -> None:

@@ -1,0 +1,87 @@
+"""Runtime entries: what klas-runtime does with a zoo's models, keyed by the manifest's ``runtime_entry``.
+
+The exporter writes a task's ``manifest_fields`` (``task``, ``cost_unit``, ``metric``, ``runtime_entry``) into
+the manifest header; ``Zoo.open`` / ``pick`` / ``predict`` and ``verify_zoo`` serve a zoo through the entry it
+names. A manifest without the field (written before tasks existed) is served by ``classify``: image preprocessing,
+logits, softmax and argmax, max-softmax cascades (``klas_runtime.classify``). Another kind of model registers its
+own entry here (``register_entry``); a zoo naming an entry this runtime does not have is refused in one line.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from klas_runtime import classify
+from klas_runtime.errors import ZooError
+from klas_runtime.manifest import MANIFEST, is_cascade
+from klas_runtime.preprocess import load_image
+
+DEFAULT_ENTRY = "classify"  # what a manifest without ``runtime_entry`` means
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    """How the runtime serves one kind of zoo.
+
+    ``model`` builds the choice of a model entry, ``model(entry, session, reason, provider)``; ``cascade`` that of
+    a cascade entry, the same plus ``parts=`` (the members' choices), or None when the entry has no cascades.
+    ``load_input(path, spec)``: one input file -> a batch of one as the model takes it (``spec``: the entry's
+    ``input``). ``describe(choice, x)``: the prediction on that batch as one line. ``check_cascade(choice)``: what
+    ``verify_zoo`` runs on a cascade -- a problem line or None."""
+
+    name: str
+    model: type
+    load_input: Callable
+    describe: Callable
+    cascade: type | None = None
+    check_cascade: Callable | None = None
+
+
+_ENTRIES: dict[str, RuntimeEntry] = {}
+
+
+def register_entry(entry: RuntimeEntry, replace: bool = False) -> RuntimeEntry:
+    """Make ``entry`` serve the zoos whose manifest names ``entry.name``; a second entry of that name is refused
+    unless ``replace``."""
+    if not entry.name:
+        raise ZooError("a runtime entry needs a name")
+    if entry.name in _ENTRIES and not replace:
+        raise ZooError(f"runtime entry {entry.name!r} is already registered; pass replace=True to replace it")
+    _ENTRIES[entry.name] = entry
+    return entry
+
+
+def registered_entries() -> tuple[str, ...]:
+    return tuple(_ENTRIES)
+
+
+def entry_name(manifest: dict) -> str:
+    """The runtime entry a manifest asks for (``classify`` when it names none)."""
+    return manifest.get("runtime_entry", DEFAULT_ENTRY)
+
+
+def runtime_entry(manifest: dict, zoo_dir: Path | str) -> RuntimeEntry:
+    """The registered entry that serves ``manifest`` (of the zoo in ``zoo_dir``), or one ZooError line naming the
+    manifest and the registered entries."""
+    name = entry_name(manifest)
+    if name not in _ENTRIES:
+        task = f" (task {manifest['task']!r})" if manifest.get("task") else ""
+        raise ZooError(f"{Path(zoo_dir) / MANIFEST}: runtime entry {name!r}{task} is not one this klas-runtime "
+                       f"serves (registered: {', '.join(_ENTRIES) or 'none'}); upgrade klas-runtime, or register "
+                       f"the entry with klas_runtime.entries.register_entry")
+    return _ENTRIES[name]
+
+
+def make_choice(rt: RuntimeEntry, entry: dict, session, reason: str, provider: str, parts: tuple = ()):
+    """The entry's choice object for one manifest entry: a model's, or a cascade's over ``parts``."""
+    if not is_cascade(entry):
+        return rt.model(entry, session, reason, provider)
+    if rt.cascade is None:
+        raise ZooError(f"{entry['name']}: runtime entry {rt.name!r} serves no cascades")
+    return rt.cascade(entry, session, reason, provider, parts=parts)
+
+
+register_entry(RuntimeEntry(DEFAULT_ENTRY, model=classify.Choice, cascade=classify.CascadeChoice,
+                            load_input=load_image, describe=classify.describe,
+                            check_cascade=classify.check_cascade))
