@@ -248,6 +248,21 @@ class StageContext:
     # ``restart`` (False: refuse to discard checkpoints made under other settings)
     hooks: dict = field(default_factory=dict)
 
+    @classmethod
+    def open(cls, run_dir, family, *, seed: int = 0, weights: str | None = None, data=None, key: str = "",
+             progress: bool = True, **hooks) -> "StageContext":
+        """A context for one stage run outside the pipeline (research code, tests): ``family`` is a registered name
+        or an already built Family (then used as it is); ``data`` the ``[data]`` settings (default: all defaults);
+        ``hooks`` go to ``ctx.hooks``."""
+        from klas.config import DataConfig, RunConfig
+        from klas.rundir import RunDir
+
+        name = family if isinstance(family, str) else family.name
+        data = data if data is not None else DataConfig()
+        rd = run_dir if hasattr(run_dir, "stage") else RunDir(run_dir, name, data.dataset)
+        return cls(run_dir=rd, run=RunConfig(family=name, seed=seed, weights=weights), data=data, key=key,
+                   progress=progress, prebuilt=None if isinstance(family, str) else family, hooks=hooks)
+
     @cached_property
     def family(self):
         if self.prebuilt is not None:

@@ -19,7 +19,7 @@ from klas.config import Config
 from klas.contract import StageContext, digest, key_fields
 from klas.errors import KlasError
 from klas.io import load_json, save_json
-from klas.rundir import RunDir
+from klas.rundir import RunDir, check_run_path
 from klas.stages import STAGES, stage_modules
 
 RECORD = "stage.json"
@@ -103,7 +103,7 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
                  force: tuple[str, ...] = (), family=None, progress: bool = True) -> dict[str, object]:
     """Run (or, with ``dry_run``, only print the plan of) every stage up to ``until``; returns {stage: artifact}
     for the stages that exist at the end. ``dry_run`` writes nothing."""
-    run_path = Path(run_path)
+    run_path = check_run_path(run_path)  # a dry run fails as the real one would
     rows = plan(cfg, run_path, until, force)
     if any(r["status"] != "done" for r in rows):
         from klas.families.adapt import check_anchor_classes
@@ -149,7 +149,8 @@ def _run_stages(cfg: Config, run_dir: RunDir, rows: list[dict], force: tuple[str
         record = run_path / mod.NAME / RECORD
         if dist.info().is_main:
             record.unlink(missing_ok=True)  # invalidate first: an interrupted re-run is never taken as done
-        ctx = StageContext(key=key, **ctx_base)  # each stage builds its own family: finetuning trains in place
+        # each stage builds its own family (finetuning trains in place); the typed artifacts made so far go along
+        ctx = StageContext(key=key, artifacts={type(a): a for a in out.values()}, **ctx_base)
         t0 = time.time()
         art = mod.run(cfg[mod.NAME], ctx)
         wall = time.time() - t0

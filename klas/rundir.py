@@ -9,16 +9,22 @@ from klas.io import load_json, save_json
 
 
 
+def check_run_path(path: Path | str) -> Path:
+    """``path`` as a run directory's path: one-line error when it, or a folder above it, is a regular file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KlasError(f"{path}: run directory is a file, not a directory (use another --run-dir)")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise KlasError(f"{path}: run directory lies under {parent}, which is a file")
+    return path
+
+
 class RunDir:
     """``RunDir(path, family)`` creates or opens a run; opening one made for another family is an error."""
 
     def __init__(self, path: Path | str, family: str | None = None, dataset: str | None = None):
-        self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise KlasError(f"{self.path}: run directory is a file, not a directory (use another --run-dir)")
-        for parent in self.path.parents:
-            if parent.exists() and not parent.is_dir():
-                raise KlasError(f"{self.path}: run directory lies under {parent}, which is a file")
+        self.path = check_run_path(path)
         meta_path = self.path / "run.json"
         if meta_path.is_file():
             self.meta = load_json(meta_path)

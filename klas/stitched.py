@@ -29,11 +29,15 @@ SUPERNET_CKPT = "supernet.ckpt"  # the shared recipe's training state
 CONFIG_DIR, CKPT_DIR = "configs", "checkpoints"  # independent / frozen: per-configuration weights and checkpoints
 
 
-def read_selection(sel, family: Family, path: Path | str) -> list[StitchConfig]:
-    """The configurations a selection asks for (its artifact, or the same record as a dict): its anchors (as whole
-    networks), then its selected stitches, validated against the family (anchor names, block ranges, stitchable
-    shapes, direction small -> large); errors name ``path``, where the selection was read from."""
-    sel = sel if isinstance(sel, dict) else asdict(sel)
+def read_selection(sel, family: Family, path: Path | str | None = None) -> list[StitchConfig]:
+    """The configurations a selection asks for (its ``SelectionArtifact``, the same record as a dict, or the path of
+    a selection.json): its anchors (as whole networks), then its selected stitches, validated against the family
+    (anchor names, block ranges, stitchable shapes, direction small -> large); errors name ``path``."""
+    if isinstance(sel, (str, Path)):
+        from klas.io import load_json
+
+        path, sel = Path(sel), load_json(sel)
+    sel = sel if isinstance(sel, dict) or not hasattr(sel, "__dataclass_fields__") else asdict(sel)
     if not isinstance(sel, dict) or not isinstance(sel.get("selected"), list):
         raise KlasError(f"{path}: expected a selection object with a 'selected' list (run `klas select` first)")
     if sel.get("family") not in (None, family.name):

@@ -78,10 +78,11 @@ from pathlib import Path
 torch.set_num_threads(1)
 from _stitch_helpers import tiny_family
 from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
+from klas.stages.s4_finetune import FinetuneConfig
+from _stitch_helpers import finetune
 torch.manual_seed(0)
 cfg = FinetuneConfig(**{cfg}, init=FitCfg(samples=128, batch_size=64))
-finetune_supernet(Path(sys.argv[1]), cfg, seed=0, selection_path=Path(sys.argv[2]), family=tiny_family(),
+finetune(Path(sys.argv[1]), cfg, seed=0, selection_path=Path(sys.argv[2]), family=tiny_family(),
                   progress=False)
 """
 
@@ -94,7 +95,7 @@ def ddp_and_single(tmp_path, sel, kw: dict) -> None:
     import sys
     from pathlib import Path
 
-    from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
+    from klas.stages.s4_finetune import FinetuneConfig
     from klas.stitch import FitCfg
 
     script = tmp_path / "ddp.py"
@@ -105,7 +106,7 @@ def ddp_and_single(tmp_path, sel, kw: dict) -> None:
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.manual_seed(0)
-    finetune_supernet(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
+    finetune(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
                       selection_path=sel, family=tiny_family(), progress=False)
 
 
@@ -118,3 +119,73 @@ def small_finetune_cfg(**kw):
                 train_subset=512, val_images=0, augment=True, lr=3e-3, warmup_frac=0.2,
                 init=FitCfg(samples=128, batch_size=64))
     return FinetuneConfig(**{**base, **kw})
+
+
+# --- one stage at a time, outside the pipeline: each builds a StageContext and calls the stage's run(cfg, ctx) ------
+
+def _data(data, data_root):
+    from dataclasses import replace
+
+    from klas.config import DataConfig
+
+    data = data if data is not None else DataConfig()
+    return replace(data, root=str(data_root)) if data_root is not None else data
+
+
+def selection_artifact(path):
+    """A selection.json written by ``write_selection`` (or the stage) as the typed artifact the finetune stage reads."""
+    from dataclasses import MISSING, fields
+
+    from klas.stages.s3_selection import SelectionArtifact
+
+    from klas.io import load_json
+
+    rec = load_json(path)
+    defaults = dict(family=None, method="test", params={}, anchors=[], anchor_flops={}, anchor_pairs=[],
+                    anchor_selection={}, buckets={}, candidates=[], selected=[])
+    return SelectionArtifact(**{f.name: rec.get(f.name, defaults.get(f.name)) for f in fields(SelectionArtifact)
+                                if f.default is MISSING})
+
+
+def probes(family, run_dir, cfg, *, seed=0, data_root=None, key="", progress=False, data=None):
+    from klas.contract import StageContext
+    from klas.stages import s1_probes
+
+    return s1_probes.run(cfg, StageContext.open(run_dir, family, seed=seed, data=_data(data, data_root), key=key,
+                                                progress=progress))
+
+
+def finetune(run_dir, cfg, *, seed=0, selection_path=None, family=None, progress=False, data_root=None, data=None,
+             weights=None, restart=False, **hooks):
+    """The finetune stage on ``run_dir`` (selection: ``selection_path`` or the run's own); ``restart`` False (the
+    tests' default): refuse checkpoints made under other settings."""
+    from klas.contract import StageContext
+    from klas.stages import s4_finetune
+    from klas.stages.s3_selection import SelectionArtifact
+
+    sel = selection_artifact(selection_path) if selection_path is not None else None
+    fam = family if family is not None else (sel.family if sel is not None else None)
+    ctx = StageContext.open(run_dir, fam, seed=seed, weights=weights, data=_data(data, data_root), progress=progress,
+                            restart=restart, **hooks)
+    if sel is not None:
+        ctx.artifacts[SelectionArtifact] = sel
+    return s4_finetune.run(cfg, ctx)
+
+
+def evaluate(run_dir, cfg, *, data_root=None, state="final", family=None, out=None, progress=False, data=None):
+    from klas.contract import StageContext
+    from klas.rundir import RunDir
+    from klas.stages import s5_evaluation
+
+    name = family if family is not None else RunDir(run_dir).family
+    hooks = dict(state=state, family=family, **({"out": out} if out is not None else {}))
+    return s5_evaluation.run(cfg, StageContext.open(run_dir, name, data=_data(data, data_root), progress=progress,
+                                                    **hooks))
+
+
+def scores(family, run_dir, cfg, *, seed=0, data_root=None, progress=False, data=None):
+    from klas.contract import StageContext
+    from klas.stages import s2_scores
+
+    return s2_scores.run(cfg, StageContext.open(run_dir, family, seed=seed, data=_data(data, data_root),
+                                                progress=progress))

@@ -22,11 +22,12 @@ from klas.errors import KlasError
 from klas.config import load_config
 from klas.io import load_tensors
 from klas.ops import PairwiseKL
-from klas.stages.s1_probes import ProbesConfig, train_probes
-from klas.stages.s2_scores import ScoresConfig, compute_scores
-from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
-from klas.stages.s5_evaluation import EvaluationConfig, evaluate_run
+from klas.stages.s1_probes import ProbesConfig
+from klas.stages.s2_scores import ScoresConfig
+from klas.stages.s4_finetune import FinetuneConfig
+from klas.stages.s5_evaluation import EvaluationConfig
 from klas.stitch import FitCfg
+from _stitch_helpers import evaluate, finetune, probes, scores
 
 TESTS = Path(__file__).parent
 STITCHES_DDP = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0)]
@@ -40,11 +41,11 @@ STAGES_SCRIPT = """
 import os, signal, sys, torch
 from pathlib import Path
 torch.set_num_threads(1)
-from _stitch_helpers import tiny_family
-from klas.stages.s1_probes import ProbesConfig, train_probes
-from klas.stages.s2_scores import ScoresConfig, compute_scores
-from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
-from klas.stages.s5_evaluation import EvaluationConfig, evaluate_run
+from _stitch_helpers import evaluate, finetune, probes, scores, tiny_family
+from klas.stages.s1_probes import ProbesConfig
+from klas.stages.s2_scores import ScoresConfig
+from klas.stages.s4_finetune import FinetuneConfig
+from klas.stages.s5_evaluation import EvaluationConfig
 from klas.stitch import FitCfg
 run, marker, mode, sel = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
 rank = int(os.environ["RANK"])
@@ -64,14 +65,14 @@ torch.manual_seed(0)
 fam = tiny_family()
 cfg = FinetuneConfig(**{ft}, accum_steps=2, init=FitCfg(samples=128, batch_size=64))
 if mode == "stages":
-    train_probes(fam, run, ProbesConfig(**{probe}), seed=0, progress=False)
-    compute_scores(fam, run, ScoresConfig(**{score}), progress=False)
-    finetune_supernet(run, cfg, seed=0, selection_path=sel, family=fam, progress=False, on_step=die_once)
-    evaluate_run(run, EvaluationConfig(**{ev}), progress=False)
+    probes(fam, run, ProbesConfig(**{probe}), seed=0, progress=False)
+    scores(fam, run, ScoresConfig(**{score}), progress=False)
+    finetune(run, cfg, seed=0, selection_path=sel, family=fam, progress=False, on_step=die_once)
+    evaluate(run, EvaluationConfig(**{ev}), progress=False)
 else:  # mode "dead-peer": plain processes (no torchrun agent to clean up): rank 0 must notice on its own
     from klas.errors import KlasError
     try:
-        finetune_supernet(run, cfg, seed=0, selection_path=sel, family=fam, progress=False, on_step=die_once)
+        finetune(run, cfg, seed=0, selection_path=sel, family=fam, progress=False, on_step=die_once)
     except KlasError as e:
         print(f"error: {{e}}", file=sys.stderr)
         sys.exit(2)
@@ -119,11 +120,11 @@ def test_stages_under_two_ranks_equal_single_process(tmp_path):
     single = tmp_path / "single"
     torch.manual_seed(0)
     fam = tiny_family()
-    train_probes(fam, single, ProbesConfig(**PROBE_KW), seed=0, progress=False)
-    compute_scores(fam, single, ScoresConfig(**SCORE_KW), progress=False)
-    finetune_supernet(single, FinetuneConfig(**FT_KW, init=FitCfg(samples=128, batch_size=64)), seed=0,
+    probes(fam, single, ProbesConfig(**PROBE_KW), seed=0, progress=False)
+    scores(fam, single, ScoresConfig(**SCORE_KW), progress=False)
+    finetune(single, FinetuneConfig(**FT_KW, init=FitCfg(samples=128, batch_size=64)), seed=0,
                       selection_path=sel, family=fam, progress=False)
-    ev_single = evaluate_run(single, EvaluationConfig(**EVAL_KW), progress=False)
+    ev_single = evaluate(single, EvaluationConfig(**EVAL_KW), progress=False)
     out, _ = job.communicate(timeout=240)
     assert job.returncode == 0, out[-3000:]
     assert marker.read_text() == "killed" and "KlasError: rank 0/2: distributed supernet gradient" in out, out[-3000:]
@@ -139,7 +140,7 @@ def test_stages_under_two_ranks_equal_single_process(tmp_path):
     assert rec["n_val"] == 70 and rec["world_size"] == 2
     files = ("anchors.safetensors", "stitch_layers.safetensors")
     _assert_same(_tensors(single, "finetune", *files), _tensors(ddp, "finetune", *files), rtol=1e-4, atol=1e-5)
-    meta = json.loads((ddp / "finetune" / "supernet.json").read_text())
+    meta = json.loads((ddp / "finetune" / "finetune.json").read_text())
     assert meta["world_size"] == 2 and len(meta["history"]) == 1
     ev = json.loads((ddp / "evaluation" / "evaluation.json").read_text())
     assert ev["world_size"] == 2 and ev["n_test"] == 101
@@ -207,7 +208,7 @@ def test_accumulation_equals_one_pass(tmp_path):
     runs = {}
     for accum in (1, 3):
         torch.manual_seed(0)
-        finetune_supernet(tmp_path / f"a{accum}", FinetuneConfig(**kw, accum_steps=accum), seed=0,
+        finetune(tmp_path / f"a{accum}", FinetuneConfig(**kw, accum_steps=accum), seed=0,
                           selection_path=sel, family=tiny_family(), progress=False)
         runs[accum] = _tensors(tmp_path / f"a{accum}", "finetune", "anchors.safetensors",
                                "stitch_layers.safetensors")

@@ -12,10 +12,12 @@ from _stitch_helpers import one_thread, tiny_family, write_selection  # noqa: F4
 from klas.research.compare import Arm, compare, equalize
 from klas.data import load_dataset
 from klas.metrics import auc, normalize_flops, pareto_mask, staircase
-from klas.stages.s5_evaluation import EvaluationArtifact, EvaluationConfig, evaluate_run, measure_latency
+from _stitch_helpers import evaluate, finetune
+from klas.stages.s5_evaluation import EvaluationArtifact, EvaluationConfig, measure_latency
 from klas.families import count_flops, stitched_flops
 from klas.stitch import FitCfg
-from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet, load_stitched
+from klas.stages.s4_finetune import FinetuneConfig
+from klas.stitched import load_stitched
 
 
 def _points(rng, n, ties):
@@ -88,8 +90,8 @@ def res_dir(tmp_path):
 
 def test_evaluate_run_end_to_end(tmp_path, fam):
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
-    finetune_supernet(tmp_path / "run", BUDGET, seed=0, selection_path=sel, family=copy.deepcopy(fam), progress=False)
-    res = evaluate_run(tmp_path / "run", EvaluationConfig(test_subset=300, latency_repeats=3), progress=False)
+    finetune(tmp_path / "run", BUDGET, seed=0, selection_path=sel, family=copy.deepcopy(fam), progress=False)
+    res = evaluate(tmp_path / "run", EvaluationConfig(test_subset=300, latency_repeats=3), progress=False)
     saved = json.loads((tmp_path / "run" / "evaluation" / "evaluation.json").read_text())
     assert saved["auc"] == res.auc and len(saved["configs"]) == 4 and EvaluationArtifact.load(res_dir(tmp_path)) == res
     test = load_dataset("fashion-mnist", "test").subset(300)
@@ -110,7 +112,7 @@ def test_evaluate_run_end_to_end(tmp_path, fam):
     for f in ("evaluation.png", "evaluation.md"):
         assert (tmp_path / "run" / "evaluation" / f).stat().st_size > 0
     # before finetuning: pretrained anchors (handed in again) and the stitch layers as initialised
-    init = evaluate_run(tmp_path / "run", EvaluationConfig(test_subset=300, latency=False), state="init",
+    init = evaluate(tmp_path / "run", EvaluationConfig(test_subset=300, latency=False), state="init",
                         family=copy.deepcopy(fam), progress=False)
     assert (tmp_path / "run" / "evaluation" / "init" / "evaluation.json").is_file()
     anchors = [r for r in init.configs if r["anchor"]]

@@ -1,7 +1,8 @@
-"""ONNX export of a stitched zoo: standalone pruning, checker, parity with a float64 reference, manifest, CLI.
+"""ONNX export of a stitched zoo: standalone pruning, checker, parity with a float64 reference, manifest, the stage.
 
-Random-weight anchors of the embedded family and untrained stitch layers stand in for the supernetwork stage (the
-export does not care how the weights were trained); the evaluation.json fed to it is computed here, not typed in.
+Random-weight anchors of the embedded family and untrained stitch layers stand in for the finetune stage (the export
+does not care how the weights were trained); the evaluation artifact fed to it is computed here, not typed in. The
+stage is driven as the pipeline drives it: ``s6_export.run(cfg, ctx)`` on a ``StageContext``.
 """
 from __future__ import annotations
 
@@ -16,15 +17,21 @@ import pytest
 import torch
 
 import klas
+from klas.config import DataConfig, RunConfig
+from klas.contract import StageContext
 from klas.data import load_dataset
 from klas.errors import KlasError
-from klas.stages.s5_evaluation import EvaluationArtifact
-from klas.stages.s6_export import (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT, ExportConfig, check_rows, export_models,
-                                   export_onnx, export_zoo, standalone, zoo_items)
+from klas.export import (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT, check_rows, export_models, export_onnx, graph_score,
+                         standalone, task_header, zoo_items)
 from klas.families import stitched_flops
-from klas_runtime.manifest import METADATA_KEY, NOT_EMBEDDED, load_manifest
 from klas.rundir import RunDir
+from klas.stages import s6_export
+from klas.stages.s5_evaluation import EvaluationArtifact
+from klas.stages.s6_export import ExportArtifact, ExportConfig
 from klas.stitch import StitchConfig, StitchedNet, StitchLayer
+from klas.tasks import get_task
+from klas.tasks.image_classification import ImageClassification
+from klas_runtime.manifest import METADATA_KEY, NOT_EMBEDDED, load_manifest
 
 N_IMAGES = 300
 FAST = dict(parity_images=N_IMAGES, accuracy_images=N_IMAGES, warmup=2, runs=10,
@@ -35,7 +42,7 @@ STITCHES = [("fmnist-deit-ti", 3, "fmnist-deit-s", 5), ("fmnist-deit-s", 7, "fmn
 
 
 class Provider:
-    """Stand-in for ``klas.stages.s4_finetune.load_stitched``: the same network every time a configuration is asked for."""
+    """Stand-in for ``klas.stitched.load_stitched``: the same network every time a configuration is asked for."""
 
     def __init__(self, family):
         self.family, self.nets = family, {}
@@ -97,14 +104,27 @@ def data():
     return load_dataset("fashion-mnist", "test").subset(N_IMAGES)
 
 
+def context(run_dir: Path, family=None) -> StageContext:
+    """The export stage's context as the pipeline builds it (``family``: handed in, else built from the run)."""
+    return StageContext(run_dir=RunDir(run_dir), run=RunConfig(family="fmnist-deit"), data=DataConfig(),
+                        progress=False, prebuilt=family)
+
+
+def export_run(run_dir: Path, cfg: ExportConfig, provider, family=None) -> ExportArtifact:
+    """``s6_export.run(cfg, ctx)`` with the run's configurations served by ``provider``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(s6_export, "finetuned_networks", lambda run: provider)
+        return s6_export.run(cfg, context(run_dir, family))
+
+
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory, family, data):
-    """One exported zoo shared by the tests of this file: (zoo dir, run dir, provider)."""
+    """One zoo exported by the stage, shared by the tests of this file: (zoo dir, run dir, provider)."""
     tmp = tmp_path_factory.mktemp("export")
     provider = Provider(family)
     run_dir = build_run(tmp, family, provider, data)
-    export_zoo(run_dir, tmp / "zoo", ExportConfig(**FAST), provider=provider, progress=False)
-    return tmp / "zoo", run_dir, provider
+    export_run(run_dir, ExportConfig(**FAST), provider, family)
+    return run_dir / "zoo", run_dir, provider
 
 
 def test_standalone_keeps_only_used_weights(family):
@@ -310,9 +330,9 @@ def test_parity_failure_stops_export_and_writes_nothing(tmp_path, family, data):
 
 
 def test_evaluation_errors(tmp_path, family):
-    run = RunDir(tmp_path / "run", "fmnist-deit")
+    RunDir(tmp_path / "run", "fmnist-deit")
     with pytest.raises(KlasError, match=r"evaluation\.json: missing"):
-        export_zoo(run.path, tmp_path / "zoo", ExportConfig(), provider=Provider(family))
+        export_run(tmp_path / "run", ExportConfig(), Provider(family), family)
     with pytest.raises(KlasError, match=r"configuration 0 has no config"):
         check_rows([{"config": {"source": "a", "i": 1}}], "ev.json")
     with pytest.raises(KlasError, match="not a percentage"):
@@ -328,49 +348,103 @@ def test_evaluation_errors(tmp_path, family):
         zoo_items([dict(kind="configuration", name="z", config=dict(source="x", i="two", target="y", j=3))], "e")
 
 
-def test_export_stage_swaps_the_zoo_whole(tmp_path, family, data, monkeypatch):
-    """The stage builds the new zoo beside the old one and swaps it in with one rename; staging is cleaned up."""
-    from klas.config import DataConfig, RunConfig
-    from klas.contract import StageContext
-    from klas.stages import s6_export
-
+def test_export_stage_swaps_the_zoo_whole(tmp_path, family, data):
+    """The stage builds the new zoo beside the old one and swaps it in with one rename; staging is cleaned up. Its
+    artifact is the zoo folder: loadable through ``ctx.upstream``, its digest over the manifest and every file."""
     provider = Provider(family)
     run_dir = build_run(tmp_path, family, provider, data.subset(60), keep=2)
     old = run_dir / "zoo"
     old.mkdir()
     (old / "stale.onnx").write_bytes(b"old")
-    monkeypatch.setattr(s6_export, "supernet_provider", lambda run: provider)
-    ctx = StageContext(run_dir=RunDir(run_dir), run=RunConfig(), data=DataConfig(), progress=False)
-    art = s6_export.run(ExportConfig(parity_images=60, accuracy_images=60, runs=5, warmup=1, precisions="none",
-                                      exporter="torchscript"), ctx)
+    art = export_run(run_dir, ExportConfig(parity_images=60, accuracy_images=60, runs=5, warmup=1, precisions="none",
+                                           exporter="torchscript"), provider, family)
     assert not (old / "stale.onnx").exists() and not list(run_dir.glob(".zoo.staging-*"))
     assert {m["name"] for m in load_manifest(old)["models"]} == {m["name"] for m in art.models}
-    assert s6_export.ExportArtifact.digest(old) is not None
+    assert s6_export.summary(art) == dict(models=2) and s6_export.FOLDER == ExportArtifact.FOLDER == "zoo"
+    loaded = context(run_dir).upstream(ExportArtifact)
+    assert isinstance(loaded, ExportArtifact) and loaded == art and sorted(loaded.files) == sorted(
+        p.name for p in old.iterdir() if p.suffix == ".onnx")
+    d = ExportArtifact.digest(old)
+    assert d is not None and d == ExportArtifact.digest(old)
+    # a model file changed, or gone: no digest (the stage is stale); the manifest edited: another digest
+    victim = old / art.files[0]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    assert ExportArtifact.digest(old) is None
+    victim.unlink()
+    assert ExportArtifact.digest(old) is None
+    victim.write_bytes(raw)
+    assert ExportArtifact.digest(old) == d
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["created"] = "yesterday"
+    ExportArtifact(manifest).save(old)
+    assert ExportArtifact.digest(old) not in (None, d)
+    with pytest.raises(KlasError, match=r"zoo2/manifest\.json: missing; run the export stage first"):
+        ExportArtifact.load(tmp_path / "zoo2")
+    (tmp_path / "zoo2").mkdir()
+    (tmp_path / "zoo2" / "manifest.json").write_text("{}")
+    with pytest.raises(KlasError, match="missing field 'schema'"):
+        ExportArtifact.load(tmp_path / "zoo2")
+
+
+class Reversed(ImageClassification):
+    """A task that predicts the LEAST likely class: a graph's score must come from the task, not from an argmax."""
+
+    name = "reversed-classification"
+    runtime_entry = "reversed"
+
+    def predict(self, logits):
+        c, k = torch.softmax(logits.float(), dim=-1).min(dim=-1)
+        return k, c
+
+
+def test_graph_score_and_manifest_header_come_from_the_task(family, data):
+    view = family["fmnist-deit-ti"]
+    net = StitchedNet(view, -1, view, -1, None).eval()
+    example = get_task(None).example_inputs(family, 2)
+    model, _ = export_onnx(standalone(net, example), example, 18, "torchscript")
+    raw = model.SerializeToString()
+    with torch.no_grad():
+        logits = net(data.normalize(data.images[:120]))
+    for task, pick in ((get_task(None), logits.argmax(1)), (Reversed(), logits.argmin(1))):
+        acc, n = graph_score(task, raw, data, 120)
+        assert n == 120 and abs(acc - float((pick == data.labels[:120]).double().mean() * 100)) <= 100 / 120 + 1e-9
+    # image classification: no task fields (what a manifest without them means); another task: its own
+    assert task_header(get_task(None), family) == {}
+    assert task_header(Reversed(), family) == dict(task="reversed-classification", cost_unit="image",
+                                                   metric="top-1 accuracy", runtime_entry="reversed")
+    spec = get_task(None).input_spec(data, family)
+    assert spec == s6_export.input_spec(data, family.input_shape, family.data_config)
+    assert get_task(None).output_spec(data, family) == dict(name="logits", num_classes=10,
+                                                           classes=list(data.spec.classes))
 
 
 def test_export_of_a_finetuned_run_through_load_stitched(tmp_path):
-    """Integration with the finetune and evaluation stages: their artifacts and load_stitched as they are. The
-    anchors were passed in (trained in place), so there are no untouched anchors to compare with: the zoo is the
-    val Pareto front of the configurations."""
-    from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet, load_stitched
-    from klas.stages.s5_evaluation import EvaluationConfig, evaluate_run
+    """Integration with the finetune and evaluation stages: their artifacts and load_stitched as they are, each stage
+    through its ``run(cfg, ctx)``. The anchors were passed in (trained in place), so there are no untouched anchors
+    to compare with: the zoo is the val Pareto front of the configurations."""
+    from klas.stages import s4_finetune, s5_evaluation
+    from klas.stages.s3_selection import SelectionArtifact
     from klas.stitch import FitCfg
+    from klas.stitched import load_stitched
 
     anchors = ["fmnist-deit-ti", "fmnist-deit-s"]
     fam = klas.create_family("fmnist-deit", anchors=anchors)  # trained in place: not the shared fixture
     run = RunDir(tmp_path / "run", "fmnist-deit", dataset="fashion-mnist")
-    sel = dict(family="fmnist-deit", anchors=anchors, selected=[dict(source=anchors[0], i=5, target=anchors[1], j=5)])
-    (run.stage("selection") / "selection.json").write_text(json.dumps(sel))
-    finetune_supernet(run.path, FinetuneConfig(recipe="shared", distill=None, max_stitches=None, epochs=1, steps_per_epoch=3, batch_size=16, train_subset=64,
-                                               val_images=50, init=FitCfg(samples=32)),
-                      seed=0, family=fam, progress=False)
-    ev = evaluate_run(run.path, EvaluationConfig(test_subset=80, val_subset=80, latency=False), progress=False)
-    art = export_zoo(run.path, tmp_path / "zoo", ExportConfig(**{**TS, "parity_images": 80}), progress=False)
+    SelectionArtifact(family="fmnist-deit", method="test", params={}, anchors=anchors, anchor_flops={},
+                      anchor_pairs=[], anchor_selection={}, buckets={}, candidates=[],
+                      selected=[dict(source=anchors[0], i=5, target=anchors[1], j=5)]).save(run.stage("selection"))
+    s4_finetune.run(s4_finetune.FinetuneConfig(recipe="shared", distill=None, max_stitches=None, epochs=1,
+                                               steps_per_epoch=3, batch_size=16, train_subset=64, val_images=50,
+                                               init=FitCfg(samples=32)), context(run.path, fam))
+    ev = s5_evaluation.run(s5_evaluation.EvaluationConfig(test_subset=80, val_subset=80, latency=False),
+                           context(run.path))
+    art = s6_export.run(ExportConfig(**{**TS, "parity_images": 80}), context(run.path))
     assert {m["name"] for m in art.models} == {z["name"] for z in ev.zoo} and not ev.untouched
     data = load_dataset("fashion-mnist", "test").subset(80)
     for m in art.models:
         net = copy.deepcopy(load_stitched(run.path, m["name"])).double()
-        sess = ort.InferenceSession(str(tmp_path / "zoo" / m["file"]), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(run.path / "zoo" / m["file"]), providers=["CPUExecutionProvider"])
         x = data.normalize(data.images)
         with torch.no_grad():
             ref = net(x.double()).numpy()

@@ -11,8 +11,8 @@ from klas.data import FASHION_MNIST, ImageSet, batches
 from klas.errors import KlasError
 from klas.io import load_tensors
 from klas.rundir import RunDir
-from klas.stages.s1_probes import (ProbesConfig, init_probe, load_probes, probe_seed, train_probe_nets,
-                                   train_probes)
+from _stitch_helpers import probes
+from klas.stages.s1_probes import ProbesConfig, init_probe, load_probes, probe_seed, train_probe_nets
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_joint_training_equals_independent_training(family, rng):
 def test_train_probes_writes_and_resumes_exactly(family, tmp_path, monkeypatch, capsys):
     cfg = ProbesConfig(epochs=2, batch_size=64, train_subset=128, val_subset=64)
     kw = dict(seed=0, key="k", progress=False)
-    rec = train_probes(family, tmp_path / "full", cfg, **kw)
+    rec = probes(family, tmp_path / "full", cfg, **kw)
     out = tmp_path / "full" / "probes"
     for name in ("probes.safetensors", "probes.json", "probe_accuracy.png", "checkpoint.pt"):
         assert (out / name).is_file(), name
@@ -91,11 +91,11 @@ def test_train_probes_writes_and_resumes_exactly(family, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(klas.train, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_probes(family, tmp_path / "resumed", cfg, **kw)
+        probes(family, tmp_path / "resumed", cfg, **kw)
     monkeypatch.setattr(klas.train, "save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / "probes" / "probes.safetensors").exists()
     capsys.readouterr()
-    rec2 = train_probes(family, tmp_path / "resumed", cfg, **kw)
+    rec2 = probes(family, tmp_path / "resumed", cfg, **kw)
     assert "resuming after epoch 1/2" in capsys.readouterr().out
     assert [h["epoch"] for h in rec2.history] == [1, 2]
     assert [h["val_acc"] for h in rec2.history] == [h["val_acc"] for h in rec.history]
@@ -108,10 +108,10 @@ def test_train_probes_writes_and_resumes_exactly(family, tmp_path, monkeypatch, 
     # a checkpoint made under another stage key (other settings upstream) is not resumed: trained from scratch
     monkeypatch.setattr(klas.train, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        train_probes(family, tmp_path / "rekeyed", cfg, **kw)
+        probes(family, tmp_path / "rekeyed", cfg, **kw)
     monkeypatch.setattr(klas.train, "save_checkpoint", real_save)
     capsys.readouterr()
-    rec3 = train_probes(family, tmp_path / "rekeyed", cfg, **dict(kw, key="other"))
+    rec3 = probes(family, tmp_path / "rekeyed", cfg, **dict(kw, key="other"))
     assert "made for other inputs, starting over" in capsys.readouterr().out
     assert [h["epoch"] for h in rec3.history] == [1, 2]
     nets = load_probes(tmp_path / "full", family)
@@ -121,7 +121,7 @@ def test_train_probes_writes_and_resumes_exactly(family, tmp_path, monkeypatch, 
 def test_bad_input_is_one_line_error(family, tmp_path):
     RunDir(tmp_path / "other", "deit")
     with pytest.raises(KlasError, match="belongs to family 'deit'"):
-        train_probes(family, tmp_path / "other", ProbesConfig(epochs=1, train_subset=8, val_subset=8), seed=0,
+        probes(family, tmp_path / "other", ProbesConfig(epochs=1, train_subset=8, val_subset=8), seed=0,
                      progress=False)
     RunDir(tmp_path / "empty", family.name)
     with pytest.raises(KlasError, match=r"probes\.safetensors: missing; run `klas probe` first") as e:

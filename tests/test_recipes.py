@@ -13,8 +13,14 @@ from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.io import load_tensors
 from klas.stages import s4_finetune as s4
-from klas.stages.s4_finetune import (FinetuneArtifact, FinetuneConfig, distill_loss, finetune_supernet,
-                                     limit_stitches, load_stitched, load_supernet, read_selection)
+from _stitch_helpers import finetune
+from klas import stitched
+from klas.losses import distill_loss, frozen_teachers
+from klas.stages.s4_finetune import FinetuneArtifact, FinetuneConfig
+from klas.stitched import limit_stitches, load_stitched, load_stitched_models, read_selection
+from klas.tasks import get_task
+
+TASK = get_task("image-classification")
 from klas.stitch import LoRALinear, StitchConfig, StitchLayer, add_lora, merge_lora
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-32", 2)]
@@ -41,7 +47,7 @@ def _same(a: dict, b: dict) -> bool:
 def _capture(monkeypatch):
     """Record a deep copy of every network the per-stitch recipes finish training, by config key."""
     trained = {}
-    save = s4.stitch_tensors_to_save
+    save = s4.stitch_tensors_to_save  # the stage's own reference (klas.stitched's function)
 
     def spy(net, recipe):
         trained[net.config.key] = copy.deepcopy(net).eval()
@@ -56,7 +62,7 @@ def test_per_stitch_recipes_train_reload_equal_and_leave_anchors_untouched(tmp_p
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
     before = _state(fam)
     trained = _capture(monkeypatch)
-    art = finetune_supernet(tmp_path / "run", _cfg(recipe=recipe), seed=0, selection_path=sel, family=fam,
+    art = finetune(tmp_path / "run", _cfg(recipe=recipe), seed=0, selection_path=sel, family=fam,
                             progress=False)
     assert _same(before, _state(fam))  # the family handed in is never trained
     assert art.recipe == recipe and art.images_seen == 2 * 6 * 32  # 2 stitches x 6 steps x 32 images each
@@ -82,7 +88,7 @@ def test_per_stitch_recipes_train_reload_equal_and_leave_anchors_untouched(tmp_p
             assert not any(isinstance(m, LoRALinear) for m in merged.modules())
             torch.testing.assert_close(merged(X), sn(X), rtol=1e-5, atol=1e-5)
         assert not torch.equal(init[f"{r['stitch']}/linear.weight"], sn.layer.linear.weight)
-        assert r["val_acc"] == s4.config_accuracy(loaded, load_dataset("fashion-mnist", "val").subset(64))
+        assert r["val_acc"] == s4.config_score(TASK, loaded, load_dataset("fashion-mnist", "val").subset(64))
         saved = load_tensors(tmp_path / "run" / "finetune" / r["weights"])
         if recipe == "frozen":
             # only the stitch layer and the adapters train; every anchor weight is the untouched one
@@ -101,13 +107,13 @@ def test_per_stitch_recipes_train_reload_equal_and_leave_anchors_untouched(tmp_p
             assert f"src.model.blocks.{c.i + 1}.mlp.fc2.weight" not in saved and "src.model.head.weight" not in saved
             assert not torch.equal(saved["tgt.model.head.weight"], before[f"{c.target}/head.weight"])
     # the evaluation stage's view: every configuration through the same interface as the supernetwork
-    net, meta = load_supernet(tmp_path / "run")
-    assert isinstance(net, s4.StitchSet) and net.indices == [0, 1, 2, 3] and meta["recipe"] == recipe
+    net, meta = load_stitched_models(tmp_path / "run")
+    assert isinstance(net, stitched.StandaloneStitches) and net.indices == [0, 1, 2, 3] and meta.recipe == recipe
     with torch.no_grad():
         torch.testing.assert_close(net.net(2)(X), trained[net.configs[2].key](X), rtol=1e-5, atol=1e-5)
     # init state: pretrained anchors and the least-squares layers, as for the shared recipe
-    net0, _ = load_supernet(tmp_path / "run", "init", family=copy.deepcopy(fam))
-    assert isinstance(net0, s4.Supernet)
+    net0, _ = load_stitched_models(tmp_path / "run", "init", family=copy.deepcopy(fam))
+    assert isinstance(net0, stitched.StitchedModels) and not isinstance(net0, stitched.StandaloneStitches)
 
 
 def test_frozen_stitch_exports(tmp_path, fam):
@@ -117,7 +123,7 @@ def test_frozen_stitch_exports(tmp_path, fam):
 
     src, tgt = fam[0], fam[2]
     layer = StitchLayer(src.feature_dim(1), tgt.feature_dim(1))
-    net = s4.trainable_stitch(src, tgt, StitchConfig(src.name, 1, tgt.name, 1), layer, "frozen", 2, 4.0,
+    net = stitched.trainable_stitch(src, tgt, StitchConfig(src.name, 1, tgt.name, 1), layer, "frozen", 2, 4.0,
                               torch.Generator().manual_seed(0))
     with torch.no_grad():
         for m in net.modules():
@@ -160,7 +166,7 @@ def test_shared_recipe_options(tmp_path, fam):
     sel = write_selection(tmp_path / "sel.json", STITCHES)
     start = _state(fam)
     # anchors at lr scale 0: only the stitch layers move (the anchors' weight decay is scaled to 0 as well)
-    art = finetune_supernet(tmp_path / "frozen", _cfg(anchor_lr_scale=0.0, val_images=0), seed=0, selection_path=sel,
+    art = finetune(tmp_path / "frozen", _cfg(anchor_lr_scale=0.0, val_images=0), seed=0, selection_path=sel,
                             family=copy.deepcopy(fam), progress=False)
     anchors = load_tensors(tmp_path / "frozen" / "finetune" / "anchors.safetensors")
     assert all(torch.equal(anchors[k], start[k]) for k in anchors)
@@ -169,9 +175,9 @@ def test_shared_recipe_options(tmp_path, fam):
     assert all(not torch.equal(init[k], final[k]) for k in init if k.endswith("weight"))
     assert art.images_seen == 6 * 32 and art.history[-1]["lr"] > 0
     # anchors at half the rate: they move, by less than at the full rate (same seed, same batches)
-    half = finetune_supernet(tmp_path / "half", _cfg(anchor_lr_scale=0.5, val_images=0), seed=0, selection_path=sel,
+    half = finetune(tmp_path / "half", _cfg(anchor_lr_scale=0.5, val_images=0), seed=0, selection_path=sel,
                              family=copy.deepcopy(fam), progress=False)
-    full = finetune_supernet(tmp_path / "full", _cfg(val_images=0), seed=0, selection_path=sel,
+    full = finetune(tmp_path / "full", _cfg(val_images=0), seed=0, selection_path=sel,
                              family=copy.deepcopy(fam), progress=False)
     assert [h["lr"] for h in half.history] == [h["lr"] for h in full.history]  # the stitch layers' rate
     k = "tv-32/blocks.3.mlp.fc2.weight"
@@ -179,12 +185,12 @@ def test_shared_recipe_options(tmp_path, fam):
              for d in ("half", "full")}
     assert 0 < moved["half"] < moved["full"]
     # several configurations per step: each step trains configs_per_step of them on its batch
-    two = finetune_supernet(tmp_path / "two", _cfg(configs_per_step=2, val_images=0), seed=0, selection_path=sel,
+    two = finetune(tmp_path / "two", _cfg(configs_per_step=2, val_images=0), seed=0, selection_path=sel,
                             family=copy.deepcopy(fam), progress=False)
     counts = [r["samples"] for r in two.configs]
     assert sum(counts) == 12 and max(counts) - min(counts) <= 1 and two.images_seen == 12 * 32
     # at most N stitches, spread over FLOPs: the cheapest and the dearest
-    lim = finetune_supernet(tmp_path / "lim", _cfg(max_stitches=2, val_images=0), seed=0, selection_path=sel,
+    lim = finetune(tmp_path / "lim", _cfg(max_stitches=2, val_images=0), seed=0, selection_path=sel,
                             family=copy.deepcopy(fam), progress=False)
     assert [r["key"] for r in lim.configs if not r["anchor"]] == [c.key for c in limit_stitches(
         read_selection(sel, fam), 2, fam) if not c.is_anchor] and lim.selection["n_finetuned"] == 2
@@ -209,6 +215,10 @@ def test_distillation_loss_and_teacher(tmp_path, fam):
     cfg = _cfg(distill="target", distill_weight=1.0, distill_temperature=2.0)
     logits = torch.randn(6, 10, requires_grad=True)
     y = torch.randint(0, 10, (6,))
+    def distill_loss(logits, y, teacher, cfg):
+        return globals()["distill_loss"](TASK, logits, y, teacher, label_smoothing=cfg.label_smoothing,
+                                         weight=cfg.distill_weight, temperature=cfg.distill_temperature)
+
     loss = distill_loss(logits, y, logits.detach().clone(), cfg)
     loss.backward()
     assert abs(loss.item()) < 1e-6 and logits.grad.abs().max() < 1e-6  # teacher == student: nothing to learn
@@ -219,20 +229,23 @@ def test_distillation_loss_and_teacher(tmp_path, fam):
     # in the shared supernetwork an anchor configuration's target is itself: at step 0 the untouched teacher and
     # the student agree, so weight 1 gives zero loss and zero gradients
     f = copy.deepcopy(fam)
-    net = s4.Supernet(f, [StitchConfig.anchor("tv-16")])
-    teacher = s4._teachers(f, {"tv-16"}, torch.device("cpu"))["tv-16"]
+    net = stitched.StitchedModels(f, [StitchConfig.anchor("tv-16")])
+    teacher = frozen_teachers(f, {"tv-16"}, torch.device("cpu"))["tv-16"]
     net.eval()  # (no stochastic layers in the tiny ViTs; eval to be explicit)
     x = torch.randn(8, 1, 28, 28)
-    loss = s4._accumulate(net, x, torch.randint(0, 10, (8,)), 0, cfg, "cpu", False, 1, teacher)
+    env = s4._Run(cfg=cfg, task=TASK, seed=0, train=None, val=None, spe=1, total=1, out=tmp_path, fp="", rank=0,
+                  world=1, device=torch.device("cpu"), use_amp=False, progress=False, restart=False, on_step=None,
+                  teachers={})
+    loss = s4._accumulate(net, x, torch.randint(0, 10, (8,)), 0, env, teacher)
     assert abs(loss.item()) < 1e-5
     assert max(p.grad.abs().max().item() for p in net.parameters() if p.grad is not None) < 1e-5
     # end to end: the teachers are recorded, and a bad selector is one line
     sel = write_selection(tmp_path / "sel.json", STITCHES[:1])
-    art = finetune_supernet(tmp_path / "run", _cfg(recipe="independent", distill="largest", val_images=0,
+    art = finetune(tmp_path / "run", _cfg(recipe="independent", distill="largest", val_images=0,
                                                    epochs=1), seed=0, selection_path=sel, family=fam, progress=False)
     assert [r["teacher"] for r in art.configs] == [None, None, "tv-32"]
     with pytest.raises(KlasError, match="--distill 'tv-99': expected none, target, largest or an anchor"):
-        finetune_supernet(tmp_path / "bad", _cfg(distill="tv-99"), seed=0, selection_path=sel, family=fam,
+        finetune(tmp_path / "bad", _cfg(distill="tv-99"), seed=0, selection_path=sel, family=fam,
                           progress=False)
 
 
@@ -247,19 +260,19 @@ def test_independent_resume_after_crash_equals_uninterrupted(tmp_path, fam, cras
     retrains it; either ends with the uninterrupted run's weights, bit for bit."""
     sel = write_selection(tmp_path / "sel.json", STITCHES[:2])
     cfg = _cfg(recipe="independent", ckpt_every=2, distill="target", distill_weight=0.3)
-    whole = finetune_supernet(tmp_path / "whole", cfg, seed=0, selection_path=sel, family=fam, progress=False)
+    whole = finetune(tmp_path / "whole", cfg, seed=0, selection_path=sel, family=fam, progress=False)
 
     def crash(step):
         if step == crash_at:
             raise Crash
 
     with pytest.raises(Crash):
-        finetune_supernet(tmp_path / "cut", cfg, seed=0, selection_path=sel, family=fam, progress=False,
+        finetune(tmp_path / "cut", cfg, seed=0, selection_path=sel, family=fam, progress=False,
                           on_step=crash)
     out = tmp_path / "cut" / "finetune"
-    assert not (out / "supernet.json").exists()
+    assert not (out / "finetune.json").exists()
     assert (out / "configs" / "2.safetensors").is_file() == (crash_at > 6)
-    resumed = finetune_supernet(tmp_path / "cut", cfg, seed=0, selection_path=sel, family=fam, progress=False)
+    resumed = finetune(tmp_path / "cut", cfg, seed=0, selection_path=sel, family=fam, progress=False)
     for r in whole.configs:
         if r["weights"]:
             assert _same(load_tensors(tmp_path / "whole" / "finetune" / r["weights"]), load_tensors(out / r["weights"]))
@@ -268,7 +281,7 @@ def test_independent_resume_after_crash_equals_uninterrupted(tmp_path, fam, cras
     assert not (out / "checkpoints").exists()
     # other settings: refused, unless restart; the artifact's digest covers the per-configuration files
     with pytest.raises(KlasError, match="other settings"):
-        finetune_supernet(tmp_path / "cut", _cfg(recipe="independent", lr=1e-2), seed=0, selection_path=sel,
+        finetune(tmp_path / "cut", _cfg(recipe="independent", lr=1e-2), seed=0, selection_path=sel,
                           family=fam, progress=False)
     d = FinetuneArtifact.digest(out)
     assert d is not None and FinetuneArtifact.load(out).recipe == "independent"
@@ -301,7 +314,7 @@ def test_torchrun_per_stitch_recipe_matches_single_process(tmp_path):
     kw = dict(recipe="frozen", epochs=1, steps_per_epoch=4, batch_size=32, train_subset=256, val_images=0,
               augment=False, lr=3e-3)
     ddp_and_single(tmp_path, sel, kw)
-    rec = json.loads((tmp_path / "ddp" / "finetune" / "supernet.json").read_text())
+    rec = json.loads((tmp_path / "ddp" / "finetune" / "finetune.json").read_text())
     assert rec["world_size"] == 2 and rec["recipe"] == "frozen"
     for r in rec["configs"]:
         if r["weights"]:

@@ -283,3 +283,96 @@ def test_cuda_session(zoo_dir):
     x = np.random.default_rng(6).standard_normal((4, 1, 28, 28)).astype(np.float32)
     cpu = Zoo(zoo_dir).session(choice.entry, device="cpu").run(None, {"input": x})[0]
     assert np.abs(choice.run(x) - cpu).max() < 1e-3
+
+
+# --- runtime entries (klas_runtime.entries): predict dispatches on the manifest's runtime_entry ---------------------
+
+TASK_FIELDS = ("task", "cost_unit", "metric", "runtime_entry")
+
+
+def _set_header(zoo: Path, **fields) -> dict:
+    """Rewrite the zoo's manifest header: ``fields`` set, the task fields not given removed (a pre-task zoo)."""
+    manifest = json.loads((zoo / MANIFEST).read_text())
+    for key in TASK_FIELDS:
+        manifest.pop(key, None)
+    manifest.update(fields)
+    (zoo / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _predict_lines(zoo: Path, images: list, capsys) -> tuple[int, list[str], str]:
+    from klas_runtime import cli as runtime_cli
+
+    rc = runtime_cli.main(["predict", str(zoo), "--device", "cpu", *map(str, images)])
+    captured = capsys.readouterr()
+    return rc, captured.out.splitlines(), captured.err
+
+
+def test_zoo_without_runtime_entry_is_served_by_classify(copy_zoo, tmp_path, capsys):
+    """A manifest written before tasks (no task fields) and one naming ``classify`` load and predict alike."""
+    from PIL import Image
+
+    from klas_runtime.entries import DEFAULT_ENTRY, registered_entries
+
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (28, 28), dtype=np.uint8)).save(img)
+    _set_header(copy_zoo)
+    assert DEFAULT_ENTRY == "classify" and "classify" in registered_entries()
+    assert Zoo(copy_zoo).runtime.name == "classify"
+    rc, before, _ = _predict_lines(copy_zoo, [img], capsys)
+    assert rc == 0 and before[-1].startswith(f"{img}: ")
+    manifest = _set_header(copy_zoo, task="image_classification", cost_unit="image", metric="accuracy",
+                           runtime_entry="classify")
+    assert validate(manifest)["runtime_entry"] == "classify"
+    assert Zoo(copy_zoo).runtime.name == "classify"
+    rc, after, _ = _predict_lines(copy_zoo, [img], capsys)
+    assert rc == 0 and after == before
+    with pytest.raises(KlasError, match=r"runtime_entry: invalid value 3"):
+        validate({**manifest, "runtime_entry": 3})
+
+
+def test_unknown_runtime_entry_is_refused_in_one_line(copy_zoo, tmp_path, capsys):
+    from klas_runtime.runtime import verify_zoo
+
+    _set_header(copy_zoo, task="causal_lm", cost_unit="token", metric="perplexity", runtime_entry="generate")
+    load_manifest(copy_zoo)  # the schema accepts it: only serving it needs the entry
+    where = str(copy_zoo / MANIFEST)
+    with pytest.raises(KlasError, match=r"runtime entry 'generate' .*registered: classify") as e:
+        Zoo(copy_zoo).pick(device="cpu")
+    assert where in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "x.txt").write_text("some text")
+    rc, out, err = _predict_lines(copy_zoo, [tmp_path / "x.txt"], capsys)
+    assert rc == 2 and out == [] and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert where in err and "'generate'" in err and "registered: classify" in err
+    problems = verify_zoo(copy_zoo)  # the files are sound; that this runtime cannot serve them is the problem
+    assert len(problems) == 1 and "runtime entry 'generate'" in problems[0]
+
+
+def test_predict_dispatches_to_a_registered_entry(copy_zoo, tmp_path, capsys, monkeypatch):
+    """A second entry registered beside ``classify`` serves the zoos that name it: its own input reader (here a
+    text file, which ``classify`` would refuse) and its own prediction line."""
+    from klas_runtime import entries
+    from klas_runtime.classify import Choice
+    from klas_runtime.entries import RuntimeEntry, register_entry
+
+    monkeypatch.setattr(entries, "_ENTRIES", dict(entries._ENTRIES))  # registrations end with the test
+    seen = []
+
+    def load_input(path, spec):
+        seen.append(Path(path).read_text())
+        return np.zeros([1] + spec["shape"][1:], dtype=np.float32)
+
+    register_entry(RuntimeEntry("echo", model=Choice, load_input=load_input,
+                                describe=lambda choice, x: f"echo {choice.name} {tuple(x.shape)}"))
+    with pytest.raises(KlasError, match="already registered"):
+        register_entry(RuntimeEntry("echo", model=Choice, load_input=load_input, describe=str))
+    assert entries.registered_entries() == ("classify", "echo")
+    _set_header(copy_zoo, task="echo-task", runtime_entry="echo")
+    (tmp_path / "x.txt").write_text("hello")
+    rc, out, err = _predict_lines(copy_zoo, [tmp_path / "x.txt"], capsys)
+    choice = Zoo(copy_zoo).pick(device="cpu", with_session=False)
+    assert rc == 0, err
+    assert out[-1] == f"{tmp_path / 'x.txt'}: echo {choice.name} (1, 1, 28, 28)" and seen == ["hello"]
+    _set_header(copy_zoo)  # the same zoo without the field: classify again, which refuses a text file
+    rc, out, err = _predict_lines(copy_zoo, [tmp_path / "x.txt"], capsys)
+    assert rc == 2 and "not a readable image" in err

@@ -11,7 +11,9 @@ import torch
 from _stitch_helpers import ddp_and_single, small_finetune_cfg, one_thread, tiny_family, write_selection  # noqa: F401  (autouse fixture)
 from klas.errors import KlasError
 from klas.io import load_tensors
-from klas.stages.s4_finetune import config_at, finetune_supernet, load_stitched, read_selection
+from _stitch_helpers import finetune, selection_artifact
+from klas.stitched import load_stitched, read_selection
+from klas.train import config_at
 from klas.stitch import StitchConfig
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-32", 2)]
@@ -22,7 +24,7 @@ def _cfg(**kw):
 
 
 def _finetune(run, sel, cfg, fam, **kw):
-    return finetune_supernet(run, cfg, seed=0, selection_path=sel, family=copy.deepcopy(fam), progress=False, **kw)
+    return finetune(run, cfg, seed=0, selection_path=sel, family=copy.deepcopy(fam), progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, fam):
 
     with pytest.raises(Crash):
         _finetune(tmp_path / "cut", sel, cfg, fam, on_step=crash_at_5)
-    assert not (tmp_path / "cut" / "finetune" / "supernet.json").exists()
+    assert not (tmp_path / "cut" / "finetune" / "finetune.json").exists()
     resumed = _finetune(tmp_path / "cut", sel, cfg, fam)
     a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
     assert a.keys() == b.keys()
@@ -137,11 +139,13 @@ def test_resume_after_crash_equals_uninterrupted_run(tmp_path, fam):
 
 
 def test_bad_selection_is_one_line_error(tmp_path, fam):
-    (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(KlasError, match="bad.json: not valid JSON"):
-        _finetune(tmp_path / "r2", tmp_path / "bad.json", _cfg(), fam)
-    with pytest.raises(KlasError, match="none.json: selection file not found"):
-        _finetune(tmp_path / "r3", tmp_path / "none.json", _cfg(), fam)
+    """The stage reads its run's selection artifact: a torn or a missing one is one line naming the file."""
+    (tmp_path / "r2" / "selection").mkdir(parents=True)
+    (tmp_path / "r2" / "selection" / "selection.json").write_text("{not json")
+    with pytest.raises(KlasError, match=r"r2/selection/selection.json: not valid JSON"):
+        finetune(tmp_path / "r2", _cfg(), family=copy.deepcopy(fam))
+    with pytest.raises(KlasError, match=r"r3/selection/selection.json: missing; run the selection stage first"):
+        finetune(tmp_path / "r3", _cfg(), family=copy.deepcopy(fam))
 
 
 def test_torchrun_ddp_matches_single_process(tmp_path):
@@ -151,7 +155,7 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
     kw = dict(recipe="shared", distill=None, max_stitches=None, epochs=1, steps_per_epoch=4, batch_size=32,
               train_subset=256, val_images=0, augment=False, lr=3e-3)
     ddp_and_single(tmp_path, sel, kw)
-    assert json.loads((tmp_path / "ddp" / "finetune" / "supernet.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "ddp" / "finetune" / "finetune.json").read_text())["world_size"] == 2
     a, b = _weights(tmp_path / "single"), _weights(tmp_path / "ddp")
     assert a.keys() == b.keys()
     for k in a:

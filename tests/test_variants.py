@@ -1,7 +1,7 @@
 """Reduced-precision variants of zoo models (int8 static QDQ, fp16) and latency per device.
 
 A real exported zoo (the embedded family's pretrained fmnist-deit-ti anchor, parity-checked by the exporter) gets its
-variants from ``export_models(val=...)`` on real Fashion-MNIST images; every figure the manifest claims is re-computed
+variants from ``klas.export.export_models(val=...)`` on real Fashion-MNIST images; every figure the manifest claims is re-computed
 here with plain onnxruntime sessions and numpy (accuracy, agreement with the float32 parent, max logit difference).
 Rejection is engineered: int8 calibrated on a single val image with ``max_accuracy_loss = 0`` -- the clipped ranges
 cost accuracy, which is checked independently before the rejection is. Pick by latency is checked against an oracle
@@ -54,7 +54,8 @@ def zoo(tmp_path_factory, sets, one_thread):
     import torch
 
     import klas
-    from klas.stages.s6_export import ExportConfig, export_models
+    from klas.export import export_models
+    from klas.stages.s6_export import ExportConfig
     from klas.stitch import StitchConfig, StitchedNet
 
     test, val = sets
@@ -123,8 +124,8 @@ def test_variants_accuracy_and_parity_recomputed(zoo, sets):
 def test_rejected_when_the_loss_exceeds_the_setting(zoo, sets):
     """int8 calibrated on one val image, max_accuracy_loss 0: it loses accuracy (checked here first), so it is
     rejected with the figures; fp16 is kept or rejected exactly as its own loss says."""
+    from klas.export import make_variants, to_int8
     from klas.stages.s6_export import ExportConfig
-    from klas.stages.variants import make_variants, to_int8
 
     test, val = sets
     manifest = load_manifest(zoo)

@@ -37,7 +37,8 @@ class DataSpec:
 
 @dataclass
 class ImageSet:
-    """A split held in memory: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
+    """A split held in memory: ``images`` uint8 [N, C, H, W], ``labels`` [N] class indices (int64), or [N, ...]
+    targets of another task."""
 
     spec: DataSpec
     split: str
@@ -45,7 +46,7 @@ class ImageSet:
     labels: torch.Tensor
 
     def __len__(self) -> int:
-        return self.labels.numel()
+        return int(self.labels.shape[0])  # targets may carry more than one value per sample (labels [N, ...])
 
     def normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
         """uint8 images -> normalized float32, as the models were trained."""

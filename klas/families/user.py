@@ -37,7 +37,7 @@ from klas.errors import KlasError
 from klas.contract import toml_key, toml_value
 from klas.families._registry import AnchorCfg, FamilyCfg, _FAMILIES, is_hub_id, register_family
 
-FAMILY_KEYS = ("name", "dataset", "num_classes", "description", "input", "anchors")
+FAMILY_KEYS = ("name", "task", "dataset", "num_classes", "description", "input", "anchors")
 ANCHOR_KEYS = ("name", "arch", "model_args", "weights")
 INPUT_KEYS = ("channels", "size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
@@ -60,6 +60,11 @@ def parse_family(table: Any, source: str, base: Path | None = None) -> FamilyCfg
     dataset = table.get("dataset", "imagefolder")
     if dataset not in DATASETS:
         raise KlasError(f"{where} dataset = {dataset!r}: expected one of {', '.join(DATASETS)}")
+    from klas.tasks import DEFAULT_TASK, task_names
+
+    task = table.get("task", DEFAULT_TASK)
+    if task not in task_names():
+        raise KlasError(f"{where} task = {task!r}: expected one of {', '.join(task_names())}")
     description = table.get("description", "")
     if not isinstance(description, str):
         raise KlasError(f"{where} description: expected a string")
@@ -85,7 +90,7 @@ def parse_family(table: Any, source: str, base: Path | None = None) -> FamilyCfg
     size = inp.get("size") or tuple((_pretrained(anchors[0]).get("input_size") or (3, 224, 224))[1:])
     return FamilyCfg(name=name, anchors=tuple(anchors), input_shape=(int(channels), int(size[0]), int(size[1])),
                      dataset=dataset, num_classes=int(num_classes), description=description or f"from {source}",
-                     input=inp, source=source)
+                     input=inp, source=source, task=task)
 
 
 def _pretrained(anchor: AnchorCfg) -> dict:
@@ -205,6 +210,8 @@ def family_definition(cfg: FamilyCfg) -> dict:
     """The family as a plain ``[family]`` table (absolute weights paths): written into the run's config.toml, so
     every later command of the run rebuilds the same family."""
     out: dict = dict(name=cfg.name, dataset=cfg.dataset, num_classes=cfg.num_classes)
+    if cfg.task != "image-classification":  # NOTE: left out by default, so the cache keys of earlier runs hold
+        out["task"] = cfg.task
     if cfg.description and cfg.description != f"from {cfg.source}":
         out["description"] = cfg.description
     if cfg.input:

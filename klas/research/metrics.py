@@ -14,19 +14,27 @@ into the same bucketed selection as the KLAS stitch score:
   ``klas.stitch.fula_loss``, shared with ``--init fula``) *fit* a stitch layer per configuration, with a
   ``klas.stitch.FitCfg`` budget (``REFERENCE_FIT``); they are costly references, run on a sample of configurations
   (``FittedScorer`` below).
+
+Importing this module registers them: the streaming tables (mse, cka, ce, dm) as metrics of the scores stage
+(``klas.stages.s2_scores.register_metric``) and every table plus the fitted ones as selection methods
+(``klas.stages.s3_selection.register_method``). The stages never import this module; ``klas.research.register_all``
+does, before a run.
 """
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from klas import distributed as kd
 from klas.families import BlockView
+from klas.stages import s2_scores as s2
+from klas.stages import s3_selection as s3
 from klas.stitch import FitCfg, StitchLayer, adam_fit, fula_loss, fula_scales, lstsq_layer
 
-FEATURE_METRICS = ("mse", "cka", "ce", "dm")
 FITTED_METRICS = ("tlm", "fula")
 
 
@@ -100,12 +108,6 @@ def cross_entropy_table(kl: torch.Tensor, entropy_src: torch.Tensor) -> torch.Te
     return kl + entropy_src[:, None]
 
 
-def mean_entropy_sum(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Sum over samples of the softmax entropy, float64 [n_probes], from logits [n_probes, N, C]."""
-    lp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    return -(lp.exp() * lp).sum(dim=(1, 2))
-
-
 def mmd2_table(p: torch.Tensor, q: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
     """Biased squared MMD, Gaussian kernel exp(-|x-y|^2 / (2 sigma^2)), between every p[i] [n, C] and q[j] [m, C]."""
     p, q = p.double(), q.double()
@@ -126,6 +128,13 @@ REFERENCE_FIT = FitCfg(samples=256, batch_size=32, steps=20)
 (batch ``batch_size``, ``lr``) on the stitch layer only."""
 REFERENCE_VAL_SAMPLES = 512
 """Validation images a fitted reference is scored on."""
+
+
+def fitted_scorer(views: list[BlockView], train, val, fit: FitCfg) -> "FittedScorer":
+    """A ``FittedScorer`` on the first ``fit.samples`` images of ``train`` and ``REFERENCE_VAL_SAMPLES`` of ``val``
+    (in-memory splits)."""
+    tr, va = train.subset(fit.samples), val.subset(REFERENCE_VAL_SAMPLES)
+    return FittedScorer(views, tr.normalize(tr.images), tr.labels, va.normalize(va.images), va.labels, fit)
 
 
 class FittedScorer:
@@ -188,3 +197,123 @@ class FittedScorer:
         fn = {"tlm": self.tlm, "fula": self.fula}[metric]
         return [fn(*c) for c in tqdm(configs, desc=f"fitting {metric}", leave=False, mininterval=2, file=sys.stdout,
                                      disable=not progress)]
+
+
+# ------------------------------------------------------------------------------------------------------ plug-ins
+class _Moments:
+    """mse and cka of the scores pass: the ``FeatureMoments`` of every anchor's probe features."""
+
+    def __init__(self, sp: s2.ScorePass):
+        self.m = FeatureMoments({v.name: v.widths for v in sp.family}, sp.pairs)
+
+    def update(self, batch: s2.ScoreBatch) -> None:
+        self.m.update(batch.features)
+
+    def reduce(self) -> None:
+        m = self.m
+        kd.all_reduce_([*m.sums.values(), *(g for gs in m.grams.values() for g in gs), *m.cross.values()],
+                       "feature moments")
+        m.n = kd.all_reduce_int(m.n, "feature moments")
+
+    def tables(self, a: str, b: str, res: dict) -> dict:
+        return dict(mse=self.m.lstsq_residual(a, b), cka=1.0 - self.m.linear_cka(a, b))
+
+
+class _CrossEntropy:
+    """ce, from the pass's KL table and the source probes' mean entropy: nothing to stream."""
+
+    def __init__(self, sp: s2.ScorePass):
+        pass
+
+    def update(self, batch: s2.ScoreBatch) -> None:
+        pass
+
+    def reduce(self) -> None:
+        pass
+
+    def tables(self, a: str, b: str, res: dict) -> dict:
+        return dict(ce=cross_entropy_table(res["D"][(a, b)], res["entropy"][a][:-1]))
+
+
+class _MMD:
+    """dm: a fixed subsample of probe distributions -- the first ``dm_samples`` images of the split, whichever rank
+    holds them -- then the MMD between every pair of blocks."""
+
+    def __init__(self, sp: s2.ScorePass):
+        self.names, self.cfg = sp.names, sp.cfg
+        self.keep: dict[str, list[torch.Tensor]] = {a: [] for a in sp.names}
+        self.kept = 0
+
+    def update(self, batch: s2.ScoreBatch) -> None:
+        take = int((batch.positions < self.cfg.dm_samples).sum())
+        if take > 0:
+            for a in self.names:
+                self.keep[a].append(torch.softmax(batch.logits[a][:-1, :take].double() / self.cfg.temperature, dim=-1))
+            self.kept += take
+
+    def reduce(self) -> None:
+        # MMD is a mean over sample pairs: the order in which the ranks' subsamples are joined does not matter
+        names = self.names
+        parts = kd.gather_objects({a: torch.cat(t, 1) if t else None for a, t in self.keep.items()}, "MMD subsample")
+        self.keep = {a: [p[a] for p in parts if p[a] is not None] for a in names}
+        self.kept = sum(p[names[0]].shape[1] for p in parts if p[names[0]] is not None)
+
+    def tables(self, a: str, b: str, res: dict) -> dict:
+        if not self.kept:
+            return {}
+        return dict(dm=mmd2_table(torch.cat(self.keep[a], 1), torch.cat(self.keep[b], 1), self.cfg.dm_sigma))
+
+
+class FittedMethod(s3.SelectionMethod):
+    """A fitted reference (tlm, fula) as a selection method: fits the stitch layer of a sample of ``max_pairs``
+    configurations (``s3_selection.sample_configs``) with the ``REFERENCE_FIT`` budget (``ctx.hooks["fit"]``: another
+    ``FitCfg``, e.g. a smaller one in tests), the others stay unscored; then the KLAS buckets."""
+
+    uses_max_pairs = True
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def tables(self, c: s3.Candidates) -> list[dict]:
+        tables = c.tables(lambda p: None)
+        t_fit = time.time()
+        fitted = self._fit(c, tables)
+        c.cost.update(fit_wall_s=round(time.time() - t_fit, 2), configs_fitted=fitted,
+                      per_config_s=round((time.time() - t_fit) / max(fitted, 1), 3))
+        return tables
+
+    def _fit(self, c: s3.Candidates, tables: list[dict]) -> int:
+        """Fill the score column of the sampled configurations; returns how many were fitted."""
+        family, ctx = c.family, c.ctx
+        fit = ctx.hooks.get("fit") or REFERENCE_FIT
+        picks = s3.sample_configs(tables, c.cfg.max_pairs, ctx.seed)
+        used = sorted({tables[t]["source"] for t, _ in picks} | {tables[t]["target"] for t, _ in picks},
+                      key=[v.name for v in family].index)
+        scorer = fitted_scorer([family[a] for a in used], ctx.split("train"), ctx.split("val"), fit)
+        try:
+            configs = [(tables[t]["source"], tables[t]["i"][r], tables[t]["target"], tables[t]["j"][r])
+                       for t, r in picks]
+            values = scorer.score_all(self.name, configs, ctx.progress)
+        finally:
+            scorer.close()
+        for (t, r), v in zip(picks, values):
+            tables[t]["score"][r] = v
+        return len(picks)
+
+
+# the scores pass's plug-ins: (name, accumulator, the tables it writes), in the order it writes them
+STREAMED = (("moments", _Moments, ("mse", "cka")), ("ce", _CrossEntropy, ("ce",)), ("dm", _MMD, ("dm",)))
+FEATURE_METRICS = tuple(t for _, _, tables in STREAMED for t in tables)  # mse, cka, ce, dm
+
+
+def register() -> None:
+    """Register the baselines with the scores and selection stages (idempotent)."""
+    for name, make, tables in STREAMED:
+        s2.register_metric(name, make, tables=tables)
+    for name in FEATURE_METRICS:
+        s3.register_method(s3.TableMethod(name))
+    for name in FITTED_METRICS:
+        s3.register_method(FittedMethod(name))
+
+
+register()

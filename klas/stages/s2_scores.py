@@ -11,6 +11,10 @@ Each batch's probe logits go straight into ``klas.ops.PairwiseKL`` accumulators 
 split are kept. Pairs that cannot be stitched (``klas.families.stitchable``) get NaN in D and S. docs/method.md gives
 the reasons for each definition.
 
+Baseline metrics are plug-ins (``register_metric``): each registered metric streams the same batches into its own
+accumulator and gives one table per anchor pair, so that the comparison selection methods cost no second read of
+the data. The stage ships none; ``klas.research`` registers mse, cka, ce and dm (``klas.research.register_all``).
+
 Under torchrun each rank streams its shard of every validation batch into its own accumulators; the additive state
 (float64 sums and counts, ``reduce()``) is summed over ranks, which equals the single-process pass up to float64
 summation order. Only rank 0 writes.
@@ -22,21 +26,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from tqdm import tqdm
 
 from klas import distributed as kd
-from klas.data import batches, num_batches, open_split
+from klas.contract import Artifact, StageContext, setting
+from klas.data import batches, num_batches
 from klas.errors import KlasError
 from klas.families import Family, stitchable
 from klas.io import load_tensors, save_tensors
 from klas.ops import PairwiseKL
-from klas.stages.s1_probes import anchor_features, load_probes
-from klas.contract import Artifact, StageContext, setting
 from klas.ops.dispatch import IMPLS
-from klas.rundir import RunDir
+from klas.stages.s1_probes import ProbesArtifact, anchor_features, load_probes
 
 SCORES_FILE, METRICS_FILE, SCORES_JSON = "scores.safetensors", "metrics.safetensors", "scores.json"
 CAP_EPS = 1e-6  # keeps "ratio" finite when a block barely changes the probe distribution
@@ -58,14 +61,6 @@ def _kl(d: torch.Tensor, cap: torch.Tensor, lam: float) -> torch.Tensor:
 SCORE_FORMS = {"ratio": _ratio, "difference": _difference, "kl": _kl}
 
 
-def _metrics():
-    """The baseline metrics (research code): their tables are filled in this stage's single pass over val, so
-    that the comparison selection methods cost no second read of the data."""
-    from klas.research import metrics
-
-    return metrics
-
-
 def stitch_score(d: torch.Tensor, cap: torch.Tensor, form: str, lam: float) -> torch.Tensor:
     """S[i, j] from D [dA, dB] and the target's capacity [dB] (broadcast over source blocks)."""
     if form not in SCORE_FORMS:
@@ -73,6 +68,55 @@ def stitch_score(d: torch.Tensor, cap: torch.Tensor, form: str, lam: float) -> t
     return SCORE_FORMS[form](d, cap[None, :], lam)
 
 
+# ----------------------------------------------------------------------------------------- baseline metric plug-ins
+@dataclass(frozen=True)
+class ScorePass:
+    """What a baseline metric's accumulator is made from: the family, its anchors (FLOPs order) and the ordered
+    anchor pairs, the stage's config, the val split's size and the distributed state."""
+
+    family: Family
+    names: list
+    pairs: list
+    cfg: Any  # ScoresConfig
+    n_val: int
+    dist: Any  # klas.distributed.DistInfo
+
+
+@dataclass(frozen=True)
+class ScoreBatch:
+    """One streamed batch as every accumulator sees it (this rank's shard): per anchor the probes' and the head's
+    logits [depth + 1, B, C] and the probe features (one [B, C_k] per block), and the samples' positions in the split."""
+
+    logits: dict
+    features: dict
+    positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BaselineMetric:
+    """A registered metric: ``make(ScorePass)`` returns an accumulator with ``update(ScoreBatch)``, ``reduce()``
+    (sum the ranks' state; called under torchrun only, after the pass) and ``tables(a, b, res) -> {name: [dA, dB]}``
+    (lower = more promising; ``res``: the KLAS results, D, cap, entropy, ...). ``tables``: the names it writes."""
+
+    name: str
+    tables: tuple
+    make: Callable[[ScorePass], Any]
+
+
+_METRICS: dict[str, BaselineMetric] = {}
+
+
+def register_metric(name: str, make: Callable[[ScorePass], Any], *, tables: tuple[str, ...] | None = None) -> None:
+    """Register a baseline metric computed in the scores pass (a later registration of ``name`` replaces it)."""
+    _METRICS[name] = BaselineMetric(name, tuple(tables or (name,)), make)
+
+
+def metric_names() -> tuple[str, ...]:
+    """The tables of every registered metric, in registration order (``metrics.safetensors`` keys ``name/A/B``)."""
+    return tuple(t for m in _METRICS.values() for t in m.tables)
+
+
+# ---------------------------------------------------------------------------------------------------- the stage
 @dataclass(frozen=True)
 class ScoresConfig:
     """The streaming all-pairs KL pass over the val split (paper Eq. 1-2) and the score form of Eq. 3."""
@@ -85,8 +129,8 @@ class ScoresConfig:
     score_form: str = setting("ratio", "stitch score from D and the target's capacity",
                               choices=tuple(SCORE_FORMS))
     lam: float = setting(1.0, "weight of the capacity in the difference form", ge=0)
-    metrics: bool = setting(True, "also compute the baseline metric tables (mse, cka, ce, dm) that the comparison "
-                            "selection methods read")
+    metrics: bool = setting(True, "also compute the tables of every registered baseline metric (klas.research: mse, "
+                            "cka, ce, dm) that the comparison selection methods read")
     dm_samples: int = setting(1000, "val images kept for the MMD baseline", ge=1)
     dm_sigma: float = setting(0.5, "RBF bandwidth of the MMD baseline", gt=0)
 
@@ -112,10 +156,21 @@ class ScoresArtifact(Artifact):
     wall_s: float
     world_size: int
 
+    @staticmethod
+    def tensors(folder: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(score tensors, baseline metric tables) of the artifact in ``folder``."""
+        return load_tensors(Path(folder) / SCORES_FILE), load_tensors(Path(folder) / METRICS_FILE)
+
 
 def anchor_pairs_ordered(names: list[str]) -> list[tuple[str, str]]:
     """Every (source, target) with the source cheaper (earlier in FLOPs order): the stitching direction is fixed."""
     return [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
+
+
+def entropy_sum(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over samples of the softmax entropy, float64 [n_probes], from logits [n_probes, N, C]."""
+    lp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return -(lp.exp() * lp).sum(dim=(1, 2))
 
 
 class ScoreAccumulator:
@@ -140,7 +195,7 @@ class ScoreAccumulator:
             self.cross[(a, b)].update(logits[a][:-1], logits[b][:-1])
         for a in self.names:
             self.within[a].update(logits[a])
-            self.entropy[a] += _metrics().mean_entropy_sum(logits[a], self.temperature)
+            self.entropy[a] += entropy_sum(logits[a], self.temperature)
         self.anchors.update(torch.stack([logits[a][-1] for a in self.names]))
         self.count += next(iter(logits.values())).shape[1]
 
@@ -201,57 +256,52 @@ def diagonal_summary(d: torch.Tensor) -> dict:
                 mean_D_diagonal=float(on.mean()) if len(on) else None, mean_D_all=float(torch.nanmean(d)))
 
 
-def compute_scores(family: Family, run_dir: Path | str | RunDir, cfg: ScoresConfig, *,
-                   data_root: Path | str | None = None, progress: bool = True, data=None) -> ScoresArtifact:
-    """D, Cap, S for every ordered anchor pair, the anchors' KL matrix and the baseline metric tables, on ``val``.
-
-    Writes ``scores/scores.safetensors`` (D, cap, S, mask, anchor_kl, entropy), ``scores/metrics.safetensors``
-    (mse, cka, ce, dm; empty without ``cfg.metrics``), ``scores/scores.json`` and one heatmap PNG per anchor pair.
-    """
-    batch_size, temperature, score_form, lam = cfg.batch_size, cfg.temperature, cfg.score_form, cfg.lam
-    metrics, dm_samples, dm_sigma = cfg.metrics, cfg.dm_samples, cfg.dm_sigma
-    impl = None if cfg.impl == "auto" else cfg.impl
-    di = kd.init()
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir, family.name, family.cfg.dataset)
-    out = run.stage("scores")
-    nets = load_probes(run.path, family)
-    val = open_split(family, "val", data, root=data_root).subset(cfg.val_subset)
-    names = [v.name for v in family]
-    acc = ScoreAccumulator(names, [v.depth for v in family], temperature, impl)
-    pairs = acc.pairs
-    moments = _metrics().FeatureMoments({v.name: v.widths for v in family}, pairs) if metrics else None
-    dm_keep: dict[str, list[torch.Tensor]] = {a: [] for a in names}
-    kept = 0
-    t0 = time.time()
-    bar = tqdm(batches(val, batch_size, rank=di.rank, world_size=di.world), total=num_batches(val, batch_size),
-               desc="scores (val)", leave=False, mininterval=2, file=sys.stdout, disable=not progress or not di.is_main)
+def _stream(ctx: StageContext, cfg: ScoresConfig, nets: dict, val, acc: ScoreAccumulator, plugins: list) -> None:
+    """The one pass over ``val``: every batch's probe and head logits into ``acc``, the batch into every plug-in."""
+    di, family, task = ctx.dist, ctx.family, ctx.task
+    bs = cfg.batch_size
+    bar = tqdm(batches(val, bs, rank=di.rank, world_size=di.world), total=num_batches(val, bs), desc="scores (val)",
+               leave=False, mininterval=2, file=sys.stdout, disable=not ctx.progress or not di.is_main)
     with torch.no_grad():
         for b, (x, _) in enumerate(bar):
             logits, feats = {}, {}
             for v in family:
-                f, head = anchor_features(v, x)
+                f, head = anchor_features(v, x, task)
                 feats[v.name] = f
                 logits[v.name] = torch.cat([nets[v.name](f), head[None]])  # [depth + 1, B, C]
             acc.update(logits)
-            if moments is not None:
-                moments.update(feats)
-                # a fixed subsample of probe distributions for the MMD baseline: the first dm_samples images of the
-                # split, whichever rank holds them (their global positions in batch b)
-                pos = torch.arange(b * batch_size, min((b + 1) * batch_size, len(val)))[di.rank::di.world]
-                take = int((pos < dm_samples).sum())
-                if take > 0:
-                    for a in names:
-                        dm_keep[a].append(torch.softmax(logits[a][:-1, :take].double() / temperature, dim=-1))
-                    kept += take
+            if plugins:
+                # this rank's samples of batch b, by their positions in the split (the ranks interleave)
+                pos = torch.arange(b * bs, min((b + 1) * bs, len(val)))[di.rank::di.world]
+                batch = ScoreBatch(logits=logits, features=feats, positions=pos)
+                for p in plugins:
+                    p.update(batch)
     acc.reduce()
-    if moments is not None and di.distributed:
-        kd.all_reduce_([*moments.sums.values(), *(g for gs in moments.grams.values() for g in gs),
-                        *moments.cross.values()], "feature moments")
-        moments.n = kd.all_reduce_int(moments.n, "feature moments")
-        # MMD is a mean over sample pairs: the order in which the ranks' subsamples are joined does not matter
-        parts = kd.gather_objects({a: torch.cat(t, 1) if t else None for a, t in dm_keep.items()}, "MMD subsample")
-        dm_keep = {a: [p[a] for p in parts if p[a] is not None] for a in names}
-        kept = sum(p[names[0]].shape[1] for p in parts if p[names[0]] is not None)
+    if di.distributed:
+        for p in plugins:
+            p.reduce()
+
+
+def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
+    """D, Cap, S for every ordered anchor pair, the anchors' KL matrix and the registered baseline metric tables, on
+    the run's ``val`` split.
+
+    Writes ``scores/scores.safetensors`` (D, cap, S, mask, anchor_kl, entropy), ``scores/metrics.safetensors``
+    (the baseline tables; empty without ``cfg.metrics`` or a registered metric), ``scores/scores.json`` and one
+    heatmap PNG per anchor pair.
+    """
+    family, di = ctx.family, ctx.dist
+    ctx.upstream(ProbesArtifact)  # one line naming the probes stage when it has not run
+    out = ctx.folder(NAME)
+    nets = load_probes(ctx.run_dir.path, family)
+    val = ctx.split("val").subset(cfg.val_subset)
+    names = [v.name for v in family]
+    acc = ScoreAccumulator(names, [v.depth for v in family], cfg.temperature, None if cfg.impl == "auto" else cfg.impl)
+    pairs = acc.pairs
+    sp = ScorePass(family=family, names=names, pairs=pairs, cfg=cfg, n_val=len(val), dist=di)
+    plugins = [m.make(sp) for m in _METRICS.values()] if cfg.metrics else []
+    t0 = time.time()
+    _stream(ctx, cfg, nets, val, acc, plugins)
     wall = time.time() - t0
     res = acc.results()
     tensors: dict[str, torch.Tensor] = {"anchor_kl": res["anchor_kl"]}
@@ -262,15 +312,10 @@ def compute_scores(family: Family, run_dir: Path | str | RunDir, cfg: ScoresConf
     for a, b in pairs:
         mask = stitchable_mask(family, a, b)
         d = res["D"][(a, b)].masked_fill(~mask, math.nan)
-        s = stitch_score(d, res["cap"][b], score_form, lam)
+        s = stitch_score(d, res["cap"][b], cfg.score_form, cfg.lam)
         tensors.update({f"D/{a}/{b}": d, f"S/{a}/{b}": s, f"mask/{a}/{b}": mask})
-        if moments is not None:
-            dm = _metrics().mmd2_table(torch.cat(dm_keep[a], 1), torch.cat(dm_keep[b], 1), dm_sigma) if kept else None
-            tables = dict(mse=moments.lstsq_residual(a, b), cka=1.0 - moments.linear_cka(a, b),
-                          ce=_metrics().cross_entropy_table(res["D"][(a, b)], res["entropy"][a][:-1]))
-            if dm is not None:
-                tables["dm"] = dm
-            for m, t in tables.items():
+        for p in plugins:
+            for m, t in p.tables(a, b, res).items():
                 metric_tensors[f"{m}/{a}/{b}"] = t.masked_fill(~mask, math.nan)
         flat = torch.nan_to_num(s, nan=math.inf)
         k = int(flat.argmin())
@@ -285,10 +330,10 @@ def compute_scores(family: Family, run_dir: Path | str | RunDir, cfg: ScoresConf
         # NOTE: always written (empty without cfg.metrics): the artifact's file list is fixed
         save_tensors(metric_tensors, out / METRICS_FILE, metadata=meta)
         for a, b in pairs:
-            plot_heatmap(tensors[f"D/{a}/{b}"], tensors[f"S/{a}/{b}"], a, b, score_form,
+            plot_heatmap(tensors[f"D/{a}/{b}"], tensors[f"S/{a}/{b}"], a, b, cfg.score_form,
                          out / f"heatmap_{a}__{b}.png")
     art = ScoresArtifact(family=family.name, anchors=[dict(name=v.name, depth=v.depth, flops=v.flops) for v in family],
-                         n_val=res["count"], score_form=score_form, lam=lam, temperature=temperature,
+                         n_val=res["count"], score_form=cfg.score_form, lam=cfg.lam, temperature=cfg.temperature,
                          anchor_kl=dict(names=names, matrix=res["anchor_kl"].tolist()),
                          cap={a: res["cap"][a].tolist() for a in names}, pairs=summary_pairs,
                          metrics=sorted({k.split("/")[0] for k in metric_tensors}), wall_s=round(wall, 2),
@@ -321,20 +366,9 @@ def plot_heatmap(d: torch.Tensor, s: torch.Tensor, a: str, b: str, form: str, pa
     plt.close(fig)
 
 
-def load_scores(run_dir: Path | str) -> tuple[ScoresArtifact, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(the scores artifact, score tensors, metric tensors) of a run (one-line error when missing)."""
-    folder = Path(run_dir) / "scores"
-    art = ScoresArtifact.load(folder)
-    return art, load_tensors(folder / SCORES_FILE), load_tensors(folder / METRICS_FILE)
-
-
 # --- the stage contract ---------------------------------------------------------------------------------------------
 NAME, CONFIG, ARTIFACT, AFTER = "scores", ScoresConfig, ScoresArtifact, ("probes",)
 DESCRIBE = "stream all-pairs KL (D, Cap, S) over the val split"
-
-
-def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
-    return compute_scores(ctx.family, ctx.run_dir, cfg, data_root=ctx.data_root, progress=ctx.progress, data=ctx.data)
 
 
 def summary(art: ScoresArtifact) -> dict:

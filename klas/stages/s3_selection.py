@@ -12,9 +12,11 @@
    scored candidate has at least one configuration selected; if no count up to ``max_buckets`` reaches that, the
    smallest count reaching the best coverage found (recorded in ``params.coverage``).
 
-Methods (same JSON schema): "klas", the metric baselines of ``klas.research.metrics`` through the same buckets ("mse", "ce",
-"cka", "dm", fitted "tlm", "fula"), "min-kl" (lowest D, no buckets, as many configurations as KLAS selects) and
-SN-Net's heuristics "snnet-paired" / "snnet-unpaired" on the nearest anchors.
+Methods are plug-ins (``register_method``), looked up by name; every one writes the same JSON schema. Shipped:
+"klas", "min-kl" (lowest D, no buckets, as many configurations as KLAS selects) and SN-Net's heuristics
+"snnet-paired" / "snnet-unpaired" on the nearest anchors, plus ``TableMethod``: a registered baseline metric table of
+the scores stage ranked through the same buckets. ``klas.research`` registers the baselines (mse, cka, ce, dm and
+the fitted tlm, fula; ``klas.research.register_all``).
 """
 from __future__ import annotations
 
@@ -22,33 +24,155 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from klas.data import open_split
+from klas.contract import Artifact, StageContext, setting
 from klas.errors import KlasError
 from klas.families import Family, stitchable, stitched_flops
-from klas.io import load_json
-from klas.contract import Artifact, StageContext, setting
-from klas.rundir import RunDir
-from klas.stages.s2_scores import SCORES_FILE, load_scores, stitch_score
+from klas.stages.s1_probes import ProbesArtifact
+from klas.stages.s2_scores import SCORES_FILE, ScoresArtifact, anchor_pairs_ordered, stitch_score
 
-# the baseline metrics (research code, klas.research.metrics) ranked through the same buckets as KLAS
-FEATURE_METRICS, FITTED_METRICS = ("mse", "ce", "cka", "dm"), ("tlm", "fula")
-METHODS = ("klas", "min-kl", "snnet-paired", "snnet-unpaired") + FEATURE_METRICS + FITTED_METRICS
 ANCHOR_RULES = ("klas", "nearest", "all")
-BUCKETED = ("klas",) + FEATURE_METRICS + FITTED_METRICS
 SELECTION_JSON = "selection.json"
+
+
+# ---------------------------------------------------------------------------------------------- method plug-ins
+@dataclass
+class Candidates:
+    """What a selection method ranks: the run's scores of the chosen anchor pairs (float64), the stage's config and
+    context; ``cost`` and ``notes`` collect what the method reports (``params.cost``, extra ``params`` keys)."""
+
+    family: Family
+    pairs: list
+    d: dict  # (source, target) -> D [dA, dB]
+    cap: dict  # target -> Cap [dB]
+    klas_score: dict  # (source, target) -> S [dA, dB]
+    metric_tensors: dict  # the scores stage's baseline tables, "name/source/target"
+    scores_folder: Path
+    cfg: Any  # SelectionConfig
+    ctx: StageContext
+    cost: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+
+    def tables(self, score_of) -> list[dict]:
+        """One ``candidate_table`` per anchor pair, scored by ``score_of(pair)`` (a [dA, dB] tensor, or None)."""
+        return [candidate_table(self.family, a, b, self.d[(a, b)], self.cap[b], score_of((a, b))) for a, b in self.pairs]
+
+    @cached_property
+    def klas_tables(self) -> list[dict]:
+        """The candidates scored by the KLAS stitch score (their buckets serve the methods that have none)."""
+        return self.tables(lambda p: self.klas_score[p])
+
+
+class SelectionMethod:
+    """A selection method. ``tables(c)`` scores the candidates (one table per anchor pair, ``Candidates.tables``);
+    a ``bucketed`` method is then selected by Eq. 3 on its own scores, any other by ``choose(tables, klas_picks, c)``
+    -> [(buckets, chosen)] per anchor pair, its bucket ids informational (KLAS's: ``klas_picks``)."""
+
+    name: str = ""
+    anchor_rule: str = "klas"  # the anchor rule when the config leaves it to the method
+    bucketed: bool = True
+    uses_max_pairs: bool = False  # fits a sample of configurations (``max_pairs`` recorded)
+
+    def tables(self, c: Candidates) -> list[dict]:
+        raise NotImplementedError
+
+    def choose(self, tables: list[dict], klas_picks: list, c: Candidates) -> list:
+        raise NotImplementedError
+
+
+_METHODS: dict[str, SelectionMethod] = {}
+
+
+def register_method(method: SelectionMethod) -> SelectionMethod:
+    """Register ``method`` under ``method.name`` (a later registration of the same name replaces it)."""
+    if not isinstance(method, SelectionMethod) or not method.name:
+        raise TypeError("register_method takes a named SelectionMethod instance")
+    _METHODS[method.name] = method
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order (the shipped ones first)."""
+    return tuple(_METHODS)
+
+
+def get_method(name: str) -> SelectionMethod:
+    if name not in _METHODS:
+        raise KlasError(f"selection method {name!r}: not registered; registered: {', '.join(_METHODS)} "
+                        f"(klas.research.register_all() adds the baselines)")
+    return _METHODS[name]
+
+
+class KlasMethod(SelectionMethod):
+    name = "klas"
+
+    def tables(self, c):
+        return c.klas_tables
+
+
+class MinKL(SelectionMethod):
+    """The configurations with the lowest raw D, no buckets, as many as KLAS selects."""
+
+    name, bucketed = "min-kl", False
+
+    def tables(self, c):
+        return c.tables(lambda p: c.d[p])
+
+    def choose(self, tables, klas_picks, c):
+        k_klas = sum(sum(ch) for _, ch in klas_picks)
+        c.cost["matched_klas_count"] = k_klas
+        return _min_kl(tables, [bk for bk, _ in klas_picks], k_klas)
+
+
+class SNNet(SelectionMethod):
+    """SN-Net's paired / unpaired stitching on the nearest anchors."""
+
+    anchor_rule, bucketed = "nearest", False
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def tables(self, c):
+        return c.klas_tables
+
+    def choose(self, tables, klas_picks, c):
+        rule_used: dict = {}
+        picks = [(bk, _snnet_chosen(t, self.name, rule_used)) for t, (bk, _) in zip(tables, klas_picks)]
+        if rule_used:
+            c.notes["snnet_rule_used"] = rule_used
+        return picks
+
+
+class TableMethod(SelectionMethod):
+    """A baseline metric's table from the scores stage (``s2_scores.register_metric``), through the KLAS buckets."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def tables(self, c):
+        key = f"{self.name}/{{}}/{{}}"
+        missing = [p for p in c.pairs if key.format(*p) not in c.metric_tensors]
+        if missing:
+            raise KlasError(f"{c.scores_folder}: no {self.name!r} table for {missing[0][0]}->{missing[0][1]}; rerun "
+                            f"the scores stage with scores.metrics = true")
+        return c.tables(lambda p: c.metric_tensors[key.format(*p)].double())
+
+
+for _m in (KlasMethod(), MinKL(), SNNet("snnet-paired"), SNNet("snnet-unpaired")):
+    register_method(_m)
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
     """Which anchor pairs to stitch and which configurations per FLOPs bucket (paper Eq. 3, Alg. 3)."""
 
-    method: str = setting("klas", "selection method: KLAS or a baseline", choices=METHODS)
+    method: str = setting("klas", "selection method: KLAS or a baseline", choices=method_names)
     tau: float = setting(0.05, "keep scores <= (1 + tau) x the bucket minimum", ge=0)
     num_buckets: int | None = setting(None, "FLOPs buckets per anchor pair", ge=1, none="auto")
     max_buckets: int = setting(500, "largest bucket count the automatic search tries", ge=1)
@@ -105,7 +229,7 @@ def choose_anchor_pairs(names: Sequence[str], kl: torch.Tensor, rule: str) -> li
     if rule == "nearest":
         return nearest_pairs(names)
     if rule == "all":
-        return [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
+        return anchor_pairs_ordered(list(names))
     if rule == "klas":
         return klas_anchor_pairs(names, kl)
     raise KlasError(f"--anchor-rule {rule!r}: unknown; expected one of {', '.join(ANCHOR_RULES)}")
@@ -277,98 +401,70 @@ def sample_configs(tables: list[dict], max_pairs: int | None, seed: int = 0) -> 
 
 
 # ------------------------------------------------------------------------------------------------------- select
-def select(family: Family, run_dir: Path | str, cfg: SelectionConfig, *, seed: int = 0,
-           data_root: Path | str | None = None, out: Path | None = None, fit=None,
-           progress: bool = True, data=None) -> SelectionArtifact:
-    """Select stitch configurations with ``cfg.method`` from the run's scores; writes ``selection.json`` and a
-    candidates plot into ``out`` (default: the run's ``selection/`` folder, the stage's artifact). ``fit``: the
-    fitted baselines' budget (default ``klas.research.metrics.REFERENCE_FIT``; smaller in tests)."""
-    method, tau, num_buckets, max_buckets, max_pairs = (cfg.method, cfg.tau, cfg.num_buckets, cfg.max_buckets,
-                                                        cfg.max_pairs)
-    anchor_rule = cfg.anchor_rule or ("nearest" if method.startswith("snnet") else "klas")
+def run(cfg: SelectionConfig, ctx: StageContext) -> SelectionArtifact:
+    """Select stitch configurations with ``cfg.method`` from the run's scores (``ctx.upstream(ScoresArtifact)``);
+    writes ``selection.json`` and a candidates plot into the stage's folder (``ctx.hooks["out"]``: another folder,
+    e.g. a comparison method's selection beside the run's own)."""
+    method = get_method(cfg.method)
+    tau, num_buckets, max_buckets, max_pairs = cfg.tau, cfg.num_buckets, cfg.max_buckets, cfg.max_pairs
+    anchor_rule = cfg.anchor_rule or method.anchor_rule
     anchor_pairs = [p.split(":") for p in cfg.anchor_pairs.split(",")] if cfg.anchor_pairs else None
-    run = RunDir(run_dir, family.name)
-    out = Path(out) if out is not None else run.stage("selection")
+    family = ctx.family
+    out = Path(ctx.hooks["out"]) if ctx.hooks.get("out") else ctx.folder(NAME)
     out.mkdir(parents=True, exist_ok=True)
-    rec_s, tensors, metric_tensors = load_scores(run.path)
+    rec_s = ctx.upstream(ScoresArtifact)
+    scores_folder = ctx.folder_of(ScoresArtifact)
+    tensors, metric_tensors = ScoresArtifact.tensors(scores_folder)
     score_form, lam = rec_s.score_form, rec_s.lam
     names = [v.name for v in family]
     if rec_s.anchor_kl["names"] != names:
-        raise KlasError(f"{run.path / 'scores' / SCORES_FILE}: scored anchors {rec_s.anchor_kl['names']} differ "
+        raise KlasError(f"{scores_folder / SCORES_FILE}: scored anchors {rec_s.anchor_kl['names']} differ "
                         f"from the family's {names}; rerun the scores stage")
     kl = tensors["anchor_kl"]
     pairs = parse_anchor_pairs(anchor_pairs, family) if anchor_pairs else choose_anchor_pairs(names, kl, anchor_rule)
     params = dict(tau=tau, num_buckets=num_buckets, score_form=score_form, lam=lam,
                   anchor_rule="explicit" if anchor_pairs else anchor_rule,
-                  max_pairs=max_pairs if method in FITTED_METRICS else None, max_buckets=max_buckets)
+                  max_pairs=max_pairs if method.uses_max_pairs else None, max_buckets=max_buckets)
     t0 = time.time()
     d_of = {p: tensors[f"D/{p[0]}/{p[1]}"].double() for p in pairs}
     cap_of = {b: tensors[f"cap/{b}"].double() for _, b in pairs}
-    klas_score = {p: stitch_score(d_of[p], cap_of[p[1]], score_form, lam) for p in pairs}
-
-    def tables_with(score_of) -> list[dict]:
-        return [candidate_table(family, a, b, d_of[(a, b)], cap_of[b], score_of((a, b))) for a, b in pairs]
-
-    cost: dict = dict(klas_wall_s=_klas_cost(run))
-    rule_used = {}
-    if method in ("klas", "min-kl") or method.startswith("snnet"):
-        tables = tables_with(lambda p: klas_score[p] if method != "min-kl" else d_of[p])
-    elif method in FEATURE_METRICS:
-        key = f"{method}/{{}}/{{}}"
-        missing = [p for p in pairs if key.format(*p) not in metric_tensors]
-        if missing:
-            raise KlasError(f"{run.path / 'scores'}: no {method!r} table for {missing[0][0]}->{missing[0][1]}; rerun "
-                            f"the scores stage with scores.metrics = true")
-        tables = tables_with(lambda p: metric_tensors[key.format(*p)].double())
-    else:
-        tables = tables_with(lambda p: None)
-        t_fit = time.time()
-        fitted = _fit_scores(family, tables, method, max_pairs, seed, data_root, fit, progress, data)
-        cost.update(fit_wall_s=round(time.time() - t_fit, 2), configs_fitted=fitted,
-                    per_config_s=round((time.time() - t_fit) / max(fitted, 1), 3))
-
+    c = Candidates(family=family, pairs=pairs, d=d_of, cap=cap_of,
+                   klas_score={p: stitch_score(d_of[p], cap_of[p[1]], score_form, lam) for p in pairs},
+                   metric_tensors=metric_tensors, scores_folder=scores_folder, cfg=cfg, ctx=ctx,
+                   cost=dict(klas_wall_s=_klas_cost(ctx, rec_s)))
+    tables = method.tables(c)
     auto = num_buckets is None
-    if method in BUCKETED:
-        n, search = auto_num_buckets(tables, tau, max_buckets) if auto else (num_buckets, None)
-        picks = [_pair_selection(t, n, tau) for t in tables]
-    else:
-        # min-kl and SN-Net: bucket ids are informational, from the KLAS buckets of the same anchor pairs
-        klas_tables = tables if method != "min-kl" else tables_with(lambda p: klas_score[p])
-        n, search = auto_num_buckets(klas_tables, tau, max_buckets) if auto else (num_buckets, None)
-        picks = [_pair_selection(t, n, tau) for t in klas_tables]
-        if method == "min-kl":
-            k_klas = sum(sum(ch) for _, ch in picks)
-            picks = _min_kl(tables, [bk for bk, _ in picks], k_klas)
-            cost["matched_klas_count"] = k_klas
-        else:
-            picks = [(bk, _snnet_chosen(t, method, rule_used)) for t, (bk, _) in zip(tables, picks)]
+    # a method without buckets of its own: bucket ids are informational, from the KLAS buckets of the same pairs
+    ranked = tables if method.bucketed else c.klas_tables
+    n, search = auto_num_buckets(ranked, tau, max_buckets) if auto else (num_buckets, None)
+    picks = [_pair_selection(t, n, tau) for t in ranked]
+    if not method.bucketed:
+        picks = method.choose(tables, picks, c)
     cov = {}
     for t, (bk, ch) in zip(tables, picks):
         can, got = coverage(t, bk, ch)
         cov[f"{t['source']}->{t['target']}"] = dict(coverable=len(can), covered=len(can & got),
                                                     missing=sorted(can - got))
     params.update(num_buckets=n, num_buckets_auto=auto, bucket_search=search,
-                  coverage=dict(complete=all(not c["missing"] for c in cov.values()), pairs=cov))
-    if rule_used:
-        params["snnet_rule_used"] = rule_used
+                  coverage=dict(complete=all(not v["missing"] for v in cov.values()), pairs=cov), **c.notes)
     candidates, selected = [], []
     for t, (bk, ch) in zip(tables, picks):
         recs = _records(t, bk)
         candidates += recs
-        selected += [r for r, c in zip(recs, ch) if c]
-    cost["method_wall_s"] = round(time.time() - t0, 2)
-    params["cost"] = cost
+        selected += [r for r, chosen in zip(recs, ch) if chosen]
+    c.cost["method_wall_s"] = round(time.time() - t0, 2)
+    params["cost"] = c.cost
     nearest = nearest_pairs(names)
     klas_pairs = klas_anchor_pairs(names, kl)
     art = SelectionArtifact(**_plain(dict(
-        family=family.name, method=method, params=params, anchors=names,
+        family=family.name, method=cfg.method, params=params, anchors=names,
         anchor_flops={v.name: v.flops for v in family}, anchor_pairs=[list(p) for p in pairs],
         anchor_selection=dict(kl=dict(names=names, matrix=kl.tolist()), rule=params["anchor_rule"],
                               klas_pairs=[list(p) for p in klas_pairs], nearest_pairs=[list(p) for p in nearest],
                               klas_equals_nearest=klas_pairs == nearest),
         buckets={f"{t['source']}->{t['target']}": bucket_edges(t["lo"], t["hi"], n) for t in tables},
         candidates=candidates, selected=selected)))
-    plot_candidates(asdict(art), out / f"candidates-{method}.png")
+    plot_candidates(asdict(art), out / f"candidates-{cfg.method}.png")
     art.save(out)
     return art
 
@@ -378,13 +474,13 @@ def _plain(obj):
     return json.loads(json.dumps(obj))
 
 
-def _klas_cost(run: RunDir) -> dict:
+def _klas_cost(ctx: StageContext, scores: ScoresArtifact) -> dict:
     """Wall time of the KLAS stages this selection rests on (probes + scores), for the cost comparison."""
-    out = {}
-    for stage, name in (("probes", "probes.json"), ("scores", "scores.json")):
-        p = run.path / stage / name
-        out[stage] = load_json(p).get("wall_s") if p.is_file() else None
-    return out
+    try:
+        probes = ctx.upstream(ProbesArtifact).wall_s
+    except KlasError:  # probes made elsewhere (or removed since): no figure
+        probes = None
+    return dict(probes=probes, scores=scores.wall_s)
 
 
 def _min_kl(tables: list[dict], buckets: list[list], k: int) -> list[tuple[list, list[bool]]]:
@@ -402,30 +498,6 @@ def _snnet_chosen(table: dict, method: str, rule_used: dict) -> list[bool]:
         else "paired (equal depths: SN-Net's unpaired rule maps nothing)"
     cfgs = set(snnet_paired(d_src, d_tgt) if rule == "paired" else snnet_unpaired(d_src, d_tgt))
     return [(i, j) in cfgs for i, j in zip(table["i"], table["j"])]
-
-
-def _fit_scores(family: Family, tables: list[dict], method: str, max_pairs: int | None, seed: int,
-                data_root, fit, progress: bool, data=None) -> int:
-    """Fill the score column of the sampled configurations with the fitted metric (``fit``: default the reference
-    budget, ``klas.research.metrics.REFERENCE_FIT``); returns how many were fitted."""
-    from klas.research.metrics import REFERENCE_FIT, REFERENCE_VAL_SAMPLES, FittedScorer
-
-    fit = fit or REFERENCE_FIT
-    picks = sample_configs(tables, max_pairs, seed)
-    train = open_split(family, "train", data, root=data_root).subset(fit.samples)
-    val = open_split(family, "val", data, root=data_root).subset(REFERENCE_VAL_SAMPLES)
-    used = sorted({tables[t]["source"] for t, _ in picks} | {tables[t]["target"] for t, _ in picks},
-                  key=[v.name for v in family].index)
-    scorer = FittedScorer([family[a] for a in used], train.normalize(train.images), train.labels,
-                          val.normalize(val.images), val.labels, fit)
-    try:
-        configs = [(tables[t]["source"], tables[t]["i"][r], tables[t]["target"], tables[t]["j"][r]) for t, r in picks]
-        values = scorer.score_all(method, configs, progress)
-    finally:
-        scorer.close()
-    for (t, r), v in zip(picks, values):
-        tables[t]["score"][r] = v
-    return len(picks)
 
 
 def plot_candidates(rec: dict, path: Path) -> None:
@@ -459,11 +531,6 @@ def plot_candidates(rec: dict, path: Path) -> None:
 # --- the stage contract ---------------------------------------------------------------------------------------------
 NAME, CONFIG, ARTIFACT, AFTER = "selection", SelectionConfig, SelectionArtifact, ("scores",)
 DESCRIBE = "choose anchor pairs and the stitches per FLOPs bucket"
-
-
-def run(cfg: SelectionConfig, ctx: StageContext) -> SelectionArtifact:
-    return select(ctx.family, ctx.run_dir.path, cfg, seed=ctx.seed, data_root=ctx.data_root, progress=ctx.progress,
-                  data=ctx.data)
 
 
 def summary(art: SelectionArtifact) -> dict:

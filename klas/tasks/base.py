@@ -73,3 +73,22 @@ class Task:
     def example_inputs(self, family, batch: int, seed: int = 0) -> torch.Tensor:
         """A random input batch of the family's input shape (export tracing, self-checks, latency)."""
         return torch.randn(batch, *family.input_shape, generator=torch.Generator().manual_seed(seed))
+
+    def input_spec(self, split, family) -> dict:
+        """The manifest's ``input`` of an exported model: its graph input (name, shape with a symbolic batch, dtype)
+        and how the runtime prepares raw samples for it, as ``split`` (the test split the export checked it on) was
+        prepared for ``family`` (anything with ``input_shape`` and ``data_config``)."""
+        raise NotImplementedError
+
+    def output_spec(self, split, family) -> dict:
+        """The manifest's ``output`` of an exported model: its graph output and what its values mean."""
+        raise NotImplementedError
+
+    def exporter(self):
+        """The object that exports ONE zoo member: ``export(job, member) -> (manifest entries, rejected)``
+        (``klas.export.member``). Default: the member as one self-contained ONNX graph with its float64 parity
+        check and precision variants (``GraphExporter``); a task whose models are not one graph (a decoder with its
+        cache) returns its own."""
+        from klas.export.member import GraphExporter
+
+        return GraphExporter()

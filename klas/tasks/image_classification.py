@@ -40,5 +40,42 @@ class ImageClassification(Task):
     def quality(self, prediction, targets):
         return prediction == targets
 
+    # --- export -------------------------------------------------------------------------------------------------
+    def input_spec(self, split, family) -> dict:
+        """Shape, channels, scale, the mean/std the export's parity check normalized with (``split``'s), and the
+        geometry of timm's evaluation transform from the family's ``data_config`` (``interpolation``, ``crop_pct``,
+        ``crop_mode``; ``resize`` = floor(size / crop_pct)), which ``klas_runtime.preprocess`` applies to image
+        files. Without a data config: straight to the input size, bilinear, no crop (what the runtime always did)."""
+        from klas.errors import KlasError
+        from klas.export.graph import INPUT_NAME
+        from klas_runtime.preprocess import CROP_MODES, CROP_PCT_RANGE, INTERPOLATIONS, LEGACY, resize_size
+
+        c, h, w = family.input_shape
+        data_config = getattr(family, "data_config", None)
+        geo = dict(LEGACY)
+        if data_config is not None:
+            # timm's own defaults for what a data config leaves out: crop_pct 0.875, crop_mode center
+            geo = dict(interpolation=data_config.get("interpolation") or "bilinear",
+                       crop_pct=float(data_config.get("crop_pct") or 0.875),
+                       crop_mode=data_config.get("crop_mode") or "center")
+            where = f"family data config ({split.spec.name} export)"
+            if geo["interpolation"] not in INTERPOLATIONS:
+                raise KlasError(f"{where}: interpolation {geo['interpolation']!r} cannot be reproduced at run time; "
+                                f"expected one of {', '.join(INTERPOLATIONS)}")
+            if geo["crop_mode"] not in CROP_MODES:
+                raise KlasError(f"{where}: crop_mode {geo['crop_mode']!r}: expected one of {', '.join(CROP_MODES)}")
+            if not CROP_PCT_RANGE[0] <= geo["crop_pct"] <= CROP_PCT_RANGE[1]:
+                raise KlasError(f"{where}: crop_pct {geo['crop_pct']:g}: expected a number in "
+                                f"[{CROP_PCT_RANGE[0]:g}, {CROP_PCT_RANGE[1]:g}]")
+        return dict(name=INPUT_NAME, shape=["batch", c, h, w], dtype="float32", layout="NCHW",
+                    color="grayscale" if c == 1 else "rgb", scale=1 / 255, mean=list(split.spec.mean),
+                    std=list(split.spec.std), resize=resize_size(h, w, geo["crop_pct"]), **geo)
+
+    def output_spec(self, split, family) -> dict:
+        """The class logits: their count and the split's class names."""
+        from klas.export.graph import OUTPUT_NAME
+
+        return dict(name=OUTPUT_NAME, num_classes=self.num_outputs(family), classes=list(split.spec.classes))
+
 
 IMAGE_CLASSIFICATION = register_task(ImageClassification())

@@ -1,22 +1,23 @@
 """Reduced-precision variants of an exported zoo model: int8 (static QDQ quantization) and fp16.
 
-For every float32 model the export stage writes, ``make_variants`` builds
+For every float32 model the export writes, ``make_variants`` builds
 
 * an **int8** variant: ``onnxruntime.quantization.quantize_static`` in QDQ format, activations and weights int8,
-  calibrated (MinMax) on ``calibration_images`` images of the *val* split through a ``CalibrationDataReader``. Only
+  calibrated (MinMax) on ``calibration_images`` samples of the *val* split through a ``CalibrationDataReader``. Only
   the MatMul / Gemm / Conv nodes are quantized (the ops that carry the weights): quantizing every op (Add, Mul,
   Softmax, LayerNorm...) measured worse on the fmnist-deit anchors on every axis -- accuracy 82.17 vs 82.52 %
   (deit-ti), file 312 vs 205 KB, slower. Weights per channel or per tensor: ``per_channel = "auto"`` quantizes
-  both and keeps the one whose top-1 agrees more often with the float32 parent on val images the calibration did
+  both and keeps the one whose top-1 agrees more often with the float32 parent on val samples the calibration did
   not see; ``quant_pre_process`` was measured and left out (same accuracy, no faster on these graphs);
 * an **fp16** variant: float16 weights and activations with float32 inputs / outputs
   (``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``; its graph is re-sorted
   topologically, as the converter appends the input casts after their consumers).
 
-Each is checked with ``onnx.checker`` (full check), its test accuracy measured with onnxruntime on every image of
-``data`` (the export stage passes the full test split) and compared with its parent's onnxruntime logits on the same
-images (top-1 agreement, max |logit difference|). A variant that loses more than ``max_accuracy_loss`` points
-against its parent is not written; it is returned as rejected, with the reason.
+Each is checked with ``onnx.checker`` (full check), its test score measured with onnxruntime on every sample of
+``data`` (the export passes the full test split) through the task (``task.predict`` / ``task.score``) and compared
+with its parent's onnxruntime outputs on the same samples (top-1 agreement, max |logit difference|). A variant that
+loses more than ``max_accuracy_loss`` points against its parent is not written; it is returned as rejected, with
+the reason.
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from klas.data import ImageSet
 from klas.errors import KlasError
-from klas_runtime.manifest import METADATA_KEY, embedded_entry, sha256_bytes, write_atomic
-from klas_runtime.profile import latency_record, open_session
+from klas.export.parity import SplitInputs, compare, onnx_logits, score_outputs
+from klas_runtime.manifest import METADATA_KEY, embedded_entry, sha256_bytes
+from klas_runtime.profile import latency_record
 
 PRECISIONS = ("fp16", "int8")  # in the order they are built
 INT8_OPS = ("MatMul", "Gemm", "Conv")
@@ -85,7 +86,7 @@ def to_fp16(model):
 
 
 class _Images:
-    """``CalibrationDataReader`` over normalized images in batches of ``CALIB_BATCH``."""
+    """``CalibrationDataReader`` over normalized samples in batches of ``CALIB_BATCH``."""
 
     def __new__(cls, x: np.ndarray, input_name: str):
         from onnxruntime.quantization import CalibrationDataReader
@@ -116,45 +117,31 @@ def to_int8(model, calibration: np.ndarray, per_channel: bool, input_name: str):
         return onnx.load(str(out))
 
 
-# --- measuring -----------------------------------------------------------------------------------------------------
-
-def logits(model_bytes: bytes, x: np.ndarray, input_name: str) -> np.ndarray:
-    """onnxruntime CPU logits of normalized images ``x`` [N, C, H, W]."""
-    session = open_session(model_bytes, "cpu")
-    return np.concatenate([session.run(None, {input_name: x[s:s + EVAL_BATCH]})[0]
-                           for s in range(0, len(x), EVAL_BATCH)], axis=0)
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(top-1 agreement, max |logit difference|) of two logit arrays."""
-    return (float((a.argmax(1) == b.argmax(1)).mean()),
-            float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()))
-
-
-def accuracy(z: np.ndarray, labels: np.ndarray) -> float:
-    return float((z.argmax(1) == labels).mean() * 100)
-
-
-def _normalized(data: ImageSet, lo: int = 0, hi: int | None = None) -> np.ndarray:
+def _normalized(data, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Samples ``lo:hi`` of a split, normalized, as one float32 array (calibration and selection sets)."""
     return np.ascontiguousarray(data.normalize(data.images[lo:hi]).numpy(), dtype=np.float32)
 
 
 # --- one model's variants ------------------------------------------------------------------------------------------
 
-def make_variants(parent: dict, parent_bytes: bytes, data: ImageSet, val: ImageSet, header: dict, options,
-                  write) -> tuple[list[dict], list[dict]]:
+def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, options, write,
+                  task=None) -> tuple[list[dict], list[dict]]:
     """The fp16 / int8 variants of the exported model ``parent`` (its manifest entry and ONNX bytes) that
     ``options.precisions`` asks for: ``(entries, rejected)``. Each accepted variant's bytes are passed to
-    ``write(file, bytes)`` (the exporter stages them); rejected ones are described, not written."""
+    ``write(file, bytes)`` (the exporter stages them); rejected ones are described, not written. ``task``
+    (default: image classification) scores every graph on ``data``."""
     import onnx
+
+    from klas.tasks import get_task
 
     precisions = parse_precisions(options.precisions)
     if not precisions:
         return [], []
+    task = task if task is not None else get_task(None)
     name_in = parent["input"]["name"]
-    x_test, y_test = _normalized(data), data.labels.numpy()
-    ref = logits(parent_bytes, x_test, name_in)
-    parent_acc = accuracy(ref, y_test)
+    x_test, y_test = SplitInputs(data), data.labels
+    ref = onnx_logits(parent_bytes, x_test, EVAL_BATCH, name_in)
+    parent_acc = score_outputs(task, ref, y_test)
     entries, rejected = [], []
     for precision in precisions:
         model = onnx.load_from_string(parent_bytes)
@@ -164,8 +151,8 @@ def make_variants(parent: dict, parent_bytes: bytes, data: ImageSet, val: ImageS
                        "(onnxruntime.transformers.float16, keep_io_types)")
         else:
             out, method = _int8(model, parent_bytes, val, options, name_in)
-        entry, raw = _variant_entry(parent, out, precision, method, x_test, y_test, ref, parent_acc, data, header,
-                                    options)
+        entry, raw = _variant_entry(parent, out, precision, method, task, x_test, y_test, ref, parent_acc, data,
+                                    header, options)
         if entry["variant"]["accuracy_loss"] > options.max_accuracy_loss:
             loss = entry["variant"]["accuracy_loss"]
             rejected.append(dict(
@@ -183,9 +170,9 @@ def make_variants(parent: dict, parent_bytes: bytes, data: ImageSet, val: ImageS
     return entries, rejected
 
 
-def _int8(model, parent_bytes: bytes, val: ImageSet, options, name_in: str):
+def _int8(model, parent_bytes: bytes, val, options, name_in: str):
     """The int8 model and how it was made; ``per_channel = "auto"`` builds both weight granularities and keeps the
-    one agreeing more with the parent on val images after the calibration ones (ties: per tensor, the smaller)."""
+    one agreeing more with the parent on val samples after the calibration ones (ties: per tensor, the smaller)."""
     n_cal = min(options.calibration_images, len(val))
     if n_cal < 1:
         raise KlasError("int8 variants: the val split is empty; nothing to calibrate on (export.precisions)")
@@ -197,11 +184,11 @@ def _int8(model, parent_bytes: bytes, val: ImageSet, options, name_in: str):
         return to_int8(model, calibration, per_channel, name_in), dict(method, per_channel=per_channel)
     held = val.subset(n_cal + options.per_channel_images)
     x_sel = _normalized(held, n_cal) if len(held) > n_cal else calibration
-    ref = logits(parent_bytes, x_sel, name_in)
+    ref = onnx_logits(parent_bytes, x_sel, EVAL_BATCH, name_in)
     tried = {}
     for per_channel in (False, True):
         q = to_int8(model, calibration, per_channel, name_in)
-        agree, diff = agreement(logits(q.SerializeToString(), x_sel, name_in), ref)
+        agree, diff = compare(onnx_logits(q.SerializeToString(), x_sel, EVAL_BATCH, name_in), ref)
         tried[per_channel] = (q, dict(per_channel=per_channel, top1_agreement=agree, max_abs_diff=diff))
     best = max(tried, key=lambda pc: (tried[pc][1]["top1_agreement"], -tried[pc][1]["max_abs_diff"], not pc))
     return tried[best][0], dict(method, per_channel=best, per_channel_choice=dict(
@@ -209,7 +196,7 @@ def _int8(model, parent_bytes: bytes, val: ImageSet, options, name_in: str):
         images=len(x_sel), held_out=len(held) > n_cal, candidates=[tried[False][1], tried[True][1]]))
 
 
-def _variant_entry(parent: dict, model, precision: str, method: dict, x_test, y_test, ref, parent_acc, data,
+def _variant_entry(parent: dict, model, precision: str, method: dict, task, x_test, y_test, ref, parent_acc, data,
                    header, options) -> tuple[dict, bytes]:
     import onnx
 
@@ -218,9 +205,9 @@ def _variant_entry(parent: dict, model, precision: str, method: dict, x_test, y_
                  **{k: parent[k] for k in ("config", "params", "flops", "origin") if k in parent})
     del model.metadata_props[:]
     raw = model.SerializeToString()
-    z = logits(raw, x_test, parent["input"]["name"])
-    agree, diff = agreement(z, ref)
-    acc = accuracy(z, y_test)
+    z = onnx_logits(raw, x_test, EVAL_BATCH, parent["input"]["name"])
+    agree, diff = compare(z, ref)
+    acc = score_outputs(task, z, y_test)
     entry.update(test_acc=acc, test_acc_source=f"onnxruntime on {len(y_test)} {data.spec.name} test images",
                  input=parent["input"], output=parent["output"], opset=parent["opset"],
                  parity=dict(images=len(y_test), max_abs_diff=diff, top1_agreement=agree,
@@ -235,8 +222,3 @@ def _variant_entry(parent: dict, model, precision: str, method: dict, x_test, y_
     raw = model.SerializeToString()
     entry.update(sha256=sha256_bytes(raw), bytes=len(raw))
     return entry, raw
-
-
-def write_staged(out_dir: Path, staged) -> callable:
-    """A ``write`` for ``make_variants``: the bytes under the exporter's hidden staging name."""
-    return lambda file, raw: write_atomic(Path(out_dir) / staged(file), raw)
