@@ -180,6 +180,9 @@ def load_config(path: Path | str | None = None, sets: list[str] | None = None,
                 raw: dict | None = None) -> Config:
     """The checked config: defaults <- TOML file (default: the embedded one) or ``raw`` <- ``--set`` items <-
     ``flags`` ({(section, path): (value, flag name)}, from a single-stage command)."""
+    from klas.research import register_all
+
+    register_all()  # NOTE: the research metrics and selection methods are choices of the scores/selection settings
     schema = sections()
     layers = _Layers()
     if raw is not None:

@@ -38,38 +38,42 @@ def _report(args) -> int:
 def _study(args) -> int:
     import torch
 
-    from klas.research import study as st
+    from klas.research.study import SUBSTUDIES
+    from klas.research.study import auc as st_auc
+    from klas.research.study import cascades as st_cascades
+    from klas.research.study import outcome as st_outcome
+    from klas.research.study import sensitivity as st_sensitivity
 
     torch.set_num_threads(args.threads)
     if not (args.run_dir / "run.json").is_file():
         raise KlasError(f"--run-dir {args.run_dir}: not a klas run directory (no run.json); run `klas run` first")
-    todo = st.SUBSTUDIES if args.substudy == "all" else (args.substudy,)
+    todo = SUBSTUDIES if args.substudy == "all" else (args.substudy,)
     pair = None
     if args.pair:
         pair = tuple(args.pair.split(":"))
         if len(pair) != 2 or not all(pair):
             raise KlasError(f"--pair {args.pair!r}: expected SOURCE:TARGET anchor names")
-    auc_cfg = st.AucCfg(steps=args.steps, n_stitches=args.n_stitches, test_samples=args.test_samples or None,
+    auc_cfg = st_auc.AucCfg(steps=args.steps, n_stitches=args.n_stitches, test_samples=args.test_samples or None,
                         seeds=_ints(args.seeds, "--seeds"))
     for name in todo:
         print(f"[study] {name}", flush=True)
         if name == "metric-outcome":
-            cfg = st.OutcomeCfg(n_configs=args.n_configs, steps=args.stitch_steps, test_samples=args.test_samples
+            cfg = st_outcome.OutcomeCfg(n_configs=args.n_configs, steps=args.stitch_steps, test_samples=args.test_samples
                                 or 10000, fitted_metrics=not args.no_fitted, viable_drop=args.viable_drop,
                                 n_boot=args.n_boot, seed=args.seed)
-            rec = st.metric_outcome(args.run_dir, args.out, cfg, pair=pair, data_root=args.data_root)
+            rec = st_outcome.metric_outcome(args.run_dir, args.out, cfg, pair=pair, data_root=args.data_root)
             print(" ".join(f"{m}: rho={s['spearman']:.2f} partial={s['partial_spearman']:.2f}"
                            for m, s in rec["stats"].items()))
         elif name == "sensitivity":
-            st.sensitivity(args.run_dir, args.out, taus=_floats(args.taus, "--taus"))
+            st_sensitivity.sensitivity(args.run_dir, args.out, taus=_floats(args.taus, "--taus"))
         elif name == "cascades":
-            st.cascades(args.run_dir, args.out, test_samples=args.test_samples or None, evaluation=args.evaluation,
+            st_cascades.cascades(args.run_dir, args.out, test_samples=args.test_samples or None, evaluation=args.evaluation,
                         data_root=args.data_root)
         elif name == "auc":
-            rec = st.auc_study(args.run_dir, args.out, auc_cfg, data_root=args.data_root)
+            rec = st_auc.auc_study(args.run_dir, args.out, auc_cfg, data_root=args.data_root)
             print(" ".join(f"{m}: {s['mean']:.4f}+-{s['std']:.4f}" for m, s in rec["summary"].items()))
         elif name == "gain":
-            st.gain_sweep(args.run_dir, args.out, _ints(args.steps_list, "--steps-list"), args.method, auc_cfg,
+            st_auc.gain_sweep(args.run_dir, args.out, _ints(args.steps_list, "--steps-list"), args.method, auc_cfg,
                           seed=args.seed, data_root=args.data_root)
         print(f"[study] {name}: written to {args.out}", flush=True)
     return 0

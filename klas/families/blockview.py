@@ -213,15 +213,21 @@ class ViTView(BlockView):
         return h.mean(dim=1)  # NOTE: mean over all tokens (class token included) -- one rule for every block
 
 
+def _downsampled_stages(stages, attr: str) -> list:
+    """(name, stage, module) per block of stages that each open with a downsample: the first block of a stage
+    carries the stage's downsample, so every block's output is the stage's resolution (Swin, LeViT)."""
+    out = []
+    for s, stage in enumerate(stages):
+        for k, blk in enumerate(stage.blocks):
+            out.append((f"{attr}.{s}.blocks.{k}", s, nn.Sequential(stage.downsample, blk) if k == 0 else blk))
+    return out
+
+
 class SwinView(BlockView):
     """timm SwinTransformer: stages of NHWC maps; a stage's patch merging runs inside its first block."""
 
     def _blocks(self):
-        out = []
-        for s, stage in enumerate(self.model.layers):
-            for k, blk in enumerate(stage.blocks):
-                out.append((f"layers.{s}.blocks.{k}", s, nn.Sequential(stage.downsample, blk) if k == 0 else blk))
-        return out
+        return _downsampled_stages(self.model.layers, "layers")
 
     def forward_stem(self, x):
         return self.model.patch_embed(x)
@@ -308,11 +314,7 @@ class ConvNeXtView(_NCHWView):
     Identity for the first stage) runs inside its first block. Head = ``norm_pre`` + timm's ``forward_head``."""
 
     def _blocks(self):
-        out = []
-        for s, stage in enumerate(self.model.stages):
-            for k, blk in enumerate(stage.blocks):
-                out.append((f"stages.{s}.blocks.{k}", s, nn.Sequential(stage.downsample, blk) if k == 0 else blk))
-        return out
+        return _downsampled_stages(self.model.stages, "stages")
 
     def forward_stem(self, x):
         return self.model.stem(x)

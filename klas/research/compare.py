@@ -1,27 +1,29 @@
 """``klas compare``: stitch-selection methods (KLAS, SN-Net paired / unpaired, Min-KL, ...) and stitch-layer
 initialisations compared at equal cost, as in the KLAS paper's experiments.
 
-Every *arm* (a selection x an initialisation) is finetuned from the same pretrained anchors with the same budget
-(``FinetuneConfig``: epochs x steps, batch, schedule; the same seed) and the same number of stitched configurations, then
-evaluated by the same functions (``klas.stages.s5_evaluation``): AUC of the accuracy vs normalized-FLOPs staircase, accuracy at
-matched FLOPs budgets, number of Pareto points -- after finetuning and, for the initialisations, before it.
+Every *arm* (a selection x an initialisation) is its own run folder, finetuned from the same pretrained anchors with
+the same budget (``FinetuneConfig``: epochs x steps, batch, schedule; the same seed) and the same number of stitched
+configurations by the finetune stage, then evaluated by the evaluation stage (``klas.stages.s5_evaluation``): AUC of
+the accuracy vs normalized-FLOPs staircase, accuracy at matched FLOPs budgets, number of Pareto points -- after
+finetuning and, for the initialisations, before it. The stages run through ``run(cfg, ctx)`` like in a pipeline.
 """
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from klas.errors import KlasError
-from klas.metrics import staircase
-from klas.stages.s5_evaluation import evaluate_run, plot_curves, save_text
 from klas.families import Family, create_family, stitched_flops
 from klas.io import load_json, save_json
-from klas.rundir import RunDir
+from klas.metrics import staircase
+from klas.research.context import run_context
+from klas.stages import s4_finetune, s5_evaluation
+from klas.stages.s3_selection import SelectionArtifact
+from klas.stages.s4_finetune import FinetuneConfig
+from klas.stages.s5_evaluation import EvaluationConfig, plot_curves, save_text
 from klas.stitch import INIT_METHODS
-from klas.stages.s4_finetune import FinetuneConfig, finetune_supernet
-from klas.stages.s5_evaluation import EvaluationConfig
 
 BUDGETS = (0.25, 0.5, 0.75)
 
@@ -37,23 +39,38 @@ class Arm:
 
 def resolve_selection(spec: str, run_dir: Path | None, family: str | Family) -> tuple[str, Path]:
     """``[LABEL=]PATH`` or ``[LABEL=]METHOD`` -> (label, selection file). A method name is looked up as
-    ``RUN_DIR/selection/methods/METHOD/selection.json`` and, when missing, made there by
-    ``klas.stages.s3_selection.select`` from the run's scores (beside, not over, the run's own selection)."""
+    ``RUN_DIR/selection/methods/METHOD/selection.json`` and, when missing, made there by the selection stage from the
+    run's scores (``ctx.hooks["out"]``: beside, not over, the run's own selection)."""
+    from klas.research import register_all
+    from klas.stages import s3_selection
+
     label, _, what = spec.rpartition("=")
     path = Path(what)
     if path.is_file():
         return label or load_json(path).get("method") or path.stem, path
     if run_dir is None:
         raise KlasError(f"--selection {spec!r}: no such file; a method name needs --run-dir (with its scores)")
-    from klas.stages.s3_selection import METHODS, SelectionConfig, select
-
-    if what not in METHODS:
-        raise KlasError(f"--selection {spec!r}: no such file, and not a method ({', '.join(METHODS)})")
-    made = Path(run_dir) / "selection" / "methods" / what / "selection.json"
+    register_all()
+    methods = s3_selection.method_names()
+    if what not in methods:
+        raise KlasError(f"--selection {spec!r}: no such file, and not a method ({', '.join(methods)})")
+    made = Path(run_dir) / "selection" / "methods" / what / SelectionArtifact.RECORD
     if not made.is_file():
-        fam = family if isinstance(family, Family) else create_family(family, pretrained=True)
-        select(fam, run_dir, SelectionConfig(method=what), out=made.parent)
+        ctx = run_context(run_dir, family, hooks=dict(out=made.parent))
+        s3_selection.run(s3_selection.SelectionConfig(method=what), ctx)
     return label or what, made
+
+
+def place_selection(run_dir: Path | str, sel: dict, family: str) -> Path:
+    """Write ``sel`` (a selection record: the selection stage's, or a hand-written one with at least ``selected``)
+    as ``RUN_DIR/selection/selection.json``, the selection artifact the finetune stage reads; fields a hand-written
+    record lacks are left empty."""
+    empty = {f.name: [] if f.type == "list" else {} for f in fields(SelectionArtifact) if f.type in ("list", "dict")}
+    rec = dict(empty, family=family, method=None)
+    rec.update(sel, kind=SelectionArtifact.KIND, version=SelectionArtifact.VERSION)
+    path = Path(run_dir) / "selection" / SelectionArtifact.RECORD
+    save_json(rec, path)
+    return path
 
 
 def equalize(selected: list[dict], n: int, family: Family) -> list[dict]:
@@ -71,6 +88,11 @@ def equalize(selected: list[dict], n: int, family: Family) -> list[dict]:
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", label).strip("_") or "arm"
+
+
+def arm_folder(out_dir: Path | str, label: str) -> Path:
+    """The run folder of the arm labelled ``label`` in a comparison written to ``out_dir``."""
+    return Path(out_dir) / _slug(label)
 
 
 def _summary_row(arm: Arm, method: str | None, n_stitches: int, after, before, budgets: tuple[float, ...],
@@ -112,26 +134,28 @@ def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneConfig, evaluatio
             raise KlasError(f"{a.selection}: expected a selection object with a 'selected' list")
     n = n_stitches or min(len(s["selected"]) for s in sels.values())
     rows, curves, curves_init = [], {}, {}
+    handed = isinstance(family, Family)  # anchors passed in: each arm trains a fresh copy, evaluation gets one too
+
+    def ctx(arm_dir: Path, fam, **hooks):
+        return run_context(arm_dir, fam if handed else base.name, data_root=data_root, seed=seed, progress=progress,
+                           hooks=hooks)
+
     for a in arms:
         sel = dict(sels[a.label])
         if len(sel["selected"]) != n:
             sel.update(selected=equalize(sel["selected"], n, base), equalized_from=len(sel["selected"]))
-        arm_dir = out / _slug(a.label)
-        run = RunDir(arm_dir, base.name)
-        sel_path = run.stage("selection") / "selection.json"
-        save_json(sel, sel_path)
-        fam = copy.deepcopy(base) if isinstance(family, Family) else family  # fresh pretrained anchors per arm
+        arm_dir = arm_folder(out, a.label)
+        arm = ctx(arm_dir, copy.deepcopy(base), restart=True)  # makes the arm's run folder (run.json) first
+        place_selection(arm_dir, sel, base.name)
         arm_cfg = replace(cfg, init=replace(cfg.init, method=a.init))
         if progress:
             print(f"[compare] {a.label}: {len(sel['selected'])} stitches, init {a.init}", flush=True)
-        meta = finetune_supernet(run, arm_cfg, seed=seed, selection_path=sel_path, family=fam, data_root=data_root,
-                                 progress=progress, restart=True)
-        ev = evaluate_run(run, evaluation, data_root=data_root, progress=progress,
-                          family=None if not isinstance(family, Family) else copy.deepcopy(base))
+        meta = s4_finetune.run(arm_cfg, arm)
+        ev = s5_evaluation.run(evaluation, ctx(arm_dir, base, family=copy.deepcopy(base) if handed else None))
         ev0 = None
         if before:
-            ev0 = evaluate_run(run, replace(evaluation, latency=False), data_root=data_root, state="init",
-                               progress=progress, family=copy.deepcopy(base) if isinstance(family, Family) else None)
+            ev0 = s5_evaluation.run(replace(evaluation, latency=False),
+                                    ctx(arm_dir, base, state="init", family=copy.deepcopy(base) if handed else None))
             curves_init[a.label] = ev0.configs
         curves[a.label] = ev.configs
         rows.append(_summary_row(a, sel.get("method"), len(sel["selected"]), ev, ev0, budgets, meta))

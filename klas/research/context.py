@@ -8,7 +8,7 @@ from klas.contract import StageContext
 
 
 def run_context(run_dir: Path | str, family=None, *, data_root: Path | str | None = None, seed: int = 0,
-                progress: bool = True, **hooks) -> StageContext:
+                progress: bool = True, hooks: dict | None = None) -> StageContext:
     """A ``StageContext`` for ``run_dir``: ``family`` a built Family (used as it is), a registered name, or None (the
     run's own, from its ``run.json``, built with pretrained weights); the data is the run's dataset (``run.json``)
     under ``data_root``; ``hooks`` go to ``ctx.hooks``. Registers the research plug-ins first."""
@@ -25,4 +25,6 @@ def run_context(run_dir: Path | str, family=None, *, data_root: Path | str | Non
 
         RunDir(run_dir)  # the one-line "not a klas run directory" error
     data = DataConfig(dataset=meta.get("dataset"), root=None if data_root is None else str(data_root))
-    return StageContext.open(run_dir, family, seed=seed, data=data, progress=progress, **hooks)
+    ctx = StageContext.open(run_dir, family, seed=seed, data=data, progress=progress)
+    ctx.hooks.update(hooks or {})  # NOTE: not through open(**hooks): the evaluation stage has a hook named family
+    return ctx

@@ -26,9 +26,10 @@ import torch.nn as nn
 
 from klas.families.blockview import prefix_flops
 from klas.metrics import cascade_outputs, cascade_thresholds, top1_accuracy
-from klas.stages.s5_evaluation import top1_confidence
+from klas.tasks import get_task
 
 SPLITS = ("val", "test")
+TASK = get_task("image-classification")  # (predicted class, max softmax probability): what the handoff routes on
 
 
 # --- the handoff network and its cost -----------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def handoff_cascade(handoff: Handoff, x: torch.Tensor, threshold: float) -> dict
         if k == handoff.i:
             h_i = h
     small = src.forward_head(h)
-    _, conf = top1_confidence(small)
+    _, conf = TASK.predict(small)
     deferred = conf < threshold
     out = small.clone()
     if bool(deferred.any()):
@@ -115,7 +116,7 @@ def source_identity(source, stitched) -> dict:
 
 def single_point(kind: str, name: str, out: dict, labels: dict, flops: float) -> dict:
     """One network as an operating point: ``out[split] = (pred, conf)``."""
-    correct = {s: out[s][0] == labels[s] for s in SPLITS}
+    correct = {s: TASK.quality(out[s][0], labels[s]) for s in SPLITS}
     return dict(kind=kind, name=name, flops_avg={s: float(flops) for s in SPLITS}, flops_worst=float(flops),
                 deferral=None, threshold=None, **{f"{s}_acc": top1_accuracy(out[s], labels[s]) for s in SPLITS},
                 _correct=correct)
@@ -132,7 +133,7 @@ def cascade_points(kind: str, name: str, small: dict, large: dict, labels: dict,
         p, d, correct = {}, {}, {}
         for s in SPLITS:
             pred, deferred = cascade_outputs(small[s], large[s], t)
-            p[s], d[s], correct[s] = pred, float(deferred.double().mean()), pred == labels[s]
+            p[s], d[s], correct[s] = pred, float(deferred.double().mean()), TASK.quality(pred, labels[s])
         pts.append(dict(kind=kind, name=f"{name}@{t:.4f}", threshold=t,
                         flops_avg={s: handoff_costs(small_flops, extra_flops, d[s])[0] for s in SPLITS},
                         flops_worst=float(small_flops + extra_flops), deferral=d,
