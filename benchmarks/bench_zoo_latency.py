@@ -37,7 +37,8 @@ def build_zoo(family: str, out: Path, stitches, fit_samples: int, accuracy_image
 
     import klas
     from klas.data import load_dataset
-    from klas.stages.s6_export import ExportConfig, export_models
+    from klas.export import export_models
+    from klas.stages.s6_export import ExportConfig
     from klas.stitch import FitCfg, StitchConfig, StitchedNet, fit_stitch
 
     torch.set_num_threads(1)

@@ -15,8 +15,6 @@ whose accuracy is then measured (as always here), and which is labelled as such.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ def discover(args) -> tuple[list[tuple[str, Path]], list[dict]]:
             continue
         found.append((label, d))
     for d in map(Path, args.extra_runs or []):
-        if (d / "evaluation" / "evaluation.json").is_file() and (d / "finetune" / "supernet.json").is_file():
+        if (d / "evaluation" / "evaluation.json").is_file() and (d / "finetune" / "finetune.json").is_file():
             found.append((d.name, d))
         else:
             skipped.append(dict(label=d.name, run_dir=str(d), reason="no evaluation/evaluation.json or finetune record"))
@@ -49,22 +47,24 @@ class Untouched:
     def __init__(self):
         self._cache = {}
 
-    def get(self, meta: dict, data_root, batch_size: int, progress: bool, subset: int | None = None):
+    def get(self, meta, data_root, batch_size: int, progress: bool, subset: int | None = None):
+        """``meta``: the run's ``FinetuneArtifact``."""
         from klas.data import open_split
+        from klas.research.early_exit import TASK
         from klas.stages.s5_evaluation import predictions, untouched_anchors
 
-        key = (meta["family"], str(meta.get("weights")), meta.get("num_classes"), tuple(meta["input_shape"]),
-               meta["dataset"], str(data_root), subset)
+        key = (meta.family, str(meta.weights), meta.num_classes, tuple(meta.input_shape), meta.dataset,
+               str(data_root), subset)
         if key not in self._cache:
             anchors = untouched_anchors(meta)
             if anchors is None:
-                raise SystemExit(f"{meta['family']}: the run's anchors were passed in; no untouched anchors to rebuild")
-            # NOTE: the splits exactly as evaluate_run opens them (whole val and test, the run's dataset)
-            data = {s: open_split(meta["family"], s, None, root=data_root, dataset=meta["dataset"]).subset(subset)
+                raise SystemExit(f"{meta.family}: the run's anchors were passed in; no untouched anchors to rebuild")
+            # NOTE: the splits exactly as the evaluation stage opens them (whole val and test, the run's dataset)
+            data = {s: open_split(meta.family, s, None, root=data_root, dataset=meta.dataset).subset(subset)
                     for s in ("val", "test")}
             outs = {}
             for v in _bar(anchors, progress, "untouched anchors"):
-                outs[v.name] = {s: predictions(v.model, data[s], batch_size) for s in data}
+                outs[v.name] = {s: predictions(TASK, v.model, data[s], batch_size) for s in data}
             self._cache[key] = (anchors, data, outs)
         return self._cache[key]
 
@@ -79,16 +79,15 @@ def study_row(label: str, run: Path, args, untouched: Untouched) -> dict:
     import torch
 
     from klas.data import batches
-    from klas.io import load_json
-    from klas.research import early_exit as ee
-    from klas.stages.s4_finetune import load_supernet
     from klas.metrics import sign_test, top1_accuracy
-    from klas.stages.s5_evaluation import predictions
+    from klas.research import early_exit as ee
+    from klas.stages.s5_evaluation import EvaluationArtifact, predictions
+    from klas.stitched import finetune_record, load_stitched_models
 
     t0 = time.perf_counter()
-    meta = load_json(run / "finetune" / "supernet.json")
-    ev = load_json(run / "evaluation" / "evaluation.json")
-    recipe = (meta.get("cfg") or {}).get("recipe", "shared")
+    meta = finetune_record(run)
+    ev = EvaluationArtifact.load(run / "evaluation")
+    recipe = meta.recipe
     base = dict(label=label, run_dir=str(run), recipe=recipe)
     exact = recipe == "frozen"
     if not exact and not args.untouched_prefix_handoff:
@@ -104,10 +103,10 @@ def study_row(label: str, run: Path, args, untouched: Untouched) -> dict:
     # the splits are the evaluation's: the untouched anchors' accuracies must be the evaluation.json ones
     split_check = {u["key"]: dict(val=(top1_accuracy(outs[u["key"]]["val"], labels["val"]), u["val_acc"]),
                                   test=(top1_accuracy(outs[u["key"]]["test"], labels["test"]), u["test_acc"]))
-                   for u in ev["untouched"]}
+                   for u in ev.untouched}
     same_splits = all(abs(a - b) < 1e-9 for c in split_check.values() for a, b in c.values())
-    net, _ = load_supernet(run)
-    ev_rows = {r["key"]: r for r in ev["configs"]}
+    net, _ = load_stitched_models(run)
+    ev_rows = {r["key"]: r for r in ev.configs}
     singles = [ee.single_point("anchor", v.name, outs[v.name], labels, v.flops) for v in anchors]
     stitched_out, stitch_info = {}, []
     x_check = next(iter(batches(data["val"].subset(args.check_images), args.check_images)))[0]
@@ -116,8 +115,8 @@ def study_row(label: str, run: Path, args, untouched: Untouched) -> dict:
         sn = net.net(k)
         src = views[c.source]
         handoff = ee.Handoff(src, sn)
-        s_out = {s: predictions(sn, data[s], args.batch_size) for s in data}
-        h_out = {s: predictions(handoff, data[s], args.batch_size) for s in data}
+        s_out = {s: predictions(ee.TASK, sn, data[s], args.batch_size) for s in data}
+        h_out = {s: predictions(ee.TASK, handoff, data[s], args.batch_size) for s in data}
         stitched_out[c.key] = s_out
         with torch.inference_mode():
             sn.eval()
@@ -262,7 +261,7 @@ def plot(table: dict, path: Path) -> None:
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     from klas.io import atomic_path
-    from klas.stages.s5_evaluation import pareto_mask
+    from klas.metrics import pareto_mask
 
     rows = [r for r in table["rows"] if r.get("stitches")]
     if not rows:
@@ -343,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     untouched = Untouched()
+    from klas_runtime.machine import machine_info
+
     table = dict(family=None, command=" ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv)),
-                 threads=args.threads, subset=args.subset, machine=dict(cpu=platform.processor() or platform.machine(),
-                                                    cores=os.cpu_count(), torch=torch.__version__),
+                 threads=args.threads, subset=args.subset, machine=machine_info(),
                  definitions=dict(
                      handoff="run untouched source anchor A; if max softmax < t: A's block-i output -> stitch layer -> "
                              "target blocks j+1.. -> head",
@@ -370,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         row = study_row(label, run, args, untouched)
         table["rows"].append(row)
         if table["family"] is None and row.get("stitches") is not None:
-            from klas.io import load_json
-            table["family"] = load_json(run / "finetune" / "supernet.json")["family"]
+            from klas.stitched import finetune_record
+
+            table["family"] = finetune_record(run).family
         s = row.get("summary") or {}
         print(f"[early-exit] {label}: {row.get('reason') or 'verdict ' + str(s.get('verdict'))} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)

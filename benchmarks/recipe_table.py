@@ -15,8 +15,6 @@ supernetwork, so it gets ``max_stitches`` times the epochs.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -40,11 +38,11 @@ def plan(recipes: list[str], seeds: list[int], big: float, big_recipes: list[str
 
 
 def run_row(row: dict, args, base_cfg, family: str) -> dict:
-    from klas.research.compare import resolve_selection
-    from klas.rundir import RunDir
-    from klas.stages.s4_finetune import finetune_supernet
-    from klas.stages.s5_evaluation import EvaluationConfig, evaluate_run
     from klas.io import load_json, save_json
+    from klas.research.compare import place_selection, resolve_selection
+    from klas.research.context import run_context
+    from klas.stages import s4_finetune, s5_evaluation
+    from klas.stages.s5_evaluation import EvaluationConfig
 
     out = Path(args.work) / row["label"]
     done = out / "row.json"
@@ -55,12 +53,12 @@ def run_row(row: dict, args, base_cfg, family: str) -> dict:
     if row["recipe"] == "shared":  # one network for every stitch: the same images in total
         epochs *= base_cfg.max_stitches or 1
     cfg = replace(base_cfg, recipe=row["recipe"], epochs=epochs)
-    run = RunDir(out, family)
+    ctx = run_context(out, family, seed=row["seed"], progress=args.progress)  # the row's run folder
+    place_selection(out, load_json(sel), family)  # the row finetunes the method's selection
     print(f"[table] {row['label']}: recipe {cfg.recipe}, {epochs} epoch(s), selection {row['method']}", flush=True)
-    t0 = time.perf_counter()
-    ft = finetune_supernet(run, cfg, seed=row["seed"], selection_path=sel, family=family, progress=args.progress)
+    ft = s4_finetune.run(cfg, ctx)
     t1 = time.perf_counter()
-    ev = evaluate_run(run, EvaluationConfig(latency=False), progress=args.progress)
+    ev = s5_evaluation.run(EvaluationConfig(latency=False), run_context(out, family, progress=args.progress))
     t2 = time.perf_counter()
 
     def stair(flops: float) -> float:
@@ -89,11 +87,11 @@ def stitched_aucs(row: dict, work: Path) -> dict:
     """Two AUCs without cascades (which dominate every row here and so hide the recipes' differences): the untouched
     anchors plus the admitted stitched models (what the zoo would be without cascades), and the anchors plus every
     finetuned stitch (no admission: the most a recipe could add at this budget)."""
-    from klas.io import load_json
     from klas.metrics import auc
+    from klas.stages.s5_evaluation import EvaluationArtifact
 
-    ev = load_json(work / row["label"] / "evaluation" / "evaluation.json")
-    anchors = [(u["flops"], u["test_acc"]) for u in ev["untouched"]]
+    ev = EvaluationArtifact.load(work / row["label"] / "evaluation")
+    anchors = [(u["flops"], u["test_acc"]) for u in ev.untouched]
     lo, hi = min(f for f, _ in anchors), max(f for f, _ in anchors)
     admitted = [(s["flops"], s["test_acc"]) for s in row["stitches"] if s["admitted"]]
     every = [(s["flops"], s["test_acc"]) for s in row["stitches"]]
@@ -128,10 +126,10 @@ def aggregate(results: list[dict], args, family: str) -> dict:
                     largest_gain_test=spread([r["largest_gain_test"] for r in v]),
                     images_seen=v[0]["images_seen"], finetune_wall_s=spread([r["finetune_wall_s"] for r in v]))
                for k, v in groups.items()]
-    import platform
+    from klas_runtime.machine import machine_info
+
     return dict(family=family, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), threads=args.threads,
-                machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count()),
-                summary=summary, rows=results)
+                machine=machine_info(), summary=summary, rows=results)
 
 
 def markdown(table: dict) -> str:

@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from klas.research import register_all
     from klas_runtime.cli import run_command
+
+    register_all()  # the research metrics and selection methods are choices the flags list
 
     return run_command(build_parser(), argv, "interrupted (finished stages and checkpoints are kept; run the same "
                        "command to resume)")

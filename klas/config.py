@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from klas.contract import Spec, build, setting, specs
-from klas.errors import KlasError
+from klas.errors import KlasError, file_error
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "fmnist-deit.toml"
 
@@ -39,12 +39,17 @@ class RunConfig:
                                   "pretrained weights", none="default")
 
 
+def _dataset_names() -> tuple[str, ...]:
+    from klas.tasks import dataset_names
+
+    return dataset_names()
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset and where: by default the family's own dataset at its default location."""
 
-    dataset: str | None = setting(None, "dataset name", none="family",
-                                  choices=("fashion-mnist", "cifar100", "imagefolder"))
+    dataset: str | None = setting(None, "dataset name", none="family", choices=_dataset_names)
     root: str | None = setting(None, "dataset directory", none="default")
     workers: int = setting(2, "DataLoader worker processes that read and transform images from disk (0: in the "
                            "main process)", ge=0, key=False)
@@ -163,14 +168,10 @@ def read_toml(path: Path | str) -> dict:
     path = Path(path)
     try:
         return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise KlasError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise KlasError(f"{path}: is a directory, expected a TOML config file") from None
+    except OSError as e:
+        raise file_error(path, e, "a TOML config file") from None
     except UnicodeDecodeError:
         raise KlasError(f"{path}: not a text file, expected a TOML config file") from None
-    except PermissionError:
-        raise KlasError(f"{path}: permission denied") from None
     except tomllib.TOMLDecodeError as e:
         raise KlasError(f"{path}: invalid TOML ({e})") from None
 

@@ -30,6 +30,28 @@ def setting(default: Any, help: str = "", *, ge: float | None = None, gt: float 
     return field(default=default, metadata=dict(help=help, ge=ge, gt=gt, le=le, choices=choices, none=none, key=key))
 
 
+def with_defaults(base, name: str, doc: str, changes: dict, extra: tuple = ()):
+    """A frozen config dataclass ``name`` (a subclass of ``base``) with ``base``'s settings, where ``changes`` maps a
+    setting to its new default, or to a (default, help) pair; ranges and choices stay ``base``'s. ``extra``: more
+    settings, as ``(name, type, setting(...))``. One declaration of a recipe serves two commands that only differ
+    in their defaults."""
+    from dataclasses import make_dataclass
+
+    hints = typing.get_type_hints(base)
+    redefined = []
+    for f in fields(base):
+        if f.name in changes:
+            new = changes[f.name]
+            default, help = new if isinstance(new, tuple) else (new, f.metadata.get("help", ""))
+            redefined.append((f.name, hints[f.name], field(default=default, metadata={**f.metadata, "help": help})))
+    unknown = set(changes) - {f.name for f in fields(base)}
+    if unknown:
+        raise TypeError(f"{name}: {base.__name__} has no settings {sorted(unknown)}")
+    cls = make_dataclass(name, redefined + list(extra), bases=(base,), frozen=True)
+    cls.__doc__, cls.__module__ = doc, base.__module__
+    return cls
+
+
 def toml_value(v: Any) -> str:
     """``v`` as a TOML value -- the one writer of config and family files (strings escaped, tuples as arrays)."""
     if isinstance(v, bool):

@@ -89,3 +89,25 @@ def cascade_thresholds(conf_val: torch.Tensor) -> list[float]:
 def top1_accuracy(out: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent of ``out`` = (predicted class, ...) against ``labels``."""
     return 100.0 * float((out[0] == labels).double().mean()) if len(labels) else 0.0
+
+
+@torch.no_grad()
+def network_score(task, net: torch.nn.Module, data, batch_size: int = 500, device: torch.device | None = None,
+                 sharded: bool = False) -> float:
+    """The task's metric (percent) of one network on a split. ``sharded``: under torchrun each rank scores its
+    shard of every batch and the per-sample qualities are summed (every rank gets the whole-split figure)."""
+    from klas import distributed as kd
+    from klas.data import batches
+
+    di = kd.info() if sharded else kd.DistInfo()
+    was = net.training
+    net.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    for x, y in batches(data, batch_size, rank=di.rank, world_size=di.world):
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        total += task.quality(task.predict(net(x))[0], y).double().sum().cpu()
+    net.train(was)
+    if di.distributed:
+        kd.all_reduce_([total], "quality sums")
+    return 100.0 * float(total) / max(len(data), 1)

@@ -103,12 +103,16 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
                  force: tuple[str, ...] = (), family=None, progress: bool = True) -> dict[str, object]:
     """Run (or, with ``dry_run``, only print the plan of) every stage up to ``until``; returns {stage: artifact}
     for the stages that exist at the end. ``dry_run`` writes nothing."""
+    from klas.research import register_all
+
+    register_all()  # a Config built in code may name research metrics / methods (load_config registers them too)
     run_path = check_run_path(run_path)  # a dry run fails as the real one would
     rows = plan(cfg, run_path, until, force)
     if any(r["status"] != "done" for r in rows):
-        from klas.families.adapt import check_anchor_classes
+        from klas.families import get_family_cfg
+        from klas.tasks import task_of
 
-        check_anchor_classes(cfg)  # anchors whose heads do not fit the dataset: one line naming `klas anchors adapt`
+        task_of(get_family_cfg(cfg.run.family)).check_config(cfg)
     if dry_run:
         for k, r in enumerate(rows, 1):
             what = {"done": "skip (up to date)", "todo": "run"}.get(r["status"], f"re-run ({r['why']})")

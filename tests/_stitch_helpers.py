@@ -189,3 +189,14 @@ def scores(family, run_dir, cfg, *, seed=0, data_root=None, progress=False, data
 
     return s2_scores.run(cfg, StageContext.open(run_dir, family, seed=seed, data=_data(data, data_root),
                                                 progress=progress))
+
+
+def input_spec(data, shape, data_config=None) -> dict:
+    """The image-classification task's manifest input spec for ``data`` at ``shape`` (C, H, W) under ``data_config``
+    (a family stand-in with just those two attributes)."""
+    from types import SimpleNamespace
+
+    from klas.tasks import get_task
+
+    return get_task("image-classification").input_spec(data, SimpleNamespace(input_shape=tuple(shape),
+                                                                           data_config=data_config))

@@ -32,7 +32,8 @@ def exported_zoo(tmp_path_factory):
     Read-only for tests: copy it before changing anything."""
     import klas
     from klas.data import load_dataset
-    from klas.stages.s6_export import ExportConfig, export_models
+    from klas.export import export_models
+    from klas.stages.s6_export import ExportConfig
     from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 
     before = torch.get_num_threads()

@@ -12,7 +12,7 @@ from _stitch_helpers import one_thread, tiny_family  # noqa: F401  (autouse fixt
 from klas.families import stitch_layer_flops
 from klas.research import early_exit as ee
 from klas.stages import s5_evaluation as s5
-from klas.stages.s4_finetune import trainable_stitch
+from klas.stitched import trainable_stitch
 from klas.stitch import LoRALinear, StitchConfig, StitchLayer, merge_lora
 
 X = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
@@ -57,7 +57,7 @@ def test_handoff_from_block_i_activation_equals_stitched_forward_float64(fam, i,
     assert (run["small"] - src(x)).abs().max() < 1e-12
     assert (tgt_only - ref).abs().max() > 1e-3  # the suffix is the stitched net's (LoRA), not the target anchor's
     # a threshold in between: answers from the anchor where confident, from the stitched net where deferred
-    _, conf = ee.top1_confidence(run["small"])
+    _, conf = ee.TASK.predict(run["small"])
     t = float(conf.median())
     mixed = ee.handoff_cascade(h, x, threshold=t)
     d = mixed["deferred"]
@@ -106,7 +106,7 @@ def test_handoff_flops_formula_matches_flop_counter(fam, i, j):
     assert extra == stitch_layer_flops(src, i, tgt, j) + sum(b.flops for b in tgt.infos[j + 1:]) + tgt.head_flops
     assert ee.prefix_flops(src, i) + extra == sn.flops
     # the cascade as executed: source on every image, suffix on the deferred ones only
-    _, conf = ee.top1_confidence(src(X).detach())
+    _, conf = ee.TASK.predict(src(X).detach())
     t = float(conf.quantile(0.4))
     run = ee.handoff_cascade(h, X, threshold=t)
     n_def = int(run["deferred"].sum())
@@ -118,8 +118,8 @@ def test_handoff_flops_formula_matches_flop_counter(fam, i, j):
     assert worst == src.flops + extra < src.flops + tgt.flops
     # the curves' accounting on the same images: cascade_points with the real cascade's outputs
     y = torch.randint(0, 10, (len(X),), generator=torch.Generator().manual_seed(1))
-    small = ee.top1_confidence(run["small"])
-    large = ee.top1_confidence(h(X).detach())
+    small = ee.TASK.predict(run["small"])
+    large = ee.TASK.predict(h(X).detach())
     out = {"val": small, "test": small}
     pts = ee.cascade_points("handoff", "h", out, {"val": large, "test": large}, {"val": y, "test": y}, src.flops,
                             extra, ts=[t])
@@ -198,7 +198,7 @@ def test_thresholds_and_cascade_points_match_the_evaluation_stage():
     outputs = {"S": (small["val"], small["test"]), "L": (large["val"], large["test"])}
     members = [dict(kind="anchor", key="S", name="S", flops=1000, val_acc=10.0),
                dict(kind="anchor", key="L", name="L", flops=5000, val_acc=20.0)]
-    theirs = s5._cascade_candidates(members, outputs, ys["val"], ys["test"])
+    theirs = s5._cascade_candidates(ee.TASK, members, outputs, ys["val"], ys["test"])
     ours = ee.cascade_points("cascade", "S>L", small, large, ys, 1000, 5000)
     assert [c["threshold"] for c in theirs] == ee.cascade_thresholds(small["val"][1]) == [p["threshold"] for p in ours]
     for c, p in zip(theirs, ours):

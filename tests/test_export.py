@@ -387,6 +387,32 @@ def test_export_stage_swaps_the_zoo_whole(tmp_path, family, data):
         ExportArtifact.load(tmp_path / "zoo2")
 
 
+def test_stage_exports_the_untouched_anchors_as_given(tmp_path, family, data):
+    """An anchor the evaluation's zoo lists as untouched is rebuilt from the weights the finetune record names (the
+    record handed in as the pipeline would, through ``ctx.artifacts``) and checked bit for bit against its file."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from klas.stages.s4_finetune import FinetuneArtifact
+
+    run_dir = build_run(tmp_path, family, Provider(family), data.subset(60), keep=1)
+    ev = EvaluationArtifact.load(run_dir / "evaluation")
+    replace(ev, zoo=[dict(ev.zoo[0], kind="anchor")]).save(run_dir / "evaluation")
+    ctx = context(run_dir)
+    ctx.artifacts[FinetuneArtifact] = SimpleNamespace(pretrained=True, family="fmnist-deit", weights=None,
+                                                      num_classes=10, input_shape=[1, 28, 28])
+    art = s6_export.run(ExportConfig(parity_images=60, accuracy_images=60, profile=False, precisions="none",
+                                     exporter="torchscript"), ctx)
+    (m,) = art.models
+    assert m["name"] == "fmnist-deit-ti" and m["origin"] == "untouched"
+    assert m["weights"]["check"].startswith("bit-identical") and Path(m["weights"]["file"]).is_file()
+    assert m["test_acc_source"] == "onnxruntime on 60 fashion-mnist test images"
+    pretrained = klas.create_family("fmnist-deit", pretrained=True)["fmnist-deit-ti"]
+    with torch.no_grad():
+        want = float((pretrained(data.normalize(data.images[:60])).argmax(1) == data.labels[:60]).double().mean())
+    assert abs(m["test_acc"] - 100 * want) <= 100 / 60 + 1e-9
+
+
 class Reversed(ImageClassification):
     """A task that predicts the LEAST likely class: a graph's score must come from the task, not from an argmax."""
 
@@ -413,8 +439,7 @@ def test_graph_score_and_manifest_header_come_from_the_task(family, data):
     assert task_header(get_task(None), family) == {}
     assert task_header(Reversed(), family) == dict(task="reversed-classification", cost_unit="image",
                                                    metric="top-1 accuracy", runtime_entry="reversed")
-    spec = get_task(None).input_spec(data, family)
-    assert spec == s6_export.input_spec(data, family.input_shape, family.data_config)
+    assert get_task(None).input_spec(data, family)["shape"][1:] == list(family.input_shape)
     assert get_task(None).output_spec(data, family) == dict(name="logits", num_classes=10,
                                                            classes=list(data.spec.classes))
 

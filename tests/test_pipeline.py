@@ -59,7 +59,8 @@ def test_errors_name_where_the_value_came_from(tmp_path):
         kc.load_config(sets=["tau"])
     with pytest.raises(KlasError, match=r"^--tau -1: expected >= 0"):
         kc.load_config(flags={("selection", ("tau",)): (-1, "--tau")})
-    for content, needle in (("[probes\nepochs = 1", "invalid TOML"), (None, "config file not found")):
+    for content, needle in (("[probes\nepochs = 1", "invalid TOML"),
+                            (None, r"file not found \(expected a TOML config file\)")):
         if content is not None:
             p.write_text(content)
         with pytest.raises(KlasError, match=needle):
@@ -180,6 +181,21 @@ def test_stages_skip_and_rerun_exactly(tmp_path, monkeypatch, capsys):
     assert "selection   re-run (an upstream stage re-runs)" in out and calls[7:] == []
     pipeline.run_pipeline(cfg3, tmp_path)  # the re-run restores the recorded artifact: selection stays valid
     assert calls[7:] == ["scores"]
+
+
+def test_dry_run_on_a_regular_file_fails_like_the_real_run(tmp_path):
+    """`klas run --run-dir FILE --dry-run` exits non-zero with the real run's one line, no traceback, and leaves the
+    file as it was."""
+    f = tmp_path / "notadir"
+    f.write_text("keep me")
+    lines = []
+    for extra in ((), ("--dry-run",)):
+        r = subprocess.run([sys.executable, "-m", "klas", "run", "--run-dir", str(f), *extra], capture_output=True,
+                           text=True)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-500:]
+        lines.append(r.stderr.strip().splitlines()[-1])
+    assert lines[0] == lines[1] and "run directory is a file, not a directory" in lines[0]
+    assert f.read_text() == "keep me"
 
 
 def test_dry_run_writes_nothing_and_record_is_invalidated_first(tmp_path, monkeypatch):

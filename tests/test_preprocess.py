@@ -116,7 +116,7 @@ def test_runtime_matches_the_klas_data_pipeline(image_files, tmp_path):
     from klas.config import DataConfig
     from klas.data import batches, open_split
     from klas.families import AnchorCfg, FamilyCfg
-    from klas.stages.s6_export import input_spec
+    from _stitch_helpers import input_spec
 
     root = tmp_path / "folder"
     for split in ("train", "val"):
@@ -253,7 +253,7 @@ def test_export_input_spec_carries_the_family_data_config():
     from klas.data import load_dataset
     from klas.errors import KlasError
     from klas.families import get_family_cfg
-    from klas.stages.s6_export import input_spec
+    from _stitch_helpers import input_spec
 
     data = load_dataset("fashion-mnist", "test").subset(4)
     # the embedded family: 28 x 28, no resize, no crop (its numbers do not change)

@@ -16,6 +16,7 @@ from klas.stages import s4_finetune as s4
 from _stitch_helpers import finetune
 from klas import stitched
 from klas.losses import distill_loss, frozen_teachers
+from klas.metrics import network_score
 from klas.stages.s4_finetune import FinetuneArtifact, FinetuneConfig
 from klas.stitched import limit_stitches, load_stitched, load_stitched_models, read_selection
 from klas.tasks import get_task
@@ -88,7 +89,7 @@ def test_per_stitch_recipes_train_reload_equal_and_leave_anchors_untouched(tmp_p
             assert not any(isinstance(m, LoRALinear) for m in merged.modules())
             torch.testing.assert_close(merged(X), sn(X), rtol=1e-5, atol=1e-5)
         assert not torch.equal(init[f"{r['stitch']}/linear.weight"], sn.layer.linear.weight)
-        assert r["val_acc"] == s4.config_score(TASK, loaded, load_dataset("fashion-mnist", "val").subset(64))
+        assert r["val_acc"] == network_score(TASK, loaded, load_dataset("fashion-mnist", "val").subset(64))
         saved = load_tensors(tmp_path / "run" / "finetune" / r["weights"])
         if recipe == "frozen":
             # only the stitch layer and the adapters train; every anchor weight is the untouched one
@@ -118,7 +119,7 @@ def test_per_stitch_recipes_train_reload_equal_and_leave_anchors_untouched(tmp_p
 
 def test_frozen_stitch_exports(tmp_path, fam):
     """A LoRA network (merged or not) goes through the exporter's pruning and traces to ONNX with parity."""
-    from klas.stages.s6_export import export_onnx, standalone
+    from klas.export import export_onnx, standalone
     import onnxruntime as ort
 
     src, tgt = fam[0], fam[2]

@@ -30,7 +30,8 @@ def zoo_dir(tmp_path_factory):
 
     import klas
     from klas.data import load_dataset
-    from klas.stages.s6_export import ExportConfig, export_models
+    from klas.export import export_models
+    from klas.stages.s6_export import ExportConfig
     from klas.stitch import StitchConfig, StitchedNet, StitchLayer
 
     torch.manual_seed(1)

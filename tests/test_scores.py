@@ -1,18 +1,23 @@
-"""Scores: streamed D / Cap / anchor KL / baseline metrics equal float64 references computed from stored outputs."""
+"""Scores: streamed D / Cap / anchor KL / baseline metrics equal float64 references computed from stored outputs;
+baseline metrics are plug-ins the stage looks up in its registry."""
 import math
 
 import pytest
 import torch
 
 import klas
+from _stitch_helpers import probes as run_probes
+from _stitch_helpers import scores as run_scores
 from klas.data import load_dataset
 from klas.errors import KlasError
 from klas.io import load_tensors
+from klas.research import register_all
 from klas.research.metrics import FeatureMoments, mmd2_table
-from klas.stages.s1_probes import ProbesConfig, anchor_features, load_probes, train_probes
-from klas.stages.s2_scores import (CAP_EPS, ScoreAccumulator, ScoresArtifact, ScoresConfig, compute_scores,
-                                   stitch_score)
+from klas.stages import s2_scores as s2
+from klas.stages.s1_probes import ProbesConfig, anchor_features, load_probes
+from klas.stages.s2_scores import CAP_EPS, ScoreAccumulator, ScoresArtifact, ScoresConfig, stitch_score
 
+register_all()  # the baseline tables (mse, cka, ce, dm) below are klas.research's plug-ins
 
 
 
@@ -106,11 +111,17 @@ def family(one_thread):
     return klas.create_family("fmnist-deit", anchors=["fmnist-deit-ti", "fmnist-deit-s"])
 
 
-def test_streamed_scores_equal_stored_logits(family, tmp_path):
-    run = tmp_path / "run"
-    train_probes(family, run, ProbesConfig(epochs=1, batch_size=64, train_subset=256, val_subset=32), seed=0,
-                 progress=False)
-    rec = compute_scores(family, run, ScoresConfig(batch_size=16, val_subset=70, dm_samples=40), progress=False)
+@pytest.fixture(scope="module")
+def probed(family, tmp_path_factory):
+    """A run with trained probes (the scores stage's upstream)."""
+    run = tmp_path_factory.mktemp("scores") / "run"
+    run_probes(family, run, ProbesConfig(epochs=1, batch_size=64, train_subset=256, val_subset=32))
+    return run
+
+
+def test_streamed_scores_equal_stored_logits(family, probed):
+    run = probed
+    rec = run_scores(family, run, ScoresConfig(batch_size=16, val_subset=70, dm_samples=40))
     assert ScoresArtifact.load(run / "scores") == rec  # 16 x 4 + 6 images: a ragged last batch
     t = load_tensors(run / "scores" / "scores.safetensors")
     m = load_tensors(run / "scores" / "metrics.safetensors")
@@ -148,3 +159,41 @@ def test_streamed_scores_equal_stored_logits(family, tmp_path):
             torch.testing.assert_close(m[f"mse/{a}/{b}"][i, j], ref, rtol=1e-4, atol=1e-7)
     dm_ref = mmd2_table(la[:, :40].exp(), lb[:, :40].exp(), 0.5)
     torch.testing.assert_close(m[f"dm/{a}/{b}"], dm_ref, rtol=1e-6, atol=1e-9)
+
+
+def test_a_registered_metric_streams_in_the_same_pass(family, probed, monkeypatch):
+    """A metric defined here, registered by name: it sees every batch of the one pass (logits, features, positions),
+    its tables land in metrics.safetensors (masked like the others) and in the record; metrics = false skips it."""
+    run = probed
+    seen = {}
+
+    class NegD:
+        def __init__(self, sp):
+            seen.update(pairs=sp.pairs, n_val=sp.n_val, positions=[])
+            self.n = 0
+
+        def update(self, batch):
+            assert set(batch.logits) == set(batch.features) == {"fmnist-deit-ti", "fmnist-deit-s"}
+            seen["positions"].append(batch.positions)
+            self.n += len(batch.positions)
+
+        def reduce(self):
+            raise AssertionError("one process: nothing to reduce")
+
+        def tables(self, a, b, res):
+            return {"negd": -res["D"][(a, b)], "count": torch.full_like(res["D"][(a, b)], float(self.n))}
+
+    monkeypatch.setattr(s2, "_METRICS", {})  # only this test's metric
+    s2.register_metric("negd", NegD, tables=("negd", "count"))
+    assert s2.metric_names() == ("negd", "count")
+    art = run_scores(family, run, ScoresConfig(batch_size=16, val_subset=40))
+    assert art.metrics == ["count", "negd"] and seen["n_val"] == 40
+    assert seen["pairs"] == [("fmnist-deit-ti", "fmnist-deit-s")]
+    assert torch.equal(torch.cat(seen["positions"]), torch.arange(40))  # 16 + 16 + 8, in split order
+    t, m = ScoresArtifact.tensors(run / "scores")
+    key = "fmnist-deit-ti/fmnist-deit-s"
+    assert set(m) == {f"negd/{key}", f"count/{key}"}
+    torch.testing.assert_close(m[f"negd/{key}"], -t[f"D/{key}"], rtol=0, atol=0, equal_nan=True)
+    assert bool((m[f"count/{key}"] == 40).all())
+    off = run_scores(family, run, ScoresConfig(batch_size=16, val_subset=40, metrics=False))
+    assert off.metrics == [] and ScoresArtifact.tensors(run / "scores")[1] == {}

@@ -1,5 +1,6 @@
 """Selection: the bucket rule on hand-built tables, the automatic bucket count, SN-Net's mappings, anchor pairs,
-every method end to end on a tiny run, and one-line errors."""
+every registered method end to end on a tiny run (through ``run(cfg, ctx)``), the method registry, and one-line
+errors."""
 import subprocess
 import sys
 from dataclasses import asdict
@@ -9,16 +10,28 @@ import torch
 import torch.nn.functional as F
 
 import klas
+from _stitch_helpers import probes as run_probes
+from _stitch_helpers import scores as run_scores
+from klas.contract import StageContext, specs
 from klas.errors import KlasError
 from klas.families import AnchorCfg, create_anchor, get_family_cfg
 from klas.io import load_json
+from klas.research import register_all
 from klas.stitch import FitCfg
-from klas.stages.s1_probes import ProbesConfig, train_probes
-from klas.rundir import RunDir
-from klas.stages.s2_scores import ScoresConfig, compute_scores
-from klas.stages.s3_selection import (METHODS, SelectionArtifact, SelectionConfig, assign_buckets, auto_num_buckets, bucket_select, candidate_table, coverage,
-                            klas_anchor_pairs, nearest_pairs, select, snnet_paired, snnet_unpaired)
+from klas.stages import s3_selection as s3
+from klas.stages.s1_probes import ProbesConfig
+from klas.stages.s2_scores import ScoresArtifact, ScoresConfig
+from klas.stages.s3_selection import (SelectionArtifact, SelectionConfig, SelectionMethod, assign_buckets,
+                                      auto_num_buckets, bucket_select, candidate_table, coverage, klas_anchor_pairs,
+                                      nearest_pairs, snnet_paired, snnet_unpaired)
 
+register_all()  # the baselines (mse, cka, ce, dm, tlm, fula) are klas.research's plug-ins
+FIT = FitCfg(steps=3, batch_size=16, samples=32)  # the fitted baselines' budget in these tests (ctx.hooks["fit"])
+
+
+def select(fam, path, cfg, **hooks):
+    """The selection stage on the run ``path``, as the pipeline runs it."""
+    return s3.run(cfg, StageContext.open(path, fam, progress=False, **hooks))
 
 
 
@@ -114,18 +127,18 @@ def run(one_thread, tmp_path_factory):
     torch.manual_seed(777)
     fam = klas.create_family("fmnist-deit", anchors=["fmnist-deit-ti", "fmnist-deit-s"])
     path = tmp_path_factory.mktemp("sel") / "run"
-    train_probes(fam, path, ProbesConfig(epochs=1, batch_size=64, train_subset=256, val_subset=32), seed=0,
-                 progress=False)
-    compute_scores(fam, path, ScoresConfig(val_subset=96, dm_samples=48), progress=False)
+    run_probes(fam, path, ProbesConfig(epochs=1, batch_size=64, train_subset=256, val_subset=32))
+    run_scores(fam, path, ScoresConfig(val_subset=96, dm_samples=48))
     return fam, path
 
 
 def test_every_method_writes_the_schema(run):
     fam, path = run
     recs = {}
-    fit = FitCfg(steps=3, batch_size=16, samples=32)
-    for method in METHODS:
-        rec = asdict(select(fam, path, SelectionConfig(method=method, max_pairs=6), fit=fit, progress=False))
+    assert set(s3.method_names()) == {"klas", "min-kl", "snnet-paired", "snnet-unpaired", "mse", "cka", "ce", "dm",
+                                      "tlm", "fula"}
+    for method in s3.method_names():
+        rec = asdict(select(fam, path, SelectionConfig(method=method, max_pairs=6), fit=FIT))
         assert asdict(SelectionArtifact.load(path / "selection")) == rec
         recs[method] = rec
         assert {"family", "method", "params", "anchors", "anchor_pairs", "candidates", "selected"} <= rec.keys()
@@ -152,7 +165,7 @@ def test_every_method_writes_the_schema(run):
         assert sum(c["score"] is not None for c in recs[m]["candidates"]) == 6
         assert recs[m]["params"]["cost"]["configs_fitted"] == 6 and recs[m]["params"]["cost"]["fit_wall_s"] >= 0
     # deterministic: the same settings give the same selection (up to its wall-time figures)
-    again = asdict(select(fam, path, SelectionConfig(), progress=False))
+    again = asdict(select(fam, path, SelectionConfig()))
     assert again["selected"] == klas_rec["selected"] and again["candidates"] == klas_rec["candidates"]
 
 
@@ -161,7 +174,7 @@ def test_bad_input_is_one_line_error(run, tmp_path):
     with pytest.raises(KlasError, match="must be the cheaper anchor") as e:
         select(fam, path, SelectionConfig(anchor_pairs="fmnist-deit-s:fmnist-deit-ti"))
     assert "\n" not in str(e.value)
-    RunDir(tmp_path / "deit-run", "deit")
+    StageContext.open(tmp_path / "deit-run", "deit")
     with pytest.raises(KlasError, match="belongs to family 'deit'"):
         select(fam, tmp_path / "deit-run", SelectionConfig())
     # an anchor pair with no stitchable blocks: 5 tokens (patch 14) vs the family's 17
@@ -170,6 +183,34 @@ def test_bad_input_is_one_line_error(run, tmp_path):
     fam2 = klas.families.Family(fam.cfg, [odd, fam[1]])
     with pytest.raises(KlasError, match="odd->fmnist-deit-s: no stitchable block pairs"):
         candidate_table(fam2, "odd", "fmnist-deit-s", torch.rand(12, 12), torch.rand(12), None)
+
+
+def test_methods_are_looked_up_by_name(run, monkeypatch):
+    """A method defined here and registered by name becomes a config choice and runs through the stage; a name that
+    is not registered is a one-line error naming those that are."""
+    fam, path = run
+
+    class RawD(SelectionMethod):
+        name = "test-raw-d"  # raw D through the KLAS buckets
+
+        def tables(self, c):
+            return c.tables(lambda p: c.d[p])
+
+    monkeypatch.setattr(s3, "_METHODS", dict(s3._METHODS))  # the registration stays in this test
+    s3.register_method(RawD())
+    (spec,) = [sp for sp in specs(SelectionConfig) if sp.dotted == "method"]
+    assert spec.allowed()[-1] == "test-raw-d" and spec.coerce("test-raw-d", "method") == "test-raw-d"
+    rec = select(fam, path, SelectionConfig(method="test-raw-d", num_buckets=3))
+    a, b = rec.anchor_pairs[0]
+    d = ScoresArtifact.tensors(path / "scores")[0][f"D/{a}/{b}"].double()
+    table = candidate_table(fam, a, b, d, torch.ones(d.shape[1], dtype=torch.float64), d)
+    buckets = assign_buckets(table["flops"], table["lo"], table["hi"], 3)
+    want = {(i, j) for i, j, keep in zip(table["i"], table["j"], bucket_select(table["score"], buckets, 0.05)) if keep}
+    assert {(e["i"], e["j"]) for e in rec.selected} == want and rec.method == "test-raw-d"
+    monkeypatch.setattr(s3, "_METHODS", {k: v for k, v in s3._METHODS.items() if k != "mse"})
+    with pytest.raises(KlasError, match=r"selection method 'mse': not registered; registered: klas, min-kl") as e:
+        select(fam, path, SelectionConfig(method="mse"))
+    assert "\n" not in str(e.value) and "test-raw-d" in str(e.value)
 
 
 @pytest.mark.parametrize("argv,needle", [

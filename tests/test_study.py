@@ -8,11 +8,20 @@ import pytest
 import torch
 
 import klas
+from _stitch_helpers import probes as run_probes
+from _stitch_helpers import scores as run_scores
 from klas.io import load_json
-from klas.stages.s1_probes import ProbesConfig, train_probes
-from klas.stages.s2_scores import ScoresConfig, compute_scores
-from klas.stages.s3_selection import SelectionConfig, select
-from klas.research import study as st
+from klas.research.context import run_context
+from klas.research.study import auc as st_auc
+from klas.research.study import cascades as st_cascades
+from klas.research.study import outcome as st_outcome
+from klas.research.study import sensitivity as st_sensitivity
+from klas.research.study import stats as st
+from klas.stages import s3_selection
+from klas.stages.s1_probes import ProbesConfig
+from klas.stages.s2_scores import ScoresConfig
+from klas.stages.s3_selection import SelectionConfig
+from klas.tasks import get_task
 
 
 def _rng():
@@ -131,10 +140,11 @@ def test_recovery_against_brute_force():
 def test_cascade_curve_against_a_per_sample_loop():
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     n, c = 257, 7
-    ps = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 3, -1)
-    pl = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 3, -1)
+    task = get_task("image-classification")
+    ls, ll = (torch.randn(n, c, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    ps, pl = torch.softmax(ls.float(), -1), torch.softmax(ll.float(), -1)  # the task's confidence: max softmax
     y = torch.randint(0, c, (n,), generator=g)
-    pts = st.cascade_curve(ps, pl, y, 1e6, 2e7, [0.0, 0.3, 0.61, 1.01])
+    pts = st_cascades.cascade_curve(task, task.predict(ls), task.predict(ll), y, 1e6, 2e7, [0.0, 0.3, 0.61, 1.01])
     for p in pts:
         hits, deferred = 0, 0
         for k in range(n):
@@ -154,7 +164,7 @@ def test_stitching_gain_on_hand_checked_rows():
     fl = rng.uniform(1.0, 4.0, 6)
     rows = anchors + [dict(key=f"s{k}", anchor=False, flops=float(f), test_acc=float(a))
                       for k, (f, a) in enumerate(zip(fl, acc))]
-    g = st.stitching_gain(rows)
+    g = st_auc.stitching_gain(rows)
     ref = [(a - 80.0, k) for k, a in enumerate(acc)]  # every stitched config lies between the anchors
     best = max(ref)
     assert g["max_gain"] == pytest.approx(best[0]) and g["max_gain_config"] == f"s{best[1]}"
@@ -167,18 +177,17 @@ def test_stitching_gain_on_hand_checked_rows():
 def run(one_thread, tmp_path_factory):
     fam = klas.create_family("fmnist-deit", anchors=["fmnist-deit-ti", "fmnist-deit-s"])
     path = tmp_path_factory.mktemp("study") / "run"
-    train_probes(fam, path, ProbesConfig(epochs=1, batch_size=64, train_subset=256, val_subset=32), seed=0,
-                 progress=False)
-    compute_scores(fam, path, ScoresConfig(val_subset=96, dm_samples=48), progress=False)
+    run_probes(fam, path, ProbesConfig(epochs=1, batch_size=64, train_subset=256, val_subset=32))
+    run_scores(fam, path, ScoresConfig(val_subset=96, dm_samples=48))
     for m in ("snnet-paired", "min-kl", "klas"):
-        select(fam, path, SelectionConfig(method=m), progress=False)
+        s3_selection.run(SelectionConfig(method=m), run_context(path, fam, progress=False))
     return fam, path
 
 
 def test_tiny_metric_outcome_sensitivity_cascades(run, tmp_path):
     fam, path = run
-    cfg = st.OutcomeCfg(n_configs=4, steps=2, batch_size=16, fit_samples=64, test_samples=64, n_boot=20, n_buckets=2)
-    rec = st.metric_outcome(path, tmp_path, cfg, family=fam, progress=False)
+    cfg = st_outcome.OutcomeCfg(n_configs=4, steps=2, batch_size=16, fit_samples=64, test_samples=64, n_boot=20, n_buckets=2)
+    rec = st_outcome.metric_outcome(path, tmp_path, cfg, family=fam, progress=False)
     assert len(rec["configs"]) == 4 and rec["pair"] == ["fmnist-deit-ti", "fmnist-deit-s"]
     assert set(rec["metrics"]) >= {"score", "kl", "mse", "cka", "tlm", "fula"}
     for r in rec["configs"]:
@@ -190,7 +199,7 @@ def test_tiny_metric_outcome_sensitivity_cascades(run, tmp_path):
     assert rec["viable"]["bucket+3"] >= 2 and rec["viable"]["abs<=1"] <= rec["viable"]["abs<=5"]
     assert set(rec["stats"]["score"]["recovery"]) == set(rec["viable"])
 
-    sens = st.sensitivity(path, tmp_path, taus=(0.0, 0.05, 10.0), buckets=(0, 2), family=fam, progress=False)
+    sens = st_sensitivity.sensitivity(path, tmp_path, taus=(0.0, 0.05, 10.0), buckets=(0, 2), family=fam, progress=False)
     default = [g for g in sens["grid"] if g["tau"] == sens["default_tau"] and g["buckets"] == "auto"][0]
     assert default["overlap"] == 1.0 and default["count"] == sens["default_count"]
     by_tau = {g["tau"]: g["count"] for g in sens["grid"] if g["buckets"] == 2}
@@ -199,7 +208,7 @@ def test_tiny_metric_outcome_sensitivity_cascades(run, tmp_path):
     assert sens["default_count"] == len(klas_sel["selected"])  # same rule as the selection stage
     assert {f["form"] for f in sens["forms"]} == {"ratio", "difference", "kl"}
 
-    cas = st.cascades(path, tmp_path, test_samples=50, n_thresholds=5, family=fam, progress=False)
+    cas = st_cascades.cascades(path, tmp_path, test_samples=50, n_thresholds=5, family=fam, progress=False)
     (curve,) = cas["curves"].values()
     accs = cas["anchors"]["acc"]
     assert curve["points"][0]["acc"] == pytest.approx(accs["fmnist-deit-ti"])  # threshold 0: small anchor only
@@ -209,15 +218,15 @@ def test_tiny_metric_outcome_sensitivity_cascades(run, tmp_path):
 
 def test_tiny_auc_and_gain(run, tmp_path):
     fam, path = run
-    cfg = st.AucCfg(steps=2, batch_size=16, n_stitches=2, test_samples=40, seeds=(0, 1), val_samples=16,
+    cfg = st_auc.AucCfg(steps=2, batch_size=16, n_stitches=2, test_samples=40, seeds=(0, 1), val_samples=16,
                     init_samples=64)
-    rec = st.auc_study(path, tmp_path, cfg, family=fam, progress=False)
+    rec = st_auc.auc_study(path, tmp_path, cfg, family=fam, progress=False)
     assert set(rec["summary"]) == {"klas", "snnet-paired", "min-kl", "anchors-only"}
     for m in ("klas", "min-kl"):
         vals = [rec["per_seed"][s]["auc"][m] for s in ("0", "1")]
         assert rec["summary"][m]["mean"] == pytest.approx(np.mean(vals))
         assert rec["summary"][m]["std"] == pytest.approx(np.std(vals, ddof=1))
-    g = st.gain_sweep(path, tmp_path, steps_list=(2, 3), cfg=cfg, family=fam, progress=False)
+    g = st_auc.gain_sweep(path, tmp_path, steps_list=(2, 3), cfg=cfg, family=fam, progress=False)
     assert [p["steps"] for p in g["points"]] == [2, 3]
     assert g["points"][0]["auc"] == rec["per_seed"]["0"]["auc"]["klas"]  # reused the AUC study's run
     assert (path / "study" / "gain" / "klas_steps3_seed0" / "compare.json").is_file()

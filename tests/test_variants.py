@@ -1,8 +1,9 @@
 """Reduced-precision variants of zoo models (int8 static QDQ, fp16) and latency per device.
 
 A real exported zoo (the embedded family's pretrained fmnist-deit-ti anchor, parity-checked by the exporter) gets its
-variants from ``klas.export.export_models(val=...)`` on real Fashion-MNIST images; every figure the manifest claims is re-computed
-here with plain onnxruntime sessions and numpy (accuracy, agreement with the float32 parent, max logit difference).
+variants from ``klas.export.export_models(val=...)`` on real Fashion-MNIST images; every figure the manifest claims is
+re-computed here with plain onnxruntime sessions and numpy (accuracy, agreement with the float32 parent, max logit
+difference).
 Rejection is engineered: int8 calibrated on a single val image with ``max_accuracy_loss = 0`` -- the clipped ranges
 cost accuracy, which is checked independently before the rejection is. Pick by latency is checked against an oracle
 over this device's records, and refused in one line (naming ``klas profile``) where only another device has any.

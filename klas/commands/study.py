@@ -58,17 +58,17 @@ def _study(args) -> int:
     for name in todo:
         print(f"[study] {name}", flush=True)
         if name == "metric-outcome":
-            cfg = st_outcome.OutcomeCfg(n_configs=args.n_configs, steps=args.stitch_steps, test_samples=args.test_samples
-                                or 10000, fitted_metrics=not args.no_fitted, viable_drop=args.viable_drop,
-                                n_boot=args.n_boot, seed=args.seed)
+            cfg = st_outcome.OutcomeCfg(n_configs=args.n_configs, steps=args.stitch_steps,
+                                        test_samples=args.test_samples or 10000, fitted_metrics=not args.no_fitted,
+                                        viable_drop=args.viable_drop, n_boot=args.n_boot, seed=args.seed)
             rec = st_outcome.metric_outcome(args.run_dir, args.out, cfg, pair=pair, data_root=args.data_root)
             print(" ".join(f"{m}: rho={s['spearman']:.2f} partial={s['partial_spearman']:.2f}"
                            for m, s in rec["stats"].items()))
         elif name == "sensitivity":
             st_sensitivity.sensitivity(args.run_dir, args.out, taus=_floats(args.taus, "--taus"))
         elif name == "cascades":
-            st_cascades.cascades(args.run_dir, args.out, test_samples=args.test_samples or None, evaluation=args.evaluation,
-                        data_root=args.data_root)
+            st_cascades.cascades(args.run_dir, args.out, test_samples=args.test_samples or None,
+                                 evaluation=args.evaluation, data_root=args.data_root)
         elif name == "auc":
             rec = st_auc.auc_study(args.run_dir, args.out, auc_cfg, data_root=args.data_root)
             print(" ".join(f"{m}: {s['mean']:.4f}+-{s['std']:.4f}" for m, s in rec["summary"].items()))

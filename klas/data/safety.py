@@ -18,7 +18,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from klas.errors import KlasError
+from klas.errors import KlasError, file_error
 
 # Decoding limit for one image (width x height). ImageNet-style photos are well below 50 MP.
 MAX_IMAGE_PIXELS = int(os.environ.get("KLAS_MAX_IMAGE_PIXELS", 50_000_000))
@@ -81,10 +81,8 @@ def load_pickle(path: Path | str, encoding: str = "latin1", what: str = "dataset
     try:
         with open(path, "rb") as f:
             return RestrictedUnpickler(f, encoding=encoding).load()
-    except FileNotFoundError:
-        raise KlasError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise KlasError(f"{path}: is a directory, not a pickle file") from None
+    except OSError as e:
+        raise file_error(path, e, what) from None
     except pickle.UnpicklingError as e:
         raise KlasError(f"{path}: not a {what} ({str(e).splitlines()[0][:160]})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, UnicodeDecodeError,

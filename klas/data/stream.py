@@ -36,23 +36,11 @@ SMALL_INPUT = 64  # train_transform = auto: light augmentation up to this input 
 
 
 def open_image(path: Path | str):
-    """Decode one image file (PIL), through ``klas.data.safety.open_image`` (pixel-limited) when it exists; any
-    failure is one line naming the file."""
-    try:
-        from klas.data.safety import open_image as safe_open  # type: ignore[attr-defined]
-    except ImportError:
-        safe_open = None
-    if safe_open is not None:
-        return safe_open(path, mode=None)  # the channel conversion is Preprocess.convert's
-    from PIL import Image
+    """Decode one image file (PIL, pixel-limited: ``klas.data.safety.open_image``); any failure is one line naming
+    the file. The channel conversion is ``Preprocess.convert``'s."""
+    from klas.data.safety import open_image as safe_open
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise KlasError(f"{path}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                        ) from None
+    return safe_open(path, mode=None)
 
 
 # --------------------------------------------------------------------------------------------------- transforms

@@ -91,7 +91,8 @@ def cascade_entry(c: dict, entries: list[dict], data, options, out_dir: Path) ->
         inputs = data.normalize(data.images[:n]).numpy()
         entry["latency"].append(cascade_latency_record(
             out_dir / small["file"], out_dir / large["file"], c["threshold"], options.provider, options.threads,
-            options.batch, options.warmup, options.runs, inputs=inputs, inputs_label=f"{n} {data.spec.name} test images"))
+            options.batch, options.warmup, options.runs, inputs=inputs,
+            inputs_label=f"{n} {data.spec.name} test images"))
     return entry
 
 

@@ -31,6 +31,10 @@ from klas_runtime.profile import latency_record
 
 EXAMPLE_BATCH = 2  # the export's example input: a batch of 2 keeps the traced batch axis symbolic
 
+ModelProvider = Callable[[StitchConfig], nn.Module]
+"""Builds the trained network of one configuration (anchors: ``StitchConfig.anchor(name)``). It must return a
+``klas.stitch.StitchedNet`` (or anything with its ``src``, ``tgt``, ``i``, ``j`` attributes and forward)."""
+
 
 @dataclass
 class Member:
@@ -39,7 +43,7 @@ class Member:
     whose weights the user gave (exported as given, checked bit for bit against their file)."""
 
     config: StitchConfig
-    net: Any  # nn.Module, or a callable StitchConfig -> nn.Module
+    net: nn.Module | ModelProvider
     row: dict | None = None
     name: str | None = None
     untouched: Any = None
@@ -154,10 +158,12 @@ def check_untouched(view) -> dict:
         given = given.get("state_dict", given.get("model", given)) if isinstance(given, dict) else given
     mine = view.model.state_dict()
     shared = [k for k in given if k in mine]
-    bad = [k for k in shared if not torch.equal(given[k].to(mine[k].dtype), mine[k]) or given[k].dtype != mine[k].dtype]
+    bad = [k for k in shared
+           if not torch.equal(given[k].to(mine[k].dtype), mine[k]) or given[k].dtype != mine[k].dtype]
     if not shared or bad or len(shared) < len(given):
         raise KlasError(f"{f}: the anchor {view.name!r} to export differs from the weights file "
-                        f"({len(bad)} tensors differ, {len(given) - len(shared)} missing): refusing to ship changed anchors")
+                        f"({len(bad)} tensors differ, {len(given) - len(shared)} missing): refusing to ship changed "
+                        "anchors")
     return dict(file=str(f), sha256=sha256_file(f), check=f"bit-identical ({len(shared)} tensors)")
 
 
@@ -177,7 +183,3 @@ def config_entry(config: StitchConfig, net: nn.Module) -> dict:
     return dict(source=config.source, i=config.i, target=config.target, j=config.j, anchor=False,
                 source_blocks=[0, config.i + 1], target_blocks=[config.j + 1, tgt_depth])
 
-
-ModelProvider = Callable[[StitchConfig], nn.Module]
-"""Builds the trained network of one configuration (anchors: ``StitchConfig.anchor(name)``). It must return a
-``klas.stitch.StitchedNet`` (or anything with its ``src``, ``tgt``, ``i``, ``j`` attributes and forward)."""

@@ -18,10 +18,10 @@ before any stage runs (``check_anchor_classes``, one line naming this command). 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from klas.contract import setting
+from klas.contract import setting, with_defaults
 from klas.errors import KlasError
 from klas.families.trainer import Recipe
 
@@ -30,21 +30,14 @@ FAMILY_FILE = "family.toml"
 RUN_FILE = "run.toml"
 
 
-@dataclass(frozen=True)
-class AdaptRecipe(Recipe):
+AdaptRecipe = with_defaults(
+    Recipe, "AdaptRecipe",
     """One finetuning recipe for every anchor: a new classifier for the dataset's classes, then the whole anchor
-    trained (the anchor trainer's loop; AdamW with no weight decay on biases, norms and embeddings)."""
-
-    epochs: int = setting(5, "finetuning epochs", ge=1)
-    batch_size: int = setting(64, "images per step", ge=1)
-    lr: float = setting(5e-4, "AdamW peak learning rate", gt=0)
-    weight_decay: float = setting(0.05, "AdamW weight decay", ge=0)
-    warmup_epochs: float = setting(0.5, "linear warm-up, in epochs", ge=0)
-    label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy", ge=0, le=1)
-    seed: int = setting(0, "seed of the new heads and the data order", ge=0)
-    train_subset: int | None = setting(None, "first N training images only (tests, smoke runs)", ge=1, none="all")
-    ckpt_every: int = setting(200, "steps between checkpoints within an epoch (one is written at every epoch end)",
-                              ge=1)
+    trained (the anchor trainer's loop; AdamW with no weight decay on biases, norms and embeddings).""",
+    dict(epochs=(5, "finetuning epochs"), batch_size=64, lr=5e-4, warmup_epochs=0.5,
+         seed=(0, "seed of the new heads and the data order")),
+    extra=(("ckpt_every", int, setting(200, "steps between checkpoints within an epoch (one is written at every "
+                                       "epoch end)", ge=1)),))
 
 
 # --------------------------------------------------------------------------------------------------- the check

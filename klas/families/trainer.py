@@ -5,7 +5,6 @@ seed), checkpoints each epoch (resumable), and writes ``<anchor>.safetensors`` p
 """
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from klas.errors import KlasError
 from klas.families._registry import _EMBEDDED_WEIGHTS, create_anchor, get_family_cfg
 from klas.io import load_checkpoint, load_json, save_json, save_tensors, sha256_file
 from klas.train import Trainer, epoch_generator, progress_bar
+from klas_runtime.machine import machine_info
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,12 @@ class Recipe:
 
 @torch.no_grad()
 def evaluate_accuracy(model: torch.nn.Module, data, batch_size: int = 1000) -> float:
-    """Top-1 accuracy (percent) of ``model`` on an ImageSet."""
+    """Top-1 accuracy (percent) of ``model`` on an ImageSet (left in eval mode)."""
+    from klas.metrics import network_score
+    from klas.tasks import get_task
+
     model.eval()
-    correct = 0
-    for x, y in batches(data, batch_size):
-        correct += (model(x).argmax(-1) == y).sum().item()
-    return 100.0 * correct / max(len(data), 1)
+    return network_score(get_task("image-classification"), model, data, batch_size)
 
 
 def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = Recipe(),
@@ -153,8 +153,7 @@ def train_family(family: str, out_dir: Path | None = None, recipe: Recipe = Reci
         entries[a.name] = train_anchor(family, a.name, out_dir, recipe, data_root)
         card = dict(family=family, dataset=cfg.dataset, recipe=asdict(recipe),
                     command=f"klas anchors train {family} --epochs {recipe.epochs} --seed {recipe.seed}",
-                    machine=dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                                 torch=torch.__version__, threads=torch.get_num_threads()),
+                    machine=machine_info(),
                     anchors=[entries[x.name] for x in cfg.anchors if x.name in entries])
         save_json(card, card_path)
     return card_path

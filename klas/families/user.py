@@ -36,13 +36,11 @@ from typing import Any
 from klas.errors import KlasError
 from klas.contract import toml_key, toml_value
 from klas.families._registry import AnchorCfg, FamilyCfg, _FAMILIES, is_hub_id, register_family
+from klas_runtime.preprocess import CROP_MODES, INTERPOLATIONS  # what the runtime can repeat
 
 FAMILY_KEYS = ("name", "task", "dataset", "num_classes", "description", "input", "anchors")
 ANCHOR_KEYS = ("name", "arch", "model_args", "weights")
 INPUT_KEYS = ("channels", "size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
-CROP_MODES = ("center", "squash", "border")
-DATASETS = ("imagefolder", "fashion-mnist", "cifar100")
 
 
 def _num(v) -> bool:
@@ -57,14 +55,15 @@ def parse_family(table: Any, source: str, base: Path | None = None) -> FamilyCfg
     if not isinstance(table, dict):
         raise KlasError(f"{where} must be a table (name, anchors, ...)")
     name = _keys_and_name(table, FAMILY_KEYS, where, "name")
-    dataset = table.get("dataset", "imagefolder")
-    if dataset not in DATASETS:
-        raise KlasError(f"{where} dataset = {dataset!r}: expected one of {', '.join(DATASETS)}")
-    from klas.tasks import DEFAULT_TASK, task_names
+    from klas.tasks import DEFAULT_TASK, get_task, task_names
 
     task = table.get("task", DEFAULT_TASK)
     if task not in task_names():
         raise KlasError(f"{where} task = {task!r}: expected one of {', '.join(task_names())}")
+    datasets = get_task(task).datasets
+    dataset = table.get("dataset", datasets[0] if datasets else None)
+    if datasets and dataset not in datasets:
+        raise KlasError(f"{where} dataset = {dataset!r}: expected one of {', '.join(datasets)}")
     description = table.get("description", "")
     if not isinstance(description, str):
         raise KlasError(f"{where} description: expected a string")
@@ -89,7 +88,7 @@ def parse_family(table: Any, source: str, base: Path | None = None) -> FamilyCfg
     channels = inp.get("channels") or anchors[0].model_args.get("in_chans") or 3
     size = inp.get("size") or tuple((_pretrained(anchors[0]).get("input_size") or (3, 224, 224))[1:])
     return FamilyCfg(name=name, anchors=tuple(anchors), input_shape=(int(channels), int(size[0]), int(size[1])),
-                     dataset=dataset, num_classes=int(num_classes), description=description or f"from {source}",
+                     dataset=dataset or "", num_classes=int(num_classes), description=description or f"from {source}",
                      input=inp, source=source, task=task)
 
 

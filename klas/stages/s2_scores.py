@@ -85,7 +85,8 @@ class ScorePass:
 @dataclass(frozen=True)
 class ScoreBatch:
     """One streamed batch as every accumulator sees it (this rank's shard): per anchor the probes' and the head's
-    logits [depth + 1, B, C] and the probe features (one [B, C_k] per block), and the samples' positions in the split."""
+    logits [depth + 1, B, C] and the probe features (one [B, C_k] per block), and the samples' positions in the
+    split."""
 
     logits: dict
     features: dict
@@ -256,6 +257,28 @@ def diagonal_summary(d: torch.Tensor) -> dict:
                 mean_D_diagonal=float(on.mean()) if len(on) else None, mean_D_all=float(torch.nanmean(d)))
 
 
+def plot_heatmap(d: torch.Tensor, s: torch.Tensor, a: str, b: str, form: str, path: Path) -> None:
+    """D (left) and the stitch score (right), rows = source blocks, columns = target blocks; the depth-matched
+    diagonal is drawn in white."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d_src, d_tgt = d.shape
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    diag = [depth_matched(i, d_src, d_tgt) for i in range(d_src)]
+    for ax, t, title in ((axes[0], d, "D = KL(p_src,i || p_tgt,j)"), (axes[1], s, f"stitch score ({form})")):
+        im = ax.imshow(t.float().numpy(), cmap="viridis_r", aspect="auto", interpolation="nearest")
+        ax.plot(diag, range(d_src), color="w", lw=1, ls="--")
+        ax.set_xlabel(f"target block j ({b})")
+        ax.set_ylabel(f"source block i ({a})")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _stream(ctx: StageContext, cfg: ScoresConfig, nets: dict, val, acc: ScoreAccumulator, plugins: list) -> None:
     """The one pass over ``val``: every batch's probe and head logits into ``acc``, the batch into every plug-in."""
     di, family, task = ctx.dist, ctx.family, ctx.task
@@ -342,28 +365,6 @@ def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
         art.save(out)
     kd.barrier("scores record")
     return art
-
-
-def plot_heatmap(d: torch.Tensor, s: torch.Tensor, a: str, b: str, form: str, path: Path) -> None:
-    """D (left) and the stitch score (right), rows = source blocks, columns = target blocks; the depth-matched
-    diagonal is drawn in white."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d_src, d_tgt = d.shape
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
-    diag = [depth_matched(i, d_src, d_tgt) for i in range(d_src)]
-    for ax, t, title in ((axes[0], d, "D = KL(p_src,i || p_tgt,j)"), (axes[1], s, f"stitch score ({form})")):
-        im = ax.imshow(t.float().numpy(), cmap="viridis_r", aspect="auto", interpolation="nearest")
-        ax.plot(diag, range(d_src), color="w", lw=1, ls="--")
-        ax.set_xlabel(f"target block j ({b})")
-        ax.set_ylabel(f"source block i ({a})")
-        ax.set_title(title, fontsize=10)
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # --- the stage contract ---------------------------------------------------------------------------------------------

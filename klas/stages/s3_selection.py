@@ -61,7 +61,8 @@ class Candidates:
 
     def tables(self, score_of) -> list[dict]:
         """One ``candidate_table`` per anchor pair, scored by ``score_of(pair)`` (a [dA, dB] tensor, or None)."""
-        return [candidate_table(self.family, a, b, self.d[(a, b)], self.cap[b], score_of((a, b))) for a, b in self.pairs]
+        return [candidate_table(self.family, a, b, self.d[(a, b)], self.cap[b], score_of((a, b)))
+                for a, b in self.pairs]
 
     @cached_property
     def klas_tables(self) -> list[dict]:
@@ -90,9 +91,10 @@ _METHODS: dict[str, SelectionMethod] = {}
 
 
 def register_method(method: SelectionMethod) -> SelectionMethod:
-    """Register ``method`` under ``method.name`` (a later registration of the same name replaces it)."""
-    if not isinstance(method, SelectionMethod) or not method.name:
-        raise TypeError("register_method takes a named SelectionMethod instance")
+    """Register ``method`` (a ``SelectionMethod`` with a ``name``; a later registration of the same name replaces
+    it); returns it."""
+    if not getattr(method, "name", ""):
+        raise ValueError(f"{method!r}: a selection method needs a name")
     _METHODS[method.name] = method
     return method
 
@@ -103,6 +105,7 @@ def method_names() -> tuple[str, ...]:
 
 
 def get_method(name: str) -> SelectionMethod:
+    """The registered method ``name``; one-line error naming the registered ones."""
     if name not in _METHODS:
         raise KlasError(f"selection method {name!r}: not registered; registered: {', '.join(_METHODS)} "
                         f"(klas.research.register_all() adds the baselines)")

@@ -55,6 +55,7 @@ from klas.contract import Artifact, StageContext, digest, key_fields, setting
 from klas.errors import KlasError
 from klas.families import Family
 from klas.io import load_checkpoint, load_json, load_tensors, save_tensors, tensor_metadata
+from klas.metrics import network_score
 from klas.losses import check_distill, distill_loss, frozen_teachers, teacher_name
 from klas.stages.s3_selection import SelectionArtifact
 from klas.stitch import FitCfg, StitchConfig, fit_stitch
@@ -216,27 +217,6 @@ def _init_layers(net: StitchedModels, train, cfg: FinetuneConfig, seed: int, pat
     return stats
 
 
-@torch.no_grad()
-def config_score(task, net: nn.Module, data, batch_size: int = 500, device: torch.device | None = None,
-                 sharded: bool = False) -> float:
-    """The task's metric (percent) of one network on a split. ``sharded``: under torchrun each rank scores its
-    shard of every batch and the per-sample qualities are summed (every rank gets the whole-split figure)."""
-    from klas.data import batches
-
-    di = kd.info() if sharded else kd.DistInfo()
-    was = net.training
-    net.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    for x, y in batches(data, batch_size, rank=di.rank, world_size=di.world):
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        total += task.quality(task.predict(net(x))[0], y).double().sum().cpu()
-    net.train(was)
-    if di.distributed:
-        kd.all_reduce_([total], "quality sums")
-    return 100.0 * float(total) / max(len(data), 1)
-
-
 @dataclass
 class _Run:
     """What every recipe's loop reads: the settings, data, budget, device and hooks of this finetune run."""
@@ -264,7 +244,7 @@ class _Run:
                              self.world, self.device)
 
     def score(self, net: nn.Module, **kw) -> float:
-        return config_score(self.task, net, self.val, sharded=True, **kw)
+        return network_score(self.task, net, self.val, sharded=True, **kw)
 
     def trainer(self, net: nn.Module, scale) -> Trainer:
         # warm-up over warmup_frac of the budget, cosine to min_lr; no decay on biases, norms, embeddings

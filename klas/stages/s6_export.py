@@ -17,17 +17,14 @@ from typing import ClassVar
 
 from klas.contract import Artifact, StageContext, digest, setting
 from klas.errors import KlasError
-from klas.export import (EXPORTER_DYNAMO, EXPORTER_TORCHSCRIPT, ModelProvider, cascades, check_rows, export_models,
-                         export_onnx, members, standalone, zoo_items)
+from klas.export import ModelProvider, cascades, check_rows, export_models, members, zoo_items
 from klas.io import sha256_file, swap_dirs
 from klas.stages.s4_finetune import FinetuneArtifact
 from klas.stages.s5_evaluation import EvaluationArtifact
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, save_manifest
 
-__all__ = ["ExportArtifact", "ExportConfig", "finetuned_networks", "run", "summary",
-           # klas.export's, under the names callers of this module used
-           "EXPORTER_DYNAMO", "EXPORTER_TORCHSCRIPT", "export_models", "export_onnx", "input_spec", "standalone"]
+__all__ = ["ExportArtifact", "ExportConfig", "finetuned_networks", "run", "summary"]
 
 
 @dataclass(frozen=True)
@@ -165,14 +162,3 @@ def _untouched_anchors(ctx: StageContext) -> dict:
 
 def summary(art: ExportArtifact) -> dict:
     return dict(models=len(art.models))
-
-
-def input_spec(data, shape, data_config=None) -> dict:
-    """The image-classification input spec of ``data`` at ``shape`` (C, H, W) under ``data_config`` (the task's
-    ``input_spec``, for callers of this module's earlier function)."""
-    from types import SimpleNamespace
-
-    from klas.tasks import get_task
-
-    return get_task("image-classification").input_spec(data, SimpleNamespace(input_shape=tuple(shape),
-                                                                               data_config=data_config))

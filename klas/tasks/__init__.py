@@ -28,6 +28,12 @@ def task_names() -> tuple[str, ...]:
     return tuple(sorted(_TASKS))
 
 
+def dataset_names() -> tuple[str, ...]:
+    """Every dataset name a registered task reads: the choices of ``[data] dataset``."""
+    _builtin()
+    return tuple(dict.fromkeys(d for t in _TASKS.values() for d in t.datasets))
+
+
 def get_task(name: str | None) -> Task:
     """The registered task ``name`` (None: image classification); one-line error naming the registered ones."""
     _builtin()
@@ -48,4 +54,4 @@ def _builtin() -> None:
     import klas.tasks.image_classification  # noqa: F401
 
 
-__all__ = ["DEFAULT_TASK", "Task", "get_task", "register_task", "task_names", "task_of"]
+__all__ = ["DEFAULT_TASK", "Task", "dataset_names", "get_task", "register_task", "task_names", "task_of"]

@@ -19,6 +19,7 @@ class Task:
     cost_unit: ClassVar[str] = "image"  # what FLOPs and latency are counted per
     metric: ClassVar[str] = "accuracy"  # the reported quality, in percent: mean per-sample quality x 100
     runtime_entry: ClassVar[str] = "classify"  # the klas-runtime entry that serves this task's zoo
+    datasets: ClassVar[tuple[str, ...]] = ()  # the [data] dataset names it reads (empty: its own data only)
 
     # --- data ---------------------------------------------------------------------------------------------------
     def open_split(self, family, split: str, data=None, *, root=None, dataset=None, augment: bool = False):
@@ -29,6 +30,9 @@ class Task:
     def num_outputs(self, family) -> int:
         """Width of a probe's output (and of the anchors' heads)."""
         raise NotImplementedError
+
+    def check_config(self, cfg) -> None:
+        """Refuse, in one line, a run config whose family and data cannot work together (called before a run)."""
 
     # --- probes -------------------------------------------------------------------------------------------------
     def probe_features(self, view, h: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,17 @@ class ImageClassification(Task):
     cost_unit = "image"
     metric = "top-1 accuracy"
     runtime_entry = "classify"
+    datasets = ("imagefolder", "fashion-mnist", "cifar100")  # klas.data.DATASETS
 
     def open_split(self, family, split, data=None, *, root=None, dataset=None, augment=False):
         from klas.data import open_split  # the family's own preprocessing, in memory or streamed
 
         return open_split(family, split, data, root=root, dataset=dataset, augment=augment)
+
+    def check_config(self, cfg) -> None:
+        from klas.families.adapt import check_anchor_classes
+
+        check_anchor_classes(cfg)  # anchors whose heads do not fit the dataset: one line naming `klas anchors adapt`
 
     def num_outputs(self, family) -> int:
         return getattr(family, "cfg", family).num_classes

@@ -35,7 +35,8 @@ class AucCfg:
 
 def _compare_once(run: RunDir, out: Path, methods, steps: int, seed: int, cfg: AucCfg, family, data_root,
                   progress: bool) -> dict:
-    """One ``klas.research.compare`` at (steps, seed), skipped when its compare.json exists for the same budget and arms."""
+    """One ``klas.research.compare`` at (steps, seed), skipped when its compare.json exists for the same budget and
+    arms."""
     from klas.research.compare import Arm, compare, resolve_selection
     from klas.stages.s4_finetune import FinetuneConfig
     from klas.stages.s5_evaluation import EvaluationConfig
