@@ -1,6 +1,6 @@
 """klas: KL-divergence based Anchor Stitching, packaged for deployment.
 
-family -> probes -> scores -> selection -> supernet -> evaluation -> export -> runtime
+family -> probes -> scores -> selection -> finetune -> evaluation -> export -> runtime
 """
 __version__ = "0.1.0"
 

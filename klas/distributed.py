@@ -1,4 +1,4 @@
-"""Scale-out helpers shared by the heavy stages (probes, scores, supernet, evaluation): one place that knows torchrun.
+"""Scale-out helpers shared by the heavy stages (probes, scores, finetune, evaluation): one place that knows torchrun.
 
 Every stage calls ``init()`` first. Outside torchrun (``WORLD_SIZE`` unset or 1) it returns rank 0 of 1 and every
 helper below is a no-op, so single-process code paths stay exactly as they were. Under ``torchrun`` it joins the

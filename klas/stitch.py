@@ -10,7 +10,7 @@ features on real training images; two gradient objectives are offered on top of 
   the same image (a weighted, normalized squared error over depths: ``fula_loss``), a distillation-like objective
   that needs no labels. The ``fula`` selection metric (``klas.research.metrics``) fits the same objective.
 
-Anchors stay frozen while a layer is fitted; only the supernetwork finetuning (``klas.stages.s4_finetune``) moves them.
+Anchors stay frozen while a layer is fitted; only finetuning (``klas.stages.s4_finetune``) moves them.
 """
 from __future__ import annotations
 

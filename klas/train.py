@@ -1,4 +1,4 @@
-"""The training-loop parts shared by the anchor trainer, the probes and supernet finetuning.
+"""The training-loop parts shared by the anchor trainer, the probes and the finetune stage.
 
 Each loop keeps its own data order, forward and loss (anchors train from scratch, probes on frozen features,
 finetuning samples a stitch configuration per step under DDP); what they share lives here:
@@ -274,7 +274,7 @@ def data_parallel(net: nn.Module, parallel: str, device: torch.device) -> nn.Mod
             raise KlasError("--parallel fsdp: torch's FSDP needs CUDA devices; use --parallel ddp on the CPU")
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        # NOTE: one root unit with original parameters, so the supernet's per-config forward (which reuses the
+        # NOTE: one root unit with original parameters, so the per-config forward of the shared recipe's supernetwork (which reuses the
         # anchors' submodules) keeps working; every rank runs the same configuration, so all-gathers line up.
         return FSDP(net, device_id=device, use_orig_params=True, sync_module_states=True)
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -215,7 +215,7 @@ class ViTView(BlockView):
 
 def _downsampled_stages(stages, attr: str) -> list:
     """(name, stage, module) per block of stages that each open with a downsample: the first block of a stage
-    carries the stage's downsample, so every block's output is the stage's resolution (Swin, LeViT)."""
+    carries the stage's downsample, so every block's output is the stage's resolution (Swin, ConvNeXt)."""
     out = []
     for s, stage in enumerate(stages):
         for k, blk in enumerate(stage.blocks):
@@ -223,17 +223,26 @@ def _downsampled_stages(stages, attr: str) -> list:
     return out
 
 
-class SwinView(BlockView):
-    """timm SwinTransformer: stages of NHWC maps; a stage's patch merging runs inside its first block."""
+class _StagedView:
+    """Mixin of the views whose blocks are the blocks of the model's stages, each stage's downsample inside its first
+    block, with a stem module and a module before timm's ``forward_head``; the class names the three attributes."""
+
+    STAGES = STEM = PRE_HEAD = ""
 
     def _blocks(self):
-        return _downsampled_stages(self.model.layers, "layers")
+        return _downsampled_stages(getattr(self.model, self.STAGES), self.STAGES)
 
     def forward_stem(self, x):
-        return self.model.patch_embed(x)
+        return getattr(self.model, self.STEM)(x)
 
     def forward_head(self, h):
-        return self.model.forward_head(self.model.norm(h))
+        return self.model.forward_head(getattr(self.model, self.PRE_HEAD)(h))
+
+
+class SwinView(_StagedView, BlockView):
+    """timm SwinTransformer: stages of NHWC maps; a stage's patch merging runs inside its first block."""
+
+    STAGES, STEM, PRE_HEAD = "layers", "patch_embed", "norm"
 
 
 class LevitView(BlockView):
@@ -309,18 +318,11 @@ class MobileNetV3View(EfficientNetView):
         return self.model.forward_head(h)
 
 
-class ConvNeXtView(_NCHWView):
+class ConvNeXtView(_StagedView, _NCHWView):
     """timm ConvNeXt: stem (patchify), then the blocks of each stage; a stage's downsample (norm + strided conv,
     Identity for the first stage) runs inside its first block. Head = ``norm_pre`` + timm's ``forward_head``."""
 
-    def _blocks(self):
-        return _downsampled_stages(self.model.stages, "stages")
-
-    def forward_stem(self, x):
-        return self.model.stem(x)
-
-    def forward_head(self, h):
-        return self.model.forward_head(self.model.norm_pre(h))
+    STAGES, STEM, PRE_HEAD = "stages", "stem", "norm_pre"
 
 
 class RegNetView(_NCHWView):

@@ -206,7 +206,7 @@ def _init_layers(net: StitchedModels, train, cfg: FinetuneConfig, seed: int, pat
             return {int(k): v for k, v in json.loads(meta["stats"]).items()}
     stats: dict[int, dict] = {}
     todo = [k for k, c in enumerate(net.configs) if not c.is_anchor]
-    for k in tqdm(todo, desc=f"[supernet] init stitch layers ({cfg.init.method})", disable=not progress or rank != 0):
+    for k in tqdm(todo, desc=f"[finetune] init stitch layers ({cfg.init.method})", disable=not progress or rank != 0):
         c = net.configs[k]
         fit = replace(cfg.init, seed=derive_seed(seed, "init", k) & 0xFFFFFFFF)
         layer, st = fit_stitch(net.view(c.source), c.i, net.view(c.target), c.j, train, fit)
