@@ -274,8 +274,9 @@ def data_parallel(net: nn.Module, parallel: str, device: torch.device) -> nn.Mod
             raise KlasError("--parallel fsdp: torch's FSDP needs CUDA devices; use --parallel ddp on the CPU")
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        # NOTE: one root unit with original parameters, so the per-config forward of the shared recipe's supernetwork (which reuses the
-        # anchors' submodules) keeps working; every rank runs the same configuration, so all-gathers line up.
+        # NOTE: one root unit with original parameters, so the per-config forward of the shared recipe's supernetwork
+        # (which reuses the anchors' submodules) keeps working; every rank runs the same configuration, so all-gathers
+        # line up.
         return FSDP(net, device_id=device, use_orig_params=True, sync_module_states=True)
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -178,7 +178,7 @@ def evaluate(run_dir, cfg, *, data_root=None, state="final", family=None, out=No
     from klas.stages import s5_evaluation
 
     name = family if family is not None else RunDir(run_dir).family
-    hooks = dict(state=state, family=family, **({"out": out} if out is not None else {}))
+    hooks = dict(state=state, built_family=family, **({"out": out} if out is not None else {}))
     return s5_evaluation.run(cfg, StageContext.open(run_dir, name, data=_data(data, data_root), progress=progress,
                                                     **hooks))
 

@@ -61,7 +61,8 @@ weights = "tv-{w}.safetensors"
 SERVER = r'''
 import errno, json, os, shutil, signal, sys
 sys.argv = ["klas"]
-import klas.cli, klas.io, klas.stages.s6_export as s6
+import klas.cli, klas.io, klas.export.member as member, klas.export.manifest as zoo_manifest
+import klas.stages.s6_export as s6
 import klas.config, klas.pipeline, klas.data, klas_runtime.runtime, klas_runtime.profile, onnxruntime, PIL.Image
 klas.cli.build_parser()  # every command module imported once, here
 from klas_runtime.io import atomic_path
@@ -72,7 +73,7 @@ print("ready", file=reply)
 def faults(f):
     if "snapshots" in f:  # copy the run dir at each moment a kill could strike, then SIGKILL after the swap
         run, dest, seen = f["run"], f["snapshots"], {"n": 0}
-        write, save, swap = s6.write_atomic, s6.save_manifest, klas.io.swap_dirs
+        write, save, swap = member.write_atomic, zoo_manifest.save_manifest, s6.swap_dirs
         def snap(name):
             shutil.copytree(run, os.path.join(dest, name), symlinks=True)
         def w(path, data):
@@ -87,9 +88,9 @@ def faults(f):
             snap("manifest-staged-before-swap")
             swap(new, old)
             os.kill(os.getpid(), signal.SIGKILL)  # a real kill: after the swap, before the stage record
-        s6.write_atomic, s6.save_manifest, klas.io.swap_dirs = w, sm, sw
+        member.write_atomic, zoo_manifest.save_manifest, s6.swap_dirs = w, sm, sw
     if "enospc" in f:  # the disk fills up while the n-th zoo file is written
-        write, seen = s6.write_atomic, {"n": 0}
+        write, seen = member.write_atomic, {"n": 0}
         def full(path, data):
             seen["n"] += 1
             if seen["n"] >= f["enospc"]:
@@ -97,7 +98,7 @@ def faults(f):
                     tmp.write_bytes(data[: len(data) // 2])
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             write(path, data)
-        s6.write_atomic = full
+        member.write_atomic = full
     if "eacces" in f:  # the file system refuses to create folders under a prefix
         mkdir, prefix = os.mkdir, f["eacces"]
         def no(path, *a, **k):

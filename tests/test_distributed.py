@@ -123,16 +123,16 @@ def test_stages_under_two_ranks_equal_single_process(tmp_path):
     probes(fam, single, ProbesConfig(**PROBE_KW), seed=0, progress=False)
     scores(fam, single, ScoresConfig(**SCORE_KW), progress=False)
     finetune(single, FinetuneConfig(**FT_KW, init=FitCfg(samples=128, batch_size=64)), seed=0,
-                      selection_path=sel, family=fam, progress=False)
+             selection_path=sel, family=fam, progress=False)
     ev_single = evaluate(single, EvaluationConfig(**EVAL_KW), progress=False)
     out, _ = job.communicate(timeout=240)
     assert job.returncode == 0, out[-3000:]
-    assert marker.read_text() == "killed" and "KlasError: rank 0/2: distributed supernet gradient" in out, out[-3000:]
+    assert marker.read_text() == "killed" and "KlasError: rank 0/2: distributed finetune gradient" in out, out[-3000:]
     for rank in range(2):  # first attempt from step 1; the restart resumed from the step-2 checkpoint
         assert f"rank {rank} attempt 0: first step 1" in out and f"rank {rank} attempt 1: first step 3" in out, out
 
-    probes = _tensors(single, "probes", "probes.safetensors")
-    _assert_same(probes, _tensors(ddp, "probes", "probes.safetensors"), rtol=1e-4, atol=1e-5)
+    probe_weights = _tensors(single, "probes", "probes.safetensors")
+    _assert_same(probe_weights, _tensors(ddp, "probes", "probes.safetensors"), rtol=1e-4, atol=1e-5)
     assert json.loads((ddp / "probes" / "probes.json").read_text())["world_size"] == 2
     _assert_same(_tensors(single, "scores", "scores.safetensors", "metrics.safetensors"),
                  _tensors(ddp, "scores", "scores.safetensors", "metrics.safetensors"), rtol=1e-5, atol=1e-7)

@@ -151,11 +151,12 @@ def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneConfig, evaluatio
         if progress:
             print(f"[compare] {a.label}: {len(sel['selected'])} stitches, init {a.init}", flush=True)
         meta = s4_finetune.run(arm_cfg, arm)
-        ev = s5_evaluation.run(evaluation, ctx(arm_dir, base, family=copy.deepcopy(base) if handed else None))
+        ev = s5_evaluation.run(evaluation, ctx(arm_dir, base, built_family=copy.deepcopy(base) if handed else None))
         ev0 = None
         if before:
+            built = copy.deepcopy(base) if handed else None
             ev0 = s5_evaluation.run(replace(evaluation, latency=False),
-                                    ctx(arm_dir, base, state="init", family=copy.deepcopy(base) if handed else None))
+                                    ctx(arm_dir, base, state="init", built_family=built))
             curves_init[a.label] = ev0.configs
         curves[a.label] = ev.configs
         rows.append(_summary_row(a, sel.get("method"), len(sel["selected"]), ev, ev0, budgets, meta))

@@ -1,4 +1,4 @@
-"""The finetune stage: the selected stitches, by one of three recipes, by one of three recipes (``FinetuneConfig.recipe``):
+"""The finetune stage: the selected stitches, by one of three recipes (``FinetuneConfig.recipe``):
 
 * ``shared`` -- the stitched supernetwork (SN-Net, Pan et al., CVPR 2023): anchors shared by every selected
   configuration, one stitch layer per stitched configuration, one (or ``configs_per_step``) sampled configuration(s)
@@ -59,8 +59,9 @@ from klas.metrics import network_score
 from klas.losses import check_distill, distill_loss, frozen_teachers, teacher_name
 from klas.stages.s3_selection import SelectionArtifact
 from klas.stitch import FitCfg, StitchConfig, fit_stitch
-from klas.stitched import (ANCHORS, CKPT_DIR, CONFIG_DIR, INIT_STITCHES, RECORD, STITCHES, SUPERNET_CKPT, StitchedModels,
-                           limit_stitches, read_selection, set_train_mode, stitch_tensors_to_save, trainable_stitch)
+from klas.stitched import (ANCHORS, CKPT_DIR, CONFIG_DIR, INIT_STITCHES, RECORD, STITCHES, SUPERNET_CKPT,
+                           StitchedModels, limit_stitches, read_selection, set_train_mode, stitch_tensors_to_save,
+                           trainable_stitch)
 from klas.train import (LoopState, Trainer, config_at, data_parallel, derive_seed, plot_training, progress_bar,
                         rest_of_epoch, run_epochs)
 
@@ -444,7 +445,8 @@ def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, e
     # NOTE: every stitch starts from its own seed, so it does not depend on which stitches ran before it
     torch.manual_seed(derive_seed(env.seed, "stitch", k))
     sn = trainable_stitch(net.view(c.source), net.view(c.target), c, net.stitches[str(k)], cfg.recipe,
-                          cfg.lora_rank, cfg.lora_alpha, torch.Generator().manual_seed(derive_seed(env.seed, "lora", k)))
+                          cfg.lora_rank, cfg.lora_alpha,
+                          torch.Generator().manual_seed(derive_seed(env.seed, "lora", k)))
     sn.to(env.device)
     scale = None if cfg.anchor_lr_scale == 1.0 or cfg.recipe == "frozen" else (
         lambda name: 1.0 if name.startswith("layer.") else cfg.anchor_lr_scale)
@@ -544,7 +546,8 @@ def _summary(net: StitchedModels, fam: Family, task, sel: SelectionArtifact, sel
                          val_acc=None if val_final is None else val_final[k]))
     any_view = next(iter(views.values()))
     if cfg.recipe == "shared":
-        files = dict(checkpoint=SUPERNET_CKPT, anchors=ANCHORS, stitch_layers=STITCHES, init_stitch_layers=INIT_STITCHES)
+        files = dict(checkpoint=SUPERNET_CKPT, anchors=ANCHORS, stitch_layers=STITCHES,
+                     init_stitch_layers=INIT_STITCHES)
     else:
         files = dict(checkpoints=CKPT_DIR, anchors=ANCHORS, anchors_state="untouched", stitch_layers=STITCHES,
                      init_stitch_layers=INIT_STITCHES, configs=CONFIG_DIR)

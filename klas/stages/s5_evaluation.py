@@ -115,7 +115,7 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
     artifact), a markdown table and a PNG of the metric-vs-FLOPs curve into ``<run>/evaluation``.
 
     Research variants (``klas.research``) set ``ctx.hooks``: ``state="init"`` evaluates the stitch layers before
-    finetuning (written to ``evaluation/init``, or ``hooks["out"]``), ``family`` hands in an already built family
+    finetuning (written to ``evaluation/init``, or ``hooks["out"]``), ``built_family`` hands in an already built family
     (needed for ``init`` of runs whose anchors were passed in).
     """
     from tqdm import tqdm
@@ -123,7 +123,7 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
     from klas.stitched import load_stitched_models
 
     di = ctx.dist
-    state, family, task = ctx.hooks.get("state", "final"), ctx.hooks.get("family"), ctx.task
+    state, family, task = ctx.hooks.get("state", "final"), ctx.hooks.get("built_family"), ctx.task
     latency, latency_repeats, threads, batch_size = cfg.latency, cfg.latency_repeats, cfg.threads, cfg.batch_size
     out = ctx.hooks.get("out") or ctx.folder("evaluation") / ("" if state == "final" else state)
     out = Path(out)
@@ -139,7 +139,8 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
         return dict(val_acc=task.score(outputs[key][0][0], val.labels),
                     test_acc=task.score(outputs[key][1][0], test.labels))
 
-    for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=not ctx.progress or not di.is_main):
+    quiet = not ctx.progress or not di.is_main
+    for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=quiet):
         sn = net.net(k)
         row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
                    flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params,
