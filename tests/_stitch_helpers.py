@@ -83,7 +83,7 @@ from _stitch_helpers import finetune
 torch.manual_seed(0)
 cfg = FinetuneConfig(**{cfg}, init=FitCfg(samples=128, batch_size=64))
 finetune(Path(sys.argv[1]), cfg, seed=0, selection_path=Path(sys.argv[2]), family=tiny_family(),
-                  progress=False)
+         progress=False)
 """
 
 
@@ -107,7 +107,7 @@ def ddp_and_single(tmp_path, sel, kw: dict) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.manual_seed(0)
     finetune(tmp_path / "single", FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
-                      selection_path=sel, family=tiny_family(), progress=False)
+             selection_path=sel, family=tiny_family(), progress=False)
 
 
 def small_finetune_cfg(**kw):

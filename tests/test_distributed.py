@@ -209,7 +209,7 @@ def test_accumulation_equals_one_pass(tmp_path):
     for accum in (1, 3):
         torch.manual_seed(0)
         finetune(tmp_path / f"a{accum}", FinetuneConfig(**kw, accum_steps=accum), seed=0,
-                          selection_path=sel, family=tiny_family(), progress=False)
+                 selection_path=sel, family=tiny_family(), progress=False)
         runs[accum] = _tensors(tmp_path / f"a{accum}", "finetune", "anchors.safetensors",
                                "stitch_layers.safetensors")
     _assert_same(runs[1], runs[3], rtol=1e-4, atol=1e-5)

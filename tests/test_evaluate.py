@@ -113,7 +113,7 @@ def test_evaluate_run_end_to_end(tmp_path, fam):
         assert (tmp_path / "run" / "evaluation" / f).stat().st_size > 0
     # before finetuning: pretrained anchors (handed in again) and the stitch layers as initialised
     init = evaluate(tmp_path / "run", EvaluationConfig(test_subset=300, latency=False), state="init",
-                        family=copy.deepcopy(fam), progress=False)
+                    family=copy.deepcopy(fam), progress=False)
     assert (tmp_path / "run" / "evaluation" / "init" / "evaluation.json").is_file()
     anchors = [r for r in init.configs if r["anchor"]]
     with torch.no_grad():

@@ -122,7 +122,7 @@ def test_bad_input_is_one_line_error(family, tmp_path):
     RunDir(tmp_path / "other", "deit")
     with pytest.raises(KlasError, match="belongs to family 'deit'"):
         probes(family, tmp_path / "other", ProbesConfig(epochs=1, train_subset=8, val_subset=8), seed=0,
-                     progress=False)
+               progress=False)
     RunDir(tmp_path / "empty", family.name)
     with pytest.raises(KlasError, match=r"probes\.safetensors: missing; run `klas probe` first") as e:
         load_probes(tmp_path / "empty", family)

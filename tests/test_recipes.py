@@ -64,7 +64,7 @@ def test_per_stitch_recipes_train_reload_equal_and_leave_anchors_untouched(tmp_p
     before = _state(fam)
     trained = _capture(monkeypatch)
     art = finetune(tmp_path / "run", _cfg(recipe=recipe), seed=0, selection_path=sel, family=fam,
-                            progress=False)
+                   progress=False)
     assert _same(before, _state(fam))  # the family handed in is never trained
     assert art.recipe == recipe and art.images_seen == 2 * 6 * 32  # 2 stitches x 6 steps x 32 images each
     rows = {r["key"]: r for r in art.configs}
@@ -168,7 +168,7 @@ def test_shared_recipe_options(tmp_path, fam):
     start = _state(fam)
     # anchors at lr scale 0: only the stitch layers move (the anchors' weight decay is scaled to 0 as well)
     art = finetune(tmp_path / "frozen", _cfg(anchor_lr_scale=0.0, val_images=0), seed=0, selection_path=sel,
-                            family=copy.deepcopy(fam), progress=False)
+                   family=copy.deepcopy(fam), progress=False)
     anchors = load_tensors(tmp_path / "frozen" / "finetune" / "anchors.safetensors")
     assert all(torch.equal(anchors[k], start[k]) for k in anchors)
     init = load_tensors(tmp_path / "frozen" / "finetune" / "init_stitch_layers.safetensors")
@@ -177,9 +177,9 @@ def test_shared_recipe_options(tmp_path, fam):
     assert art.images_seen == 6 * 32 and art.history[-1]["lr"] > 0
     # anchors at half the rate: they move, by less than at the full rate (same seed, same batches)
     half = finetune(tmp_path / "half", _cfg(anchor_lr_scale=0.5, val_images=0), seed=0, selection_path=sel,
-                             family=copy.deepcopy(fam), progress=False)
+                    family=copy.deepcopy(fam), progress=False)
     full = finetune(tmp_path / "full", _cfg(val_images=0), seed=0, selection_path=sel,
-                             family=copy.deepcopy(fam), progress=False)
+                    family=copy.deepcopy(fam), progress=False)
     assert [h["lr"] for h in half.history] == [h["lr"] for h in full.history]  # the stitch layers' rate
     k = "tv-32/blocks.3.mlp.fc2.weight"
     moved = {d: (load_tensors(tmp_path / d / "finetune" / "anchors.safetensors")[k] - start[k]).abs().sum()
@@ -187,12 +187,12 @@ def test_shared_recipe_options(tmp_path, fam):
     assert 0 < moved["half"] < moved["full"]
     # several configurations per step: each step trains configs_per_step of them on its batch
     two = finetune(tmp_path / "two", _cfg(configs_per_step=2, val_images=0), seed=0, selection_path=sel,
-                            family=copy.deepcopy(fam), progress=False)
+                   family=copy.deepcopy(fam), progress=False)
     counts = [r["samples"] for r in two.configs]
     assert sum(counts) == 12 and max(counts) - min(counts) <= 1 and two.images_seen == 12 * 32
     # at most N stitches, spread over FLOPs: the cheapest and the dearest
     lim = finetune(tmp_path / "lim", _cfg(max_stitches=2, val_images=0), seed=0, selection_path=sel,
-                            family=copy.deepcopy(fam), progress=False)
+                   family=copy.deepcopy(fam), progress=False)
     assert [r["key"] for r in lim.configs if not r["anchor"]] == [c.key for c in limit_stitches(
         read_selection(sel, fam), 2, fam) if not c.is_anchor] and lim.selection["n_finetuned"] == 2
 
@@ -216,16 +216,16 @@ def test_distillation_loss_and_teacher(tmp_path, fam):
     cfg = _cfg(distill="target", distill_weight=1.0, distill_temperature=2.0)
     logits = torch.randn(6, 10, requires_grad=True)
     y = torch.randint(0, 10, (6,))
-    def distill_loss(logits, y, teacher, cfg):
-        return globals()["distill_loss"](TASK, logits, y, teacher, label_smoothing=cfg.label_smoothing,
-                                         weight=cfg.distill_weight, temperature=cfg.distill_temperature)
+    def loss_of(logits, y, teacher, cfg):  # the stage's combination of the task's loss and distillation term
+        return distill_loss(TASK, logits, y, teacher, label_smoothing=cfg.label_smoothing,
+                            weight=cfg.distill_weight, temperature=cfg.distill_temperature)
 
-    loss = distill_loss(logits, y, logits.detach().clone(), cfg)
+    loss = loss_of(logits, y, logits.detach().clone(), cfg)
     loss.backward()
     assert abs(loss.item()) < 1e-6 and logits.grad.abs().max() < 1e-6  # teacher == student: nothing to learn
-    assert distill_loss(logits, y, None, cfg).item() == pytest.approx(
+    assert loss_of(logits, y, None, cfg).item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item())
-    half = distill_loss(logits, y, torch.randn(6, 10), _cfg(distill="target", distill_weight=0.5))
+    half = loss_of(logits, y, torch.randn(6, 10), _cfg(distill="target", distill_weight=0.5))
     assert half.item() > 0
     # in the shared supernetwork an anchor configuration's target is itself: at step 0 the untouched teacher and
     # the student agree, so weight 1 gives zero loss and zero gradients
@@ -247,7 +247,7 @@ def test_distillation_loss_and_teacher(tmp_path, fam):
     assert [r["teacher"] for r in art.configs] == [None, None, "tv-32"]
     with pytest.raises(KlasError, match="--distill 'tv-99': expected none, target, largest or an anchor"):
         finetune(tmp_path / "bad", _cfg(distill="tv-99"), seed=0, selection_path=sel, family=fam,
-                          progress=False)
+                 progress=False)
 
 
 class Crash(RuntimeError):
@@ -269,7 +269,7 @@ def test_independent_resume_after_crash_equals_uninterrupted(tmp_path, fam, cras
 
     with pytest.raises(Crash):
         finetune(tmp_path / "cut", cfg, seed=0, selection_path=sel, family=fam, progress=False,
-                          on_step=crash)
+                 on_step=crash)
     out = tmp_path / "cut" / "finetune"
     assert not (out / "finetune.json").exists()
     assert (out / "configs" / "2.safetensors").is_file() == (crash_at > 6)
@@ -283,7 +283,7 @@ def test_independent_resume_after_crash_equals_uninterrupted(tmp_path, fam, cras
     # other settings: refused, unless restart; the artifact's digest covers the per-configuration files
     with pytest.raises(KlasError, match="other settings"):
         finetune(tmp_path / "cut", _cfg(recipe="independent", lr=1e-2), seed=0, selection_path=sel,
-                          family=fam, progress=False)
+                 family=fam, progress=False)
     d = FinetuneArtifact.digest(out)
     assert d is not None and FinetuneArtifact.load(out).recipe == "independent"
     (out / "configs" / "3.safetensors").write_bytes((out / "configs" / "3.safetensors").read_bytes() + b" ")

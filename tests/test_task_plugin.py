@@ -44,6 +44,7 @@ class MultiLabel(ImageClassification):
     name = "test-multi-label"
     cost_unit = "image"
     metric = "label accuracy"
+    datasets = ()  # its own generated data only
 
     def open_split(self, family, split, data=None, *, root=None, dataset=None, augment=False):
         return quadrant_images(split)
@@ -154,3 +155,21 @@ def test_second_task_runs_the_whole_pipeline_to_a_verified_zoo(tmp_path, family_
                 want = fam[m["name"]].model(torch.from_numpy(x)).double().numpy()
             assert got.shape == (7, LABELS)
             np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_family_config_names_its_task(tmp_path, family_files):
+    """`[family] task` picks a registered task (checked with one line naming the registered ones); the task's own
+    data needs no `dataset` of the image datasets."""
+    from klas.errors import KlasError
+    from klas.families.user import parse_family
+
+    register_task(MultiLabel())
+    anchors = [dict(name=a.name, arch=a.arch, model_args=dict(a.model_args), weights=a.weights) for a in family_files]
+    cfg = parse_family(dict(name="q", task="test-multi-label", anchors=anchors), "q.toml", tmp_path)
+    assert cfg.task == "test-multi-label" and cfg.dataset == ""
+    assert parse_family(dict(name="q2", anchors=anchors, dataset="fashion-mnist"), "q.toml", tmp_path).task == \
+        "image-classification"
+    with pytest.raises(KlasError, match=r"^q.toml: \[family\] task = 'nope': expected one of .*test-multi-label"):
+        parse_family(dict(name="q3", task="nope", anchors=anchors), "q.toml", tmp_path)
+    with pytest.raises(KlasError, match=r"^q.toml: \[family\] dataset = 'quadrants': expected one of imagefolder"):
+        parse_family(dict(name="q4", dataset="quadrants", anchors=anchors), "q.toml", tmp_path)
