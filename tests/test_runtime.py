@@ -356,7 +356,7 @@ def test_predict_dispatches_to_a_registered_entry(copy_zoo, tmp_path, capsys, mo
     from klas_runtime.classify import Choice
     from klas_runtime.entries import RuntimeEntry, register_entry
 
-    monkeypatch.setattr(entries, "_ENTRIES", dict(entries._ENTRIES))  # registrations end with the test
+    monkeypatch.setattr(entries, "_ENTRIES", entries._ENTRIES.copy())  # registrations end with the test
     seen = []
 
     def load_input(path, spec):

@@ -196,7 +196,7 @@ def test_methods_are_looked_up_by_name(run, monkeypatch):
         def tables(self, c):
             return c.tables(lambda p: c.d[p])
 
-    monkeypatch.setattr(s3, "_METHODS", dict(s3._METHODS))  # the registration stays in this test
+    monkeypatch.setattr(s3, "_METHODS", s3._METHODS.copy())  # the registration stays in this test
     s3.register_method(RawD())
     (spec,) = [sp for sp in specs(SelectionConfig) if sp.dotted == "method"]
     assert spec.allowed()[-1] == "test-raw-d" and spec.coerce("test-raw-d", "method") == "test-raw-d"
@@ -207,7 +207,9 @@ def test_methods_are_looked_up_by_name(run, monkeypatch):
     buckets = assign_buckets(table["flops"], table["lo"], table["hi"], 3)
     want = {(i, j) for i, j, keep in zip(table["i"], table["j"], bucket_select(table["score"], buckets, 0.05)) if keep}
     assert {(e["i"], e["j"]) for e in rec.selected} == want and rec.method == "test-raw-d"
-    monkeypatch.setattr(s3, "_METHODS", {k: v for k, v in s3._METHODS.items() if k != "mse"})
+    without = s3._METHODS.copy()
+    without.remove("mse")
+    monkeypatch.setattr(s3, "_METHODS", without)
     with pytest.raises(KlasError, match=r"selection method 'mse': not registered; registered: klas, min-kl") as e:
         select(fam, path, SelectionConfig(method="mse"))
     assert "\n" not in str(e.value) and "test-raw-d" in str(e.value)

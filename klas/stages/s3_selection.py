@@ -36,6 +36,7 @@ from klas.errors import KlasError
 from klas.families import Family, stitchable, stitched_flops
 from klas.stages.s1_probes import ProbesArtifact
 from klas.stages.s2_scores import SCORES_FILE, ScoresArtifact, anchor_pairs_ordered, stitch_score
+from klas_runtime.registry import Registry
 
 ANCHOR_RULES = ("klas", "nearest", "all")
 SELECTION_JSON = "selection.json"
@@ -87,29 +88,24 @@ class SelectionMethod:
         raise NotImplementedError
 
 
-_METHODS: dict[str, SelectionMethod] = {}
+_METHODS: Registry[SelectionMethod] = Registry("selection method", KlasError,
+                                              "klas.research.register_all() adds the baselines")
 
 
 def register_method(method: SelectionMethod) -> SelectionMethod:
     """Register ``method`` (a ``SelectionMethod`` with a ``name``; a later registration of the same name replaces
     it); returns it."""
-    if not getattr(method, "name", ""):
-        raise ValueError(f"{method!r}: a selection method needs a name")
-    _METHODS[method.name] = method
-    return method
+    return _METHODS.register(getattr(method, "name", ""), method)
 
 
 def method_names() -> tuple[str, ...]:
     """Every registered method, in registration order (the shipped ones first)."""
-    return tuple(_METHODS)
+    return _METHODS.names()
 
 
 def get_method(name: str) -> SelectionMethod:
     """The registered method ``name``; one-line error naming the registered ones."""
-    if name not in _METHODS:
-        raise KlasError(f"selection method {name!r}: not registered; registered: {', '.join(_METHODS)} "
-                        f"(klas.research.register_all() adds the baselines)")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 class KlasMethod(SelectionMethod):

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 from klas.errors import KlasError
 from klas.tasks.base import Task
+from klas_runtime.registry import Registry
 
-_TASKS: dict[str, Task] = {}
+_TASKS: Registry[Task] = Registry("task", KlasError)
 DEFAULT_TASK = "image-classification"
 
 
 def register_task(task: Task) -> Task:
     """Register ``task`` under ``task.name`` (a later registration of the same name replaces the earlier one)."""
-    if not isinstance(task, Task) or not task.name:
-        raise TypeError("register_task takes a named Task instance")
-    _TASKS[task.name] = task
-    return task
+    if not isinstance(task, Task):
+        raise TypeError("register_task takes a Task instance")
+    return _TASKS.register(task.name, task)
 
 
 def task_names() -> tuple[str, ...]:
     _builtin()
-    return tuple(sorted(_TASKS))
+    return tuple(sorted(_TASKS.names()))
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -37,10 +37,7 @@ def dataset_names() -> tuple[str, ...]:
 def get_task(name: str | None) -> Task:
     """The registered task ``name`` (None: image classification); one-line error naming the registered ones."""
     _builtin()
-    name = name or DEFAULT_TASK
-    if name not in _TASKS:
-        raise KlasError(f"task {name!r}: unknown; registered: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]
+    return _TASKS.get(name or DEFAULT_TASK)
 
 
 def task_of(family) -> Task:

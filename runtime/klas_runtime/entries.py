@@ -16,6 +16,7 @@ from klas_runtime import classify
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import MANIFEST, is_cascade
 from klas_runtime.preprocess import load_image
+from klas_runtime.registry import Registry
 
 DEFAULT_ENTRY = "classify"  # what a manifest without ``runtime_entry`` means
 
@@ -38,22 +39,17 @@ class RuntimeEntry:
     check_cascade: Callable | None = None
 
 
-_ENTRIES: dict[str, RuntimeEntry] = {}
+_ENTRIES: Registry[RuntimeEntry] = Registry("runtime entry")
 
 
 def register_entry(entry: RuntimeEntry, replace: bool = False) -> RuntimeEntry:
     """Make ``entry`` serve the zoos whose manifest names ``entry.name``; a second entry of that name is refused
     unless ``replace``."""
-    if not entry.name:
-        raise ZooError("a runtime entry needs a name")
-    if entry.name in _ENTRIES and not replace:
-        raise ZooError(f"runtime entry {entry.name!r} is already registered; pass replace=True to replace it")
-    _ENTRIES[entry.name] = entry
-    return entry
+    return _ENTRIES.register(entry.name, entry, replace=replace)
 
 
 def registered_entries() -> tuple[str, ...]:
-    return tuple(_ENTRIES)
+    return _ENTRIES.names()
 
 
 def entry_name(manifest: dict) -> str:
@@ -68,9 +64,9 @@ def runtime_entry(manifest: dict, zoo_dir: Path | str) -> RuntimeEntry:
     if name not in _ENTRIES:
         task = f" (task {manifest['task']!r})" if manifest.get("task") else ""
         raise ZooError(f"{Path(zoo_dir) / MANIFEST}: runtime entry {name!r}{task} is not one this klas-runtime "
-                       f"serves (registered: {', '.join(_ENTRIES) or 'none'}); upgrade klas-runtime, or register "
-                       f"the entry with klas_runtime.entries.register_entry")
-    return _ENTRIES[name]
+                       f"serves (registered: {', '.join(_ENTRIES.names()) or 'none'}); upgrade klas-runtime, or "
+                       f"register the entry with klas_runtime.entries.register_entry")
+    return _ENTRIES.get(name)
 
 
 def make_choice(rt: RuntimeEntry, entry: dict, session, reason: str, provider: str, parts: tuple = ()):
