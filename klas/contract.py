@@ -277,8 +277,10 @@ class StageContext:
         or an already built Family (then used as it is); ``data`` the ``[data]`` settings (default: all defaults);
         ``hooks`` go to ``ctx.hooks``."""
         from klas.config import DataConfig, RunConfig
+        from klas.research import register_all
         from klas.rundir import RunDir
 
+        register_all()  # NOTE: the plug-ins a pipeline run sees (research metrics and methods), outside it too
         name = family if isinstance(family, str) else family.name
         data = data if data is not None else DataConfig()
         rd = run_dir if hasattr(run_dir, "stage") else RunDir(run_dir, name, data.dataset)

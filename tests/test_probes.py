@@ -127,3 +127,31 @@ def test_bad_input_is_one_line_error(family, tmp_path):
     with pytest.raises(KlasError, match=r"probes\.safetensors: missing; run `klas probe` first") as e:
         load_probes(tmp_path / "empty", family)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_feature_cache_gives_the_probes_of_a_forward_per_epoch(family, tmp_path, mode, monkeypatch):
+    """The probes trained on the cached block features (one frozen forward per sample) equal, bit for bit, those
+    trained with a forward per epoch -- weights, per-epoch val accuracy and the anchors' head accuracy -- on a ragged
+    split; the cache runs the anchors once, and a disk cache leaves no file behind."""
+    from klas.stages import s1_probes
+
+    base = dict(epochs=2, batch_size=48, train_subset=200, val_subset=70, stat_samples=64)
+    off = probes(family, tmp_path / "off", ProbesConfig(**base, feature_cache="off"), seed=3)
+    calls = {"n": 0}
+    real = s1_probes.anchor_features
+
+    def counted(view, x, task=None):
+        calls["n"] += len(x)
+        return real(view, x, task)
+
+    monkeypatch.setattr(s1_probes, "anchor_features", counted)
+    on = probes(family, tmp_path / mode, ProbesConfig(**base, feature_cache=mode, cache_mb=1024), seed=3)
+    a = load_tensors(tmp_path / "off" / "probes" / "probes.safetensors")
+    b = load_tensors(tmp_path / mode / "probes" / "probes.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["val_acc"] for h in on.history] == [h["val_acc"] for h in off.history]
+    assert on.head_val_acc == off.head_val_acc
+    # statistics (64 samples) + one pass over train and val, per anchor: not one pass per epoch
+    assert calls["n"] == len(family) * (64 + 200 + 70)
+    assert not list((tmp_path / mode / "probes").glob(".feature-cache*"))

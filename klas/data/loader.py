@@ -39,11 +39,7 @@ def batches(data, batch_size: int, shuffle: bool = False, gen: torch.Generator |
     With ``world_size > 1`` each rank takes an interleaved shard of the (shuffled) global batch order, so that the
     union of the ranks' batches is the single-process global batch.
     """
-    n = len(data)
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    stop = (n // batch_size) * batch_size if drop_last else n
-    starts = range(0, stop, batch_size)
-    plan = [order[s:s + batch_size][rank::world_size] if world_size > 1 else order[s:s + batch_size] for s in starts]
+    starts, plan = batch_plan(len(data), batch_size, shuffle, gen, drop_last, rank, world_size)
     timm_aug = train_augment and getattr(data, "train_mode", "light") == "timm"
     if isinstance(data, ImageSet):
         images = (data.images[idx] for idx in plan)
@@ -54,6 +50,18 @@ def batches(data, batch_size: int, shuffle: bool = False, gen: torch.Generator |
         if train_augment and not timm_aug:
             x = augment(x, gen if gen is not None else torch.Generator().manual_seed(start))
         yield data.normalize(x), data.labels[idx]
+
+
+def batch_plan(n: int, batch_size: int, shuffle: bool = False, gen: torch.Generator | None = None,
+               drop_last: bool = False, rank: int = 0, world_size: int = 1) -> tuple[range, list[torch.Tensor]]:
+    """(start of every global batch, this rank's sample indices of every batch): the one batch order ``batches``
+    walks, for readers of precomputed per-sample data (the probes' feature cache). Draws one ``randperm`` from
+    ``gen`` when shuffling, nothing else."""
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    stop = (n // batch_size) * batch_size if drop_last else n
+    starts = range(0, stop, batch_size)
+    return starts, [order[s:s + batch_size][rank::world_size] if world_size > 1 else order[s:s + batch_size]
+                    for s in starts]
 
 
 def num_batches(data: ImageSet, batch_size: int, drop_last: bool = False) -> int:

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from klas import distributed as kd
 from klas.data import ImageSet, batches, num_batches
+from klas.data.loader import batch_plan
 from klas.errors import KlasError
 from klas.families import BlockView, Family
 from klas.io import load_checkpoint, load_tensors, save_tensors
@@ -38,6 +39,7 @@ from klas.tasks import task_of
 from klas.train import Trainer, epoch_generator, progress_bar
 
 PROBES_FILE, PROBES_JSON, PROBES_PNG = "probes.safetensors", "probes.json", "probe_accuracy.png"
+CACHE_MODES = ("auto", "memory", "disk", "off")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -53,6 +55,11 @@ class ProbesConfig:
                                        none="all")
     val_subset: int | None = setting(None, "track accuracy on the first N val images", ge=1, none="all")
     stat_samples: int = setting(2048, "training images the feature standardization is measured on", ge=1)
+    feature_cache: str = setting("auto", "run the frozen anchors once and train every epoch on their cached block "
+                                 "features (same probes, fewer forwards): auto = in memory up to cache_mb, else a "
+                                 "memory-mapped file in the stage folder; memory; disk; off = a forward per epoch",
+                                 choices=CACHE_MODES, key=False)
+    cache_mb: int = setting(2048, "largest feature cache held in memory (auto)", ge=0, key=False)
 
 
 @dataclass(frozen=True)
@@ -170,25 +177,105 @@ def weights_digest(view: BlockView) -> str:
     return h.hexdigest()[:16]
 
 
+class FeatureCache:
+    """Every anchor's probe features of every block over a split, from ONE frozen forward per batch.
+
+    The anchors are frozen and the probes' batches are not augmented, so each epoch's forward pass would give the
+    same features again; the probe epochs read them from here instead (``take(idx)``), in the same batch order
+    (``klas.data.batch_plan``). The features are what the forward gives (float32; on the CPU a sample's features do
+    not depend on the batch it is in, so cached and uncached probes come out identical -- ``tests/test_probes.py``).
+    Also kept: the anchors' own per-sample quality (their heads), which does not change between epochs either.
+    Held in memory, or in ``.npy`` memmaps in ``folder`` (deleted by ``close``) when ``mode`` is disk, or auto and
+    the cache is larger than ``limit_mb``.
+    """
+
+    def __init__(self, family: Family, data, task, *, batch_size: int, mode: str, limit_mb: int, folder: Path,
+                 tag: str, progress: bool = True):
+        self.files: list[Path] = []
+        self.feats: dict[str, list[torch.Tensor]] = {}
+        self.head_quality = {v.name: torch.empty(len(data), dtype=torch.float64) for v in family}
+        bar = progress_bar(batches(data, batch_size), total=num_batches(data, batch_size),
+                           desc=f"probes: caching the {tag} features", enabled=progress)
+        start = 0
+        for x, y in bar:
+            out = {v.name: anchor_features(v, x, task) for v in family}
+            if not self.feats:
+                self._allocate(out, len(data), mode, limit_mb, folder, tag)
+            for name, (f, logits) in out.items():
+                for buf, t in zip(self.feats[name], f):
+                    buf[start:start + len(t)] = t
+                self.head_quality[name][start:start + len(y)] = task.quality(task.predict(logits)[0], y).double()
+            start += len(y)
+        bar.close()
+
+    def _allocate(self, first: dict, n: int, mode: str, limit_mb: int, folder: Path, tag: str) -> None:
+        import numpy as np
+
+        nbytes = n * sum(t[0].numel() * t.element_size() for f, _ in first.values() for t in f)
+        on_disk = mode == "disk" or (mode == "auto" and nbytes > limit_mb * 2 ** 20)
+        for name, (f, _) in first.items():
+            bufs = []
+            for k, t in enumerate(f):
+                shape = (n, *t.shape[1:])
+                if not on_disk:
+                    bufs.append(torch.empty(shape, dtype=t.dtype))
+                    continue
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f".feature-cache.{tag}.{name}.{k}.npy"
+                self.files.append(path)
+                arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(str(t.dtype).split(".")[-1]),
+                                                shape=shape)
+                bufs.append(torch.from_numpy(arr))
+            self.feats[name] = bufs
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(self.files)
+
+    def take(self, idx: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Every anchor's block features of the samples ``idx``, as one forward of those samples gives them."""
+        return {name: [buf[idx] for buf in bufs] for name, bufs in self.feats.items()}
+
+    def close(self) -> None:
+        self.feats.clear()
+        for p in self.files:
+            p.unlink(missing_ok=True)
+
+
 @torch.no_grad()
-def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, batch_size: int = 1000, *, task
-                    ) -> tuple[dict[str, list[float]], dict[str, float]]:
+def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, batch_size: int = 1000, *, task,
+                    cache: FeatureCache | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
     """The task's metric (%) of every probe and of every anchor's own head on ``data`` (sharded over ranks,
-    per-sample qualities summed: every rank gets the whole-split figures)."""
+    per-sample qualities summed: every rank gets the whole-split figures); ``cache``: ``data``'s cached features."""
     di = kd.info()
     correct = {v.name: torch.zeros(nets[v.name].depth, dtype=torch.float64) for v in family}
     heads = torch.zeros(len(family), dtype=torch.float64)
-    for x, y in batches(data, batch_size, rank=di.rank, world_size=di.world):
+    for idx, x, y in _batches(data, batch_size, cache, rank=di.rank, world=di.world):
         for a, v in enumerate(family):
-            feats, logits = anchor_features(v, x, task)
+            feats, logits = (cache.take(idx)[v.name], None) if cache is not None else anchor_features(v, x, task)
             correct[v.name] += torch.stack([task.quality(task.predict(lg)[0], y).double().sum()
                                             for lg in nets[v.name](feats)])  # per probe: [B, outputs] logits
-            heads[a] += task.quality(task.predict(logits)[0], y).double().sum()
+            heads[a] += (cache.head_quality[v.name][idx].sum() if cache is not None else
+                         task.quality(task.predict(logits)[0], y).double().sum())
     kd.all_reduce_([*correct.values(), heads], "probe evaluation")
     head = {v.name: float(heads[a]) for a, v in enumerate(family)}
     n = max(len(data), 1)
     return ({a: [round(100.0 * float(c) / n, 3) for c in cs] for a, cs in correct.items()},
             {a: round(100.0 * c / n, 3) for a, c in head.items()})
+
+
+def _batches(data, batch_size: int, cache: FeatureCache | None, shuffle: bool = False, gen=None, rank: int = 0,
+             world: int = 1):
+    """(indices, inputs, targets) of every batch of ``data`` in ``klas.data.batches``' order (the same draws from
+    ``gen``). Without a ``cache``: the inputs, indices None; with one: the indices, inputs None (the caller takes
+    the cached features of the indices; nothing is read or decoded)."""
+    if cache is None:
+        for x, y in batches(data, batch_size, shuffle=shuffle, gen=gen, rank=rank, world_size=world):
+            yield None, x, y
+        return
+    _, plan = batch_plan(len(data), batch_size, shuffle, gen, rank=rank, world_size=world)
+    for idx in plan:
+        yield idx, None, data.labels[idx]
 
 
 def probe_trainer(nets: dict[str, ProbeNet], cfg: ProbesConfig, steps_per_epoch: int) -> Trainer:
@@ -199,14 +286,16 @@ def probe_trainer(nets: dict[str, ProbeNet], cfg: ProbesConfig, steps_per_epoch:
 
 def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: int,
                      nets: dict[str, ProbeNet] | None = None, trainer: Trainer | None = None,
-                     val: ImageSet | None = None, on_epoch=None, progress: bool = True, task=None
+                     val: ImageSet | None = None, on_epoch=None, progress: bool = True, task=None,
+                     train_cache: FeatureCache | None = None, val_cache: FeatureCache | None = None
                      ) -> dict[str, ProbeNet]:
     """The ProbeNet loop: per batch, one frozen forward per anchor feeds all its probes; summed loss, one backward.
 
     Under torchrun each rank runs its shard of every global batch through a DDP wrapper over the probes (the anchors
     are frozen replicas, outside DDP). ``trainer``: the ``probe_trainer`` of ``nets`` to continue (a resumed one
     starts at the epoch its step count reaches); ``on_epoch(epoch, nets, trainer, train_loss, val_acc, head_acc,
-    wall_s)`` is called after every epoch (checkpointing).
+    wall_s)`` is called after every epoch (checkpointing). ``train_cache`` / ``val_cache``: the splits' cached
+    features (``FeatureCache``), read instead of running the anchors; the probes come out the same.
     """
     task = task if task is not None else task_of(family)
     for v in family:
@@ -225,14 +314,15 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
         model = DDP(bank, device_ids=[di.device.index] if di.device.type == "cuda" else None)
     for epoch in range(tr.step // steps, cfg.epochs):  # checkpoints are written at epoch ends
         t0 = time.time()
-        it = batches(train, cfg.batch_size, shuffle=True, gen=epoch_generator(seed, epoch), rank=di.rank,
-                     world_size=di.world)
+        it = _batches(train, cfg.batch_size, train_cache, shuffle=True, gen=epoch_generator(seed, epoch),
+                      rank=di.rank, world=di.world)
         bar = progress_bar(it, total=steps, desc=f"probes epoch {epoch + 1}/{cfg.epochs}", enabled=progress)
         loss_sum = 0.0
-        for k, (x, y) in enumerate(bar):
+        for k, (idx, x, y) in enumerate(bar):
             # this rank's shard of global batch k: the global batch size is known from the split, not the shard
             global_b = min(cfg.batch_size, len(train) - k * cfg.batch_size)
-            feats = {v.name: anchor_features(v, x, task)[0] for v in family}
+            feats = train_cache.take(idx) if train_cache is not None else \
+                {v.name: anchor_features(v, x, task)[0] for v in family}
             logits = model(feats)  # {anchor: [depth, B_shard, classes]}
             # sum over probes of each probe's mean loss over the GLOBAL batch: gradients stay per-probe;
             # x world because DDP averages over ranks
@@ -253,7 +343,8 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
             loss_sum = float(t)
         probes_total = sum(n.depth for n in nets.values())
         train_loss = loss_sum / max(steps, 1) / max(probes_total, 1)
-        val_acc, head_acc = evaluate_probes(family, nets, val, task=task) if val is not None else ({}, {})
+        val_acc, head_acc = evaluate_probes(family, nets, val, task=task, cache=val_cache) if val is not None \
+            else ({}, {})
         if on_epoch is not None:
             on_epoch(epoch, nets, tr, train_loss, val_acc, head_acc, time.time() - t0)
     return nets
@@ -315,7 +406,17 @@ def run(cfg: ProbesConfig, ctx: StageContext) -> ProbesArtifact:
             tr_.save(ckpt_path, resume_tag=inputs, state=state)
         kd.barrier("probe checkpoint")
 
-    train_probe_nets(family, train, cfg, seed, nets, tr, val, on_epoch, ctx.progress, task=task)
+    caches = {}
+    if cfg.feature_cache != "off" and state["epoch"] < cfg.epochs:
+        for name, split, bs in (("train", train, cfg.batch_size), ("val", val, 1000)):
+            caches[name] = FeatureCache(family, split, task, batch_size=bs, mode=cfg.feature_cache,
+                                        limit_mb=cfg.cache_mb, folder=out, tag=name, progress=ctx.progress)
+    try:
+        train_probe_nets(family, train, cfg, seed, nets, tr, val, on_epoch, ctx.progress, task=task,
+                         train_cache=caches.get("train"), val_cache=caches.get("val"))
+    finally:
+        for c in caches.values():
+            c.close()
     tensors = {f"{name}/{k}.{p}": t for name, n in nets.items()
                for k, (w, b) in enumerate(n.folded()) for p, t in (("weight", w), ("bias", b))}
     art = ProbesArtifact(**_record(family, ctx.dataset, cfg, state, len(train), len(val)), world_size=di.world)
