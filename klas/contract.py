@@ -30,26 +30,28 @@ def setting(default: Any, help: str = "", *, ge: float | None = None, gt: float 
     return field(default=default, metadata=dict(help=help, ge=ge, gt=gt, le=le, choices=choices, none=none, key=key))
 
 
-def with_defaults(base, name: str, doc: str, changes: dict, extra: tuple = ()):
-    """A frozen config dataclass ``name`` (a subclass of ``base``) with ``base``'s settings, where ``changes`` maps a
-    setting to its new default, or to a (default, help) pair; ranges and choices stay ``base``'s. ``extra``: more
-    settings, as ``(name, type, setting(...))``. One declaration of a recipe serves two commands that only differ
-    in their defaults."""
-    from dataclasses import make_dataclass
+def overrides(**changes):
+    """Class decorator, applied under ``@dataclass``: the config takes its base's settings with new defaults --
+    ``name=default`` or ``name=(default, help)`` -- and keeps their ranges, choices and order. A config that differs
+    from another only in defaults says only those (the anchor trainer's recipe and ``klas anchors adapt``'s)."""
 
-    hints = typing.get_type_hints(base)
-    redefined = []
-    for f in fields(base):
-        if f.name in changes:
-            new = changes[f.name]
-            default, help = new if isinstance(new, tuple) else (new, f.metadata.get("help", ""))
-            redefined.append((f.name, hints[f.name], field(default=default, metadata={**f.metadata, "help": help})))
-    unknown = set(changes) - {f.name for f in fields(base)}
-    if unknown:
-        raise TypeError(f"{name}: {base.__name__} has no settings {sorted(unknown)}")
-    cls = make_dataclass(name, redefined + list(extra), bases=(base,), frozen=True)
-    cls.__doc__, cls.__module__ = doc, base.__module__
-    return cls
+    def apply(cls):
+        hints, base = {}, {}
+        for b in reversed(cls.__mro__[1:]):
+            if is_dataclass(b):
+                hints.update(typing.get_type_hints(b))
+                base.update({f.name: f for f in fields(b)})
+        unknown = sorted(set(changes) - set(base))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: no settings {unknown} to override")
+        annotations = dict(cls.__dict__.get("__annotations__", {}))
+        for name, new in changes.items():
+            default, help = new if isinstance(new, tuple) else (new, base[name].metadata.get("help", ""))
+            annotations[name] = hints[name]
+            setattr(cls, name, field(default=default, metadata={**base[name].metadata, "help": help}))
+        cls.__annotations__ = annotations
+        return cls
+    return apply
 
 
 def toml_value(v: Any) -> str:

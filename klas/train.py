@@ -25,10 +25,22 @@ import torch.nn as nn
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
+from klas.contract import setting
 from klas.io import save_checkpoint
 
 CHECKPOINT_FORMAT = "klas-train-v1"  # checkpoints of the loops before klas.train do not resume (other layout)
 NO_DECAY = ("*pos_embed", "*cls_token", "*dist_token", "*reg_token")  # with biases and norms (all 1-D parameters)
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    """The settings every AdamW loop of klas has (the anchor trainer's recipe, the probes); a config extends it and
+    sets its own defaults with ``klas.contract.overrides``."""
+
+    epochs: int = setting(1, "training epochs", ge=1)
+    batch_size: int = setting(256, "images per step", ge=1)
+    lr: float = setting(1e-3, "AdamW peak learning rate", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
 
 
 class WarmupCosineLR(LRScheduler):

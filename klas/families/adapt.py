@@ -18,10 +18,10 @@ before any stage runs (``check_anchor_classes``, one line naming this command). 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from klas.contract import setting, with_defaults
+from klas.contract import overrides, setting
 from klas.errors import KlasError
 from klas.families.trainer import Recipe
 
@@ -30,14 +30,15 @@ FAMILY_FILE = "family.toml"
 RUN_FILE = "run.toml"
 
 
-AdaptRecipe = with_defaults(
-    Recipe, "AdaptRecipe",
+@dataclass(frozen=True)
+@overrides(epochs=(5, "finetuning epochs"), batch_size=64, lr=5e-4, warmup_epochs=0.5,
+           seed=(0, "seed of the new heads and the data order"))
+class AdaptRecipe(Recipe):
     """One finetuning recipe for every anchor: a new classifier for the dataset's classes, then the whole anchor
-    trained (the anchor trainer's loop; AdamW with no weight decay on biases, norms and embeddings).""",
-    dict(epochs=(5, "finetuning epochs"), batch_size=64, lr=5e-4, warmup_epochs=0.5,
-         seed=(0, "seed of the new heads and the data order")),
-    extra=(("ckpt_every", int, setting(200, "steps between checkpoints within an epoch (one is written at every "
-                                       "epoch end)", ge=1)),))
+    trained (the anchor trainer's loop; AdamW with no weight decay on biases, norms and embeddings)."""
+
+    ckpt_every: int = setting(200, "steps between checkpoints within an epoch (one is written at every epoch end)",
+                              ge=1)
 
 
 # --------------------------------------------------------------------------------------------------- the check

@@ -13,22 +13,19 @@ import torch
 import torch.nn.functional as F
 
 from klas.data import batches, load_dataset, num_batches
-from klas.contract import setting
+from klas.contract import overrides, setting
 from klas.errors import KlasError
 from klas.families._registry import _EMBEDDED_WEIGHTS, create_anchor, get_family_cfg
 from klas.io import load_checkpoint, load_json, save_json, save_tensors, sha256_file
-from klas.train import Trainer, epoch_generator, progress_bar
+from klas.train import AdamWSettings, Trainer, epoch_generator, progress_bar
 from klas_runtime.machine import machine_info
 
 
 @dataclass(frozen=True)
-class Recipe:
+@overrides(epochs=20, lr=2e-3, weight_decay=0.05)
+class Recipe(AdamWSettings):
     """One training recipe for every anchor of a family (a spread made by undertraining one anchor is not real)."""
 
-    epochs: int = setting(20, "training epochs", ge=1)
-    batch_size: int = setting(256, "images per step", ge=1)
-    lr: float = setting(2e-3, "AdamW peak learning rate", gt=0)
-    weight_decay: float = setting(0.05, "AdamW weight decay", ge=0)
     warmup_epochs: float = setting(1.0, "linear warm-up, in epochs", ge=0)
     label_smoothing: float = setting(0.1, "label smoothing of the cross-entropy", ge=0, le=1)
     seed: int = setting(0, "seed of the initialisation and the data order", ge=0)

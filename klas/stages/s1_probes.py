@@ -33,10 +33,10 @@ from klas.data.loader import batch_plan
 from klas.errors import KlasError
 from klas.families import BlockView, Family
 from klas.io import load_checkpoint, load_tensors, save_tensors
-from klas.contract import Artifact, StageContext, setting
+from klas.contract import Artifact, StageContext, overrides, setting
 from klas.rundir import RunDir
 from klas.tasks import task_of
-from klas.train import Trainer, epoch_generator, progress_bar
+from klas.train import AdamWSettings, Trainer, epoch_generator, progress_bar
 
 PROBES_FILE, PROBES_JSON, PROBES_PNG = "probes.safetensors", "probes.json", "probe_accuracy.png"
 CACHE_MODES = ("auto", "memory", "disk", "off")
@@ -44,13 +44,10 @@ CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass(frozen=True)
-class ProbesConfig:
+@overrides(epochs=4, lr=1e-2)
+class ProbesConfig(AdamWSettings):
     """How probes are trained (AdamW, cosine schedule) on the train split; accuracy is tracked on val."""
 
-    epochs: int = setting(4, "training epochs", ge=1)
-    batch_size: int = setting(256, "images per step", ge=1)
-    lr: float = setting(1e-2, "AdamW peak learning rate", gt=0)
-    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     train_subset: int | None = setting(None, "train on the first N images of the fixed split order", ge=1,
                                        none="all")
     val_subset: int | None = setting(None, "track accuracy on the first N val images", ge=1, none="all")
