@@ -306,8 +306,15 @@ STREAMED = (("moments", _Moments, ("mse", "cka")), ("ce", _CrossEntropy, ("ce",)
 FEATURE_METRICS = tuple(t for _, _, tables in STREAMED for t in tables)  # mse, cka, ce, dm
 
 
+_REGISTERED = []
+
+
 def register() -> None:
-    """Register the baselines with the scores and selection stages (idempotent)."""
+    """Register the baselines with the scores and selection stages, once per process (later calls do nothing, so a
+    registry a caller has narrowed since -- a test's -- stays as it is)."""
+    if _REGISTERED:
+        return
+    _REGISTERED.append(True)
     for name, make, tables in STREAMED:
         s2.register_metric(name, make, tables=tables)
     for name in FEATURE_METRICS:
