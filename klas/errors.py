@@ -10,6 +10,11 @@ class KlasError(ZooError):
     """A user-facing error: bad input, missing file, wrong flag. The message is one line and names the culprit."""
 
 
+class BadSetting(KlasError, ValueError):
+    """A bad value of a setting that also reaches library code (an environment variable read by an op): one line
+    in the CLI like every KlasError, and still a ValueError to Python callers."""
+
+
 def file_error(path, e: OSError, expected: str) -> KlasError:
     """The one line for an OS error on reading ``path``; ``expected`` says what it should be ("a TOML config
     file")."""

@@ -38,11 +38,31 @@ def load_json(path: Path | str):
 
 
 def save_checkpoint(obj, path: Path | str) -> None:
-    """torch.save through a temp file; load it back with ``load_checkpoint`` (weights_only)."""
+    """torch.save to a temp file beside ``path``, flushed to disk (fsync), then renamed onto it: the previous
+    checkpoint stays valid until the new one is whole. A failed write (a full disk) is one line naming the file and
+    the cause; the temp file is removed. Load it back with ``load_checkpoint`` (weights_only)."""
+    import os
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as a RuntimeError of its stream writer
+        import shutil
+
+        cause = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else "the write failed"
+        try:
+            cause += f"; {shutil.disk_usage(path.parent).free / 2 ** 20:.1f} MiB free on {path.parent}"
+        except OSError:
+            pass
+        kept = "the previous checkpoint is kept" if path.is_file() else "no checkpoint was written"
+        raise KlasError(f"{path}: checkpoint not written ({cause}); {kept}; free space and run the same command "
+                        f"to resume") from None
 
 
 def load_checkpoint(path: Path | str):

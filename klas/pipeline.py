@@ -19,7 +19,7 @@ from klas.config import Config
 from klas.contract import StageContext, digest, key_fields
 from klas.errors import KlasError
 from klas.io import load_json, save_json
-from klas.rundir import RunDir, check_run_path
+from klas.rundir import RunDir, check_run_path, read_run_meta
 from klas.stages import STAGES, stage_modules
 
 RECORD = "stage.json"
@@ -107,6 +107,7 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
 
     register_all()  # a Config built in code may name research metrics / methods (load_config registers them too)
     run_path = check_run_path(run_path)  # a dry run fails as the real one would
+    read_run_meta(run_path, cfg.run.family)
     rows = plan(cfg, run_path, until, force)
     if any(r["status"] != "done" for r in rows):
         from klas.families import get_family_cfg

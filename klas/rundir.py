@@ -20,6 +20,22 @@ def check_run_path(path: Path | str) -> Path:
     return path
 
 
+def read_run_meta(path: Path, family: str | None = None) -> dict | None:
+    """The ``run.json`` of run directory ``path`` (None when there is none), checked: a JSON object naming the run's
+    family, and that family when ``family`` is given; otherwise one line naming the file. Writes nothing."""
+    meta_path = Path(path) / "run.json"
+    if not meta_path.is_file():
+        return None
+    meta = load_json(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str):
+        raise KlasError(f"{meta_path}: expected a JSON object naming the run's family (as klas writes it); move the "
+                        f"folder aside or use another --run-dir")
+    if family is not None and meta["family"] != family:
+        raise KlasError(f"{path}: run directory belongs to family {meta['family']!r}, not {family!r} (use another "
+                        f"--run-dir)")
+    return meta
+
+
 class RunDir:
     """``RunDir(path, family)`` creates or opens a run; opening one made for another family is an error."""
 
@@ -27,10 +43,7 @@ class RunDir:
         self.path = check_run_path(path)
         meta_path = self.path / "run.json"
         if meta_path.is_file():
-            self.meta = load_json(meta_path)
-            if family is not None and self.meta.get("family") != family:
-                raise KlasError(f"{self.path}: run directory belongs to family {self.meta.get('family')!r}, "
-                                f"not {family!r} (use another --run-dir)")
+            self.meta = read_run_meta(self.path, family)
         else:
             if family is None:
                 raise KlasError(f"{self.path}: not a klas run directory (no run.json); run `klas probe` first")

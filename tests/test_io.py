@@ -1,8 +1,10 @@
-"""``klas.io.swap_dirs``: the folder swap the export stage relies on, by ``renameat2(RENAME_EXCHANGE)`` and by the
-three-rename fallback used where the C library or the file system lacks it."""
+"""``klas.io``: the folder swap the export stage relies on (``renameat2(RENAME_EXCHANGE)`` and the
+three-rename fallback used where the C library or the file system lacks it), and checkpoints on a full disk."""
 from __future__ import annotations
 
 import ctypes
+import io
+import os
 import errno
 from pathlib import Path
 
@@ -68,3 +70,58 @@ def test_first_zoo_is_a_plain_rename(tmp_path):
     shutil.rmtree(old)
     swap_dirs(new, old)
     assert (old / "manifest.json").read_text() == "new" and not new.exists()
+
+
+class _FillingDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then fails every write with ENOSPC (a disk filling up mid-checkpoint)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if len(b) > self.room:  # what fits goes to disk, then the write fails, as a buffered file's does
+            self.f.write(bytes(b[:self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.f.write(bytes(b))
+        self.room -= len(b)
+        return len(b)
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+@pytest.mark.parametrize("room", [0, 300, 5000])
+def test_checkpoint_on_a_full_disk_is_one_line_and_the_previous_one_stays(tmp_path, monkeypatch, room):
+    """A disk that fills up while a checkpoint is written: one line naming the file and the cause, no temp file
+    left, the previous checkpoint loads as it was, and the next write, with space again, succeeds."""
+    import torch
+
+    import klas.io as kio
+    from klas.errors import KlasError
+
+    path = tmp_path / "checkpoint.pt"
+    old = {"w": torch.arange(10.0), "step": 3}
+    kio.save_checkpoint(old, path)
+    real_open = open
+    monkeypatch.setattr(kio, "open", lambda p, mode="r": _FillingDisk(real_open(p, mode), room), raising=False)
+    with pytest.raises(KlasError) as e:
+        kio.save_checkpoint({"w": torch.randn(50_000), "step": 4}, path)
+    msg = str(e.value)
+    # torch's writer turns the failing write into its own error: the line says so and how much room is left
+    assert "\n" not in msg and msg.startswith(f"{path}: checkpoint not written (")
+    assert ("No space left on device" in msg or "the write failed" in msg) and f"MiB free on {tmp_path}" in msg
+    assert "the previous checkpoint is kept" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temp file behind
+    back = kio.load_checkpoint(path)
+    assert back["step"] == 3 and torch.equal(back["w"], old["w"])
+    monkeypatch.undo()  # space freed: the same write goes through
+    kio.save_checkpoint({"w": torch.ones(3), "step": 4}, path)
+    assert kio.load_checkpoint(path)["step"] == 4

@@ -13,15 +13,12 @@ Every error is a ``KlasError`` (one line, names the file or dataset). No torch i
 from __future__ import annotations
 
 import io
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 from klas.errors import KlasError, file_error
-
-# Decoding limit for one image (width x height). ImageNet-style photos are well below 50 MP.
-MAX_IMAGE_PIXELS = int(os.environ.get("KLAS_MAX_IMAGE_PIXELS", 50_000_000))
+from klas_runtime.preprocess import max_image_pixels  # the one decoding limit (pixels), shared with the runtime
 
 
 # --- pickles -------------------------------------------------------------------------------------------------------
@@ -105,11 +102,11 @@ def loads_pickle(data: bytes, where: str = "pickle") -> Any:
 
 def open_image(path: Path | str, max_pixels: int | None = None, mode: str | None = "RGB"):
     """A decoded ``PIL.Image`` (converted to ``mode`` unless None), refusing before decoding an image whose
-    header declares more than ``max_pixels`` pixels (default ``MAX_IMAGE_PIXELS``); files Pillow cannot read are
+    header declares more than ``max_pixels`` pixels (default ``klas_runtime.preprocess.max_image_pixels()``); files Pillow cannot read are
     one KlasError line naming the file. Usable as torchvision's ImageFolder ``loader``."""
     from PIL import Image, UnidentifiedImageError
 
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
     try:
         with Image.open(path) as img:
             w, h = img.size

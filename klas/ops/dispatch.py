@@ -62,8 +62,12 @@ def resolve_impl(impl: str | None, device: torch.device, dtype: torch.dtype) -> 
     """The implementation to run: ``impl``, else $KLAS_KL_IMPL, else the device's best; with fallbacks."""
     requested = impl or os.environ.get("KLAS_KL_IMPL") or None
     if requested is not None and requested not in IMPLS:
-        source = "impl=" if impl else "KLAS_KL_IMPL="
-        raise ValueError(f"pairwise_softmax_kl: unknown {source}{requested!r}; expected one of {', '.join(IMPLS)}")
+        if impl:
+            raise ValueError(f"pairwise_softmax_kl: unknown impl={requested!r}; expected one of {', '.join(IMPLS)}")
+        from klas.errors import BadSetting  # the environment is user input: one line in the CLI
+
+        raise BadSetting(f"KLAS_KL_IMPL={requested!r}: expected one of {', '.join(IMPLS)} (or unset: the device's "
+                         f"best)")
     if dtype == torch.float64:
         return "reference"
     order = PREFERENCE.get(device.type, ("reference",))

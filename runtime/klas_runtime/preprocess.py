@@ -159,7 +159,24 @@ def preprocess(img, spec: dict) -> np.ndarray:
 # --- image files ---------------------------------------------------------------------------------------------------
 
 # Decoding limit for input images (width x height): a small file may declare a huge image (a decompression bomb).
-MAX_IMAGE_PIXELS = int(os.environ.get("KLAS_MAX_IMAGE_PIXELS", 50_000_000))
+MAX_IMAGE_PIXELS = 50_000_000  # the default limit; the environment variable KLAS_MAX_IMAGE_PIXELS overrides it
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of every image decode: ``$KLAS_MAX_IMAGE_PIXELS`` (a positive integer; read when used, so a
+    bad value is one line from the command that decodes an image, not a traceback on import), else
+    ``MAX_IMAGE_PIXELS``."""
+    raw = os.environ.get("KLAS_MAX_IMAGE_PIXELS")
+    if raw is None or raw.strip() == "":
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(raw.strip().replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ZooError(f"KLAS_MAX_IMAGE_PIXELS={raw!r}: expected a positive whole number of pixels (default "
+                       f"{MAX_IMAGE_PIXELS:,})")
+    return value
 
 
 def _pil():
@@ -178,7 +195,7 @@ def open_checked_image(path: Path | str, max_pixels: int | None = None):
     """``PIL.Image.open`` refusing, before decoding, an image larger than ``max_pixels`` (default
     ``MAX_IMAGE_PIXELS``, env ``KLAS_MAX_IMAGE_PIXELS``) and anything Pillow cannot identify: one-line ZooError."""
     Image, UnidentifiedImageError = _pil()
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
     try:
         img = Image.open(path)
     except FileNotFoundError:
