@@ -12,7 +12,7 @@ from klas.errors import KlasError
 
 
 def _write_idx(path, arr: np.ndarray, compress: bool):
-    code = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}[arr.dtype]
+    code = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">i2"): 0x0B}[arr.dtype]
     header = bytes([0, 0, code, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
     data = header + arr.tobytes()
     (gzip.open if compress else open)(path, "wb").write(data)
@@ -24,7 +24,7 @@ def test_idx_roundtrip(tmp_path, compress, shape, dtype):
     arr = np.random.default_rng().integers(0, 255 if dtype == np.uint8 else 2**30, size=shape).astype(dtype)
     p = tmp_path / ("x.idx.gz" if compress else "x.idx")
     _write_idx(p, arr, compress)
-    out = read_idx(p)
+    out = read_idx(p, expect=None)
     assert out.shape == shape and np.array_equal(out, arr.astype(out.dtype))
 
 
@@ -39,6 +39,23 @@ def test_idx_malformed(tmp_path):
     trunc.write_bytes(trunc.read_bytes()[:-3])
     with pytest.raises(KlasError, match="payload"):
         read_idx(trunc)
+
+
+@pytest.mark.parametrize("dtype,name", [(">f4", "float32 \\(code 0x0D\\)"), (">i2", "int16 \\(code 0x0B\\)")])
+def test_idx_of_another_data_type_is_refused_not_reinterpreted(tmp_path, monkeypatch, dtype, name):
+    """Fashion-MNIST-style files whose header declares float or int16 data: one line naming the file and both
+    types, from the reader and through the dataset loader (before: read as if they were bytes)."""
+    from klas.data.datasets import load_fashion_mnist
+
+    root = tmp_path / "fm"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    _write_idx(root / "train-images-idx3-ubyte.gz", rng.random((20, 28, 28)).astype(dtype), True)
+    _write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 20).astype(np.uint8), True)
+    with pytest.raises(KlasError, match=rf"train-images-idx3-ubyte.gz: IDX data type {name}; expected unsigned "
+                                        r"byte \(code 0x08\)"):
+        load_fashion_mnist("train", root, n_val=5)
+    assert read_idx(root / "train-labels-idx1-ubyte.gz").shape == (20,)  # bytes are still read
 
 
 def test_fashion_mnist_protocol():

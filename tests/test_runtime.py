@@ -190,13 +190,22 @@ def test_missing_file_and_path_traversal_are_refused(copy_zoo, tmp_path):
 def test_schema_validation(zoo_dir):
     good = load_manifest(zoo_dir)
     validate(json.loads(json.dumps(good)))
+    assert len(good["models"][0]["output"]["classes"]) == good["models"][0]["output"]["num_classes"] > 1
+    unnamed = json.loads(json.dumps(good))
+    for m in unnamed["models"]:
+        if "output" in m:
+            m["output"]["classes"] = []
+    validate(unnamed)  # no class names at all is allowed (predictions are indices)
     cases = [(lambda m: m.pop("family"), "missing field 'family'"),
              (lambda m: m.update(schema_version=SCHEMA_VERSION + 1), "newer than this klas"),
              (lambda m: m["models"][0].update(test_acc=101.0), r"test_acc: invalid"),
              (lambda m: m["models"][0]["input"].update(shape=[1, 1, 28, 28]), r"input\.shape"),
              (lambda m: m["models"][0]["latency"][0].pop("p99_ms"), r"latency\[0\]: missing field 'p99_ms'"),
              (lambda m: m["models"].append(dict(m["models"][0])), "duplicate model"),
-             (lambda m: m.update(models=[]), r"models: invalid")]
+             (lambda m: m.update(models=[]), r"models: invalid"),
+             # a class list shorter than the logits (issue 32): the names would be shifted or missing at run time
+             (lambda m: m["models"][0]["output"].update(classes=m["models"][0]["output"]["classes"][:-1]),
+              r"models\[0\]\.output: \d+ class names for num_classes \d+")]
     for edit, message in cases:
         bad = json.loads(json.dumps(good))
         edit(bad)

@@ -232,6 +232,10 @@ def validate(manifest: Any, where: str = MANIFEST) -> dict:
             if len(spec["mean"]) != spec["shape"][1] or len(spec["std"]) != spec["shape"][1]:
                 raise ZooError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
             check_geometry(spec, f"{at}.input")
+            out = entry["output"]
+            if out["classes"] and len(out["classes"]) != out["num_classes"]:
+                raise ZooError(f"{at}.output: {len(out['classes'])} class names for num_classes "
+                               f"{out['num_classes']} (expected one name per class, or none)")
     models = {e["name"]: e for e in manifest["models"] if entry_kind(e) == "model"}
     for k, entry in enumerate(manifest["models"]):
         if entry_kind(entry) == "cascade":
