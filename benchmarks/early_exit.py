@@ -79,7 +79,7 @@ def study_row(label: str, run: Path, args, untouched: Untouched) -> dict:
     import torch
 
     from klas.data import batches
-    from klas.metrics import sign_test, top1_accuracy
+    from klas.metrics import sign_test
     from klas.research import early_exit as ee
     from klas.stages.s5_evaluation import EvaluationArtifact, predictions
     from klas.stitched import finetune_record, load_stitched_models
@@ -101,8 +101,8 @@ def study_row(label: str, run: Path, args, untouched: Untouched) -> dict:
     views = {v.name: v for v in anchors}
     labels = {s: data[s].labels for s in data}
     # the splits are the evaluation's: the untouched anchors' accuracies must be the evaluation.json ones
-    split_check = {u["key"]: dict(val=(top1_accuracy(outs[u["key"]]["val"], labels["val"]), u["val_acc"]),
-                                  test=(top1_accuracy(outs[u["key"]]["test"], labels["test"]), u["test_acc"]))
+    split_check = {u["key"]: dict(val=(ee.TASK.score(outs[u["key"]]["val"][0], labels["val"]), u["val_acc"]),
+                                  test=(ee.TASK.score(outs[u["key"]]["test"][0], labels["test"]), u["test_acc"]))
                    for u in ev.untouched}
     same_splits = all(abs(a - b) < 1e-9 for c in split_check.values() for a, b in c.values())
     net, _ = load_stitched_models(run)
@@ -135,9 +135,9 @@ def study_row(label: str, run: Path, args, untouched: Untouched) -> dict:
                                activation_max_abs_diff=float((run_["activation"] - ref_act).abs().max()),
                                small_logits_vs_model_max_abs_diff=small_diff),
                     prediction_disagreements={s: int((h_out[s][0] != s_out[s][0]).sum()) for s in data},
-                    stitched_acc={s: top1_accuracy(s_out[s], labels[s]) for s in data},
+                    stitched_acc={s: ee.TASK.score(s_out[s][0], labels[s]) for s in data},
                     stitched_acc_evaluation_json=dict(val=ev_rows[c.key]["val_acc"], test=ev_rows[c.key]["test_acc"]),
-                    handoff_acc={s: top1_accuracy(h_out[s], labels[s]) for s in data})
+                    handoff_acc={s: ee.TASK.score(h_out[s][0], labels[s]) for s in data})
         info["_h_out"] = h_out
         stitch_info.append(info)
         singles.append(ee.single_point("configuration", c.key, s_out, labels, sn.flops))

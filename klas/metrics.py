@@ -86,11 +86,6 @@ def cascade_thresholds(conf_val: torch.Tensor) -> list[float]:
     return sorted({round(float(q), 4) for q in torch.quantile(conf_val.float(), torch.linspace(0.05, 0.95, 19))})
 
 
-def top1_accuracy(out: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent of ``out`` = (predicted class, ...) against ``labels``."""
-    return 100.0 * float((out[0] == labels).double().mean()) if len(labels) else 0.0
-
-
 @torch.no_grad()
 def network_score(task, net: torch.nn.Module, data, batch_size: int = 500, device: torch.device | None = None,
                  sharded: bool = False) -> float:

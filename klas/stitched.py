@@ -287,18 +287,18 @@ def finetune_record(run_dir: Path | str | RunDir):
 
 
 def load_stitched_models(run_dir: Path | str | RunDir, state: str = "final", anchors: list[str] | None = None,
-                         family: Family | None = None, merge_lora: bool = True):
+                         family: Family | None = None, merge_lora: bool = True, record=None):
     """Rebuild the configurations of a finetuned run: ``state='final'`` (finetuned) or ``'init'`` (pretrained anchors
     and the stitch layers as initialised, before finetuning). ``anchors`` restricts it to configurations over those
     anchors. Returns (networks in eval mode, the ``FinetuneArtifact``): for the ``shared`` recipe the
     ``StitchedModels`` it trained; for ``independent`` / ``frozen`` (final) ``StandaloneStitches`` with the same
     interface (``indices``, ``net(k)``) whose anchor configurations are the untouched anchors and whose ``net(k)``
     builds stitch k's own network (``merge_lora``: LoRA adapters folded into the Linear layers). ``state='init'`` is
-    the same for every recipe."""
+    the same for every recipe. ``record``: the run's ``FinetuneArtifact`` when the caller has read it already."""
     if state not in ("final", "init"):
         raise KlasError(f"state {state!r}: expected final or init")
     sdir = _finetune_folder(run_dir)
-    art = finetune_record(run_dir)
+    art = record if record is not None else finetune_record(run_dir)
     where = sdir / RECORD
     configs = [StitchConfig.from_dict(r["config"], f"{where}: configs[{r['index']}]") for r in art.configs]
     keep = [k for k, c in enumerate(configs) if anchors is None or {c.source, c.target} <= set(anchors)]
@@ -327,13 +327,13 @@ def load_stitched_models(run_dir: Path | str | RunDir, state: str = "final", anc
 
 
 def load_stitched(run_dir: Path | str | RunDir, config: StitchConfig | dict | str, state: str = "final",
-                  merge_lora: bool = True) -> StitchedNet:
+                  merge_lora: bool = True, record=None) -> StitchedNet:
     """One finetuned standalone stitched network of a run (eval mode), by StitchConfig, {source,i,target,j} or key.
     Only the one or two anchors it uses are built. Every recipe: shared (from the supernetwork), independent (the
     stitch's own anchor copies), frozen (untouched anchors + its stitch layer and LoRA adapters, merged into the
     Linear layers unless ``merge_lora`` is False); an anchor configuration of independent / frozen is the untouched
-    anchor."""
-    art = finetune_record(run_dir)
+    anchor. ``record``: the run's ``FinetuneArtifact`` when the caller has read it already."""
+    art = record if record is not None else finetune_record(run_dir)
     if isinstance(config, dict):
         config = StitchConfig.from_dict(config)
     keys = [r["key"] for r in art.configs]
@@ -342,5 +342,6 @@ def load_stitched(run_dir: Path | str | RunDir, config: StitchConfig | dict | st
         raise KlasError(f"{_finetune_folder(run_dir) / RECORD}: no configuration {key!r}; the run has: "
                         f"{', '.join(keys)}")
     c = StitchConfig.from_dict(art.configs[keys.index(key)]["config"])
-    net, _ = load_stitched_models(run_dir, state, anchors=sorted({c.source, c.target}), merge_lora=merge_lora)
+    net, _ = load_stitched_models(run_dir, state, anchors=sorted({c.source, c.target}), merge_lora=merge_lora,
+                                  record=art)
     return net.net(keys.index(key))

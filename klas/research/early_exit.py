@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from klas.families.blockview import prefix_flops
-from klas.metrics import cascade_outputs, cascade_thresholds, top1_accuracy
+from klas.metrics import cascade_outputs, cascade_thresholds
 from klas.tasks import get_task
 
 SPLITS = ("val", "test")
@@ -118,7 +118,7 @@ def single_point(kind: str, name: str, out: dict, labels: dict, flops: float) ->
     """One network as an operating point: ``out[split] = (pred, conf)``."""
     correct = {s: TASK.quality(out[s][0], labels[s]) for s in SPLITS}
     return dict(kind=kind, name=name, flops_avg={s: float(flops) for s in SPLITS}, flops_worst=float(flops),
-                deferral=None, threshold=None, **{f"{s}_acc": top1_accuracy(out[s], labels[s]) for s in SPLITS},
+                deferral=None, threshold=None, **{f"{s}_acc": TASK.score(out[s][0], labels[s]) for s in SPLITS},
                 _correct=correct)
 
 
@@ -137,7 +137,7 @@ def cascade_points(kind: str, name: str, small: dict, large: dict, labels: dict,
         pts.append(dict(kind=kind, name=f"{name}@{t:.4f}", threshold=t,
                         flops_avg={s: handoff_costs(small_flops, extra_flops, d[s])[0] for s in SPLITS},
                         flops_worst=float(small_flops + extra_flops), deferral=d,
-                        **{f"{s}_acc": top1_accuracy((p[s],), labels[s]) for s in SPLITS}, _correct=correct))
+                        **{f"{s}_acc": TASK.score(p[s], labels[s]) for s in SPLITS}, _correct=correct))
     return pts
 
 

@@ -248,8 +248,9 @@ def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, b
     correct = {v.name: torch.zeros(nets[v.name].depth, dtype=torch.float64) for v in family}
     heads = torch.zeros(len(family), dtype=torch.float64)
     for idx, x, y in _batches(data, batch_size, cache, rank=di.rank, world=di.world):
+        cached = cache.take(idx) if cache is not None else None  # every anchor's features of the batch, gathered once
         for a, v in enumerate(family):
-            feats, logits = (cache.take(idx)[v.name], None) if cache is not None else anchor_features(v, x, task)
+            feats, logits = (cached[v.name], None) if cached is not None else anchor_features(v, x, task)
             correct[v.name] += torch.stack([task.quality(task.predict(lg)[0], y).double().sum()
                                             for lg in nets[v.name](feats)])  # per probe: [B, outputs] logits
             heads[a] += (cache.head_quality[v.name][idx].sum() if cache is not None else

@@ -197,14 +197,10 @@ def _resume_tag(family: str, weights, configs: list[StitchConfig], cfg, seed: in
 def _init_layers(net: StitchedModels, train, cfg: FinetuneConfig, seed: int, path: Path, fp: str, rank: int,
                  progress: bool) -> dict[int, dict]:
     """Fit every stitch layer (or reload the fit made before an interruption); returns per-config fit statistics."""
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("resume_tag") == fp:
-            net.load_stitch_tensors(load_tensors(path), str(path))
-            return {int(k): v for k, v in json.loads(meta["stats"]).items()}
+    meta = tensor_metadata(path) or {}  # none: no fit yet, or a torn file (fitted again)
+    if meta.get("resume_tag") == fp:
+        net.load_stitch_tensors(load_tensors(path), str(path))
+        return {int(k): v for k, v in json.loads(meta["stats"]).items()}
     stats: dict[int, dict] = {}
     todo = [k for k, c in enumerate(net.configs) if not c.is_anchor]
     for k in tqdm(todo, desc=f"[finetune] init stitch layers ({cfg.init.method})", disable=not progress or rank != 0):

@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 
 from klas import distributed as kd
+from klas.stages.s4_finetune import FinetuneArtifact
 from klas_runtime.machine import machine_info
 from klas.contract import Artifact, StageContext, setting
 from klas.metrics import (AUC_DEFINITION, auc, cascade_outputs, cascade_thresholds, normalize_flops, pareto_mask,
@@ -127,7 +128,7 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
     latency, latency_repeats, threads, batch_size = cfg.latency, cfg.latency_repeats, cfg.threads, cfg.batch_size
     out = ctx.hooks.get("out") or ctx.folder("evaluation") / ("" if state == "final" else state)
     out = Path(out)
-    net, meta = load_stitched_models(ctx.run_dir, state, family=family)
+    net, meta = load_stitched_models(ctx.run_dir, state, family=family, record=ctx.upstream(FinetuneArtifact))
     fam = family if family is not None else meta.family  # a name: the preprocessing, without building the anchors
     test = ctx.split("test", family=fam).subset(cfg.test_subset)
     val = ctx.split("val", family=fam).subset(cfg.val_subset)
