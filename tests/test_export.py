@@ -113,7 +113,7 @@ def context(run_dir: Path, family=None) -> StageContext:
 def export_run(run_dir: Path, cfg: ExportConfig, provider, family=None) -> ExportArtifact:
     """``s6_export.run(cfg, ctx)`` with the run's configurations served by ``provider``."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(s6_export, "finetuned_networks", lambda run: provider)
+        mp.setattr(s6_export, "finetuned_networks", lambda ctx: provider)
         return s6_export.run(cfg, context(run_dir, family))
 
 

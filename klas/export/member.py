@@ -149,13 +149,10 @@ def check_untouched(view) -> dict:
     f = getattr(view, "weights_file", None)
     if f is None:
         return dict(file=None, check="no local file (hub or random weights): nothing to compare with")
+    from klas.families._registry import read_state_dict  # the reader the family was built with
+
     f = Path(f)
-    if f.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        given = load_file(str(f))
-    else:
-        given = torch.load(f, map_location="cpu", weights_only=True)
-        given = given.get("state_dict", given.get("model", given)) if isinstance(given, dict) else given
+    given = read_state_dict(f, view.name)
     mine = view.model.state_dict()
     shared = [k for k in given if k in mine]
     bad = [k for k in shared

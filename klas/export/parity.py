@@ -108,12 +108,14 @@ class Parity:
         return self.max_abs_diff / max(1.0, float(np.abs(self.want).max()))
 
 
-def float64_parity(model, module: nn.Module, inputs, batch: int, reference_batch: int | None = None) -> Parity:
+def float64_parity(model, module: nn.Module, inputs, batch: int, reference_batch: int | None = None,
+                   reference: nn.Module | None = None) -> Parity:
     """The ONNX graph ``model`` (bytes or an open session) under onnxruntime CPU in float32, in batches of
     ``batch``, against a float64 copy of ``module`` in batches of ``reference_batch`` (default: ``batch``), on the
-    same ``inputs`` (a tensor [N, ...] of any float dtype, or ``SplitInputs``)."""
+    same ``inputs`` (a tensor [N, ...] of any float dtype, or ``SplitInputs``). ``reference``: that float64 copy,
+    when the caller checks several batches against one."""
     got = onnx_logits(model, inputs, batch)
-    ref64 = copy.deepcopy(module).double().eval()
+    ref64 = reference if reference is not None else copy.deepcopy(module).double().eval()
     step = reference_batch or batch
     with torch.no_grad():
         want = torch.cat([ref64(inputs[s:s + step].double()) for s in range(0, len(inputs), step)]).numpy()
@@ -134,9 +136,10 @@ def self_check(model, module: nn.Module, example: torch.Tensor, opset: int) -> N
     onnx.checker.check_model(model, full_check=True)
     session = open_session(model.SerializeToString(), "cpu")
     gen = torch.Generator().manual_seed(0)
+    ref64 = copy.deepcopy(module).double().eval()  # one float64 copy for every batch size
     for batch in SELF_CHECK_BATCHES:
         x = torch.randn(batch, *example.shape[1:], generator=gen, dtype=torch.float64)
-        p = float64_parity(session, module, x, batch)
+        p = float64_parity(session, module, x, batch, reference=ref64)
         if not p.same_shape or not p.relative_diff <= SELF_CHECK_TOL:
             raise KlasError(f"the dynamo graph disagrees with PyTorch at batch {batch}: output {p.got.shape} vs "
                             f"{tuple(p.want.shape)}, relative max |logit diff| {p.relative_diff:.3g} (tolerance "

@@ -136,6 +136,9 @@ def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneConfig, evaluatio
     rows, curves, curves_init = [], {}, {}
     handed = isinstance(family, Family)  # anchors passed in: each arm trains a fresh copy, evaluation gets one too
 
+    def fresh():  # a copy of the handed-in anchors for one use (None: the stages build them from the registry)
+        return copy.deepcopy(base) if handed else None
+
     def ctx(arm_dir: Path, fam, **hooks):
         return run_context(arm_dir, fam if handed else base.name, data_root=data_root, seed=seed, progress=progress,
                            hooks=hooks)
@@ -145,18 +148,17 @@ def compare(out_dir: Path | str, arms: list[Arm], cfg: FinetuneConfig, evaluatio
         if len(sel["selected"]) != n:
             sel.update(selected=equalize(sel["selected"], n, base), equalized_from=len(sel["selected"]))
         arm_dir = arm_folder(out, a.label)
-        arm = ctx(arm_dir, copy.deepcopy(base), restart=True)  # makes the arm's run folder (run.json) first
+        arm = ctx(arm_dir, fresh(), restart=True)  # makes the arm's run folder (run.json) first
         place_selection(arm_dir, sel, base.name)
         arm_cfg = replace(cfg, init=replace(cfg.init, method=a.init))
         if progress:
             print(f"[compare] {a.label}: {len(sel['selected'])} stitches, init {a.init}", flush=True)
         meta = s4_finetune.run(arm_cfg, arm)
-        ev = s5_evaluation.run(evaluation, ctx(arm_dir, base, built_family=copy.deepcopy(base) if handed else None))
+        ev = s5_evaluation.run(evaluation, ctx(arm_dir, base, built_family=fresh()))
         ev0 = None
         if before:
-            built = copy.deepcopy(base) if handed else None
             ev0 = s5_evaluation.run(replace(evaluation, latency=False),
-                                    ctx(arm_dir, base, state="init", built_family=built))
+                                    ctx(arm_dir, base, state="init", built_family=fresh()))
             curves_init[a.label] = ev0.configs
         curves[a.label] = ev.configs
         rows.append(_summary_row(a, sel.get("method"), len(sel["selected"]), ev, ev0, budgets, meta))

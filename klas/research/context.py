@@ -11,20 +11,15 @@ def run_context(run_dir: Path | str, family=None, *, data_root: Path | str | Non
                 progress: bool = True, hooks: dict | None = None) -> StageContext:
     """A ``StageContext`` for ``run_dir``: ``family`` a built Family (used as it is), a registered name, or None (the
     run's own, from its ``run.json``, built with pretrained weights); the data is the run's dataset (``run.json``)
-    under ``data_root``; ``hooks`` go to ``ctx.hooks``. Registers the research plug-ins first."""
+    under ``data_root``; ``hooks`` go to ``ctx.hooks``. ``StageContext.open`` registers the research plug-ins."""
     from klas.config import DataConfig
-    from klas.io import load_json
-    from klas.research import register_all
+    from klas.rundir import read_run_meta
 
-    register_all()
-    meta_path = Path(run_dir) / "run.json"
-    meta = load_json(meta_path) if meta_path.is_file() else {}
+    meta = read_run_meta(Path(run_dir)) or {}  # checked; none yet: the stage makes the run folder
     family = family if family is not None else meta.get("family")
     if family is None:
         from klas.rundir import RunDir
 
         RunDir(run_dir)  # the one-line "not a klas run directory" error
     data = DataConfig(dataset=meta.get("dataset"), root=None if data_root is None else str(data_root))
-    ctx = StageContext.open(run_dir, family, seed=seed, data=data, progress=progress)
-    ctx.hooks.update(hooks or {})  # NOTE: not through open(**hooks): the evaluation stage has a hook named family
-    return ctx
+    return StageContext.open(run_dir, family, seed=seed, data=data, progress=progress, **(hooks or {}))

@@ -114,11 +114,12 @@ class ExportArtifact(Artifact):
         return digest(sha256_file(folder / MANIFEST))
 
 
-def finetuned_networks(run_dir: Path | str) -> ModelProvider:
-    """The trained network of each configuration of a run, whatever its recipe (``klas.stitched.load_stitched``)."""
+def finetuned_networks(ctx: StageContext) -> ModelProvider:
+    """The trained network of each configuration of the run, whatever its recipe (``klas.stitched.load_stitched``);
+    the finetune record is read once, when the first one is asked for."""
     from klas.stitched import load_stitched
 
-    return lambda config: load_stitched(run_dir, config)
+    return lambda config: load_stitched(ctx.run_dir.path, config, record=ctx.upstream(FinetuneArtifact))
 
 
 # --- the stage contract ---------------------------------------------------------------------------------------------
@@ -137,15 +138,18 @@ def run(cfg: ExportConfig, ctx: StageContext) -> ExportArtifact:
     check_rows(ev.configs, where)
     items = zoo_items(ev.zoo, where)
     anchors = _untouched_anchors(ctx) if any(it.untouched for it in items) else {}
-    models = members(items, finetuned_networks(ctx.run_dir.path), anchors, where)
-    test = ctx.split("test")
-    val = ctx.split("val") if cfg.precisions != "none" else None
+    models = members(items, finetuned_networks(ctx), anchors, where)
+    # NOTE: the family's definition is all the export needs (preprocessing, input shape, task); the networks come
+    # from the finetune stage and the untouched anchors from their files, so no anchor is built here
+    family = ctx.family_cfg
+    test = ctx.split("test", family=family)
+    val = ctx.split("val", family=family) if cfg.precisions != "none" else None
     final = ctx.folder_of(ExportArtifact)
     staging = final.parent / f".{final.name}.staging-{os.getpid()}"
     for stale in final.parent.glob(f".{final.name}.staging-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        manifest = export_models(models, staging, ctx.family, test, cfg, ctx.progress, cascades(ev.zoo), val)
+        manifest = export_models(models, staging, family, test, cfg, ctx.progress, cascades(ev.zoo), val)
         swap_dirs(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
