@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: setup demo test bench clean-run
+.PHONY: setup demo demo-lm test bench clean-run
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -12,6 +12,10 @@ setup:
 demo: setup
 	@$(VENV)/bin/klas run --run-dir $(RUN_DIR)
 	@$(VENV)/bin/klas report $(RUN_DIR)
+
+# The embedded language models (pydoc-llama on the Python docs): probes (tuned lenses) .. evaluation, ~10 min.
+demo-lm: setup
+	@$(VENV)/bin/klas run klas/configs/pydoc-llama.toml --run-dir runs/demo-lm
 
 test: setup
 	@echo "[test] running the test suite (Triton kernels under TRITON_INTERPRET=1, C++ extension required)"

@@ -52,7 +52,8 @@ setup(
     python_requires=">=3.10",
     # klas-runtime: the torch-free manifest / pick / predict / profile / verify package in runtime/ (pip install
     # ./runtime first when installing from the repository; scripts/setup.sh does).
-    install_requires=["klas-runtime==0.1.0", "torch>=2.4", "torchvision", "timm>=1.0,<1.1", "onnx", "onnxruntime",
+    install_requires=["klas-runtime==0.1.0", "torch>=2.4", "torchvision", "timm>=1.0,<1.1", "transformers>=5.0",
+                      "tokenizers", "rouge-score", "onnx", "onnxruntime",
                       "numpy", "safetensors", "tqdm", "matplotlib"],
     extras_require={"gpu": ["onnxruntime-gpu", "triton>=3.0"], "test": ["pytest", "pytest-benchmark"],
                     "triton": ["triton>=3.0"]},

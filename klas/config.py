@@ -51,6 +51,10 @@ class DataConfig:
 
     dataset: str | None = setting(None, "dataset name", none="family", choices=_dataset_names)
     root: str | None = setting(None, "dataset directory", none="default")
+    prompts: str | None = setting(None, "prompt/reference pairs (jsonl: prompt + reference, or TruthfulQA's "
+                                  "question + best_answer) for language models: 60 % join the training text, 40 % "
+                                  "are continued and scored by ROUGE (none: pairs cut from the test documents)",
+                                  none="none")
     workers: int = setting(2, "DataLoader worker processes that read and transform images from disk (0: in the "
                            "main process)", ge=0, key=False)
     in_memory: str = setting("auto", "hold a split in memory as uint8 at the family's input size (the fast path; "

@@ -79,8 +79,15 @@ def load_checkpoint(path: Path | str):
 def save_tensors(tensors: dict[str, "torch.Tensor"], path: Path | str, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        if v.numel() and v.data_ptr() in seen:  # tied weights (a decoder's embedding and head): stored as copies
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file(out, str(tmp), metadata=metadata)
 
 
 def load_tensors(path: Path | str) -> dict[str, "torch.Tensor"]:

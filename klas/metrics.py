@@ -101,7 +101,7 @@ def network_score(task, net: torch.nn.Module, data, batch_size: int = 500, devic
     for x, y in batches(data, batch_size, rank=di.rank, world_size=di.world):
         if device is not None:
             x, y = x.to(device), y.to(device)
-        total += task.quality(task.predict(net(x))[0], y).double().sum().cpu()
+        total += task.quality(task.predict(net(x), y)[0], y).double().sum().cpu()
     net.train(was)
     if di.distributed:
         kd.all_reduce_([total], "quality sums")

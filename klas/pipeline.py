@@ -79,7 +79,7 @@ def plan(cfg: Config, run_dir: Path, until: str | None = None, force: tuple[str,
     if until is not None and until not in STAGES:
         raise KlasError(f"--until {until!r}: expected one of {', '.join(STAGES)}")
     rows, digests, rerun = [], {}, set()
-    for mod in stage_modules():
+    for mod in task_stages(cfg):
         upstream = {u: digests.get(u) for u in mod.AFTER}
         if rerun & set(mod.AFTER):
             key = None
@@ -97,6 +97,16 @@ def plan(cfg: Config, run_dir: Path, until: str | None = None, force: tuple[str,
         if mod.NAME == until:
             break
     return rows
+
+
+def task_stages(cfg: Config) -> list[ModuleType]:
+    """The stages the family's task supports (``Task.stages``; a task may not export yet), in pipeline order."""
+    from klas.families import get_family_cfg
+    from klas.tasks import task_of
+
+    fam = cfg.family_cfg or get_family_cfg(cfg.run.family)
+    names = task_of(fam).stages
+    return [m for m in stage_modules() if names is None or m.NAME in names]
 
 
 def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until: str | None = None,

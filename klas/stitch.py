@@ -106,7 +106,7 @@ class StitchedNet(nn.Module):
     def num_params(self) -> int:
         """Parameters this network actually uses (the anchors' unused blocks are registered but not counted)."""
         if self._num_params is None:
-            self._num_params = used_parameters(self, self.src.input_shape)
+            self._num_params = used_parameters(self, self.src.example_input(2))
         return self._num_params
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ class StitchedNet(nn.Module):
         return self.tgt.forward_head(self.tgt.forward_blocks(h, self.j + 1))
 
 
-def used_parameters(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def used_parameters(model: nn.Module, input_shape: tuple[int, ...] | torch.Tensor) -> int:
     """Number of parameter elements that receive a gradient from one forward pass: the modules a network really runs,
     whatever else it holds. Architecture-agnostic, so it needs no per-family list of stem/head modules."""
     params = [p for p in model.parameters()]
@@ -128,7 +128,8 @@ def used_parameters(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         for p in params:
             p.grad = None
             p.requires_grad_(True)
-        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        x = input_shape if isinstance(input_shape, torch.Tensor) else \
+            torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))  # or an input batch (token ids)
         model(x).float().square().sum().backward()
         return sum(p.numel() for p in params if p.grad is not None)
     finally:
@@ -456,10 +457,12 @@ class LoRALinear(nn.Linear):
 
 
 def add_lora(view: BlockView, start: int, rank: int, alpha: float, generator: torch.Generator | None = None,
-             targets: tuple[str, ...] = LORA_TARGETS) -> list[str]:
+             targets: tuple[str, ...] | None = None) -> list[str]:
     """Replace, in blocks ``start..`` of ``view`` (in place), every ``nn.Linear`` whose attribute name is in
-    ``targets`` by a ``LoRALinear`` around it; returns the replaced modules' names (relative to ``view.model``), in
-    order. Blocks without such layers (ResNet's convolutions) get none: an empty list."""
+    ``targets`` (default: the view's ``lora_targets``, else timm's ``LORA_TARGETS``) by a ``LoRALinear`` around it;
+    returns the replaced modules' names (relative to ``view.model``), in order. Blocks without such layers (ResNet's
+    convolutions) get none: an empty list."""
+    targets = targets or getattr(view, "lora_targets", LORA_TARGETS)  # a decoder's q/k/v/o/gate/up/down projections
     names = {id(m): n for n, m in view.model.named_modules()}
     done = []
     for blk in view.blocks[start:]:

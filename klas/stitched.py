@@ -199,7 +199,7 @@ def set_train_mode(net: StitchedNet, recipe: str) -> None:
             m.train()
 
 
-def _used_names(net: nn.Module, input_shape: tuple[int, ...]) -> set[str]:
+def _used_names(net: nn.Module, input_shape: tuple[int, ...] | torch.Tensor) -> set[str]:
     """Names of the parameters one forward pass of ``net`` reaches (autograd), like ``klas.stitch.used_parameters``."""
     params = dict(net.named_parameters())
     saved = {n: (p.grad, p.requires_grad) for n, p in params.items()}
@@ -209,7 +209,8 @@ def _used_names(net: nn.Module, input_shape: tuple[int, ...]) -> set[str]:
         for p in params.values():
             p.grad = None
             p.requires_grad_(True)
-        x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        x = input_shape if isinstance(input_shape, torch.Tensor) else \
+            torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))  # or an input batch (token ids)
         net(x).float().square().sum().backward()
         return {n for n, p in params.items() if p.grad is not None}
     finally:
@@ -228,7 +229,7 @@ def stitch_tensors_to_save(net: StitchedNet, recipe: str) -> dict[str, torch.Ten
     if recipe == "frozen":
         keep = {n for n, p in net.named_parameters() if p.requires_grad}
     else:
-        keep = _used_names(net, net.src.input_shape) | {n for n, _ in net.named_buffers()}
+        keep = _used_names(net, net.src.example_input(2)) | {n for n, _ in net.named_buffers()}
     return {k: v.detach().clone() for k, v in sd.items() if k in keep}
 
 

@@ -14,6 +14,13 @@ def print_summary(run_dir: Path | str) -> None:
     if not (run_dir / "evaluation" / EvaluationArtifact.RECORD).is_file():
         return
     ev = EvaluationArtifact.load(run_dir / "evaluation")
+    from klas.tasks import get_task
+
+    get_task(ev.task).print_summary(ev, run_dir)  # each task says what its zoo's members are worth
+
+
+def print_zoo(ev, run_dir: Path) -> None:
+    """The classifier zoo: per member FLOPs, val / test accuracy and the exported model's ONNX latency."""
     adm = ev.admission
     n_conf = sum(z["kind"] == "configuration" for z in ev.zoo)
     n_casc = sum(z["kind"] == "cascade" for z in ev.zoo)

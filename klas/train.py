@@ -14,9 +14,11 @@ step (restored with the scheduler), and a loop's data order comes from a generat
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -278,21 +280,240 @@ def rest_of_epoch(step: int, spe: int, train, batch_size: int, augment: bool, se
 
 
 def data_parallel(net: nn.Module, parallel: str, device: torch.device) -> nn.Module:
-    """The data-parallel wrapper: DDP (find_unused_parameters: each step trains one configuration) or FSDP."""
+    """The data-parallel wrapper of the finetune stage under torchrun: every rank runs the same configuration on its
+    shard of the global batch and the gradients are averaged, so training equals the single-process run.
+
+    ``ddp``: ``DistributedDataParallel(find_unused_parameters=True)`` around ``net`` (each step trains one
+    configuration; the optimizer holds ``net``'s own parameters, built before or after).
+
+    ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``), applied to ``net`` in place and returned: every block of
+    every block view in ``net`` (transformer block, decoder layer, residual block) is one unit, then ``net`` the root
+    unit (the rest: stems, heads, the stitch layer). Each parameter becomes a ``DTensor`` sharded on dim 0 over the
+    ranks, all-gathered per unit for its forward and backward and freed after; gradients are reduce-scattered
+    (averaged). CUDA (nccl) or CPU (gloo). Rank 0's weights are broadcast first (as DDP does); ``net`` may still be
+    on the CPU: each unit moves to ``device`` as it is sharded, so the device holds at most one unit in full. Then:
+
+    * build the optimizer AFTER this call (the parameters are new objects); parameters that no unit runs in a step
+      (an anchor's unused blocks) get no gradient, on every rank alike, as in one process;
+    * ``net.no_sync()`` exists, as DDP's (``set_requires_gradient_sync(False)`` meanwhile): micro-batches accumulate
+      unreduced gradients until the last one;
+    * checkpoint and resume with ``save_training`` / ``load_training`` (full tensors, the single-process format) and
+      take the trained weights back with ``unshard``: collectives, every rank calls them;
+    * FSDP2 reduces a unit's gradients as one buffer of one dtype: where a unit's trainable parameters mix dtypes
+      (a float32 stitch layer between bfloat16 anchors), the submodules of the other dtypes become units of their own
+      (``_fsdp_units``); such a submodule must run through its own ``forward`` (``module(x)``).
+    """
     from klas.errors import KlasError
 
     if parallel == "fsdp":
-        if device.type != "cuda":
-            raise KlasError("--parallel fsdp: torch's FSDP needs CUDA devices; use --parallel ddp on the CPU")
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-        # NOTE: one root unit with original parameters, so the per-config forward of the shared recipe's supernetwork
-        # (which reuses the anchors' submodules) keeps working; every rank runs the same configuration, so all-gathers
-        # line up.
-        return FSDP(net, device_id=device, use_orig_params=True, sync_module_states=True)
+        if not (dist.is_available() and dist.is_initialized()):
+            raise KlasError("--parallel fsdp: needs a process group (run under torchrun)")
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        with _collectives("FSDP2 weight broadcast"):
+            _broadcast_states(net, device)
+        for unit in _fsdp_units(net):
+            fully_shard(unit, mesh=mesh)
+        # NOTE: an instance attribute: DDP's no_sync() interface, which the finetune stage's accumulation uses
+        net.no_sync = functools.partial(_no_gradient_sync, net)
+        return net
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by ``data_parallel(..., "fsdp")`` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_units(net: nn.Module) -> list[nn.Module]:
+    """The modules ``fully_shard`` is applied to, bottom-up, ``net`` last: the blocks of every block view in ``net``
+    (``BlockView.blocks``, or any module's plain-list ``blocks`` of modules) and ``net``, each preceded by the
+    submodules split off it so that every unit's trainable parameters have one dtype (``_dtype_units``).
+
+    A block that is a wrapper outside ``net``'s module tree (the LM view's ``DecoderBlock`` around a HF decoder
+    layer, a view's ``nn.Sequential`` of a downsample and a block) is replaced by its topmost submodules inside the
+    tree: FSDP2 finds a unit's parameters through registered children and stops at nested units, so a unit the tree
+    does not reach would also be claimed by the root."""
+    from klas.families.blockview import BlockView
+
+    registered = {id(m) for m in net.modules()}
+
+    def placed(m: nn.Module) -> list[nn.Module]:
+        return [m] if id(m) in registered else [u for c in m.children() for u in placed(c)]
+
+    blocks, seen = [], {id(net)}
+    for m in net.modules():
+        group = m.blocks if isinstance(m, BlockView) or isinstance(getattr(m, "blocks", None), list) else ()
+        for blk in group:
+            for u in placed(blk) if isinstance(blk, nn.Module) else ():
+                if id(u) not in seen and next(u.parameters(), None) is not None:
+                    seen.add(id(u))
+                    blocks.append(u)
+    covered: set[int] = set()  # parameters already in a unit
+    units: list[nn.Module] = []
+    for u in blocks + [net]:
+        units += _dtype_units(u, covered)
+    return units
+
+
+def _trainable(m: nn.Module, covered: set[int], recurse: bool = True) -> list[nn.Parameter]:
+    return [p for p in m.parameters(recurse=recurse) if p.requires_grad and id(p) not in covered]
+
+
+def _dtype_units(u: nn.Module, covered: set[int]) -> list[nn.Module]:
+    """``u`` as a unit (last) and before it the submodules that must be units of their own so that the trainable
+    parameters left to ``u`` share one dtype: ``u``'s own direct parameters' dtype, else its most common one."""
+    from klas.errors import KlasError
+
+    rest = _trainable(u, covered)
+    dtypes = {p.dtype for p in rest}
+    out: list[nn.Module] = []
+    if len(dtypes) > 1:
+        direct = {p.dtype for p in _trainable(u, covered, recurse=False)}
+        if len(direct) > 1:
+            raise KlasError(f"--parallel fsdp: {type(u).__name__} holds trainable parameters of dtypes "
+                            f"{sorted(map(str, direct))} itself; FSDP2 needs one dtype per sharded module")
+        keep = next(iter(direct)) if direct else max(
+            dtypes, key=lambda d: sum(p.numel() for p in rest if p.dtype == d))
+
+        def split(m: nn.Module) -> None:  # the largest submodules of m holding trainable parameters of other dtypes
+            inner = {p.dtype for p in _trainable(m, covered)}
+            if inner <= {keep}:
+                return
+            if keep in inner and {p.dtype for p in _trainable(m, covered, recurse=False)} <= {keep}:
+                for c in m.children():  # m itself is fine: only some of its submodules are not
+                    split(c)
+            else:
+                out.extend(_dtype_units(m, covered))
+
+        for c in u.children():
+            split(c)
+    covered.update(id(p) for p in u.parameters())
+    return out + [u]
+
+
+def _broadcast_states(net: nn.Module, device: torch.device) -> None:
+    """Rank 0's parameters and buffers on every rank (DDP's and FSDP1's ``sync_module_states``), one tensor at a
+    time through ``device`` (nccl needs device tensors)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in net.state_dict(keep_vars=True).values():
+            buf = t.detach() if t.device == device else t.detach().to(device)
+            dist.broadcast(buf, 0)
+            if t.device != device:
+                t.copy_(buf)
+
+
+@contextmanager
+def _no_gradient_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+@contextmanager
+def _collectives(what: str):
+    """A collective that fails (a dead or hung peer) ends the job with klas's one-line error."""
+    import torch.distributed as dist
+
+    from klas import distributed as kd
+    from klas.errors import KlasError
+
+    try:
+        yield
+    except KlasError:
+        raise
+    except (RuntimeError, dist.DistError) as e:
+        raise kd.peer_failure(e, what) from None
+
+
+def _full(t):
+    """A sharded ``DTensor``'s whole tensor (an all-gather: every rank calls); anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def training_state(tr: Trainer) -> dict | None:
+    """``tr.state_dict()`` with full tensors: under FSDP2 an all-gather per sharded tensor (every rank calls, in the
+    same order; rank 0 gets the dict, with the tensors on the CPU, the others None), so the checkpoint has the
+    single-process layout and resumes on any number of ranks, under any wrapper. Otherwise ``tr.state_dict()``."""
+    sd = tr.state_dict()
+    if not is_sharded(tr.model):
+        return sd
+    import torch.distributed as dist
+
+    main = dist.get_rank() == 0
+
+    def full(v):
+        v = _full(v)
+        return v.cpu() if main and isinstance(v, torch.Tensor) else v
+
+    # NOTE: new dicts: the optimizer's state_dict() shares its per-parameter state dicts with the optimizer
+    model = {k: full(v) for k, v in sd["model"].items()}
+    state = {i: {n: full(v) for n, v in s.items()} for i, s in sd["opt"]["state"].items()}
+    return {**sd, "model": model, "opt": {**sd["opt"], "state": state}} if main else None
+
+
+def save_training(tr: Trainer, path: Path | str, rank: int, resume_tag, **extra) -> None:
+    """``tr.save(path, resume_tag, **extra)`` on rank 0 (call it on every rank): under FSDP2 every rank takes part in
+    gathering the full tensors (``training_state``) and rank 0 writes them."""
+    if not is_sharded(tr.model):
+        if rank == 0:
+            tr.save(path, resume_tag, **extra)
+        return
+    with _collectives("FSDP2 checkpoint gather"):
+        sd = training_state(tr)
+    if rank == 0:
+        save_checkpoint({**sd, "resume_tag": resume_tag, **extra}, path)
+
+
+def load_training(tr: Trainer, ck: dict) -> None:
+    """``tr.load_state_dict(ck)`` for any wrapper: under FSDP2 each rank takes its shards of the checkpoint's full
+    tensors (every rank read the same file: no communication), weights and AdamW moments alike."""
+    if not is_sharded(tr.model):
+        tr.load_state_dict(ck)
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def shard(full, like):
+        if not isinstance(like, DTensor) or not isinstance(full, torch.Tensor) or full.shape != like.shape:
+            return full  # buffers, AdamW's step counts
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)
+
+    current = tr.model.state_dict()
+    tr.model.load_state_dict({k: shard(v, current.get(k)) for k, v in ck["model"].items()})
+    params = [p for g in tr.opt.param_groups for p in g["params"]]
+    opt = ck["opt"]
+    # NOTE: AdamW counts its steps in place in the tensor it is handed: a clone, so ``ck`` stays as it was read
+    state = {i: {n: shard(v, params[int(i)]) if n != "step" else (v.clone() if isinstance(v, torch.Tensor) else v)
+                 for n, v in s.items()} for i, s in opt["state"].items()}
+    tr.opt.load_state_dict({**opt, "state": state})
+    tr.sched.load_state_dict(ck["sched"])
+    torch.set_rng_state(ck["rng"])
+
+
+def unshard(model: nn.Module, plain: nn.Module) -> nn.Module:
+    """The trained weights of a network sharded by ``data_parallel(..., "fsdp")`` in an ordinary module: ``plain`` (an
+    unsharded module of the same structure, e.g. a fresh build) with ``model``'s full parameters and buffers, on
+    every rank (an all-gather per parameter: every rank calls). ``model`` itself when it is not sharded."""
+    if not is_sharded(model):
+        return model
+    with _collectives("FSDP2 weight gather"):
+        full = {k: _full(v) for k, v in model.state_dict().items()}
+    plain.load_state_dict(full)
+    return plain
 
 
 def plot_training(losses: list[float], path: Path, curves: dict[str, list[float]] | None = None) -> None:

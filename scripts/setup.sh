@@ -18,6 +18,17 @@ else
   say "Fashion-MNIST installed in $DATA"
 fi
 
+DOCS=$(ls -d /usr/share/doc/python3*/html/_sources 2>/dev/null | head -1 || true)
+if [ -n "$DOCS" ]; then
+  say "Python documentation sources present in $DOCS (the language-model corpus)"
+else
+  say "installing Debian package python3-doc (apt-get): the embedded language models' text"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-doc >/dev/null
+  say "python3-doc installed"
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"

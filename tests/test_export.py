@@ -86,8 +86,8 @@ def build_run(tmp: Path, family, provider, data, keep: int = 5) -> Path:
     zoo = [dict(kind="configuration", key=r["key"], name=r["key"], config=r["config"], flops=r["flops"],
                 val_acc=r["val_acc"], test_acc=r["test_acc"]) for r in rows[:keep]]
     zoo[min(2, keep - 1)]["test_acc"] = None
-    EvaluationArtifact(family="fmnist-deit", dataset="fashion-mnist", split="test", n_test=len(data), state="final",
-                       flops_range={}, auc=0.0, auc_definition="", n_pareto=len(rows), selection=None, configs=rows,
+    EvaluationArtifact(family="fmnist-deit", task="image-classification", dataset="fashion-mnist", split="test",
+                       n_test=len(data), state="final", flops_range={}, auc=0.0, auc_definition="", n_pareto=len(rows), selection=None, configs=rows,
                        n_val=len(data), untouched=[], zoo=zoo, cascades=[], admission={}, zoo_auc=None,
                        anchors_auc=None, machine={}, world_size=1).save(run.stage("evaluation"))
     return run.path
@@ -419,7 +419,7 @@ class Reversed(ImageClassification):
     name = "reversed-classification"
     runtime_entry = "reversed"
 
-    def predict(self, logits):
+    def predict(self, logits, targets=None):
         c, k = torch.softmax(logits.float(), dim=-1).min(dim=-1)
         return k, c
 

@@ -135,8 +135,8 @@ def run(one_thread, tmp_path_factory):
 def test_every_method_writes_the_schema(run):
     fam, path = run
     recs = {}
-    assert set(s3.method_names()) == {"klas", "min-kl", "snnet-paired", "snnet-unpaired", "mse", "cka", "ce", "dm",
-                                      "tlm", "fula"}
+    assert set(s3.method_names()) == {"klas", "min-kl", "snnet-paired", "snnet-unpaired", "esta", "mse", "cka", "ce",
+                                      "dm", "tlm", "fula"}
     for method in s3.method_names():
         rec = asdict(select(fam, path, SelectionConfig(method=method, max_pairs=6), fit=FIT))
         assert asdict(SelectionArtifact.load(path / "selection")) == rec
@@ -161,6 +161,7 @@ def test_every_method_writes_the_schema(run):
     assert all(c["D"] >= worst for c in recs["min-kl"]["candidates"]
                if c not in recs["min-kl"]["selected"] and c["bucket"] is not None)
     assert [(s["i"], s["j"]) for s in recs["snnet-paired"]["selected"]] == snnet_paired(12, 12)
+    assert [(s["i"], s["j"]) for s in recs["esta"]["selected"]] == [(i, i) for i in range(11)]  # equal depths
     for m in ("tlm", "fula"):
         assert sum(c["score"] is not None for c in recs[m]["candidates"]) == 6
         assert recs[m]["params"]["cost"]["configs_fitted"] == 6 and recs[m]["params"]["cost"]["fit_wall_s"] >= 0

@@ -60,7 +60,7 @@ class MultiLabel(ImageClassification):
         return F.binary_cross_entropy_with_logits(logits.float() / temperature,
                                                   torch.sigmoid(teacher_logits.float() / temperature))
 
-    def predict(self, logits):
+    def predict(self, logits, targets=None):
         p = torch.sigmoid(logits.float())
         return (p > 0.5).float(), ((p - 0.5).abs() * 2).mean(-1)
 

@@ -19,12 +19,13 @@ def _list(args) -> int:
 
 
 def _train(args) -> int:
-    from klas.families.trainer import Recipe, train_family
-
     from klas.config import from_flags
+    from klas.families import get_family_cfg
+    from klas.tasks import task_of
 
-    recipe = from_flags(args, "recipe", Recipe)
-    card = train_family(args.family, args.out, recipe, args.data_root, args.anchor, args.threads)
+    recipe_cls, train = task_of(get_family_cfg(args.family)).anchor_trainer()  # each task trains its own kind
+    recipe = from_flags(args, "recipe", recipe_cls)
+    card = train(args.family, args.out, recipe, args.data_root, args.anchor, args.threads)
     print(f"[anchors] card: {card}")
     return 0
 

@@ -47,7 +47,7 @@ def batches(data, batch_size: int, shuffle: bool = False, gen: torch.Generator |
         seeds = torch.randint(0, 2 ** 31 - 1, (len(plan),), generator=gen).tolist() if timm_aug else None
         images = data.stream(plan, seeds)
     for start, idx, x in zip(starts, plan, images):
-        if train_augment and not timm_aug:
+        if train_augment and getattr(data, "train_mode", "light") == "light":  # TokenSet: "none"
             x = augment(x, gen if gen is not None else torch.Generator().manual_seed(start))
         yield data.normalize(x), data.labels[idx]
 

@@ -366,10 +366,13 @@ def create_family(name: str, pretrained: bool = False, weights: str | Path | dic
     if anchors is not None and len(chosen) != len(set(anchors)):
         known = ", ".join(a.name for a in cfg.anchors)
         raise KlasError(f"family {name}: unknown anchor in {anchors}; anchors: {known}")
-    views = [create_anchor(a, shape, pretrained=pretrained, weights=weights, num_classes=num_classes)
+    from klas.tasks import task_of
+
+    task = task_of(cfg)  # the task builds its kind of anchor (timm classifiers, Hugging Face decoders, ...)
+    views = [task.build_anchor(a, shape, pretrained=pretrained, weights=weights, num_classes=num_classes)
              for a in chosen]
-    if cfg.source:  # a family from a config: say now, in one line, when its anchors cannot be stitched
-        check_stitchable(name, views, cfg.source)
+    if cfg.source:  # a family from a config: say now, in one line, when its anchors cannot form a family
+        task.check_family(cfg, views, cfg.source)
     views.sort(key=lambda v: v.flops)
     return Family(cfg, views)
 

@@ -139,6 +139,15 @@ class BlockView(nn.Module):
         return self.stem_flops + sum(b.flops for b in self.infos) + self.head_flops
 
     @property
+    def original(self) -> nn.Module:
+        """The untouched wrapped model as a module input -> logits (timm classifiers return logits)."""
+        return self.model
+
+    def example_input(self, batch: int, seed: int = 0) -> torch.Tensor:
+        """A seeded random input batch [batch, *input_shape] (views over other inputs, e.g. token ids, override)."""
+        return torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(seed))
+
+    @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 

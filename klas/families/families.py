@@ -37,3 +37,20 @@ register_family(FamilyCfg(
     # 28x28 grey, Fashion-MNIST's own statistics, no resize or crop: exactly how the anchors were trained
     input=dict(mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0, crop_mode="center"),
     description="klas's embedded Fashion-MNIST family: ViT widths 16/32/64, 12 blocks, trained by `klas anchors train`"))
+
+# The embedded language-model family: three Llama-architecture decoders over one byte-level BPE tokenizer (8192
+# tokens), trained from scratch on the Python documentation by `klas anchors train pydoc-llama`; costs are per token
+# at a 128-token context. Widths 48 / 128 / 256, depths 4 / 5 / 6, head dims 24 / 32 / 64, KV heads 1 / 2 / 2.
+PYDOC_LLAMA = dict(vocab_size=8192, max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
+                   rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+register_family(FamilyCfg(
+    name="pydoc-llama", task="causal-lm",
+    anchors=tuple(
+        AnchorCfg(f"pydoc-llama-{size}", "llama",
+                  dict(PYDOC_LLAMA, hidden_size=d, num_hidden_layers=n, num_attention_heads=h, head_dim=hd,
+                       num_key_value_heads=kv, intermediate_size=inter), f"pydoc-llama-{size}.safetensors")
+        for size, d, n, h, hd, kv, inter in (("s", 48, 4, 2, 24, 1, 128), ("m", 128, 5, 4, 32, 2, 384),
+                                             ("l", 256, 6, 4, 64, 2, 768))),
+    input_shape=(128,), dataset="python-docs", num_classes=8192, input=dict(tokenizer="pydoc-llama-tokenizer.json"),
+    description="klas's embedded language models: Llama decoders 48/128/256 wide, 4/5/6 layers, 8k BPE, trained on "
+                "the Python docs by `klas anchors train pydoc-llama`"))

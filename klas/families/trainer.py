@@ -10,12 +10,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from klas.data import batches, load_dataset, num_batches
 from klas.contract import overrides, setting
 from klas.errors import KlasError
-from klas.families._registry import _EMBEDDED_WEIGHTS, create_anchor, get_family_cfg
+from klas.families._registry import _EMBEDDED_WEIGHTS, create_anchor, get_family_cfg, list_families
 from klas.io import load_checkpoint, load_json, save_json, save_tensors, sha256_file
 from klas.train import AdamWSettings, Trainer, epoch_generator, progress_bar
 from klas_runtime.machine import machine_info
@@ -74,16 +73,21 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
 
 def fit(model: torch.nn.Module, train, val, recipe: Recipe, ckpt_path: Path, name: str, *, resume_tag,
         no_decay: bool = False, ckpt_every: int | None = None, stop_after_epoch: int | None = None,
-        on_step=None, log: str = "zoo", progress: bool = True) -> dict:
+        on_step=None, log: str = "zoo", progress: bool = True, task=None, eval_batch: int = 1000) -> dict:
     """The one supervised loop of ``recipe`` (AdamW through ``klas.train.Trainer``, warm-up then cosine to 0, grad
     norm <= 1, cross-entropy with label smoothing, the data order and augmentation of ``epoch_generator``), resumable
     exactly from ``ckpt_path``: written at every epoch end and, with ``ckpt_every``, every that many steps within an
     epoch (a resumed epoch replays its data order up to the step, without training, so the batches and the
     augmentation are those of the uninterrupted run). ``resume_tag``: what the checkpoint must have been made for.
-    Returns the loop's state: ``epoch``, ``history`` (per epoch: train loss, val accuracy), ``wall_s``.
+    Returns the loop's state: ``epoch``, ``history`` (per epoch: train loss, val accuracy), ``wall_s``. ``task``:
+    the task whose loss and metric are used (default: image classification).
 
     ``stop_after_epoch`` simulates an interruption (KeyboardInterrupt once that epoch's checkpoint is written);
     ``on_step(step)`` is called after every optimizer step (tests kill the process there)."""
+    from klas.metrics import network_score
+    from klas.tasks import get_task
+
+    task = task or get_task("image-classification")
     steps_per_epoch = num_batches(train, recipe.batch_size, drop_last=True)
     if steps_per_epoch < 1:
         raise KlasError(f"{name}: {len(train)} training images make no batch of {recipe.batch_size}; lower "
@@ -111,7 +115,7 @@ def fit(model: torch.nn.Module, train, val, recipe: Recipe, ckpt_path: Path, nam
         for k, (x, y) in enumerate(bar):
             if k < skip:  # replayed: the generator's draws (order, augmentation) advance as in the first run
                 continue
-            loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+            loss = task.loss(model(x), y, label_smoothing=recipe.label_smoothing)
             loss.backward()
             tr.update()
             loss_sum += loss.item()
@@ -120,7 +124,8 @@ def fit(model: torch.nn.Module, train, val, recipe: Recipe, ckpt_path: Path, nam
                         state=dict(state, epoch_loss=loss_sum, wall_s=state["wall_s"] + time.time() - t0))
             if on_step is not None:
                 on_step(tr.step)
-        val_acc = evaluate_accuracy(model, val)
+        model.eval()
+        val_acc = network_score(task, model, val, eval_batch)
         state = dict(state, epoch=epoch + 1, wall_s=state["wall_s"] + time.time() - t0, epoch_loss=0.0)
         state["history"] = state["history"] + [dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch,
                                                     val_acc=val_acc)]
@@ -159,23 +164,35 @@ def train_family(family: str, out_dir: Path | None = None, recipe: Recipe = Reci
 def load_card(family: str) -> dict:
     cfg = get_family_cfg(family)
     if not cfg.embedded:
-        raise KlasError(f"family {family}: not an embedded family, it has no model card (embedded: fmnist-deit)")
-    return load_json(_EMBEDDED_WEIGHTS / "card.json")
+        raise KlasError(f"family {family}: not an embedded family, it has no model card (embedded: "
+                        f"{', '.join(n for n in list_families() if get_family_cfg(n).embedded)})")
+    own = _EMBEDDED_WEIGHTS / f"{family}-card.json"  # a family's own card; fmnist-deit's predates the naming
+    return load_json(own if own.is_file() else _EMBEDDED_WEIGHTS / "card.json")
 
 
 def zoo_eval(family: str, data_root: Path | None = None, split: str = "test") -> list[dict]:
-    """Print and return params, FLOPs and measured accuracy of an embedded family's shipped weights beside its card."""
+    """Print and return params, FLOPs and the task's measured score of an embedded family's shipped weights beside
+    its card (accuracy for classifiers, 100/perplexity for language models)."""
+    from klas.config import DataConfig
     from klas.families._registry import create_family
+    from klas.metrics import network_score
+    from klas.tasks import task_of
 
+    cfg = get_family_cfg(family)
+    task = task_of(cfg)
     card = {e["name"]: e for e in load_card(family)["anchors"]}
-    data = load_dataset(get_family_cfg(family).dataset, split, data_root)
+    data = task.open_split(cfg, split, DataConfig(root=str(data_root) if data_root else None))
     fam = create_family(family, pretrained=True)
     rows = []
-    print(f"{'anchor':16s} {'params':>9s} {'MFLOPs':>8s} {split + ' acc':>9s} {'card acc':>9s}")
+    print(f"{'anchor':16s} {'params':>9s} {'MFLOPs':>8s} {split + ' score':>11s} {'card':>9s}  ({task.metric}, per "
+          f"{task.cost_unit})")
     for view in fam:
-        acc = evaluate_accuracy(view, data)
+        view.eval()
+        acc = network_score(task, view, data, 32)  # small batches: a language model's logits are [B, T, V]
         ref = card.get(view.name, {}).get(f"{split}_acc")
+        if ref is None and card.get(view.name, {}).get(f"{split}_perplexity"):
+            ref = 100.0 / card[view.name][f"{split}_perplexity"]
         rows.append(dict(name=view.name, params=view.num_params, flops=view.flops, acc=acc, card_acc=ref))
-        ref_s = f"{ref:9.2f}" if ref is not None else f"{'-':>9s}"
-        print(f"{view.name:16s} {view.num_params:9d} {view.flops / 1e6:8.2f} {acc:9.2f} {ref_s}")
+        ref_s = f"{ref:9.3f}" if ref is not None else f"{'-':>9s}"
+        print(f"{view.name:16s} {view.num_params:9d} {view.flops / 1e6:8.2f} {acc:11.3f} {ref_s}")
     return rows

@@ -60,6 +60,16 @@ def parse_family(table: Any, source: str, base: Path | None = None) -> FamilyCfg
     task = table.get("task", DEFAULT_TASK)
     if task not in task_names():
         raise KlasError(f"{where} task = {task!r}: expected one of {', '.join(task_names())}")
+    return get_task(task).parse_family(table, source, base)  # each task says what its family table holds
+
+
+def parse_image_family(table: dict, source: str, base: Path) -> FamilyCfg:
+    """The image-classification ``[family]`` table (the module docstring's example)."""
+    from klas.tasks import DEFAULT_TASK, get_task
+
+    where = f"{source}: [family]"
+    name = _keys_and_name(table, FAMILY_KEYS, where, "name")
+    task = table.get("task", DEFAULT_TASK)
     datasets = get_task(task).datasets
     dataset = table.get("dataset", datasets[0] if datasets else None)
     if datasets and dataset not in datasets:
@@ -227,6 +237,13 @@ def file_sha256(path: Path) -> str:
     """sha256 of a weights file, cached by (path, size, mtime): the cache key of every stage reads it."""
     from klas.io import sha256_file
 
+    if path.is_dir():  # a model folder (config.json + safetensors): every file in it, by name
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+        return h.hexdigest()
     st = path.stat()
     k = (str(path), st.st_size, st.st_mtime_ns)
     if k not in _SHA_CACHE:
@@ -237,7 +254,7 @@ def file_sha256(path: Path) -> str:
 def family_digest(cfg: FamilyCfg) -> dict:
     """What a family from the config contributes to every stage's cache key: its definition and the sha256 of each
     local weights file (hub ids as given), so editing the TOML or replacing a weights file re-runs the stages."""
-    files = {a.name: (file_sha256(Path(a.weights)) if a.weights and not is_hub_id(a.weights) else a.weights)
+    files = {a.name: (file_sha256(Path(a.weights)) if a.weights and Path(a.weights).exists() else a.weights)
              for a in cfg.anchors}
     return dict(definition=family_definition(cfg), weights=files)
 

@@ -57,6 +57,12 @@ class ProbesConfig(AdamWSettings):
                                  "memory-mapped file in the stage folder; memory; disk; off = a forward per epoch",
                                  choices=CACHE_MODES, key=False)
     cache_mb: int = setting(2048, "largest feature cache held in memory (auto)", ge=0, key=False)
+    eval_batch_size: int = setting(1000, "samples per batch of the val evaluations (language models: sequences, "
+                                   "each with its [T, V] logits)", ge=1, key=False)
+    lens: str = setting("tuned", "language models' probes over the vocabulary: tuned (a d x d affine map per layer "
+                        "before the anchor's frozen norm and unembedding), lowrank (rank lens_rank), logit (none)",
+                        choices=("tuned", "logit", "lowrank"))
+    lens_rank: int = setting(16, "rank of the lowrank lens", ge=1)
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ class FeatureCache:
             for name, (f, logits) in out.items():
                 for buf, t in zip(self.feats[name], f):
                     buf[start:start + len(t)] = t
-                self.head_quality[name][start:start + len(y)] = task.quality(task.predict(logits)[0], y).double()
+                self.head_quality[name][start:start + len(y)] = task.quality(task.predict(logits, y)[0], y).double()
             start += len(y)
         bar.close()
 
@@ -251,10 +257,10 @@ def evaluate_probes(family: Family, nets: dict[str, ProbeNet], data: ImageSet, b
         cached = cache.take(idx) if cache is not None else None  # every anchor's features of the batch, gathered once
         for a, v in enumerate(family):
             feats, logits = (cached[v.name], None) if cached is not None else anchor_features(v, x, task)
-            correct[v.name] += torch.stack([task.quality(task.predict(lg)[0], y).double().sum()
+            correct[v.name] += torch.stack([task.quality(task.predict(lg, y)[0], y).double().sum()
                                             for lg in nets[v.name](feats)])  # per probe: [B, outputs] logits
             heads[a] += (cache.head_quality[v.name][idx].sum() if cache is not None else
-                         task.quality(task.predict(logits)[0], y).double().sum())
+                         task.quality(task.predict(logits, y)[0], y).double().sum())
     kd.all_reduce_([*correct.values(), heads], "probe evaluation")
     head = {v.name: float(heads[a]) for a, v in enumerate(family)}
     n = max(len(data), 1)
@@ -299,7 +305,7 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
     for v in family:
         v.eval()
     if nets is None:
-        nets = new_probes(family, train, cfg, seed, task)
+        nets = task.new_probes(family, train, cfg, seed)
     steps = num_batches(train, cfg.batch_size)
     tr = trainer if trainer is not None else probe_trainer(nets, cfg, steps)
     di = kd.info()
@@ -324,8 +330,8 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
             logits = model(feats)  # {anchor: [depth, B_shard, classes]}
             # sum over probes of each probe's mean loss over the GLOBAL batch: gradients stay per-probe;
             # x world because DDP averages over ranks
-            loss = sum(task.probe_loss(lg.flatten(0, 1), y.repeat(lg.shape[0], *([1] * (y.dim() - 1))))
-                       for lg in logits.values()) * (di.world / global_b)
+            loss = sum(task.probe_objective(nets[name], lg, feats[name], y)
+                       for name, lg in logits.items()) * (di.world / global_b)
             try:
                 loss.backward()
             except RuntimeError as e:
@@ -341,8 +347,8 @@ def train_probe_nets(family: Family, train: ImageSet, cfg: ProbesConfig, seed: i
             loss_sum = float(t)
         probes_total = sum(n.depth for n in nets.values())
         train_loss = loss_sum / max(steps, 1) / max(probes_total, 1)
-        val_acc, head_acc = evaluate_probes(family, nets, val, task=task, cache=val_cache) if val is not None \
-            else ({}, {})
+        val_acc, head_acc = evaluate_probes(family, nets, val, cfg.eval_batch_size, task=task, cache=val_cache) \
+            if val is not None else ({}, {})
         if on_epoch is not None:
             on_epoch(epoch, nets, tr, train_loss, val_acc, head_acc, time.time() - t0)
     return nets
@@ -360,7 +366,7 @@ class _ProbeBank(nn.Module):
         return {name: self.nets[str(i)](feats[name]) for i, name in enumerate(self.names)}
 
 
-def new_probes(family: Family, train, cfg: ProbesConfig, seed: int, task) -> dict[str, ProbeNet]:
+def linear_probes(family: Family, train, cfg: ProbesConfig, seed: int, task) -> dict[str, ProbeNet]:
     """Fresh probes for every anchor, their feature standardization measured on the first ``cfg.stat_samples``
     training samples of the fixed split order (deterministic)."""
     nets = {v.name: ProbeNet(v.name, v.widths, task.num_outputs(family), seed) for v in family}
@@ -378,11 +384,13 @@ def run(cfg: ProbesConfig, ctx: StageContext) -> ProbesArtifact:
     inputs = dict(key=ctx.key, anchors={v.name: weights_digest(v) for v in family}, config=asdict(cfg), seed=seed)
     train = ctx.split("train").subset(cfg.train_subset)
     val = ctx.split("val").subset(cfg.val_subset)
-    nets = new_probes(family, train, cfg, seed, task)
-    tr = probe_trainer(nets, cfg, num_batches(train, cfg.batch_size))
+    nets = task.new_probes(family, train, cfg, seed)
+    # parameter-free probes (the logit lens) have nothing to train: evaluated once
+    trainable = any(p.requires_grad for n in nets.values() for p in n.parameters())
+    tr = probe_trainer(nets, cfg, num_batches(train, cfg.batch_size)) if trainable else None
     state = dict(epoch=0, history=[], wall_s=0.0)
     ckpt_path = out / CHECKPOINT
-    if ckpt_path.is_file():
+    if trainable and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if tr.matches(ck, inputs):
             tr.load_state_dict(ck)
@@ -401,17 +409,24 @@ def run(cfg: ProbesConfig, ctx: StageContext) -> ProbesArtifact:
         if di.is_main:
             print(f"[probe] epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}, mean probe val {task.metric} "
                   f"{mean_acc} ({wall:.0f}s)", flush=True)
-            tr_.save(ckpt_path, resume_tag=inputs, state=state)
+            if tr_ is not None:
+                tr_.save(ckpt_path, resume_tag=inputs, state=state)
         kd.barrier("probe checkpoint")
 
     caches = {}
     if cfg.feature_cache != "off" and state["epoch"] < cfg.epochs:
-        for name, split, bs in (("train", train, cfg.batch_size), ("val", val, 1000)):
+        for name, split, bs in (("train", train, cfg.batch_size), ("val", val, cfg.eval_batch_size)):
             caches[name] = FeatureCache(family, split, task, batch_size=bs, mode=cfg.feature_cache,
                                         limit_mb=cfg.cache_mb, folder=out, tag=name, progress=ctx.progress)
     try:
-        train_probe_nets(family, train, cfg, seed, nets, tr, val, on_epoch, ctx.progress, task=task,
-                         train_cache=caches.get("train"), val_cache=caches.get("val"))
+        if trainable:
+            train_probe_nets(family, train, cfg, seed, nets, tr, val, on_epoch, ctx.progress, task=task,
+                             train_cache=caches.get("train"), val_cache=caches.get("val"))
+        else:
+            t0 = time.time()
+            val_acc, head_acc = evaluate_probes(family, nets, val, cfg.eval_batch_size, task=task,
+                                                cache=caches.get("val"))
+            on_epoch(cfg.epochs - 1, nets, None, 0.0, val_acc, head_acc, time.time() - t0)
     finally:
         for c in caches.values():
             c.close()
@@ -474,28 +489,31 @@ def load_probes(run_dir: Path | str, family: Family) -> dict[str, ProbeNet]:
     run = RunDir(run_dir, family.name)
     path = run.require("probes", PROBES_FILE, "`klas probe`")
     tensors = load_tensors(path)
-    nets = {}
-    for v in family:
-        net = ProbeNet(v.name, v.widths, task_of(family).num_outputs(family))
-        sd = {}
-        for k in range(v.depth):
-            for p in ("weight", "bias"):
-                key = f"{v.name}/{k}.{p}"
-                if key not in tensors:
-                    raise KlasError(f"{path}: no probe {key} for anchor {v.name!r}; rerun `klas probe`")
-                sd[f"probes.{k}.{p}"] = tensors[key]
-            sd[f"shift_{k}"], sd[f"scale_{k}"] = torch.zeros(v.widths[k]), torch.ones(v.widths[k])  # folded
-        try:
-            net.load_state_dict(sd)
-        except RuntimeError:
-            raise KlasError(f"{path}: probe shapes of {v.name!r} do not match the anchor; rerun `klas probe`") from None
-        nets[v.name] = net.eval()
-    return nets
+    task = task_of(family)
+    return {v.name: task.probes_from_tensors(family, v, tensors, str(path)).eval() for v in family}
+
+
+def linear_probes_from_tensors(v: BlockView, num_outputs: int, tensors: dict, where: str) -> ProbeNet:
+    """A ProbeNet of anchor ``v`` holding the folded probes ``<anchor>/<k>.weight|bias`` of a probes file."""
+    net = ProbeNet(v.name, v.widths, num_outputs)
+    sd = {}
+    for k in range(v.depth):
+        for p in ("weight", "bias"):
+            key = f"{v.name}/{k}.{p}"
+            if key not in tensors:
+                raise KlasError(f"{where}: no probe {key} for anchor {v.name!r}; rerun `klas probe`")
+            sd[f"probes.{k}.{p}"] = tensors[key]
+        sd[f"shift_{k}"], sd[f"scale_{k}"] = torch.zeros(v.widths[k]), torch.ones(v.widths[k])  # folded
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError:
+        raise KlasError(f"{where}: probe shapes of {v.name!r} do not match the anchor; rerun `klas probe`") from None
+    return net
 
 
 # --- the stage contract ---------------------------------------------------------------------------------------------
 NAME, CONFIG, ARTIFACT, AFTER = "probes", ProbesConfig, ProbesArtifact, ()
-DESCRIBE = "train one linear probe per block (ProbeNet)"
+DESCRIBE = "train one probe per block (ProbeNet: linear probes; lenses for language models)"
 
 
 def summary(art: ProbesArtifact) -> dict:

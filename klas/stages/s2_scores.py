@@ -132,6 +132,8 @@ class ScoresConfig:
     lam: float = setting(1.0, "weight of the capacity in the difference form", ge=0)
     metrics: bool = setting(True, "also compute the tables of every registered baseline metric (klas.research: mse, "
                             "cka, ce, dm) that the comparison selection methods read")
+    memory_mb: int = setting(1024, "bound on the probe logits held at once: a batch is scored in chunks of samples "
+                             "(language models: token rows) whose logits fit it", ge=1, key=False)
     dm_samples: int = setting(1000, "val images kept for the MMD baseline", ge=1)
     dm_sigma: float = setting(0.5, "RBF bandwidth of the MMD baseline", gt=0)
 
@@ -169,9 +171,14 @@ def anchor_pairs_ordered(names: list[str]) -> list[tuple[str, str]]:
 
 
 def entropy_sum(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Sum over samples of the softmax entropy, float64 [n_probes], from logits [n_probes, N, C]."""
-    lp = torch.log_softmax(logits.double() / temperature, dim=-1)
-    return -(lp.exp() * lp).sum(dim=(1, 2))
+    """Sum over samples of the softmax entropy, float64 [n_probes], from logits [n_probes, N, C]: each sample's
+    entropy in float32 (like the KL kernels), summed over samples in float64 -- a float64 log-softmax over a
+    language model's [layers, tokens, V] costs 5x the KL tables themselves."""
+    out = torch.empty(logits.shape[0], dtype=torch.float64)
+    for k in range(logits.shape[0]):  # one probe at a time: the temporaries are [N, C], not [n_probes, N, C]
+        lp = torch.log_softmax(logits[k].float() / temperature, dim=-1)
+        out[k] = -(lp.exp() * lp).sum(dim=-1).double().sum()
+    return out
 
 
 class ScoreAccumulator:
@@ -287,18 +294,15 @@ def _stream(ctx: StageContext, cfg: ScoresConfig, nets: dict, val, acc: ScoreAcc
                leave=False, mininterval=2, file=sys.stdout, disable=not ctx.progress or not di.is_main)
     with torch.no_grad():
         for b, (x, _) in enumerate(bar):
-            logits, feats = {}, {}
-            for v in family:
-                f, head = anchor_features(v, x, task)
-                feats[v.name] = f
-                logits[v.name] = torch.cat([nets[v.name](f), head[None]])  # [depth + 1, B, C]
-            acc.update(logits)
-            if plugins:
-                # this rank's samples of batch b, by their positions in the split (the ranks interleave)
-                pos = torch.arange(b * bs, min((b + 1) * bs, len(val)))[di.rank::di.world]
-                batch = ScoreBatch(logits=logits, features=feats, positions=pos)
-                for p in plugins:
-                    p.update(batch)
+            # the task cuts the batch into chunks of samples that fit cfg.memory_mb (one chunk for classifiers)
+            for logits, feats in task.score_chunks(family, nets, x, cfg.memory_mb):
+                acc.update(logits)
+                if plugins:
+                    # this rank's samples of batch b, by their positions in the split (the ranks interleave)
+                    pos = torch.arange(b * bs, min((b + 1) * bs, len(val)))[di.rank::di.world]
+                    batch = ScoreBatch(logits=logits, features=feats, positions=pos)
+                    for p in plugins:
+                        p.update(batch)
     acc.reduce()
     if di.distributed:
         for p in plugins:
@@ -322,7 +326,7 @@ def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
     acc = ScoreAccumulator(names, [v.depth for v in family], cfg.temperature, None if cfg.impl == "auto" else cfg.impl)
     pairs = acc.pairs
     sp = ScorePass(family=family, names=names, pairs=pairs, cfg=cfg, n_val=len(val), dist=di)
-    plugins = [m.make(sp) for m in _METRICS.values()] if cfg.metrics else []
+    plugins = [m.make(sp) for m in _METRICS.values()] if cfg.metrics and ctx.task.score_plugins else []
     t0 = time.time()
     _stream(ctx, cfg, nets, val, acc, plugins)
     wall = time.time() - t0

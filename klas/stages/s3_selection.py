@@ -13,10 +13,10 @@
    smallest count reaching the best coverage found (recorded in ``params.coverage``).
 
 Methods are plug-ins (``register_method``), looked up by name; every one writes the same JSON schema. Shipped:
-"klas", "min-kl" (lowest D, no buckets, as many configurations as KLAS selects) and SN-Net's heuristics
-"snnet-paired" / "snnet-unpaired" on the nearest anchors, plus ``TableMethod``: a registered baseline metric table of
-the scores stage ranked through the same buckets. ``klas.research`` registers the baselines (mse, cka, ce, dm and
-the fitted tlm, fula; ``klas.research.register_all``).
+"klas", "min-kl" (lowest D, no buckets, as many configurations as KLAS selects), SN-Net's heuristics
+"snnet-paired" / "snnet-unpaired" on the nearest anchors and ESTA's layer-count positions "esta", plus
+``TableMethod``: a registered baseline metric table of the scores stage ranked through the same buckets.
+``klas.research`` registers the baselines (mse, cka, ce, dm and the fitted tlm, fula; ``klas.research.register_all``).
 """
 from __future__ import annotations
 
@@ -148,6 +148,26 @@ class SNNet(SelectionMethod):
         return picks
 
 
+class ESTA(SelectionMethod):
+    """Positions by layer count (ESTA's heuristic for language models): the first i + 1 blocks of the source, then
+    the target from the same relative depth (``depth_matched``), for every i that leaves the target a block to run;
+    no score is read. The finetune stage and ``klas compare`` cut the count to the budget, spread over FLOPs."""
+
+    name, bucketed = "esta", False
+
+    def tables(self, c):
+        return c.klas_tables
+
+    def choose(self, tables, klas_picks, c):
+        from klas.stages.s2_scores import depth_matched
+
+        picks = []
+        for t, (bk, _) in zip(tables, klas_picks):
+            ds, dt = t["depth_src"], t["depth_tgt"]
+            picks.append((bk, [j == depth_matched(i, ds, dt) and j < dt - 1 for i, j in zip(t["i"], t["j"])]))
+        return picks
+
+
 class TableMethod(SelectionMethod):
     """A baseline metric's table from the scores stage (``s2_scores.register_metric``), through the KLAS buckets."""
 
@@ -163,7 +183,7 @@ class TableMethod(SelectionMethod):
         return c.tables(lambda p: c.metric_tensors[key.format(*p)].double())
 
 
-for _m in (KlasMethod(), MinKL(), SNNet("snnet-paired"), SNNet("snnet-unpaired")):
+for _m in (KlasMethod(), MinKL(), SNNet("snnet-paired"), SNNet("snnet-unpaired"), ESTA()):
     register_method(_m)
 
 

@@ -30,8 +30,9 @@ DDP: each step runs one configuration, so most parameters (other stitch layers, 
 no gradient; the model is wrapped with ``find_unused_parameters=True`` (the used set is identical on every rank
 because the sampled configuration is). Only rank 0 writes files. ``accum_steps`` splits each rank's shard of a
 step's global batch into micro-batches (no gradient sync until the last): a memory knob that leaves the result
-unchanged. ``parallel="fsdp"`` wraps the supernetwork in torch's FSDP instead (large anchors; needs CUDA -- see
-docs/scale-out.md). Collective failures (a dead or hung peer) end the job with a one-line KlasError.
+unchanged. ``parallel="fsdp"`` shards each stitch's network with FSDP2 instead (independent / frozen; large
+anchors; CUDA or CPU -- see docs/scale-out.md). Collective failures (a dead or hung peer) end the job with a one-line
+KlasError.
 
 The stitched networks and their loaders live in ``klas.stitched``, the losses in ``klas.losses`` (the task's loss and
 distillation term), the epoch loop in ``klas.train``.
@@ -62,8 +63,8 @@ from klas.stitch import FitCfg, StitchConfig, fit_stitch
 from klas.stitched import (ANCHORS, CKPT_DIR, CONFIG_DIR, INIT_STITCHES, RECORD, STITCHES, SUPERNET_CKPT,
                            StitchedModels, limit_stitches, read_selection, set_train_mode, stitch_tensors_to_save,
                            trainable_stitch)
-from klas.train import (LoopState, Trainer, config_at, data_parallel, derive_seed, plot_training, progress_bar,
-                        rest_of_epoch, run_epochs)
+from klas.train import (LoopState, Trainer, config_at, data_parallel, derive_seed, load_training, plot_training,
+                        progress_bar, rest_of_epoch, run_epochs, save_training, unshard)
 
 SAMPLING = ("balanced", "uniform")
 PARALLEL = ("ddp", "fsdp")
@@ -82,7 +83,8 @@ class FinetuneConfig:
     to hold equal when recipes are compared. ``sampling`` (shared): ``uniform`` draws a configuration per step
     i.i.d. (SN-Net); ``balanced`` walks seeded permutations of all configurations so each gets the same number of
     steps (+-1) under any budget -- fairer for short budgets. Under torchrun, ``accum_steps`` micro-batches per rank
-    and step (same result, less memory) and ``parallel`` (ddp, or fsdp on CUDA) change memory and speed, not results.
+    and step (same result, less memory) and ``parallel`` (ddp, or fsdp: FSDP2, not with shared) change memory and
+    speed, not results.
     """
 
     recipe: str = setting("independent", "shared: one SN-Net supernetwork; independent: each stitch finetunes its own copy "
@@ -289,6 +291,11 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> FinetuneArtifact:
     if spe < 1:
         raise KlasError(f"--batch-size {cfg.batch_size}: larger than the training set ({len(train)} samples)")
     kd.check_divisible(cfg.batch_size, world)
+    if cfg.parallel == "fsdp" and cfg.recipe == "shared":
+        raise KlasError("finetune.parallel = fsdp: not with finetune.recipe = shared (its supernetwork is the family's "
+                        "own anchors, which FSDP2 would shard in place for the rest of the run, and each "
+                        "configuration runs outside the sharded root's forward); use finetune.recipe = independent "
+                        "or frozen, or finetune.parallel = ddp")
     total = cfg.epochs * spe
 
     device = di.device
@@ -440,25 +447,31 @@ def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, e
     ck = _resume_or_refuse(ck_path, load_checkpoint(ck_path) if ck_path.is_file() else None, tag, env.restart)
     # NOTE: every stitch starts from its own seed, so it does not depend on which stitches ran before it
     torch.manual_seed(derive_seed(env.seed, "stitch", k))
-    sn = trainable_stitch(net.view(c.source), net.view(c.target), c, net.stitches[str(k)], cfg.recipe,
-                          cfg.lora_rank, cfg.lora_alpha,
-                          torch.Generator().manual_seed(derive_seed(env.seed, "lora", k)))
-    sn.to(env.device)
+
+    def build() -> nn.Module:
+        return trainable_stitch(net.view(c.source), net.view(c.target), c, net.stitches[str(k)], cfg.recipe,
+                                cfg.lora_rank, cfg.lora_alpha,
+                                torch.Generator().manual_seed(derive_seed(env.seed, "lora", k)))
+
+    sn = build()
+    sharded = env.world > 1 and cfg.parallel == "fsdp"
+    if not sharded:
+        sn.to(env.device)  # FSDP2 moves each unit's shards there as it shards it
     scale = None if cfg.anchor_lr_scale == 1.0 or cfg.recipe == "frozen" else (
         lambda name: 1.0 if name.startswith("layer.") else cfg.anchor_lr_scale)
+    # NOTE: the wrapper before the optimizer: FSDP2 replaces sn's parameters by sharded DTensors in place
+    model = data_parallel(sn, cfg.parallel, env.device) if env.world > 1 else sn
     tr = env.trainer(sn, scale)
     state = LoopState()
     if ck is not None:
-        tr.load_state_dict(ck)
+        load_training(tr, ck)
         state = LoopState.from_dict(ck["state"])
         if env.rank == 0 and env.progress:
             print(f"[{cfg.recipe}] {c.key}: resuming at step {tr.step}/{env.total}", flush=True)
     bar.update(tr.step)
-    model = data_parallel(sn, cfg.parallel, env.device) if env.world > 1 else sn
 
     def save_ckpt() -> None:
-        if env.rank == 0:
-            tr.save(ck_path, resume_tag=tag, state=state.as_dict())
+        save_training(tr, ck_path, env.rank, resume_tag=tag, state=state.as_dict())  # FSDP2: every rank gathers
         env.barrier()
 
     def step(batch):
@@ -469,6 +482,8 @@ def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, e
     on_step = None if env.on_step is None else (lambda s: env.on_step(pos * env.total + s))
     run_epochs(tr, state, total=env.total, steps_per_epoch=env.spe, epoch_batches=env.batches, step=step, bar=bar,
                save=save_ckpt, ckpt_every=cfg.ckpt_every, on_step=on_step)
+    if sharded:  # score and save an ordinary network holding the trained weights (gathered on every rank)
+        sn = unshard(model, build()).to(env.device)
     sn.eval()
     rec = dict(history=state.history, losses=state.losses, wall_s=state.wall_s, steps=tr.step,
                val_acc=env.score(sn, device=env.device) if env.val else None)

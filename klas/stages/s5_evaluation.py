@@ -35,16 +35,18 @@ from klas.metrics import (AUC_DEFINITION, auc, cascade_outputs, cascade_threshol
 # --- measurements -------------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def measure_latency(net: torch.nn.Module, input_shape: tuple[int, ...], batch: int = 1, warmup: int = 10,
+def measure_latency(net: torch.nn.Module, input_shape: tuple[int, ...] | torch.Tensor, batch: int = 1, warmup: int = 10,
                     repeats: int = 30, threads: int = 1) -> dict:
     """CPU latency of one forward pass: ``warmup`` untimed calls, then the median (and p10/p90) of ``repeats`` timed
-    ones, with torch's intra-op threads fixed to ``threads`` (restored afterwards)."""
+    ones, with torch's intra-op threads fixed to ``threads`` (restored afterwards). ``input_shape``: a random float
+    batch of that per-sample shape, or the input batch itself (token ids)."""
     prev = torch.get_num_threads()
     was = net.training
     net.eval()
     try:
         torch.set_num_threads(threads)
-        x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+        x = input_shape if isinstance(input_shape, torch.Tensor) else \
+            torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
         for _ in range(warmup):
             net(x)
         times = []
@@ -78,6 +80,9 @@ class EvaluationConfig:
     latency: bool = setting(True, "measure CPU latency (batch 1) of every configuration")
     latency_repeats: int = setting(30, "timed runs per configuration (median reported)", ge=1)
     threads: int = setting(1, "torch threads while timing", ge=1)
+    generations: int = setting(48, "test prompts continued greedily and scored against their references (tasks "
+                               "that generate: ROUGE; 0: off)", ge=0)
+    new_tokens: int = setting(24, "tokens generated per prompt", ge=1)
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,10 @@ class EvaluationArtifact(Artifact):
     (decided on val), with the zoo's and the untouched anchors' AUC on test. Plus a markdown table and a PNG."""
 
     KIND: ClassVar[str] = "evaluation"
+    VERSION: ClassVar[int] = 2  # 2: the task is recorded
     RECORD: ClassVar[str] = "evaluation.json"
     family: str
+    task: str
     dataset: str
     split: str
     n_test: int
@@ -137,17 +144,20 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
 
     def measured(key: str, model) -> dict:
         outputs[key] = (predictions(task, model, val, batch_size), predictions(task, model, test, batch_size))
+        extra = {f"{s}_{k}": v for s, (o, d) in (("val", (outputs[key][0], val)), ("test", (outputs[key][1], test)))
+                 for k, v in task.report(o[0], d.labels).items()}
         return dict(val_acc=task.score(outputs[key][0][0], val.labels),
-                    test_acc=task.score(outputs[key][1][0], test.labels))
+                    test_acc=task.score(outputs[key][1][0], test.labels), **extra,
+                    **task.extra_metrics(model, ctx, fam, cfg))
 
     quiet = not ctx.progress or not di.is_main
     for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=quiet):
         sn = net.net(k)
         row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
-                   flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params,
+                   flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params, **task.cost_fields(sn),
                    **measured(sn.config.key, sn))
         if latency and di.is_main:
-            lat = measure_latency(sn, tuple(meta.input_shape), repeats=latency_repeats, threads=threads)
+            lat = measure_latency(sn, sn.src.example_input(1), repeats=latency_repeats, threads=threads)
             row.update(latency_ms=round(lat["median_ms"], 4), latency=lat)
         else:
             row["latency_ms"] = None
@@ -160,16 +170,17 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
     anchors = untouched_anchors(meta, family) if state == "final" else None
     untouched = []
     for v in anchors or []:
+        # NOTE: the library's own model (``original``: timm's, or Hugging Face's logits), not klas's block view
         untouched.append(dict(key=v.name, flops=v.flops, params=sum(p.numel() for p in v.model.parameters()),
-                              flops_norm=normalize_flops(v.flops, f_min, f_max),
-                              **measured(f"untouched:{v.name}", v.model), weights=_weights_record(v)))
+                              flops_norm=normalize_flops(v.flops, f_min, f_max), **task.cost_fields(v),
+                              **measured(f"untouched:{v.name}", v.original), weights=_weights_record(v)))
     zoo, cascades, admission = build_zoo(task, rows, untouched, outputs, val.labels, test.labels, cfg)
     # cascades at their average cost (measured on test, where this figure is reported)
     zoo_auc = auc([z["flops_avg"]["test"] if z["kind"] == "cascade" else z["flops"] for z in zoo],
                   [z["test_acc"] for z in zoo], f_min, f_max) if zoo else None
     anchors_auc = auc([u["flops"] for u in untouched], [u["test_acc"] for u in untouched], f_min, f_max) \
         if untouched else None
-    art = EvaluationArtifact(family=meta.family, dataset=meta.dataset, split="test", n_test=len(test),
+    art = EvaluationArtifact(family=meta.family, task=task.name, dataset=meta.dataset, split="test", n_test=len(test),
                              state=state, flops_range=dict(min=f_min, max=f_max, anchors=meta.anchor_flops),
                              auc=auc([r["flops"] for r in rows], [r["test_acc"] for r in rows], f_min, f_max),
                              auc_definition=AUC_DEFINITION, n_pareto=sum(mask), selection=meta.selection,
@@ -196,8 +207,8 @@ def predictions(task, net: torch.nn.Module, data, batch_size: int = 500) -> tupl
     was = net.training
     net.eval()
     preds, conf = [], []
-    for x, _ in batches(data, batch_size):
-        k, c = task.predict(net(x))
+    for x, y in batches(data, batch_size):
+        k, c = task.predict(net(x), y)
         preds.append(k)
         conf.append(c)
     net.train(was)
@@ -219,10 +230,10 @@ def untouched_anchors(meta, family=None):
 
 def _weights_record(view) -> dict | None:
     """Where an untouched anchor's weights came from (file and sha256), for the export's bit-for-bit check."""
-    from klas.io import sha256_file
+    from klas.families.user import file_sha256  # a file, or a model folder (every file in it)
 
     f = getattr(view, "weights_file", None)
-    return None if f is None else dict(file=str(f), sha256=sha256_file(f))
+    return None if f is None else dict(file=str(f), sha256=file_sha256(Path(f)))
 
 
 def build_zoo(task, rows: list[dict], untouched: list[dict], outputs: dict, y_val: torch.Tensor, y_test: torch.Tensor,
@@ -264,7 +275,7 @@ def build_zoo(task, rows: list[dict], untouched: list[dict], outputs: dict, y_va
     pool = zoo + admitted
     front = pareto_mask([m["flops"] for m in pool], [m["val_acc"] for m in pool])
     zoo += [m for m, keep in zip(admitted, front[len(zoo):]) if keep]
-    cascades = _cascade_candidates(task, zoo, outputs, y_val, y_test) if cfg.cascades else []
+    cascades = _cascade_candidates(task, zoo, outputs, y_val, y_test) if cfg.cascades and task.cascades else []
     level_c = cfg.alpha / 2 / max(len(cascades), 1)
     for c in cascades:
         c["admission"] = judge(c.pop("_correct"), c["flops_avg"]["val"])

@@ -48,6 +48,7 @@ def task_of(family) -> Task:
 
 def _builtin() -> None:
     # NOTE: imported on first use: the task modules import torch, the registry must not
+    import klas.tasks.causal_lm  # noqa: F401
     import klas.tasks.image_classification  # noqa: F401
 
 

@@ -20,6 +20,36 @@ class Task:
     metric: ClassVar[str] = "accuracy"  # the reported quality, in percent: mean per-sample quality x 100
     runtime_entry: ClassVar[str] = "classify"  # the klas-runtime entry that serves this task's zoo
     datasets: ClassVar[tuple[str, ...]] = ()  # the [data] dataset names it reads (empty: its own data only)
+    cascades: ClassVar[bool] = True  # evaluation may offer cascades of two zoo members
+    score_plugins: ClassVar[bool] = True  # the scores stage feeds the registered baseline metrics
+    stages: ClassVar[tuple[str, ...] | None] = None  # the pipeline stages it supports (None: all)
+
+    # --- family -------------------------------------------------------------------------------------------------
+    def build_anchor(self, anchor, input_shape, *, pretrained: bool = False, weights=None, num_classes=None):
+        """One anchor (``AnchorCfg``) as a block view measured at ``input_shape``: timm for image models."""
+        from klas.families._registry import create_anchor
+
+        return create_anchor(anchor, input_shape, pretrained=pretrained, weights=weights, num_classes=num_classes)
+
+    def parse_family(self, table: dict, source: str, base):
+        """A ``[family]`` TOML table of this task -> ``FamilyCfg`` (one-line errors naming ``source`` and the key;
+        relative paths from ``base``)."""
+        from klas.families.user import parse_image_family
+
+        return parse_image_family(table, source, base)
+
+    def check_family(self, cfg, views, source: str = "") -> None:
+        """Refuse, in one line, built anchors that cannot form one family (called for families from a config)."""
+        from klas.families._registry import check_stitchable
+
+        check_stitchable(cfg.name, views, source)
+
+    def anchor_trainer(self):
+        """(recipe settings class, ``train(family, out_dir, recipe, data_root, anchors, threads) -> card path``):
+        how ``klas anchors train`` trains an embedded family's anchors from scratch."""
+        from klas.families.trainer import Recipe, train_family
+
+        return Recipe, train_family
 
     # --- data ---------------------------------------------------------------------------------------------------
     def open_split(self, family, split: str, data=None, *, root=None, dataset=None, augment: bool = False):
@@ -43,6 +73,36 @@ class Task:
         """The probe training loss SUMMED over the samples of ``logits`` [N, outputs] (callers scale it)."""
         return self.loss(logits, targets, reduction="sum")
 
+    def new_probes(self, family, train, cfg, seed: int) -> dict:
+        """Fresh probes per anchor: modules mapping the block features of a batch (one tensor per block) to logits
+        [depth, B, ..., outputs]. Default: linear probes on standardized features (``ProbeNet``)."""
+        from klas.stages.s1_probes import linear_probes
+
+        return linear_probes(family, train, cfg, seed, self)
+
+    def probes_from_tensors(self, family, view, tensors: dict, where: str):
+        """The trained probes of ``view`` from the probes file's tensors (``<anchor>/<k>.weight|bias``)."""
+        from klas.stages.s1_probes import linear_probes_from_tensors
+
+        return linear_probes_from_tensors(view, self.num_outputs(family), tensors, where)
+
+    def probe_objective(self, net, logits: torch.Tensor, feats: list, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of one anchor's probes on a batch, summed over probes and samples: ``logits`` [depth, B, ...]
+        from ``net(feats)``."""
+        return self.probe_loss(logits.flatten(0, 1), targets.repeat(logits.shape[0], *([1] * (targets.dim() - 1))))
+
+    def score_chunks(self, family, nets: dict, x: torch.Tensor, memory_mb: int):
+        """The scores stage's input for one batch, in chunks of samples: (per anchor its probes' and head's logits
+        [depth + 1, n, C], per anchor the probe features or None). Default: the whole batch at once."""
+        from klas.stages.s1_probes import anchor_features
+
+        logits, feats = {}, {}
+        for v in family:
+            f, head = anchor_features(v, x, self)
+            feats[v.name] = f
+            logits[v.name] = torch.cat([nets[v.name](f), head[None]])  # [depth + 1, B, C]
+        yield logits, feats
+
     # --- training -----------------------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0,
              reduction: str = "mean") -> torch.Tensor:
@@ -54,8 +114,9 @@ class Task:
         raise NotImplementedError
 
     # --- evaluation ---------------------------------------------------------------------------------------------
-    def predict(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction, confidence) per sample."""
+    def predict(self, logits: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, confidence) per sample; ``targets`` where a prediction is measured against them (a language
+        model's per-token likelihoods), ignored by classifiers."""
         raise NotImplementedError
 
     def quality(self, prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,6 +129,24 @@ class Task:
         if len(targets) == 0:
             return 0.0
         return 100.0 * float(self.quality(prediction, targets).double().mean())
+
+    def report(self, prediction: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Extra figures of a split beside the score (e.g. perplexity), for the evaluation rows."""
+        return {}
+
+    def cost_fields(self, net) -> dict:
+        """Extra per-model costs beside FLOPs and latency (e.g. KV-cache bytes per token)."""
+        return {}
+
+    def extra_metrics(self, net, ctx, family, cfg) -> dict:
+        """Extra test figures of one network that need more than its logits (e.g. ROUGE of generations)."""
+        return {}
+
+    def print_summary(self, ev, run_dir) -> None:
+        """The closing summary of ``klas run`` from the evaluation artifact ``ev`` (and the zoo in ``run_dir``)."""
+        from klas.summary import print_zoo
+
+        print_zoo(ev, run_dir)
 
     # --- export and runtime -------------------------------------------------------------------------------------
     def manifest_fields(self, family) -> dict:
