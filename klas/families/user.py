@@ -54,7 +54,7 @@ def parse_family(table: Any, source: str, base: Path | None = None) -> FamilyCfg
     where = f"{source}: [family]"
     if not isinstance(table, dict):
         raise KlasError(f"{where} must be a table (name, anchors, ...)")
-    name = _keys_and_name(table, FAMILY_KEYS, where, "name")
+    _keys_and_name(table, FAMILY_KEYS, where, "name")  # keys and name first: the same line for every task
     from klas.tasks import DEFAULT_TASK, get_task, task_names
 
     task = table.get("task", DEFAULT_TASK)

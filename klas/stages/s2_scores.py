@@ -39,7 +39,7 @@ from klas.families import Family, stitchable
 from klas.io import load_tensors, save_tensors
 from klas.ops import PairwiseKL
 from klas.ops.dispatch import IMPLS
-from klas.stages.s1_probes import ProbesArtifact, anchor_features, load_probes
+from klas.stages.s1_probes import ProbesArtifact, load_probes
 
 SCORES_FILE, METRICS_FILE, SCORES_JSON = "scores.safetensors", "metrics.safetensors", "scores.json"
 CAP_EPS = 1e-6  # keeps "ratio" finite when a block barely changes the probe distribution
