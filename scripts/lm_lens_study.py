@@ -36,6 +36,13 @@ def main() -> int:
     from klas.stages.s5_evaluation import save_text
     from klas_runtime.machine import machine_info
 
+    runs = {}
+    for lens in a.lenses.split(","):
+        cfg = load_config(a.config, [f"probes.lens={lens}", "run.seed=0"])
+        apply_run_settings(cfg)
+        runs[lens] = a.out / lens
+        print(f"[lenses] {lens}: probes, scores", flush=True)
+        run_pipeline(cfg, runs[lens], until="scores")
     ft = {}
     for f in sorted(a.finetuned.rglob("evaluation/evaluation.json")):
         for r in load_json(f)["configs"]:
@@ -45,12 +52,7 @@ def main() -> int:
         raise SystemExit(f"{a.finetuned}: {len(ft)} finetuned stitched models found; need >= 3")
     models = {k: (v[0][0], sum(p for _, p in v) / len(v)) for k, v in ft.items()}  # mean over repeats of a stitch
     rows = []
-    for lens in a.lenses.split(","):
-        cfg = load_config(a.config, [f"probes.lens={lens}", "run.seed=0"])
-        apply_run_settings(cfg)
-        run = a.out / lens
-        print(f"[lenses] {lens}: probes, scores", flush=True)
-        run_pipeline(cfg, run, until="scores")
+    for lens, run in runs.items():
         pr = ProbesArtifact.load(run / "probes")
         s, _ = ScoresArtifact.tensors(run / "scores")
         scores, ppl = [], []
