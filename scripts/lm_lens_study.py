@@ -63,13 +63,13 @@ def main() -> int:
             scores.append(float(t[c["i"], c["j"]]))
             ppl.append(p)
         rho = spearmanr(scores, ppl).statistic if len(scores) >= 3 else None
-        rows.append(dict(lens=lens, probe_wall_s=pr.wall_s, probe_val_score={k: v[-1] for k, v in pr.final_val_acc.items()},
+        rows.append(dict(lens=lens, probe_wall_s=pr.wall_s, probe_val_score={k: sum(v) / len(v) for k, v in pr.final_val_acc.items()},
                          head_val_score=pr.head_val_acc, n_models=len(scores), spearman_score_vs_test_ppl=rho))
         print(f"[lenses] {lens}: probes {pr.wall_s:.0f}s, Spearman {rho}", flush=True)
     save_json(dict(config=str(a.config), finetuned=str(a.finetuned), models={k: v[1] for k, v in models.items()},
                    rows=rows, command=" ".join(["python", "scripts/lm_lens_study.py"] + sys.argv[1:]),
                    machine=machine_info()), a.out / "lenses.json")
-    lines = ["| lens | probe training (s) | last-layer lens val 100/ppl per anchor | Spearman(S, test ppl) over "
+    lines = ["| lens | probe training (s) | mean lens val 100/ppl per anchor (over its layers) | Spearman(S, test ppl) over "
              f"{rows[0]['n_models']} finetuned stitches |", "|---|---|---|---|"]
     for r in rows:
         sc = ", ".join(f"{k}: {v:.3f}" for k, v in r["probe_val_score"].items())
