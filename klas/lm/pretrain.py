@@ -49,6 +49,11 @@ def train_lm_family(family: str, out_dir: Path | None = None, recipe: LMRecipe =
     from klas.tasks import task_of
 
     cfg = get_family_cfg(family)
+    if not cfg.embedded or not (cfg.input or {}).get("tokenizer"):
+        from klas.errors import KlasError
+
+        raise KlasError(f"family {family}: `klas anchors train` trains an embedded family's anchors and tokenizer "
+                        f"from scratch; this one's anchors are pretrained models")
     task = task_of(cfg)
     out_dir = Path(out_dir) if out_dir else _EMBEDDED_WEIGHTS
     if threads:
