@@ -11,7 +11,6 @@ root) on 2 gloo ranks on the CPU ends with the single-process run's weights and 
 ONE torchrun job runs every two-rank case (process start-up dominates on a 2-core box); the single-process
 references run in this process meanwhile.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -37,7 +36,6 @@ CASES = {  # name: FinetuneConfig settings (augmentation off: it is drawn per sh
     "frozen": dict(BASE, recipe="frozen", distill=None),
 }
 CRASH_AT = 3  # the resumed case: a crash on every rank after step 3 of the first stitch (checkpoint at step 2)
-HAS_LM = all(importlib.util.find_spec(m) is not None for m in ("transformers", "klas.lm.view"))
 
 SCRIPT = """
 import json, os, sys, torch
@@ -87,16 +85,16 @@ for name, kw in {cases}.items():
             pass
         assert list((out / "resumed" / "finetune" / "checkpoints").glob("*.ckpt"))
         finetune(out / "resumed", cfg, seed=0, selection_path=sel, family=fam, progress=False)
-if {lm}:
-    from klas.train import data_parallel, unshard
-    from test_fsdp2 import lm_stitch, lm_train
-    net = lm_stitch()
-    model = data_parallel(net, "fsdp", torch.device("cpu"))
-    info = dict(held(model), losses=lm_train(net, model, rank, 2))
-    plain = unshard(model, lm_stitch())
-    if rank == 0:
-        torch.save(plain.state_dict(), out / "llama.pt")
-    (out / f"llama.rank{{rank}}.json").write_text(json.dumps([info]))
+# the Llama case
+from klas.train import data_parallel, unshard
+from test_fsdp2 import lm_stitch, lm_train
+net = lm_stitch()
+model = data_parallel(net, "fsdp", torch.device("cpu"))
+info = dict(held(model), losses=lm_train(net, model, rank, 2))
+plain = unshard(model, lm_stitch())
+if rank == 0:
+    torch.save(plain.state_dict(), out / "llama.pt")
+(out / f"llama.rank{{rank}}.json").write_text(json.dumps([info]))
 print(f"rank {{rank}} done", flush=True)
 """
 
@@ -178,7 +176,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp2")
     sel = write_selection(tmp / "sel.json", STITCHES)
     script = tmp / "fsdp2.py"
-    script.write_text(SCRIPT.format(cases=repr(CASES), crash=CRASH_AT, lm=HAS_LM))
+    script.write_text(SCRIPT.format(cases=repr(CASES), crash=CRASH_AT))
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -194,10 +192,9 @@ def runs(tmp_path_factory):
             finetune(tmp / "single" / name, FinetuneConfig(**kw, init=FitCfg(samples=128, batch_size=64)), seed=0,
                      selection_path=sel, family=fam, progress=False)
             single[name] = [(w, r["losses"], r["val_acc"]) for w, r in _configs(tmp / "single" / name).values()]
-        if HAS_LM:
-            net = lm_stitch()
-            losses = lm_train(net, net, 0, 1)
-            single["llama"] = [({k: v.detach().clone() for k, v in net.state_dict().items()}, losses, None)]
+        net = lm_stitch()
+        losses = lm_train(net, net, 0, 1)
+        single["llama"] = [({k: v.detach().clone() for k, v in net.state_dict().items()}, losses, None)]
         torch.set_num_threads(before)
         out, _ = job.communicate(timeout=240)
     finally:
@@ -217,8 +214,7 @@ def runs(tmp_path_factory):
     return result, resumed
 
 
-@pytest.mark.parametrize("case", [*CASES, pytest.param("llama", marks=pytest.mark.skipif(
-    not HAS_LM, reason="needs transformers and klas.lm.view"))])
+@pytest.mark.parametrize("case", [*CASES, "llama"])
 def test_fsdp2_two_gloo_ranks_equal_single_process(runs, case):
     single, fsdp, ranks = runs[0][case]
     assert len(single) == len(fsdp) == len(ranks[0]) == len(ranks[1]) and single
@@ -271,7 +267,6 @@ def test_fsdp_units_blocks_then_root_one_dtype_each():
     assert [id(u) for u in units] == [id(b) for b in net.src.blocks + net.tgt.blocks] + [id(net.layer), id(net)]
 
 
-@pytest.mark.skipif(not HAS_LM, reason="needs transformers and klas.lm.view")
 def test_fsdp_units_of_llama_are_the_decoder_layers():
     """The LM view's blocks wrap HF decoder layers outside the module tree: the layers themselves are the units."""
     from klas.train import _fsdp_units

@@ -253,19 +253,22 @@ def _fmt_keys(keys: list[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_weights_file(model, path: Path, anchor: AnchorCfg) -> None:
+def load_weights_file(model, path: Path, anchor: AnchorCfg, *, optional: frozenset = frozenset(),
+                      problems=None) -> None:
     """Load a user's weights file into ``model`` strictly: missing / unexpected keys and shape mismatches are one
-    line naming the anchor and the file (``num_batches_tracked`` counters may be absent)."""
+    line naming the anchor and the file (``num_batches_tracked`` counters and the keys in ``optional`` may be
+    absent; ``problems(sd)``: more reasons, as strings, why the file does not fit)."""
     sd = read_state_dict(path, anchor.name)
     mine = model.state_dict()
-    missing = [k for k in mine if k not in sd and not k.endswith("num_batches_tracked")]
+    missing = [k for k in mine if k not in sd and not k.endswith("num_batches_tracked") and k not in optional]
     unexpected = [k for k in sd if k not in mine]
     shapes = [f"{k} {tuple(sd[k].shape)} in the file vs {tuple(mine[k].shape)}" for k in sd
               if k in mine and tuple(sd[k].shape) != tuple(mine[k].shape)]
-    if missing or unexpected or shapes:
+    other = problems(sd) if problems is not None and not shapes else []
+    if missing or unexpected or shapes or other:
         parts = ([f"{len(missing)} missing keys ({_fmt_keys(missing)})"] if missing else []) + \
                 ([f"{len(unexpected)} unexpected keys ({_fmt_keys(unexpected)})"] if unexpected else []) + \
-                ([f"{len(shapes)} shape mismatches ({_fmt_keys(shapes, 2)})"] if shapes else [])
+                ([f"{len(shapes)} shape mismatches ({_fmt_keys(shapes, 2)})"] if shapes else []) + other
         raise KlasError(f"{path}: weights do not fit anchor {anchor.name!r} ({anchor.arch} with "
                         f"{anchor.model_args or 'default args'}): {'; '.join(parts)}")
     model.load_state_dict(sd, strict=False)

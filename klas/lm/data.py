@@ -67,18 +67,10 @@ class Corpus:
                 continue
             path = Path(self.root) / f
             if path.suffix == ".jsonl":
-                with open(path, encoding="utf-8", errors="replace") as fh:
-                    for n, line in enumerate(fh):
-                        if not line.strip():
-                            continue
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError:
-                            raise KlasError(f"{path}:{n + 1}: not a JSON object (a jsonl document needs a 'text' "
-                                            f"field)") from None
-                        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                            raise KlasError(f"{path}:{n + 1}: expected an object with a string 'text' field")
-                        yield f"{f}:{n}", rec["text"]
+                for n, rec in jsonl_records(path, "a jsonl document needs a 'text' field"):
+                    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                        raise KlasError(f"{path}:{n + 1}: expected an object with a string 'text' field")
+                    yield f"{f}:{n}", rec["text"]
             else:
                 yield f, path.read_text(encoding="utf-8", errors="replace")
 
@@ -97,6 +89,19 @@ class Corpus:
         for doc_id, text in self.documents():
             h.update(doc_id.encode() + b"\0" + text.encode("utf-8") + b"\0")
         return h.hexdigest()
+
+
+def jsonl_records(path: Path, what: str):
+    """(line number from 0, decoded record) of every non-blank line of a jsonl file; a line that is not JSON is one
+    line naming the file, the line and ``what`` the file should hold."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError:
+                raise KlasError(f"{path}:{n + 1}: not a JSON object ({what})") from None
 
 
 def open_corpus(dataset: str | None, root: str | Path | None) -> Corpus:
@@ -321,20 +326,13 @@ def read_prompts(path: Path | str) -> list[PromptPair]:
     if not path.is_file():
         raise KlasError(f"[data] prompts {str(path)!r}: no such file (expected jsonl with prompt/reference)")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise KlasError(f"{path}:{n + 1}: not a JSON object") from None
-            p = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
-            r = rec.get("reference", rec.get("best_answer")) if isinstance(rec, dict) else None
-            if not isinstance(p, str) or not isinstance(r, str):
-                raise KlasError(f"{path}:{n + 1}: expected string 'prompt' and 'reference' (or 'question' and "
-                                f"'best_answer')")
-            out.append(PromptPair(p, r))
+    for n, rec in jsonl_records(path, "expected prompt and reference"):
+        p = rec.get("prompt", rec.get("question")) if isinstance(rec, dict) else None
+        r = rec.get("reference", rec.get("best_answer")) if isinstance(rec, dict) else None
+        if not isinstance(p, str) or not isinstance(r, str):
+            raise KlasError(f"{path}:{n + 1}: expected string 'prompt' and 'reference' (or 'question' and "
+                            f"'best_answer')")
+        out.append(PromptPair(p, r))
     if not out:
         raise KlasError(f"{path}: no prompt/reference pairs")
     return out
@@ -383,12 +381,19 @@ def corpus_prompts(corpus: Corpus, tokenizer, split: str = "test", *, n: int = 6
 _TOKENIZERS: dict[str, object] = {}
 
 
+def family_cfg(family):
+    """The ``FamilyCfg`` of a registered name, a built ``Family`` or a ``FamilyCfg``."""
+    from klas.families._registry import get_family_cfg
+
+    return get_family_cfg(family) if isinstance(family, str) else getattr(family, "cfg", family)
+
+
 def family_tokenizer(family):
     """The one tokenizer of a language-model family: ``[family.input] tokenizer`` (a tokenizer.json; relative:
     beside the embedded weights), else the first anchor folder's tokenizer.json, else the first anchor's hub id."""
-    from klas.families._registry import _EMBEDDED_WEIGHTS, get_family_cfg
+    from klas.families._registry import _EMBEDDED_WEIGHTS
 
-    cfg = get_family_cfg(family) if isinstance(family, str) else getattr(family, "cfg", family)
+    cfg = family_cfg(family)
     spec = (cfg.input or {}).get("tokenizer")
     source = None
     if spec:
@@ -423,9 +428,7 @@ def family_tokenizer(family):
 
 def open_text_split(family, split: str, data=None, *, root=None, dataset=None) -> TokenSet:
     """Split ``split`` of the run's text, tokenized once with the family's tokenizer, packed at its context length."""
-    from klas.families._registry import get_family_cfg
-
-    cfg = get_family_cfg(family) if isinstance(family, str) else getattr(family, "cfg", family)
+    cfg = family_cfg(family)
     dataset = dataset or (data.dataset if data is not None else None) or cfg.dataset
     root = root if root is not None else (data.root if data is not None else None)
     corpus = open_corpus(dataset, root)
@@ -441,9 +444,7 @@ def open_text_split(family, split: str, data=None, *, root=None, dataset=None) -
 def eval_prompts(family, data=None, *, n: int = 48, reference_tokens: int = 24) -> list[PromptPair]:
     """The prompts whose continuations are scored: 40 % of ``[data] prompts``, else pairs cut from the test
     documents."""
-    from klas.families._registry import get_family_cfg
-
-    cfg = get_family_cfg(family) if isinstance(family, str) else getattr(family, "cfg", family)
+    cfg = family_cfg(family)
     if getattr(data, "prompts", None):
         return split_prompts(read_prompts(data.prompts))[1][:n]
     corpus = open_corpus((data.dataset if data is not None else None) or cfg.dataset,

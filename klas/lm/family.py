@@ -21,7 +21,7 @@ import torch
 
 from klas.errors import KlasError
 from klas.families import _registry
-from klas.families._registry import AnchorCfg, read_state_dict
+from klas.families._registry import AnchorCfg, load_weights_file
 from klas.lm.view import CausalLMView
 
 _HUB_PREFIXES = ("hf:", "hf-hub:")
@@ -101,30 +101,17 @@ def _from_pretrained(anchor: AnchorCfg, source: str, where: str):
 
 
 def _load_file_strict(model, path: Path, anchor: AnchorCfg) -> None:
-    """Load a state-dict file into ``model``: every key must fit (``lm_head.weight`` may be absent when the config
-    ties it to the embeddings); one line naming the anchor and the file otherwise."""
-    sd = read_state_dict(path, anchor.name)
-    mine = model.state_dict()
+    """Load a state-dict file into ``model`` strictly (``klas.families._registry.load_weights_file``);
+    ``lm_head.weight`` may be absent when the config ties it to the embeddings, and must equal them when present."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    optional = {"lm_head.weight"} if tied else set()
-    missing = [k for k in mine if k not in sd and k not in optional]
-    unexpected = [k for k in sd if k not in mine]
-    shapes = [f"{k} {tuple(sd[k].shape)} in the file vs {tuple(mine[k].shape)}" for k in sd
-              if k in mine and tuple(sd[k].shape) != tuple(mine[k].shape)]
-    if tied and not shapes and "lm_head.weight" in sd and "model.embed_tokens.weight" in sd \
-            and not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
-        shapes.append("lm_head.weight differs from model.embed_tokens.weight but the config ties them")
 
-    def fmt(keys: list[str], limit: int = 3) -> str:
-        return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+    def untied(sd) -> list[str]:
+        if tied and "lm_head.weight" in sd and "model.embed_tokens.weight" in sd \
+                and not torch.equal(sd["lm_head.weight"], sd["model.embed_tokens.weight"]):
+            return ["lm_head.weight differs from model.embed_tokens.weight but the config ties them"]
+        return []
 
-    if missing or unexpected or shapes:
-        parts = ([f"{len(missing)} missing keys ({fmt(missing)})"] if missing else []) + \
-                ([f"{len(unexpected)} unexpected keys ({fmt(unexpected)})"] if unexpected else []) + \
-                ([f"{len(shapes)} mismatches ({fmt(shapes, 2)})"] if shapes else [])
-        raise KlasError(f"{path}: weights do not fit anchor {anchor.name!r} ({anchor.arch} with "
-                        f"{anchor.model_args or 'default args'}): {'; '.join(parts)}")
-    model.load_state_dict(sd, strict=False)
+    load_weights_file(model, path, anchor, optional=frozenset({"lm_head.weight"} if tied else ()), problems=untied)
 
 
 def _tokenizer_beside(path: Path | None) -> Path | None:

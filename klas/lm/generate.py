@@ -66,12 +66,11 @@ def rouge_of(net, ctx, family, cfg) -> dict:
     """``test_rouge1/2/L`` of ``net``'s greedy continuations of the run's evaluation prompts (none: {})."""
     from dataclasses import asdict
 
-    from klas.families import get_family_cfg
-    from klas.lm.data import eot_id, family_tokenizer
+    from klas.lm.data import eot_id, family_cfg, family_tokenizer
 
     if not cfg.generations:
         return {}
-    fcfg = get_family_cfg(family) if isinstance(family, str) else getattr(family, "cfg", family)
+    fcfg = family_cfg(family)
     pairs = _prompts(fcfg.name, tuple(sorted(asdict(ctx.data).items())), cfg.generations, cfg.new_tokens)
     if not pairs:
         return {}
