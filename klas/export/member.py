@@ -66,6 +66,7 @@ class ExportJob:
     header: dict
     options: Any
     out_dir: Path
+    evaluated: int | None = None  # test samples the evaluation measured (the first ones): variants use the same
     staged: list = field(default_factory=list)  # files staged so far (removed again if the export fails)
 
     def stage(self, file: str, raw: bytes) -> None:

@@ -53,13 +53,23 @@ class ExportConfig:
     runs: int = setting(200, "timed runs per measurement", ge=1)
     precisions: str = setting("fp16,int8", "reduced-precision variants of every model (klas.export.variants): "
                               "int8 = static QDQ calibrated on val images, fp16 = float16 inside, float32 I/O",
-                              choices=("fp16,int8", "fp16", "int8", "none"))
+                              "; language models: int8 / int4 = weight-only MatMulNBits, fp16 as for images",
+                              choices=("fp16,int8", "fp16", "int8", "int4", "int8,int4", "fp16,int8,int4", "none"))
     calibration_images: int = setting(256, "val images the int8 variants are calibrated on", ge=1)
     per_channel: str = setting("auto", "int8 weights per channel (on), per tensor (off), or auto: both built, the "
                                "one agreeing more with the float32 model on held-out val images kept",
                                choices=("auto", "on", "off"))
     per_channel_images: int = setting(1000, "val images after the calibration ones that decide per_channel = auto",
                                       ge=1)
+    # --- language models (the causal-lm task's decoders, klas.lm.export) ---
+    parity_prompts: int = setting(8, "language models: test sequences whose first tokens are the parity prompts",
+                                  ge=1)
+    greedy_steps: int = setting(32, "language models: greedy decode steps compared with PyTorch per prompt", ge=1)
+    decode_tokens: int = setting(32, "language models: output tokens per timed generation", ge=1)
+    decode_runs: int = setting(5, "language models: timed generations per prompt length and batch", ge=1)
+    max_perplexity_increase: float = setting(0.02, "language models: a variant whose test perplexity exceeds its "
+                                             "float32 parent's by more than this fraction is left out (rejected)",
+                                             ge=0)
     max_accuracy_loss: float = setting(1.0, "a variant losing more test accuracy points than this against its "
                                        "float32 model is left out of the zoo (listed under rejected)", ge=0)
 
@@ -149,7 +159,8 @@ def run(cfg: ExportConfig, ctx: StageContext) -> ExportArtifact:
     for stale in final.parent.glob(f".{final.name}.staging-*"):  # left by a killed export
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        manifest = export_models(models, staging, family, test, cfg, ctx.progress, cascades(ev.zoo), val)
+        manifest = export_models(models, staging, family, test, cfg, ctx.progress, cascades(ev.zoo), val,
+                                 evaluated=ev.n_test)
         swap_dirs(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -153,6 +153,11 @@ class Task:
         """What the zoo manifest records about the task, for the runtime entry."""
         return dict(task=self.name, cost_unit=self.cost_unit, metric=self.metric, runtime_entry=self.runtime_entry)
 
+    def zoo_files(self, family) -> dict[str, bytes]:
+        """Files of the zoo beside its models (name -> bytes), hashed in the header ``manifest_fields`` writes (a
+        language model's tokenizer); none for image classification."""
+        return {}
+
     def example_inputs(self, family, batch: int, seed: int = 0) -> torch.Tensor:
         """A random input batch of the family's input shape (export tracing, self-checks, latency)."""
         return torch.randn(batch, *family.input_shape, generator=torch.Generator().manual_seed(seed))

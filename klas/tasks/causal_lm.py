@@ -26,7 +26,7 @@ class CausalLM(Task):
     datasets = ("python-docs", "text")
     cascades = False  # a per-sequence early exit is not what a decoder deploys; no cascades are offered
     score_plugins = False  # the baseline metrics of the scores stage read pooled image features
-    stages = ("probes", "scores", "selection", "finetune", "evaluation")  # ONNX decoders: "Ship stitched LMs"
+    stages = None  # all, export included: ONNX decoders with per-layer KV caches (klas.lm.export)
 
     # --- family -------------------------------------------------------------------------------------------------
     def build_anchor(self, anchor, input_shape, *, pretrained=False, weights=None, num_classes=None):
@@ -143,6 +143,41 @@ class CausalLM(Task):
         from klas.lm.summary import print_lm_zoo
 
         print_lm_zoo(ev, run_dir)
+
+    # --- export and runtime -------------------------------------------------------------------------------------
+    TOKENIZER_FILE = "tokenizer.json"
+
+    def _tokenizer_bytes(self, family) -> bytes:
+        from klas.lm.data import family_tokenizer
+
+        return family_tokenizer(family).to_str().encode()
+
+    def manifest_fields(self, family) -> dict:
+        """The task fields plus what the ``generate`` entry needs: the tokenizer file (hashed) and how to generate
+        (end-of-text id as stop and pad token; no BOS, as klas tokenized the training text; the longest context the
+        anchors declare)."""
+        from klas.lm.data import eot_id, family_tokenizer
+        from klas_runtime.manifest import sha256_bytes
+
+        raw = self._tokenizer_bytes(family)
+        eot = eot_id(family_tokenizer(family))
+        cfg = getattr(family, "cfg", family)
+        # NOTE: the anchors' declared position limit where their configs state it (embedded families), else the
+        # context the family is measured at; a decoder entry states its own (its two anchors') limit too
+        contexts = [int(a.model_args["max_position_embeddings"]) for a in cfg.anchors
+                    if "max_position_embeddings" in (getattr(a, "model_args", None) or {})]
+        return dict(super().manifest_fields(family),
+                    tokenizer=dict(file=self.TOKENIZER_FILE, sha256=sha256_bytes(raw), bytes=len(raw)),
+                    generation=dict(eos_token_id=[eot], pad_token_id=eot, bos_token_id=None, add_bos=False,
+                                    max_context=min(contexts) if contexts else int(cfg.input_shape[0])))
+
+    def zoo_files(self, family) -> dict[str, bytes]:
+        return {self.TOKENIZER_FILE: self._tokenizer_bytes(family)}
+
+    def exporter(self):
+        from klas.lm.export import DecoderExporter
+
+        return DecoderExporter()
 
     def example_inputs(self, family, batch, seed=0):
         cfg = getattr(family, "cfg", family)
