@@ -114,22 +114,45 @@ batch_size = 4
 latency_repeats = 2
 generations = 3
 new_tokens = 4
+
+[export]
+parity_prompts = 3
+greedy_steps = 8
+decode_tokens = 4
+decode_runs = 2
+warmup = 1
+runs = 2
+precisions = "int8,int4"
+max_perplexity_increase = 0.05
 ''')
     return dict(base=base, corpus=corpus, toml=toml, folders=folders, vocab=vocab)
 
 
-def test_lm_pipeline_runs_to_an_evaluation(lm_family, tmp_path, monkeypatch):
-    """The whole pipeline on the user-style family: the anchors untouched in the zoo, every model with its per-token
-    costs, perplexities (equal to exp of the mean NLL computed independently for the untouched anchors) and ROUGE."""
-    monkeypatch.setenv("KLAS_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.fixture(scope="module")
+def lm_run(lm_family, tmp_path_factory):
+    """The whole pipeline, ONNX decoders included, run once on the user-style family."""
     from klas.config import load_config
     from klas.pipeline import run_pipeline
+
+    base = tmp_path_factory.mktemp("lmrun")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KLAS_CACHE_DIR", str(base / "cache"))
+    try:
+        cfg = load_config(lm_family["toml"])
+        out = run_pipeline(cfg, base / "run", progress=False)
+        yield dict(cfg=cfg, out=out, run=base / "run")
+    finally:
+        mp.undo()
+
+
+def test_lm_pipeline_runs_to_an_evaluation(lm_family, lm_run):
+    """The whole pipeline on the user-style family: the anchors untouched in the zoo, every model with its per-token
+    costs, perplexities (equal to exp of the mean NLL computed independently for the untouched anchors) and ROUGE."""
     from klas.stages.s5_evaluation import EvaluationArtifact
 
-    cfg = load_config(lm_family["toml"])
-    out = run_pipeline(cfg, tmp_path / "run", progress=False)
-    assert set(out) == {"probes", "scores", "selection", "finetune", "evaluation"}  # no ONNX decoders yet
-    ev = EvaluationArtifact.load(tmp_path / "run" / "evaluation")
+    cfg, out = lm_run["cfg"], lm_run["out"]
+    assert set(out) == {"probes", "scores", "selection", "finetune", "evaluation", "export"}
+    ev = EvaluationArtifact.load(lm_run["run"] / "evaluation")
     assert ev.task == "causal-lm"
     assert [u["key"] for u in ev.untouched] == ["small", "large"]
     assert {z["name"] for z in ev.zoo if z["kind"] == "anchor"} == {"small", "large"}
@@ -157,6 +180,68 @@ def test_lm_pipeline_runs_to_an_evaluation(lm_family, tmp_path, monkeypatch):
         per = {"small": 2 * 2 * 8 * 4, "large": 2 * 1 * 16 * 4}
         depth = {"small": 2, "large": 3}
         assert r["kv_bytes_per_token"] == per[c["source"]] * (c["i"] + 1) + per[c["target"]] * (depth[c["target"]] - c["j"] - 1)
+
+
+def test_lm_zoo_exports_decoders_that_generate(lm_family, lm_run):
+    """The export stage's decoder zoo: the untouched anchors (bit-identical weights) and the admitted stitches (mixed
+    head dims in one cache), each with parity, perplexity, per-token costs and latency records; variants only with a
+    recorded reason. Through the runtime: verify passes, pick by FLOPs per token chooses the lowest perplexity within
+    budget, and greedy generation equals Hugging Face's own ``generate`` of the untouched anchor."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from klas.stages.s5_evaluation import EvaluationArtifact
+    from klas_runtime.manifest import load_manifest
+    from klas_runtime.runtime import Zoo, verify_zoo
+
+    zoo = lm_run["run"] / "zoo"
+    m = load_manifest(zoo)  # schema and every hash, the tokenizer's included
+    assert (m["task"], m["runtime_entry"], m["cost_unit"]) == ("causal-lm", "generate", "token")
+    assert (zoo / m["tokenizer"]["file"]).read_text() == (lm_family["base"] / "tokenizer.json").read_text() or \
+        json.loads((zoo / m["tokenizer"]["file"]).read_text())["model"] == \
+        json.loads((lm_family["base"] / "tokenizer.json").read_text())["model"]
+    ev = EvaluationArtifact.load(lm_run["run"] / "evaluation")
+    fp32 = [e for e in m["models"] if e.get("precision", "fp32") == "fp32"]
+    assert sorted(e["name"] for e in fp32) == sorted(z["name"] for z in ev.zoo)
+    rows = {z["name"]: z for z in ev.zoo}
+    for e in fp32:
+        assert e["parity"]["greedy_match"] == 1.0 and e["parity"]["relative_diff"] <= e["parity"]["atol"]
+        assert e["test_acc"] == pytest.approx(rows[e["name"]]["test_acc"])
+        # the graph's own perplexity on the evaluation's test sequences equals PyTorch's (float32 both)
+        assert e["onnx_test_perplexity"] == pytest.approx(e["test_perplexity"], rel=1e-3)
+        assert {r["batch"] for r in e["latency"]} == {1, 8}
+        one = next(r for r in e["latency"] if r["batch"] == 1)
+        assert one["peak_memory_mb"] >= 0 and one["ttft_ms"] and one["p50_ms"] <= one["p90_ms"] <= one["p99_ms"]
+        if e["origin"] == "untouched":
+            assert e["weights"]["check"].startswith("bit-identical")
+    stitched = [e for e in fp32 if e["origin"] == "stitched"]
+    for e in stitched:
+        assert {layer["head_dim"] for layer in e["decoder"]["layers"]} == {8, 16}
+    for v in (e for e in m["models"] if e.get("precision", "fp32") != "fp32"):
+        assert v["variant"]["kept_because"] and v["variant"]["perplexity_increase"] <= 0.05
+    for r in m.get("rejected", []):
+        assert r["reason"]
+    assert verify_zoo(zoo) == []
+
+    z = Zoo(zoo)
+    small = next(e for e in fp32 if e["name"] == "small")
+    budget = small["flops"]
+    choice = z.pick(max_flops=budget, device="cpu")
+    fits = [e for e in m["models"] if e["flops"] <= budget]
+    assert choice.name == max(fits, key=lambda e: (e["test_acc"], -e["flops"], e.get("precision", "fp32") == "fp32",
+                                                   e["name"]))["name"]
+    # greedy generation of the untouched anchor through the zoo == HF generate on the user's own folder
+    anchor = z.open("small", device="cpu")
+    prompt = "the quick"
+    ids = anchor.encode(prompt)
+    got = anchor.generate_ids([ids], 8, stop_ids=())[0]
+    hf = AutoModelForCausalLM.from_pretrained(lm_family["folders"][0]).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(ids):].tolist()
+    assert got == want
+    assert anchor.generate(prompt, 8, stop_ids=()) == anchor.decode(want)
 
 
 def test_score_chunks_bound_memory_and_do_not_change_the_scores(lm_family, tmp_path, monkeypatch):

@@ -15,7 +15,8 @@ from klas.families import get_family_cfg
 from klas.tasks import DEFAULT_TASK, get_task, task_of
 from klas_runtime.errors import ZooError
 from klas_runtime.machine import machine_info
-from klas_runtime.manifest import MANIFEST, SCHEMA, SCHEMA_VERSION, load_manifest, model_path, now, save_manifest
+from klas_runtime.manifest import (MANIFEST, SCHEMA, load_manifest, manifest_kind, model_path, now, save_manifest,
+                                   write_atomic)
 
 
 def task_header(task, family) -> dict:
@@ -27,7 +28,7 @@ def task_header(task, family) -> dict:
 
 
 def export_models(models: list, out_dir: Path | str, family, data, options, progress: bool = True,
-                  cascades: list[dict] = (), val=None) -> dict:
+                  cascades: list[dict] = (), val=None, evaluated: int | None = None) -> dict:
     """Export ``models`` into ``out_dir`` and write its manifest; returns the manifest.
 
     ``models``: ``Member``s or ``(config, net or provider, evaluation row[, name, untouched anchor view])``
@@ -44,9 +45,11 @@ def export_models(models: list, out_dir: Path | str, family, data, options, prog
     out_dir.mkdir(parents=True, exist_ok=True)
     family = get_family_cfg(family) if isinstance(family, str) else family
     task = task_of(family)
-    head = dict(schema=SCHEMA, schema_version=SCHEMA_VERSION, family=family.name, dataset=data.spec.name,
-                klas_version=__version__, **task_header(task, family))
-    job = ExportJob(task=task, family=family, test=data, val=val, header=head, options=options, out_dir=out_dir)
+    fields = task_header(task, family)
+    head = dict(schema=SCHEMA, schema_version=manifest_kind(fields).versions[1], family=family.name,
+                dataset=data.spec.name, klas_version=__version__, **fields)
+    job = ExportJob(task=task, family=family, test=data, val=val, header=head, options=options, out_dir=out_dir,
+                    evaluated=evaluated)
     exporter = task.exporter()
     old = _previous_files(out_dir)
     entries, rejected = [], []
@@ -61,6 +64,8 @@ def export_models(models: list, out_dir: Path | str, family, data, options, prog
         raise
     for e in entries:
         os.replace(out_dir / staged_name(e["file"]), model_path(out_dir, e["file"]))
+    for file, raw in task.zoo_files(family).items():  # e.g. a language model's tokenizer, hashed in the header
+        write_atomic(out_dir / file, raw)
     entries += [cascade_entry(c, entries, data, options, out_dir) for c in cascades]
     manifest = dict(head, created=now(), created_on=machine_info(),
                     models=sorted(entries, key=lambda e: (e["flops"], e["name"])))

@@ -162,7 +162,8 @@ def check_untouched(view) -> dict:
         raise KlasError(f"{f}: the anchor {view.name!r} to export differs from the weights file "
                         f"({len(bad)} tensors differ, {len(given) - len(shared)} missing): refusing to ship changed "
                         "anchors")
-    return dict(file=str(f), sha256=sha256_file(f), check=f"bit-identical ({len(shared)} tensors)")
+    digest = sha256_file(f) if f.is_file() else {p.name: sha256_file(p) for p in sorted(f.glob("*.safetensors"))}
+    return dict(file=str(f), sha256=digest, check=f"bit-identical ({len(shared)} tensors)")
 
 
 def config_entry(config: StitchConfig, net: nn.Module) -> dict:

@@ -227,6 +227,11 @@ def read_state_dict(path: Path, anchor: str = "") -> dict:
     """The tensors of a weights file: safetensors, or a PyTorch checkpoint read with ``weights_only=True`` (a
     ``state_dict`` / ``model`` entry is unwrapped, as the export's bit-for-bit check does); one-line errors."""
     who = f" (anchor {anchor!r})" if anchor else ""
+    if path.is_dir():  # a save_pretrained folder: its (possibly sharded) safetensors files together
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise KlasError(f"{path}: no .safetensors weights in the folder{who}")
+        return {k: v for f in shards for k, v in read_state_dict(f, anchor).items()}
     if not path.is_file():
         raise KlasError(f"{path}: weights file not found{who}")
     try:

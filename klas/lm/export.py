@@ -134,9 +134,11 @@ def torch_greedy(net64, prompts: torch.Tensor, steps: int) -> torch.Tensor:
     return ids[:, prompts.shape[1]:]
 
 
-def check_decoder_parity(raw: bytes, entry: dict, dec: CachedDecoder, net, test, options, name: str) -> dict:
+def check_decoder_parity(raw: bytes, entry: dict, dec: CachedDecoder, net, test, options, name: str,
+                         generation: dict | None = None) -> tuple[dict, dict]:
     """Prefill logits and greedy decoding of the graph against float64 PyTorch on real prompts (prefixes of the
-    first ``options.parity_prompts`` test sequences); raises past the tolerances."""
+    first ``options.parity_prompts`` test sequences); raises past the tolerances. Returns the manifest's
+    ``parity`` and the greedy run (prompts, onnxruntime tokens) its variants are compared with."""
     from klas_runtime.generate import Decoder
     from klas_runtime.session import open_session
 
@@ -154,7 +156,7 @@ def check_decoder_parity(raw: bytes, entry: dict, dec: CachedDecoder, net, test,
         want = dec64(prompts, mask, positions(mask, plen), *dec64.empty_past(n, 0, dtype=torch.float64))[0].numpy()
     diff = float(np.abs(got.astype(np.float64) - want).max())
     rel = diff / max(1.0, float(np.abs(want).max()))
-    runtime = Decoder(session, entry, pad_token_id=0)
+    runtime = Decoder(session, entry, {**(generation or {}), "eos_token_id": []})  # no stop: every step compared
     ort_tokens = np.array(runtime.generate(prompts.tolist(), steps, temperature=0.0, stop_ids=()))
     net64 = copy.deepcopy(net).double().eval()
     ref_tokens = torch_greedy(net64, prompts, steps).numpy()
@@ -171,23 +173,19 @@ def check_decoder_parity(raw: bytes, entry: dict, dec: CachedDecoder, net, test,
         raise KlasError(f"{name}: ONNX decoder parity failed on {n} test prompts of {plen} tokens: relative max "
                         f"|logit diff| {rel:.3g} (tolerance {options.atol:g}), greedy tokens equal {match:.4f} of "
                         f"{steps} steps (need {options.min_agreement:g}); not exported")
-    return result
+    return result, dict(prompts=prompts.tolist(), tokens=ort_tokens, generation=generation)
 
 
-def _profile(raw: bytes, entry: dict, options) -> list[dict]:
-    """Latency records at batch 1 and 8 (ms per output token, time to first token over prompt lengths), the
-    batch-1 record with the measured peak memory."""
-    from klas_runtime.profile import generation_latency_record, peak_memory_mb
+def _profile(raw: bytes, entry: dict, options, generation: dict) -> list[dict]:
+    """Latency records at ``export.batch`` and 8 (ms per output token, time to first token over prompt lengths),
+    the first with the peak memory measured in a fresh process."""
+    from klas_runtime.profile import generation_latency_record
 
-    recs = []
-    for batch in dict.fromkeys((options.batch, 8)):
-        rec = generation_latency_record(raw, entry, options.provider, options.threads, batch,
-                                        new_tokens=options.decode_tokens, warmup=min(options.warmup, 3),
-                                        runs=max(1, min(options.runs, options.decode_runs)))
-        if batch == options.batch:
-            rec["peak_memory_mb"] = peak_memory_mb(raw, entry, options.provider, options.threads)
-        recs.append(rec)
-    return recs
+    return [generation_latency_record(raw, entry, options.provider, options.threads, batch, generation=generation,
+                                      new_tokens=options.decode_tokens, warmup=min(options.warmup, 3),
+                                      runs=max(1, min(options.runs, options.decode_runs)),
+                                      memory=batch == options.batch)
+            for batch in dict.fromkeys((options.batch, 8))]
 
 
 # --- the exporter ------------------------------------------------------------------------------------------------
@@ -248,7 +246,8 @@ class DecoderExporter:
                                   max_context=min(int(v.config.max_position_embeddings) for v in (net.src, net.tgt))),
                      opset=options.opset)
         raw = model.SerializeToString()
-        entry["parity"] = check_decoder_parity(raw, entry, dec, net, test, options, config.key)
+        entry["parity"], greedy = check_decoder_parity(raw, entry, dec, net, test, options, config.key,
+                                                       header.get("generation"))
         nll = onnx_nll(open_session(raw, "cpu"), entry, test.seqs)
         if row.get("val_acc") is not None:
             entry.update(val_acc=float(row["val_acc"]), val_perplexity=round(100.0 / float(row["val_acc"]), 4))
@@ -261,13 +260,13 @@ class DecoderExporter:
         entry.update(onnx_test_perplexity=round(perplexity(nll), 4), latency=[])
         raw = _stamp(model, entry, header, f"klas {header['family']} zoo decoder {config.key}")
         if options.profile:
-            entry["latency"] = _profile(raw, entry, options)
+            entry["latency"] = _profile(raw, entry, options, header.get("generation") or {})
         job.stage(entry["file"], raw)
         if job.val is None:
             return [entry], []
         made, refused = [], []
         for precision in self.precisions(options.precisions):
-            v, vraw, why = self.variant(entry, raw, nll, precision, test, header, options)
+            v, vraw, why = self.variant(entry, raw, nll, greedy, precision, test, header, options)
             if why is None:
                 job.stage(v["file"], vraw)
                 made.append(v)
@@ -286,8 +285,8 @@ class DecoderExporter:
                             f"(expected a comma-separated list of {', '.join(LM_PRECISIONS)}, or none)")
         return tuple(p for p in LM_PRECISIONS if p in got)
 
-    def variant(self, parent: dict, parent_raw: bytes, parent_nll: np.ndarray, precision: str, test, header,
-                options) -> tuple[dict, bytes, dict | None]:
+    def variant(self, parent: dict, parent_raw: bytes, parent_nll: np.ndarray, greedy: dict, precision: str, test,
+                header, options) -> tuple[dict, bytes, dict | None]:
         """One variant: (entry, bytes, None) when kept, else (entry, bytes, the rejected record)."""
         import onnx
 
@@ -323,10 +322,17 @@ class DecoderExporter:
                             f"{test.spec.name} test sequences")
         logits_p = open_session(parent_raw, "cpu").run([LOGITS], _feeds(parent, test.seqs[:4, :-1].long().numpy()))[0]
         logits_v = session.run([LOGITS], _feeds(parent, test.seqs[:4, :-1].long().numpy()))[0]
-        entry["parity"] = dict(prompts=min(4, n), max_abs_diff=float(np.abs(logits_p - logits_v).max()),
+        from klas_runtime.generate import Decoder
+
+        steps = greedy["tokens"].shape[1]
+        mine = np.array(Decoder(session, parent, {**(greedy["generation"] or {}), "eos_token_id": []}).generate(
+            greedy["prompts"], steps, temperature=0.0, stop_ids=()))
+        entry["parity"] = dict(prompts=len(greedy["prompts"]), max_abs_diff=float(np.abs(logits_p - logits_v).max()),
                                top1_agreement=float((logits_p.argmax(-1) == logits_v.argmax(-1)).mean()),
+                               greedy_steps=steps, greedy_match=float((mine == greedy["tokens"]).mean()),
                                reference=f"onnxruntime CPU: this {precision} decoder vs its float32 parent "
-                                         f"{parent['name']!r} (prefill logits of test sequences)")
+                                         f"{parent['name']!r} (prefill logits of {min(4, n)} test sequences; greedy "
+                                         f"tokens after the parity prompts)")
         entry["variant"] = dict(method=method, parent_test_perplexity=parent["onnx_test_perplexity"],
                                 perplexity_increase=round(increase, 6),
                                 max_perplexity_increase=options.max_perplexity_increase)
@@ -334,9 +340,9 @@ class DecoderExporter:
         vraw = _stamp(out, entry, header, f"klas {header['family']} zoo decoder {name} ({precision} variant of "
                                           f"{parent['name']})")
         if options.profile:
-            entry["latency"] = _profile(vraw, entry, options)
+            entry["latency"] = _profile(vraw, entry, options, header.get("generation") or {})
         keep, reason = self.judge(entry, parent, increase, options)
-        entry["variant"]["kept_because" if keep else "rejected_because"] = reason
+        entry["variant"]["kept_because"] = reason
         if keep:
             return entry, vraw, None
         return entry, vraw, dict(name=name, parent=parent["name"], precision=precision, reason=reason,

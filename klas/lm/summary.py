@@ -54,5 +54,36 @@ def print_lm_zoo(ev, run_dir: Path) -> None:
     if ev.zoo_auc is not None and ev.anchors_auc is not None:
         print(f"zoo AUC {ev.zoo_auc:.4f} vs untouched anchors alone {ev.anchors_auc:.4f} (100/perplexity vs "
               f"normalized FLOPs per token)")
-    print(f"evaluation: {Path(run_dir) / 'evaluation' / 'evaluation.json'} (ONNX decoders of the zoo: not exported "
-          f"yet for language models)")
+    print(f"evaluation: {Path(run_dir) / 'evaluation' / 'evaluation.json'}")
+    zoo = Path(run_dir) / "zoo"
+    if (zoo / "manifest.json").is_file():
+        print_decoder_zoo(zoo)
+
+
+def _ttft(rec: dict, length: int) -> str:
+    t = (rec or {}).get("ttft_ms", {}).get(str(length))
+    return f"{t:8.2f}" if t is not None else f"{'-':>8s}"
+
+
+def print_decoder_zoo(zoo_dir: Path, prompt: int = 64) -> None:
+    """The exported zoo as deployed: per entry FLOPs/token, test perplexity, time to first token at a ``prompt``-token
+    prompt, ms per output token p50/p90 (batch 1) and tokens/s at batch 8 on this machine, KV bytes per token, file
+    bytes, peak memory; then the variants left out and why."""
+    from klas_runtime.manifest import read_manifest
+
+    m = read_manifest(zoo_dir)
+    print(f"\n== zoo {zoo_dir} ({len(m['models'])} ONNX decoders; latency measured on this machine: "
+          f"{m['created_on']['cpu']}, {m['created_on']['cores']} cores, onnxruntime {m['created_on']['onnxruntime']})")
+    print(f"{'entry':40s} {'MFLOP/tok':>9s} {'test ppl':>8s} {f'TTFT@{prompt}':>8s} {'p50 ms':>7s} {'p90 ms':>7s} "
+          f"{'tok/s@8':>7s} {'KV B/tok':>8s} {'MB':>6s} {'peak MB':>7s}")
+    for e in m["models"]:
+        lat = {r["batch"]: r for r in e.get("latency", [])}
+        one, eight = lat.get(1), lat.get(8)
+        mem = (one or {}).get("peak_memory_mb")
+        print(f"{e['name']:40s} {e['flops'] / 1e6:9.3f} {e['test_perplexity']:8.2f} {_ttft(one, prompt)} "
+              + (f"{one['p50_ms']:7.3f} {one['p90_ms']:7.3f}" if one else f"{'-':>7s} {'-':>7s}")
+              + (f" {eight['tokens_per_s']:7.0f}" if eight and "tokens_per_s" in eight else f" {'-':>7s}")
+              + f" {e['kv_bytes_per_token']:8d} {e['bytes'] / 1e6:6.2f} "
+              + (f"{mem:7.1f}" if mem is not None else f"{'-':>7s}"))
+    for r in m.get("rejected", []):
+        print(f"  left out: {r['name']}: {r['reason']}")

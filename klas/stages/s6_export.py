@@ -52,7 +52,7 @@ class ExportConfig:
     warmup: int = setting(20, "untimed runs first", ge=0)
     runs: int = setting(200, "timed runs per measurement", ge=1)
     precisions: str = setting("fp16,int8", "reduced-precision variants of every model (klas.export.variants): "
-                              "int8 = static QDQ calibrated on val images, fp16 = float16 inside, float32 I/O",
+                              "int8 = static QDQ calibrated on val images, fp16 = float16 inside, float32 I/O"
                               "; language models: int8 / int4 = weight-only MatMulNBits, fp16 as for images",
                               choices=("fp16,int8", "fp16", "int8", "int4", "int8,int4", "fp16,int8,int4", "none"))
     calibration_images: int = setting(256, "val images the int8 variants are calibrated on", ge=1)
