@@ -52,3 +52,12 @@ def exported_zoo(tmp_path_factory):
                   progress=False)
     torch.set_num_threads(before)
     return out
+
+
+@pytest.fixture(scope="session")
+def runtime_env(tmp_path_factory):
+    """A fresh virtual environment holding klas-runtime alone (``pip install runtime/``: numpy, onnxruntime, Pillow,
+    tokenizers from the package index) -- (venv folder, environment variables); made once per session."""
+    from test_runtime_install import _fresh_runtime_env
+
+    return _fresh_runtime_env(tmp_path_factory.mktemp("runtime-env"))

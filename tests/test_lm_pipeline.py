@@ -244,6 +244,48 @@ def test_lm_zoo_exports_decoders_that_generate(lm_family, lm_run):
     assert anchor.generate(prompt, 8, stop_ids=()) == anchor.decode(want)
 
 
+def test_lm_zoo_in_the_runtime_only_install(lm_run, runtime_env, tmp_path):
+    """``klas-runtime verify / pick / generate`` on the exported decoder zoo in a venv without torch or klas: the
+    pick is the one made here, greedy text equals the in-process runtime's, streamed output equals it too, and a
+    bad budget or a tampered tokenizer is one line and a non-zero exit."""
+    import shutil
+    import subprocess
+
+    from klas_runtime.runtime import Zoo
+
+    venv, env = runtime_env
+    zoo = lm_run["run"] / "zoo"
+
+    def run(*args):
+        return subprocess.run([str(venv / "bin" / "klas-runtime"), *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=120)
+
+    r = run("verify", zoo)
+    assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
+    z = Zoo(zoo)
+    budget = sorted(e["flops"] for e in z.models)[-2]
+    here = z.pick(max_flops=budget, device="cpu")
+    r = run("pick", zoo, "--max-flops-per-token", budget, "--device", "cpu")
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == here.entry["file"], r.stdout + r.stderr
+    prompt = "the module function"
+    want = here.generate(prompt, 6)
+    r = run("generate", zoo, prompt, "--max-flops-per-token", budget, "--max-new-tokens", 6, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == want and f"[generate] model {here.name}" in r.stderr
+    r = run("generate", zoo, prompt, "--max-flops-per-token", budget, "--max-new-tokens", 6, "--no-stream")
+    assert r.returncode == 0 and r.stdout.rstrip("\n") == want
+    r = run("generate", zoo, prompt, "--max-ms-per-token", "-1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    bad = tmp_path / "bad"
+    shutil.copytree(zoo, bad)
+    tok = bad / z.manifest["tokenizer"]["file"]
+    tok.write_text(tok.read_text().replace("the", "teh", 1))
+    r = run("verify", bad)
+    assert r.returncode == 1 and "tokenizer" in r.stderr and "sha256" in r.stderr, r.stdout + r.stderr
+    r = run("generate", bad, prompt)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "sha256" in r.stderr, r.stderr
+
+
 def test_score_chunks_bound_memory_and_do_not_change_the_scores(lm_family, tmp_path, monkeypatch):
     """Chunked lens logits (a bound of a few rows) give the same KL tables as one chunk, and no chunk is larger than
     the bound allows."""

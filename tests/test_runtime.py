@@ -344,18 +344,18 @@ def test_zoo_without_runtime_entry_is_served_by_classify(copy_zoo, tmp_path, cap
 def test_unknown_runtime_entry_is_refused_in_one_line(copy_zoo, tmp_path, capsys):
     from klas_runtime.runtime import verify_zoo
 
-    _set_header(copy_zoo, task="causal_lm", cost_unit="token", metric="perplexity", runtime_entry="generate")
+    _set_header(copy_zoo, task="segmentation", cost_unit="image", metric="miou", runtime_entry="segment")
     load_manifest(copy_zoo)  # the schema accepts it: only serving it needs the entry
     where = str(copy_zoo / MANIFEST)
-    with pytest.raises(KlasError, match=r"runtime entry 'generate' .*registered: classify") as e:
+    with pytest.raises(KlasError, match=r"runtime entry 'segment' .*registered: classify, generate") as e:
         Zoo(copy_zoo).pick(device="cpu")
     assert where in str(e.value) and "\n" not in str(e.value)
     (tmp_path / "x.txt").write_text("some text")
     rc, out, err = _predict_lines(copy_zoo, [tmp_path / "x.txt"], capsys)
     assert rc == 2 and out == [] and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert where in err and "'generate'" in err and "registered: classify" in err
+    assert where in err and "'segment'" in err and "registered: classify, generate" in err
     problems = verify_zoo(copy_zoo)  # the files are sound; that this runtime cannot serve them is the problem
-    assert len(problems) == 1 and "runtime entry 'generate'" in problems[0]
+    assert len(problems) == 1 and "runtime entry 'segment'" in problems[0]
 
 
 def test_predict_dispatches_to_a_registered_entry(copy_zoo, tmp_path, capsys, monkeypatch):
@@ -376,7 +376,7 @@ def test_predict_dispatches_to_a_registered_entry(copy_zoo, tmp_path, capsys, mo
                                 describe=lambda choice, x: f"echo {choice.name} {tuple(x.shape)}"))
     with pytest.raises(KlasError, match="already registered"):
         register_entry(RuntimeEntry("echo", model=Choice, load_input=load_input, describe=str))
-    assert entries.registered_entries() == ("classify", "echo")
+    assert entries.registered_entries() == ("classify", "generate", "echo")
     _set_header(copy_zoo, task="echo-task", runtime_entry="echo")
     (tmp_path / "x.txt").write_text("hello")
     rc, out, err = _predict_lines(copy_zoo, [tmp_path / "x.txt"], capsys)

@@ -67,10 +67,10 @@ def _expected(zoo: Path, max_flops: float) -> dict:
     return max(fits, key=lambda m: (m["test_acc"], -m["flops"], m["name"]))
 
 
-def test_runtime_installs_alone_and_runs_on_an_exported_zoo(exported_zoo, tmp_path):
+def test_runtime_installs_alone_and_runs_on_an_exported_zoo(exported_zoo, runtime_env, tmp_path):
     from klas_runtime.runtime import Zoo
 
-    venv, env = _fresh_runtime_env(tmp_path)
+    venv, env = runtime_env
     py = str(venv / "bin" / "python")
     r = subprocess.run([py, "-c", "import torch"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr

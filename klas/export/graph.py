@@ -131,10 +131,17 @@ def quiet():
     """Capture what the exporters print (dynamo's ``[torch.onnx] ...`` steps, TorchScript's tracer warnings, log
     records of torch.export / onnxscript): ``klas export`` prints only its own lines. Correctness is not taken on
     their word: the graph is checked and compared with PyTorch."""
+    import logging
+
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        warnings.simplefilter("ignore")
-        yield sink
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # NOTE: log handlers keep the stream they were made with; redirects miss them
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield sink
+    finally:
+        logging.disable(previous)
 
 
 @functools.lru_cache(maxsize=1)

@@ -180,3 +180,18 @@ def check_cascade(choice: CascadeChoice) -> str | None:
     except Exception as e:  # onnxruntime's own errors
         return f"does not run ({first_line(e)})"
     return None
+
+
+def check_signature(session, entry: dict, where: str) -> None:
+    """What ``verify_zoo`` asks of an image model's session: one input of the manifest's name and [C, H, W], and
+    the manifest's output among its outputs (one ZooError line otherwise)."""
+    from klas_runtime.manifest import MANIFEST
+
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    spec, out = entry["input"], entry["output"]
+    if len(inputs) != 1 or inputs[0].name != spec["name"] or list(inputs[0].shape[1:]) != spec["shape"][1:]:
+        got = ", ".join(f"{i.name}{list(i.shape)}" for i in inputs)
+        raise ZooError(f"{where}: model inputs {got} do not match {MANIFEST} "
+                       f"({spec['name']}{spec['shape']})")
+    if out["name"] not in [o.name for o in outputs]:
+        raise ZooError(f"{where}: no output {out['name']!r} (the file has {', '.join(o.name for o in outputs)})")

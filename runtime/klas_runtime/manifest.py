@@ -19,6 +19,14 @@ crop_pct)), ``interpolation``, ``crop_pct`` and ``crop_mode`` -- timm's evaluati
 applies (``klas_runtime.preprocess``). An input without them (versions 1-3) means: resize straight to the input
 size, bilinear, no crop.
 
+Schema version 5 is that of **decoder zoos** (``runtime_entry: "generate"``, task ``causal-lm``): language models
+that take token ids and return next-token logits through a KV cache (``klas_runtime.generate``). Their model entries
+have their own schema (``DECODER_MODEL``: FLOPs per token at ``flops_context``, ``test_acc`` = 100 / test perplexity,
+``input`` / ``output`` / ``decoder`` blocks naming the cache tensors and each layer's KV heads and head width), the
+header carries the zoo's ``tokenizer`` file (hashed like a model file) and its ``generation`` settings, and their
+precisions are fp32, int8 and int4. Which schema a manifest is held to comes from its runtime entry (``KINDS_BY_ENTRY``:
+one ``ManifestKind`` per entry, ``classify`` for every other); image manifests (versions 1-4) read as before.
+
 The header may name the **task** that made the zoo (``task``, ``cost_unit``, ``metric``, ``runtime_entry``:
 ``klas.tasks.Task.manifest_fields``); the runtime serves the zoo through the entry ``runtime_entry`` names
 (``klas_runtime.entries``). Optional, at any schema version: a manifest without them is an image classifier's,
@@ -35,8 +43,10 @@ import math
 import os
 import re
 import time
+from dataclasses import dataclass
+from dataclasses import field as _field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from klas_runtime.errors import ZooError
 from klas_runtime.io import atomic_path
@@ -44,12 +54,16 @@ from klas_runtime.preprocess import CROP_MODES, CROP_PCT_RANGE, GEOMETRY, INTERP
 
 MANIFEST = "manifest.json"
 SCHEMA = "klas-zoo"
-SCHEMA_VERSION = 4  # 4: input geometry (resize, interpolation, crop); 3: precision variants; 2: cascade entries
-#                     ("kind": "cascade"); 1 (models only) is still read
+SCHEMA_VERSION = 4  # of image zoos: 4: input geometry (resize, interpolation, crop); 3: precision variants;
+#                     2: cascade entries ("kind": "cascade"); 1 (models only) is still read
+DECODER_SCHEMA_VERSION = 5  # decoder zoos (runtime_entry "generate"): tokenizer, generation, KV-cache decoders
+MAX_SCHEMA_VERSION = DECODER_SCHEMA_VERSION  # the newest version this runtime reads (of any kind of zoo)
 CASCADE_SINCE = 2
 VARIANTS_SINCE = 3
 GEOMETRY_SINCE = 4
 PRECISIONS = ("fp32", "fp16", "int8")  # an entry without "precision" is fp32 (schema versions 1 and 2)
+DECODER_PRECISIONS = ("fp32", "int8", "int4")  # decoder zoos: weight-only MatMulNBits at 8 or 4 bits
+ALL_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # every precision of any kind of zoo, in display order
 KINDS = ("model", "cascade")
 METADATA_KEY = "klas"  # ONNX metadata_props key holding the model's own manifest entry (JSON)
 # Fields of a model entry that describe the file itself or later measurements, so they cannot live inside the file.
@@ -57,6 +71,7 @@ NOT_EMBEDDED = ("file", "sha256", "bytes", "latency")
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*\.onnx$")
+_SAFE_JSON = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*\.json$")  # a zoo's tokenizer file
 
 
 # --- a tiny schema language: {key: (types, check or nested schema, required)} ---------------------------------------
@@ -182,69 +197,92 @@ _EXPECTED = {"file": "a plain file name ending in .onnx inside the zoo folder (n
              "crop_mode": "one of " + ", ".join(CROP_MODES)}
 
 
-def _check(obj: Any, schema: dict, where: str) -> None:
+def _check(obj: Any, schema: dict, where: str, hints: dict | None = None) -> None:
     if not isinstance(obj, dict):
         raise ZooError(f"{where}: expected an object, got {type(obj).__name__}")
+    hints = _EXPECTED if hints is None else hints
     for key, (rule, required) in schema.items():
         if key not in obj:
             if required:
                 raise ZooError(f"{where}: missing field {key!r}")
             continue
         if isinstance(rule, dict):
-            _check(obj[key], rule, f"{where}.{key}")
+            _check(obj[key], rule, f"{where}.{key}", hints)
         elif not rule(obj[key]):
-            hint = _EXPECTED.get(key, "a valid value")
+            hint = hints.get(key, "a valid value")
             raise ZooError(f"{where}.{key}: invalid value {json.dumps(obj[key])[:80]} (expected {hint})")
 
 
 def validate(manifest: Any, where: str = MANIFEST) -> dict:
-    """Check ``manifest`` against the schema; raise a one-line ZooError naming the first bad field."""
+    """Check ``manifest`` against the schema of its kind of zoo (``manifest_kind``: image zoos, decoder zoos); raise
+    a one-line ZooError naming the first bad field."""
     _check(manifest, TOP, where)
-    if manifest["schema_version"] > SCHEMA_VERSION:
-        raise ZooError(f"{where}: schema version {manifest['schema_version']} is newer than this klas understands "
-                        f"({SCHEMA_VERSION}); upgrade klas-runtime (or klas)")
-    if manifest["schema_version"] < 1:
-        raise ZooError(f"{where}: schema version {manifest['schema_version']} is not a klas zoo version")
+    version = manifest["schema_version"]
+    if version > MAX_SCHEMA_VERSION:
+        raise ZooError(f"{where}: schema version {version} is newer than this klas understands "
+                        f"({MAX_SCHEMA_VERSION}); upgrade klas-runtime (or klas)")
+    if version < 1:
+        raise ZooError(f"{where}: schema version {version} is not a klas zoo version")
+    kind = manifest_kind(manifest)
+    lo, hi = kind.versions
+    if version > hi:
+        raise ZooError(f"{where}: schema version {version} is newer than this klas understands ({hi}) for "
+                        f"{kind.label} (runtime_entry {kind.entry!r}); upgrade klas-runtime (or klas)")
+    if version < lo:
+        raise ZooError(f"{where}: {kind.label} (runtime_entry {kind.entry!r}) need schema_version >= {lo} (this "
+                        f"manifest says {version}); re-export the zoo")
+    _check(manifest, kind.top, where, kind.hints)
     names, files = set(), set()
     for k, entry in enumerate(manifest["models"]):
         at = f"{where}: models[{k}]"
-        kind = entry_kind(entry, at)
-        if kind == "cascade":
-            if manifest["schema_version"] < CASCADE_SINCE:
+        entry_type = entry_kind(entry, at)
+        if entry_type == "cascade":
+            if not kind.cascades:
+                raise ZooError(f"{at} (cascade {entry.get('name')!r}): {kind.label} have no cascade entries")
+            if version < CASCADE_SINCE:
                 raise ZooError(f"{at} (cascade {entry.get('name')!r}): cascade entries need schema_version "
-                                f">= {CASCADE_SINCE} (this manifest says {manifest['schema_version']})")
+                                f">= {CASCADE_SINCE} (this manifest says {version})")
             _check(entry, CASCADE, f"{at} (cascade {entry.get('name')!r})")
         elif precision(entry) != "fp32":
-            if manifest["schema_version"] < VARIANTS_SINCE:
+            if version < VARIANTS_SINCE:
                 raise ZooError(f"{at} ({entry.get('name')!r}): precision variants need schema_version "
-                                f">= {VARIANTS_SINCE} (this manifest says {manifest['schema_version']})")
-            _check(entry, VARIANT, f"{at} ({precision(entry)} variant {entry.get('name')!r})")
+                                f">= {VARIANTS_SINCE} (this manifest says {version})")
+            _check(entry, kind.variant, f"{at} ({precision(entry)} variant {entry.get('name')!r})", kind.hints)
         else:
-            _check(entry, MODEL, at)
+            _check(entry, kind.model, at, kind.hints)
         for r, rec in enumerate(entry["latency"]):
-            _check(rec, LATENCY, f"{at}.latency[{r}]")
+            _check(rec, kind.latency if entry_type == "model" else LATENCY, f"{at}.latency[{r}]", kind.hints)
         if entry["name"] in names or entry.get("file") in files:
             raise ZooError(f"{at}: duplicate model name {entry['name']!r} or file {entry.get('file')!r}")
         names.add(entry["name"])
-        if kind == "model":
+        if entry_type == "model":
             files.add(entry["file"])
-            spec = entry["input"]
-            if len(spec["mean"]) != spec["shape"][1] or len(spec["std"]) != spec["shape"][1]:
-                raise ZooError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
-            check_geometry(spec, f"{at}.input")
-            out = entry["output"]
-            if out["classes"] and len(out["classes"]) != out["num_classes"]:
-                raise ZooError(f"{at}.output: {len(out['classes'])} class names for num_classes "
-                               f"{out['num_classes']} (expected one name per class, or none)")
+            kind.check_model(entry, manifest, at)
     models = {e["name"]: e for e in manifest["models"] if entry_kind(e) == "model"}
     for k, entry in enumerate(manifest["models"]):
         if entry_kind(entry) == "cascade":
             check_cascade(entry, models, f"{where}: models[{k}] (cascade {entry['name']!r})")
         elif precision(entry) != "fp32":
-            check_variant(entry, models, f"{where}: models[{k}] ({precision(entry)} variant {entry['name']!r})")
+            check_variant(entry, models, f"{where}: models[{k}] ({precision(entry)} variant {entry['name']!r})",
+                          kind.variant_keys)
     for k, rec in enumerate(manifest.get("rejected", [])):
-        _check(rec, REJECTED, f"{where}: rejected[{k}]")
+        _check(rec, kind.rejected, f"{where}: rejected[{k}]", kind.hints)
+    if kind.check_zoo is not None:
+        kind.check_zoo(manifest, where, files)
     return manifest
+
+
+def _check_image_model(entry: dict, manifest: dict, at: str) -> None:
+    """An image model entry's cross-field claims: one mean/std per channel, the input geometry, a class name per
+    logit (or none)."""
+    spec = entry["input"]
+    if len(spec["mean"]) != spec["shape"][1] or len(spec["std"]) != spec["shape"][1]:
+        raise ZooError(f"{at}.input: mean/std need one value per channel ({spec['shape'][1]})")
+    check_geometry(spec, f"{at}.input")
+    out = entry["output"]
+    if out["classes"] and len(out["classes"]) != out["num_classes"]:
+        raise ZooError(f"{at}.output: {len(out['classes'])} class names for num_classes "
+                       f"{out['num_classes']} (expected one name per class, or none)")
 
 
 def check_geometry(spec: dict, at: str) -> None:
@@ -268,17 +306,22 @@ def check_geometry(spec: dict, at: str) -> None:
 
 
 def precision(entry: dict) -> str:
-    """'fp32', 'fp16' or 'int8' (entries without ``precision``, and cascades, are float32)."""
+    """'fp32', 'fp16', 'int8' or 'int4' (entries without ``precision``, and cascades, are float32)."""
     return entry.get("precision", "fp32") if isinstance(entry, dict) else "fp32"
 
 
-def check_variant(entry: dict, models: dict[str, dict], at: str) -> None:
-    """A variant's claims against its parent: a float32 model entry of this manifest with the same configuration,
-    FLOPs, params, input and output (a variant changes the arithmetic, never the network)."""
+IMAGE_VARIANT_KEYS = ("config", "flops", "params", "input", "output")
+DECODER_VARIANT_KEYS = ("config", "flops", "flops_context", "input", "output", "decoder", "kv_bytes_per_token")
+
+
+def check_variant(entry: dict, models: dict[str, dict], at: str, keys: tuple = IMAGE_VARIANT_KEYS) -> None:
+    """A variant's claims against its parent: a float32 model entry of this manifest with the same ``keys``
+    (image zoos: configuration, FLOPs, params, input and output; decoder zoos also the cache layout) -- a variant
+    changes the arithmetic, never the network."""
     parent = models.get(entry["parent"])
     if parent is None or precision(parent) != "fp32":
         raise ZooError(f"{at}: parent {entry['parent']!r} is not a float32 model entry of this manifest")
-    for key in ("config", "flops", "params", "input", "output"):
+    for key in keys:
         if entry.get(key) != parent.get(key):
             raise ZooError(f"{at}: {key!r} differs from its parent {entry['parent']!r} "
                             f"({json.dumps(entry.get(key))[:60]} vs {json.dumps(parent.get(key))[:60]})")
@@ -332,6 +375,180 @@ def check_cascade(entry: dict, models: dict[str, dict], at: str) -> None:
         raise ZooError(f"{at}: members {first!r} and {second!r} predict different classes")
 
 
+# --- decoder zoos (schema version 5, runtime_entry "generate") ---------------------------------------------------
+
+def _pos_int(v: Any) -> bool:
+    return _nonneg_int(v) and v > 0
+
+
+def _kv_name(v: Any) -> bool:
+    """A cache tensor name pattern with one ``{i}`` (the layer index), e.g. 'past_key_values.{i}.key'."""
+    return _str(v) and v.count("{i}") == 1 and "{" not in v.replace("{i}", "") and "}" not in v.replace("{i}", "")
+
+
+def _ttft(v: Any) -> bool:
+    """{"16": ms, "64": ms, ...}: time to first token per swept prompt length (decimal keys > 0)."""
+    return (isinstance(v, dict) and len(v) > 0
+            and all(isinstance(k, str) and k.isdigit() and int(k) > 0 and _pos_num(x) for k, x in v.items()))
+
+
+def _token_ids(v: Any) -> bool:
+    return isinstance(v, list) and all(_nonneg_int(x) for x in v)
+
+
+DECODER_INPUT = {"name": (_str, True), "kind": (lambda v: v == "decoder", True),
+                 "dtype": (lambda v: v == "int64", True), "shape": (lambda v: v == ["batch", "sequence"], True),
+                 "attention_mask": (_str, True), "position_ids": (_str, True)}
+DECODER_OUTPUT = {"name": (_str, True), "vocab_size": (_pos_int, True)}
+DECODER_LAYER = {"kv_heads": (_pos_int, True), "head_dim": (_pos_int, True)}
+DECODER_BLOCK = {"layers": (lambda v: isinstance(v, list) and len(v) > 0, True),
+                 "past_key": (_kv_name, True), "past_value": (_kv_name, True),
+                 "present_key": (_kv_name, True), "present_value": (_kv_name, True),
+                 "kv_dtype": (lambda v: v == "float32", True)}
+DECODER_PARITY = {"prompts": (_nonneg_int, True), "max_abs_diff": (lambda v: _num(v) and v >= 0, True),
+                  "relative_diff": (lambda v: _num(v) and v >= 0, True), "atol": (_pos_num, True),
+                  "greedy_steps": (_nonneg_int, True), "greedy_match": (_fraction, True), "reference": (_str, True)}
+DECODER_LATENCY = {**LATENCY, "prompt_tokens": (_pos_int, True), "new_tokens": (_pos_int, True),
+                   "ttft_ms": (_ttft, True), "tokens_per_s": (_pos_num, True),
+                   "peak_memory_mb": (lambda v: _num(v) and v >= 0, False)}
+_MODEL_COMMON = {k: MODEL[k] for k in ("name", "file", "sha256", "bytes", "config", "params", "flops",
+                                       "test_acc_source", "opset", "latency", "kind")}
+DECODER_MODEL = {**_MODEL_COMMON, "flops_context": (_pos_int, True), "test_acc": (_pos_num, True),
+                 "test_perplexity": (lambda v: _num(v) and v >= 1, True), "val_acc": (_pos_num, False),
+                 "val_perplexity": (lambda v: _num(v) and v >= 1, False), "kv_bytes_per_token": (_pos_int, True),
+                 "input": (DECODER_INPUT, True), "output": (DECODER_OUTPUT, True), "decoder": (DECODER_BLOCK, True),
+                 "parity": (DECODER_PARITY, True), "precision": (lambda v: v in DECODER_PRECISIONS, False),
+                 "origin": (lambda v: True, False)}
+DECODER_VARIANT_PARITY = {"prompts": (_nonneg_int, True), "max_abs_diff": (lambda v: _num(v) and v >= 0, True),
+                          "relative_diff": (lambda v: _num(v) and v >= 0, False), "atol": (_pos_num, False),
+                          "greedy_steps": (_nonneg_int, True), "greedy_match": (_fraction, True),
+                          "reference": (_str, True)}
+DECODER_VARIANT_INFO = {"method": (_str, True), "parent_test_perplexity": (lambda v: _num(v) and v >= 1, True),
+                        "perplexity_increase": (_num, True),
+                        "max_perplexity_increase": (lambda v: _num(v) and v >= 0, True),
+                        "kept_because": (_str, True)}
+DECODER_VARIANT = {**DECODER_MODEL, "precision": (lambda v: v in DECODER_PRECISIONS[1:], True),
+                   "parent": (_str, True), "parity": (DECODER_VARIANT_PARITY, True),
+                   "variant": (DECODER_VARIANT_INFO, True)}
+DECODER_REJECTED = {**REJECTED, "precision": (lambda v: v in DECODER_PRECISIONS[1:], True)}
+TOKENIZER = {"file": (lambda v: isinstance(v, str) and bool(_SAFE_JSON.match(v)) and v != MANIFEST, True),
+             "sha256": (lambda v: isinstance(v, str) and bool(_HEX64.match(v)), True), "bytes": (_nonneg_int, True)}
+GENERATION = {"eos_token_id": (_token_ids, True), "pad_token_id": (_nonneg_int, True),
+              "bos_token_id": (lambda v: v is None or _nonneg_int(v), True), "add_bos": (_bool, True),
+              "max_context": (_pos_int, True)}
+DECODER_TOP = {"tokenizer": (TOKENIZER, True), "generation": (GENERATION, True)}
+_DECODER_EXPECTED = {**_EXPECTED,
+                     "precision": "one of " + ", ".join(DECODER_PRECISIONS) + " (a variant: int8 or int4)",
+                     "shape": "['batch', 'sequence']", "test_acc": "100 / test perplexity, a number > 0",
+                     "val_acc": "100 / val perplexity, a number > 0", "file": "a plain file name inside the zoo "
+                     "folder (no path separators, no '..'): .onnx for a model, .json for the tokenizer",
+                     "dtype": "'int64' (token ids)", "kind": "'decoder' (input) or 'model' (entry)",
+                     "kv_dtype": "'float32'", "past_key": "a name with one '{i}' (the layer index)",
+                     "past_value": "a name with one '{i}' (the layer index)",
+                     "present_key": "a name with one '{i}' (the layer index)",
+                     "present_value": "a name with one '{i}' (the layer index)",
+                     "ttft_ms": "{prompt length: ms} with decimal keys > 0 and positive times",
+                     "eos_token_id": "a list of token ids (ints >= 0)", "bos_token_id": "a token id or null",
+                     "layers": "a non-empty list of {kv_heads, head_dim}"}
+PERPLEXITY_RTOL = 5e-3  # test_acc must be 100 / test_perplexity up to the exporter's rounding
+
+
+def kv_names(decoder: dict, i: int) -> dict[str, str]:
+    """The four cache tensor names of layer ``i`` (past/present key/value) of a ``decoder`` block."""
+    return {k: decoder[k].replace("{i}", str(i)) for k in ("past_key", "past_value", "present_key", "present_value")}
+
+
+def kv_bytes_per_token(layers: list[dict]) -> int:
+    """float32 keys + values of one token over all layers: 2 * 4 * sum(kv_heads * head_dim)."""
+    return 8 * sum(layer["kv_heads"] * layer["head_dim"] for layer in layers)
+
+
+def _check_decoder_model(entry: dict, manifest: dict, at: str) -> None:
+    """A decoder entry's cross-field claims: every layer {kv_heads > 0, head_dim > 0}, distinct cache tensor names,
+    KV bytes per token as the layers give them, test_acc = 100 / test_perplexity, and the generation token ids
+    inside the vocabulary."""
+    dec = entry["decoder"]
+    for i, layer in enumerate(dec["layers"]):
+        _check(layer, DECODER_LAYER, f"{at}.decoder.layers[{i}]", _DECODER_EXPECTED)
+    names = [entry["input"][k] for k in ("name", "attention_mask", "position_ids")]
+    names += [n for i in range(len(dec["layers"])) for n in kv_names(dec, i).values()]
+    if len(set(names)) != len(names) or entry["output"]["name"] in names:
+        raise ZooError(f"{at}: input, output and cache tensor names must be distinct (past_key, past_value, "
+                        f"present_key, present_value differ by more than the layer index)")
+    want = kv_bytes_per_token(dec["layers"])
+    if entry["kv_bytes_per_token"] != want:
+        raise ZooError(f"{at}.kv_bytes_per_token: {entry['kv_bytes_per_token']} is not float32 keys + values over "
+                        f"its {len(dec['layers'])} layers (8 * sum(kv_heads * head_dim) = {want})")
+    for acc, ppl in (("test_acc", "test_perplexity"), ("val_acc", "val_perplexity")):
+        if acc in entry and ppl in entry and not math.isclose(entry[acc], 100 / entry[ppl], rel_tol=PERPLEXITY_RTOL):
+            raise ZooError(f"{at}.{acc}: {entry[acc]:g} is not 100 / {ppl} ({100 / entry[ppl]:g})")
+    vocab, gen = entry["output"]["vocab_size"], manifest["generation"]
+    ids = [("eos_token_id", i) for i in gen["eos_token_id"]] + [("pad_token_id", gen["pad_token_id"])]
+    ids += [("bos_token_id", gen["bos_token_id"])] if gen["bos_token_id"] is not None else []
+    for key, i in ids:
+        if i >= vocab:
+            raise ZooError(f"{at}: generation.{key} {i} is outside the vocabulary of {entry['name']!r} "
+                            f"(vocab_size {vocab})")
+
+
+def _check_decoder_zoo(manifest: dict, where: str, files: set) -> None:
+    """The header blocks of a decoder zoo against each other: a bos token when add_bos, a tokenizer file that is
+    not also a model's."""
+    gen, tok = manifest["generation"], manifest["tokenizer"]
+    if gen["add_bos"] and gen["bos_token_id"] is None:
+        raise ZooError(f"{where}: generation.add_bos is true but bos_token_id is null (expected the id to prepend)")
+    if tok["file"] in files:
+        raise ZooError(f"{where}: tokenizer.file {tok['file']!r} is also a model's file")
+
+
+@dataclass(frozen=True)
+class ManifestKind:
+    """The schema of one kind of zoo, chosen by the manifest's ``runtime_entry`` (``KINDS_BY_ENTRY``).
+
+    ``versions``: the schema versions such a manifest may carry; ``model`` / ``variant`` / ``latency`` /
+    ``rejected``: the entry schemas; ``top``: header blocks beyond ``TOP``; ``check_model(entry, manifest, at)``:
+    a model entry's cross-field claims; ``check_zoo(manifest, where, model_files)``: the header's;
+    ``variant_keys``: what a variant shares with its parent; ``files(manifest)``: the hashed files besides the
+    models, as (what, {file, sha256, bytes}) pairs -- checked wherever model files are."""
+
+    entry: str
+    label: str
+    versions: tuple[int, int]
+    model: dict
+    variant: dict
+    latency: dict
+    precisions: tuple[str, ...]
+    check_model: Callable[[dict, dict, str], None]
+    variant_keys: tuple[str, ...]
+    rejected: dict = _field(default_factory=lambda: REJECTED)
+    top: dict = _field(default_factory=dict)
+    hints: dict = _field(default_factory=lambda: _EXPECTED)
+    cascades: bool = True
+    check_zoo: Callable[[dict, str, set], None] | None = None
+    files: Callable[[dict], list] = lambda manifest: []
+
+
+IMAGE_KIND = ManifestKind("classify", "image zoos", (1, SCHEMA_VERSION), MODEL, VARIANT, LATENCY, PRECISIONS,
+                          _check_image_model, IMAGE_VARIANT_KEYS)
+DECODER_KIND = ManifestKind("generate", "decoder zoos", (DECODER_SCHEMA_VERSION, DECODER_SCHEMA_VERSION),
+                            DECODER_MODEL, DECODER_VARIANT, DECODER_LATENCY, DECODER_PRECISIONS,
+                            _check_decoder_model, DECODER_VARIANT_KEYS, rejected=DECODER_REJECTED, top=DECODER_TOP,
+                            hints=_DECODER_EXPECTED, cascades=False, check_zoo=_check_decoder_zoo,
+                            files=lambda manifest: [("tokenizer", manifest["tokenizer"])])
+# runtime entry -> the schema its manifests follow; an entry not listed (a plug-in's) follows the image schema, as
+# every manifest did before decoder zoos
+KINDS_BY_ENTRY: dict[str, ManifestKind] = {"classify": IMAGE_KIND, "generate": DECODER_KIND}
+
+
+def manifest_kind(manifest: dict) -> ManifestKind:
+    """The schema ``manifest`` is held to, by its ``runtime_entry`` (absent: ``classify``)."""
+    return KINDS_BY_ENTRY.get(manifest.get("runtime_entry", "classify"), IMAGE_KIND)
+
+
+def is_decoder_zoo(manifest: dict) -> bool:
+    return manifest_kind(manifest) is DECODER_KIND
+
+
 # --- files -------------------------------------------------------------------------------------------------------
 
 def sha256_bytes(data: bytes) -> str:
@@ -348,6 +565,38 @@ def model_path(zoo_dir: Path | str, file: str) -> Path:
     if path.is_symlink() or path.resolve().parent != root:
         raise ZooError(f"{path}: points outside the zoo folder {root} (symlink); refusing it")
     return path
+
+
+def data_path(zoo_dir: Path | str, file: str, what: str = "tokenizer") -> Path:
+    """The path of a zoo's non-model file (``what``: the tokenizer), refused unless a plain ``.json`` name of a
+    regular file directly inside ``zoo_dir`` (the same trust rule as model files)."""
+    root = Path(zoo_dir).resolve()
+    if not _SAFE_JSON.match(file) or file == MANIFEST:
+        raise ZooError(f"{Path(zoo_dir) / MANIFEST}: {what} file {file!r} is not a plain .json name inside the zoo "
+                        f"folder (refusing paths that could point elsewhere)")
+    path = root / file
+    if path.is_symlink() or path.resolve().parent != root:
+        raise ZooError(f"{path}: points outside the zoo folder {root} (symlink); refusing it")
+    return path
+
+
+def read_zoo_file(zoo_dir: Path | str, record: dict, what: str = "tokenizer") -> bytes:
+    """The bytes of a hashed non-model file of the zoo (``record``: {file, sha256, bytes}) after checking its size
+    and sha256 against the manifest; read once, so what is checked is what is used."""
+    path = data_path(zoo_dir, record["file"], what)
+    if not path.is_file():
+        raise ZooError(f"{path}: {what} file listed in {MANIFEST} is missing" if not path.exists() else
+                       f"{path}: {what} file listed in {MANIFEST} is not a regular file")
+    try:
+        data = read_regular(path)
+    except OSError as e:
+        raise ZooError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
+    digest = sha256_bytes(data)
+    if digest != record["sha256"] or len(data) != record["bytes"]:
+        raise ZooError(f"{path}: sha256 {digest[:12]}... ({len(data)} bytes) does not match {MANIFEST} "
+                        f"({record['sha256'][:12]}..., {record['bytes']} bytes); the {what} file or the manifest "
+                        f"was altered -- re-export the zoo")
+    return data
 
 
 def read_regular(path: Path | str) -> bytes:
@@ -473,7 +722,8 @@ def check_onnx_bytes(data: bytes, path: Path | str) -> None:
 
 
 def load_manifest(zoo_dir: Path | str, verify_files: bool = True) -> dict:
-    """Read and validate ``ZOO_DIR/manifest.json``; with ``verify_files`` every model file's hash is checked too."""
+    """Read and validate ``ZOO_DIR/manifest.json``; with ``verify_files`` every model file's hash is checked too,
+    and those of the zoo's other files (a decoder zoo's tokenizer)."""
     manifest = read_manifest(zoo_dir)
     for entry in manifest["models"]:
         if is_cascade(entry):  # no file of its own: its members are model entries, checked here
@@ -482,6 +732,11 @@ def load_manifest(zoo_dir: Path | str, verify_files: bool = True) -> dict:
             read_model_bytes(zoo_dir, entry)
         else:
             model_path(zoo_dir, entry["file"])
+    for what, record in manifest_kind(manifest).files(manifest):
+        if verify_files:
+            read_zoo_file(zoo_dir, record, what)
+        else:
+            data_path(zoo_dir, record["file"], what)
     return manifest
 
 

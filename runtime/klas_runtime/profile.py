@@ -10,12 +10,22 @@ image files) and otherwise on random normal inputs, which its record says (``"in
 rate is not that of real data.
 numpy + onnxruntime only (used by ``klas.stages.s6_export`` and ``klas-runtime profile``); sessions and providers
 are ``klas_runtime.session``'s, the machine record ``klas_runtime.machine``'s.
+
+Decoders (``generation_latency_record``) are timed as they are used, on random in-vocabulary token ids: time to
+first token (prefill + the first greedy pick) over a sweep of prompt lengths, milliseconds per output token over the
+decode steps after a prompt of ``prompt_tokens``, tokens per second, and the peak memory of a fresh process
+(``measure_peak_memory``). ``profile_zoo`` measures each entry the way the zoo's runtime entry says
+(``RuntimeEntry.profile``); image zoos as always.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,10 +33,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from klas_runtime.classify import deferred
+from klas_runtime.entries import runtime_entry
 from klas_runtime.errors import ZooError
 from klas_runtime.io import atomic_path
 from klas_runtime.machine import machine_info
-from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest, write_atomic
+from klas_runtime.manifest import (is_cascade, load_manifest, now, read_model_bytes, save_manifest, sha256_bytes,
+                                   write_atomic)
 from klas_runtime.preprocess import load_image
 from klas_runtime.session import device_label, open_session, provider_name, short_provider
 
@@ -139,6 +151,141 @@ def cascade_latency_record(first: bytes | str | Path, second: bytes | str | Path
     return rec
 
 
+# --- decoders ---------------------------------------------------------------------------------------------------------
+
+PROMPT_LENGTHS = (16, 64, 128)  # the default sweep of time to first token
+MEMPROBE_TIMEOUT_S = 900
+
+
+def _positive_ints(values, flag: str) -> list[int]:
+    values = list(values)
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values):
+        raise ZooError(f"{flag} {values}: expected one or more integers >= 1")
+    return sorted(set(int(v) for v in values))
+
+
+def generation_latency_record(model: bytes | str | Path, entry: dict, provider: str, threads: int, batch: int, *,
+                              generation: dict | None = None, prompt_lengths=PROMPT_LENGTHS, prompt_tokens: int = 64,
+                              new_tokens: int = 32, warmup: int = 1, runs: int = 5, seed: int = 0,
+                              memory: bool = True, model_file: str | Path | None = None) -> dict:
+    """One manifest latency record of a decoder entry (``model``: its ONNX bytes or path) on this machine, timed
+    through ``klas_runtime.generate.Decoder`` on random in-vocabulary token ids (no stop ids), greedy:
+
+    - ``ttft_ms``: per swept prompt length (``prompt_lengths`` that leave room for one new token in
+      ``generation.max_context``; the others are skipped), the p50 over ``runs`` of prefill + first token;
+    - ``p50_ms`` / ``p90_ms`` / ``p99_ms`` / ``mean_ms``: per output token, over all ``new_tokens`` decode steps
+      (forward pass with the cache + pick) of ``runs`` generations after a prompt of ``prompt_tokens`` (lowered to
+      fit the context; the record's ``prompt_tokens`` says what was used);
+    - ``tokens_per_s``: ``batch * new_tokens`` over the median decode time of one generation;
+    - ``peak_memory_mb`` (``memory``): ``measure_peak_memory`` at the largest swept length, in a fresh process.
+
+    ``warmup`` untimed generations come first. The record has the image records' key and fields (device,
+    provider, threads, batch, warmup, runs, measured_at, machine) so merging and picking treat both alike."""
+    from klas_runtime.generate import Decoder, sample
+
+    _check_counts(batch, warmup, runs)
+    lengths = _positive_ints(prompt_lengths, "--prompt-lengths")
+    new_tokens, prompt_tokens = (_positive_ints([new_tokens], "--new-tokens")[0],
+                                 _positive_ints([prompt_tokens], "--prompt-tokens")[0])
+    gen = dict(generation or {})
+    ctx = gen.get("max_context")
+    fit = [n for n in lengths if ctx is None or n + 1 <= ctx]
+    if not fit:
+        raise ZooError(f"--prompt-lengths {lengths}: none leaves room for a new token in the models' context "
+                       f"(generation.max_context {ctx})")
+    decode_at = prompt_tokens if ctx is None else min(prompt_tokens, ctx - new_tokens - 1)
+    if decode_at < 1:
+        raise ZooError(f"--new-tokens {new_tokens}: one prompt token + {new_tokens + 1} generated do not fit the "
+                       f"models' context (generation.max_context {ctx})")
+    name = provider_name(provider)
+    decoder = Decoder(open_session(model, name, threads), entry, {**gen, "eos_token_id": []})
+    rng = np.random.default_rng(seed)
+    vocab = decoder.vocab
+
+    def prompts(n: int) -> list[list[int]]:
+        return rng.integers(0, vocab, size=(batch, n)).tolist()
+
+    ttft: dict[int, list[float]] = {n: [] for n in fit}
+    steps, totals = [], []
+    for k in range(warmup + runs):
+        timed = k >= warmup
+        for n in fit:
+            ids = prompts(n)
+            t0 = time.perf_counter_ns()
+            sample(decoder.prefill(ids).logits, rng)
+            if timed:
+                ttft[n].append((time.perf_counter_ns() - t0) / 1e6)
+        state = decoder.prefill(prompts(decode_at))
+        token = sample(state.logits, rng)
+        total = 0.0
+        for _ in range(new_tokens):
+            t0 = time.perf_counter_ns()
+            decoder.advance(state, token)
+            token = sample(state.logits, rng)
+            dt = (time.perf_counter_ns() - t0) / 1e6
+            if timed:
+                steps.append(dt)
+                total += dt
+        if timed:
+            totals.append(total)
+    times = np.asarray(steps)
+    p50, p90, p99 = np.percentile(times, [50, 90, 99])
+    stats = dict(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean()))
+    rec = _record(name, threads, batch, stats, warmup, runs)
+    rec.update(prompt_tokens=int(decode_at), new_tokens=int(new_tokens),
+               ttft_ms={str(n): float(np.median(v)) for n, v in ttft.items()},
+               tokens_per_s=float(batch * new_tokens / (np.median(totals) / 1e3)))
+    if memory:
+        longest = fit[-1]
+        rec["peak_memory_mb"] = measure_peak_memory(model_file if model_file is not None else model, entry, gen,
+                                                    name, threads, batch, longest,
+                                                    new_tokens if ctx is None else min(new_tokens, ctx - longest),
+                                                    sha256=sha256_bytes(model) if isinstance(model, bytes) else None)
+    return rec
+
+
+def measure_peak_memory(model: bytes | str | Path, entry: dict, generation: dict | None, provider: str,
+                        threads: int, batch: int, prompt_tokens: int, new_tokens: int, *, sha256: str | None = None,
+                        seed: int = 0, timeout: float = MEMPROBE_TIMEOUT_S) -> float:
+    """Peak memory (MB = 2**20 bytes) of generating with one decoder, measured in a fresh process
+    (``python -m klas_runtime._memprobe``): its maximum resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``)
+    after reading the model's bytes, opening an onnxruntime session on them and generating ``new_tokens`` at
+    ``batch`` after random prompts of ``prompt_tokens``, minus that maximum right after importing numpy,
+    onnxruntime and klas_runtime. So it counts what serving the model adds -- the file's bytes, the session's
+    weights and arena, the KV cache and activations -- and not the interpreter and libraries; a fresh process
+    keeps other models and earlier measurements out. ``model``: the ONNX bytes (written to a temp file for the
+    child) or a path (``sha256``: the hash the child checks it against; bytes are hashed here)."""
+    tmp = None
+    if isinstance(model, bytes):
+        sha256 = sha256 or sha256_bytes(model)
+        fd, tmp = tempfile.mkstemp(prefix="klas-memprobe-", suffix=".onnx")
+        with os.fdopen(fd, "wb") as f:
+            f.write(model)
+        path = tmp
+    else:
+        path = str(model)
+    spec = dict(model=path, sha256=sha256, entry=entry, generation=generation or {}, provider=provider,
+                threads=int(threads), batch=int(batch), prompt_tokens=int(prompt_tokens),
+                new_tokens=int(new_tokens), seed=int(seed))
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parents[1])  # the folder holding klas_runtime, for the child's imports
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        r = subprocess.run([sys.executable, "-m", "klas_runtime._memprobe"], input=json.dumps(spec),
+                           capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise ZooError(f"peak memory of {entry['name']}: the probe process ran past {timeout:g} s") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    lines = r.stdout.strip().splitlines()
+    if r.returncode != 0 or not lines:
+        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1][:200]
+        raise ZooError(f"peak memory of {entry['name']}: the probe process failed ({why})")
+    out = json.loads(lines[-1])
+    return max(0.0, float(out["peak_mb"]) - float(out["baseline_mb"]))
+
+
 def _input_kind(rec: dict) -> str:
     return "random" if rec.get("inputs") == "random" else "data"
 
@@ -153,14 +300,27 @@ def merge_latency(records: list[dict], new: dict) -> list[dict]:
 
 
 def profile_zoo(zoo_dir: Path | str, providers: list[str] | None = None, threads: list[int] | None = None,
-                batches: list[int] | None = None, warmup: int = 20, runs: int = 200,
+                batches: list[int] | None = None, warmup: int | None = None, runs: int | None = None,
                 models: list[str] | None = None, progress: bool = True,
-                inputs: np.ndarray | Sequence[str | Path] | None = None, inputs_label: str | None = None) -> dict:
+                inputs: np.ndarray | Sequence[str | Path] | None = None, inputs_label: str | None = None,
+                **options) -> dict:
     """Measure every model and cascade of a zoo on this machine and rewrite its manifest atomically with the new
     figures. ``inputs`` -- normalized images [N, C, H, W], or image files (read with each cascade's input spec) --
     feed the cascades (models' latency does not depend on the values: random inputs); without them cascades get
-    random inputs and records that say so."""
+    random inputs and records that say so.
+
+    A zoo whose runtime entry measures its own way (``RuntimeEntry.profile``: decoder zoos,
+    ``generation_latency_record``) gets its records from there, with ``options`` (decoders: ``prompt_lengths``,
+    ``prompt_tokens``, ``new_tokens``, ``memory``). ``warmup`` / ``runs`` default to the entry's
+    ``profile_defaults`` (image zoos: 20 / 200 calls; decoders: 1 / 5 generations)."""
     manifest = load_manifest(zoo_dir, verify_files=True)
+    rt = runtime_entry(manifest, zoo_dir)
+    given = {k: v for k, v in options.items() if v is not None}
+    if given and rt.profile is None:
+        raise ZooError(f"{', '.join('--' + k.replace('_', '-') for k in given)}: {zoo_dir} is a zoo of runtime entry "
+                       f"{rt.name!r}, which has no prompts to sweep (decoder zoos only)")
+    warmup = rt.profile_defaults[0] if warmup is None else warmup
+    runs = rt.profile_defaults[1] if runs is None else runs
     names = [provider_name(p) for p in (providers or [None])]
     threads, batches = threads or [1], batches or [1]
     if any(t < 0 for t in threads) or any(b < 1 for b in batches):
@@ -172,7 +332,9 @@ def profile_zoo(zoo_dir: Path | str, providers: list[str] | None = None, threads
     by_name, loaded = {m["name"]: m for m in manifest["models"]}, {}
     jobs = [(m, p, t, b) for m in chosen for p in names for t in threads for b in batches]
     for entry, p, t, b in _progress(jobs, progress):
-        if is_cascade(entry):
+        if rt.profile is not None:
+            rec = rt.profile(zoo_dir, manifest, entry, p, t, b, warmup, runs, **given)
+        elif is_cascade(entry):
             first, second = (by_name[n] for n in entry["members"])
             x, label = _cascade_inputs(inputs, inputs_label, first["input"], loaded)
             rec = cascade_latency_record(read_model_bytes(zoo_dir, first), read_model_bytes(zoo_dir, second),
@@ -212,7 +374,7 @@ def _progress(jobs: list, show: bool):
 # --- per-device fronts --------------------------------------------------------------------------------------------
 
 FRONT_STATS = ("p50", "p90", "p99")
-MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "cascade": "D"}
+MARKERS = {"fp32": "o", "fp16": "s", "int8": "^", "int4": "v", "cascade": "D"}
 
 
 def device_key(provider: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from klas_runtime.classify import CascadeChoice, Choice, check_input, softmax
+from klas_runtime.classify import CascadeChoice, Choice, check_input, check_signature, softmax
 from klas_runtime.entries import RuntimeEntry, make_choice, runtime_entry
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import (MANIFEST, PRECISIONS, check_embedded, is_cascade, load_manifest,
@@ -117,7 +117,7 @@ class Zoo:
             sessions = tuple(p.session for p in parts) if with_session else None
             return make_choice(rt, entry, sessions, reason, provider, parts)
         return make_choice(rt, entry, self.session(entry, provider, threads) if with_session else None, reason,
-                           provider)
+                           provider, context=rt.context(self.path, self.manifest) if rt.context else None)
 
     @staticmethod
     def cost(entry: dict, by_average: bool = False) -> float:
@@ -145,7 +145,9 @@ class Zoo:
     def pick(self, max_flops: float | str | None = None, max_latency_ms: float | None = None,
              device: str | None = None, min_accuracy: float | None = None, threads: int | None = None,
              batch: int = 1, stat: str = "p90", with_session: bool = True, by_average: bool = False,
-             precision: str | list[str] | tuple | None = None) -> Choice:
+             precision: str | list[str] | tuple | None = None, *, max_ms_per_token: float | None = None,
+             max_ttft_ms: float | None = None, prompt_tokens: int | None = None,
+             max_memory_mb: float | None = None) -> Choice:
         """The most accurate model or cascade within every given budget (ties: lower cost, then float32 before a
         variant), with sessions on ``device``; ``precision`` ('fp32', 'fp16', 'int8', a list or a comma-separated
         string of them; cascades count as fp32) restricts the candidates.
@@ -154,7 +156,26 @@ class Zoo:
         (both members on every sample) unless ``by_average``, then its average on validation data. Latency uses the
         manifest's ``stat`` percentile measured on this device (its hardware and ``device``'s provider) at
         ``batch`` (a cascade's own records); measure with ``klas profile`` first.
+
+        A zoo's runtime entry says which budgets it has figures for (``RuntimeEntry.budgets``) and may pick in its
+        own way: decoder zoos (``klas_runtime.decoder_pick``) take ``max_flops`` per token, ``max_ms_per_token``,
+        ``max_ttft_ms`` (at ``prompt_tokens``), ``max_memory_mb`` and ``min_accuracy`` (100 / perplexity); a
+        budget the zoo has no figures for is refused in one line.
         """
+        rt = self.runtime
+        given = dict(max_flops=max_flops, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
+                     max_ms_per_token=max_ms_per_token, max_ttft_ms=max_ttft_ms, max_memory_mb=max_memory_mb)
+        for key, value in given.items():
+            if value is not None and key not in rt.budgets:
+                takes = ", ".join("--" + b.replace("_", "-") for b in rt.budgets)
+                raise ZooError(f"--{key.replace('_', '-')}: {self.path} is a zoo of runtime entry {rt.name!r}, "
+                               f"which has no such figures (its budgets: {takes})" + _BUDGET_HINTS.get(key, ""))
+        if prompt_tokens is not None and "max_ttft_ms" not in rt.budgets:
+            raise ZooError(f"--prompt-tokens {prompt_tokens}: {self.path} is not a decoder zoo (no prompts)")
+        if rt.pick is not None:
+            return rt.pick(self, device=device, threads=threads, batch=batch, stat=stat, with_session=with_session,
+                           precision=precision, prompt_tokens=prompt_tokens,
+                           **{k: v for k, v in given.items() if k in rt.budgets})
         provider = provider_name(device)
         flops_cap = parse_count(max_flops) if max_flops is not None else None
         wanted = _precisions(precision)
@@ -259,16 +280,30 @@ class Zoo:
         return "; ".join(parts)
 
 
+_BUDGET_HINTS = {"max_latency_ms": "; a decoder zoo is budgeted per output token (--max-ms-per-token) and to the "
+                                  "first token (--max-ttft-ms)",
+                 "max_ms_per_token": "; --max-ms-per-token is a decoder zoo's budget (image zoos: --max-latency-ms)",
+                 "max_ttft_ms": "; --max-ttft-ms (time to first token) is a decoder zoo's budget",
+                 "max_memory_mb": "; peak memory is measured for decoder zoos (`klas-runtime profile`)"}
+
+
 def verify_zoo(zoo_dir: Path | str) -> list[str]:
     """Every problem of a zoo, one line each (empty when sound): per model file, that it is a plain name in the
     folder, exists, matches its sha256, loads in onnxruntime as an ONNX model, carries an embedded entry that agrees
-    with the manifest, and has the input / output names and shapes the manifest gives. That this runtime has the
-    zoo's runtime entry. Per cascade (whose claims against its members the schema already checked): that both
-    members passed, and that the composite runs on a small random batch (the entry's ``check_cascade``). A manifest
-    that is missing or fails the schema raises ZooError (nothing else can be checked then)."""
+    with the manifest, and has the inputs and outputs the manifest gives (the runtime entry's ``check_model``;
+    image models' by default). That this runtime has the zoo's runtime entry, and the entry's zoo-level checks
+    (``check_zoo``: a decoder zoo's tokenizer). Per cascade (whose claims against its members the schema already
+    checked): that both members passed, and that the composite runs on a small random batch (the entry's
+    ``check_cascade``). A manifest that is missing or fails the schema raises ZooError (nothing else can be checked
+    then)."""
     root = Path(zoo_dir)
     manifest = read_manifest(root)
     cpu = provider_name("cpu")  # onnxruntime missing: an error of this host (raised), not a problem of the zoo
+    try:
+        rt, missing_entry = runtime_entry(manifest, root), None
+    except ZooError as e:
+        rt, missing_entry = None, str(e)
+    check_model = rt.check_model if rt is not None and rt.check_model is not None else check_signature
     problems, sessions = [], {}
     for entry in manifest["models"]:
         if is_cascade(entry):
@@ -277,15 +312,15 @@ def verify_zoo(zoo_dir: Path | str) -> list[str]:
         try:
             session = open_model(read_model_bytes(root, entry), where, cpu, 1)
             check_embedded(entry, session.get_modelmeta().custom_metadata_map, where)
-            _check_signature(session, entry, where)
+            check_model(session, entry, where)
         except ZooError as e:
             problems.append(str(e))
             continue
         sessions[entry["name"]] = session
-    try:
-        rt = runtime_entry(manifest, root)
-    except ZooError as e:
-        return problems + [str(e)]
+    if rt is None:
+        return problems + [missing_entry]
+    if rt.check_zoo is not None:
+        problems += rt.check_zoo(root, manifest)
     models = {e["name"]: e for e in manifest["models"] if not is_cascade(e)}
     for entry in manifest["models"]:
         if is_cascade(entry):
@@ -308,27 +343,17 @@ def _check_cascade_runs(rt: RuntimeEntry, entry: dict, models: dict, sessions: d
     return [f"{where}: {problem}"] if problem else []
 
 
-def _check_signature(session, entry: dict, where: str) -> None:
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    spec, out = entry["input"], entry["output"]
-    if len(inputs) != 1 or inputs[0].name != spec["name"] or list(inputs[0].shape[1:]) != spec["shape"][1:]:
-        got = ", ".join(f"{i.name}{list(i.shape)}" for i in inputs)
-        raise ZooError(f"{where}: model inputs {got} do not match {MANIFEST} "
-                       f"({spec['name']}{spec['shape']})")
-    if out["name"] not in [o.name for o in outputs]:
-        raise ZooError(f"{where}: no output {out['name']!r} (the file has {', '.join(o.name for o in outputs)})")
-
-
-def _precisions(value) -> tuple[str, ...] | None:
-    """None, 'int8', 'fp32,int8' or a list of them -> the precisions asked for (checked)."""
+def _precisions(value, allowed: tuple[str, ...] = PRECISIONS) -> tuple[str, ...] | None:
+    """None, 'int8', 'fp32,int8' or a list of them -> the precisions asked for (checked against ``allowed``, the
+    zoo kind's precisions)."""
     if value is None:
         return None
     items = value.split(",") if isinstance(value, str) else [p for v in value for p in str(v).split(",")]
     got = [p.strip().lower() for p in items if p.strip()]
-    bad = [p for p in got if p not in PRECISIONS]
+    bad = [p for p in got if p not in allowed]
     if bad or not got:
-        raise ZooError(f"--precision {value!r}: expected one or more of {', '.join(PRECISIONS)}")
-    return tuple(p for p in PRECISIONS if p in got)
+        raise ZooError(f"--precision {value!r}: expected one or more of {', '.join(allowed)}")
+    return tuple(p for p in allowed if p in got)
 
 
 def _budget_text(flops_cap, max_latency_ms, min_accuracy, stat, where, by_average=False) -> str:
