@@ -28,7 +28,9 @@ def _stitched(a: CausalLMView, i: int, b: CausalLMView, j: int, seed: int = 3) -
 def nets(request):
     a = CausalLMView(_model(ARGS_A, request.param, 1), "lm-a", (T,))
     b = CausalLMView(_model(ARGS_B, request.param, 2), "lm-b", (T,))
-    return dict(anchor=StitchedNet(b, -1, b, -1, None).eval(), stitched=_stitched(a, 1, b, 1))
+    # "into-head": the source's first layers, then the target's norm and head only (no target layer left)
+    return dict(anchor=StitchedNet(b, -1, b, -1, None).eval(), stitched=_stitched(a, 1, b, 1),
+                into_head=_stitched(a, 2, b, b.depth - 1))
 
 
 def _ids(seed, batch=3, t=T):
@@ -39,7 +41,7 @@ def _run(dec, ids, mask, past):
     return dec(ids, mask, positions(mask, ids.shape[1]), *past)
 
 
-@pytest.mark.parametrize("kind", ["anchor", "stitched"])
+@pytest.mark.parametrize("kind", ["anchor", "stitched", "into_head"])
 def test_cached_decoder_equals_the_network(nets, kind):
     """Prefill, then one token at a time from the cache, then a left-padded batch: every logit equals the network's
     own forward over the whole prefix (float64), and each layer's cache has that layer's KV heads and head dim."""

@@ -132,6 +132,8 @@ class CachedDecoder(nn.Module):
                 masks[w] = decoder_mask(attention_mask, seq, h.dtype, w)
             h, key, value = layer(h, masks[w], position_ids, past[2 * k], past[2 * k + 1])
             presents += [key, value]
+        if self.stitch_at == len(self.layers):  # stitched straight into the target's head (no target layer left)
+            h = self.stitch(h)
         return (self.lm_head(self.norm(h)), *presents)
 
 
