@@ -24,7 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from klas_runtime.profile import device_label, machine_info, measure_latency, provider_name  # noqa: E402
+from klas_runtime.machine import machine_info  # noqa: E402
+from klas_runtime.session import device_label, provider_name  # noqa: E402
+from klas_runtime.timing import measure_latency  # noqa: E402
 from klas_runtime.runtime import Zoo  # noqa: E402
 
 # (source anchor index, i, target anchor index, j): stitches across the cost range, j = i as SN-Net pairs depths.

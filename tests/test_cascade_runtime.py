@@ -19,7 +19,8 @@ import pytest
 from klas_runtime import cli
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, save_manifest, validate
-from klas_runtime.profile import RANDOM_NOTE, cascade_latency_record, device_label, profile_zoo
+from klas_runtime.profile import device_label, profile_zoo
+from klas_runtime.timing import RANDOM_NOTE, cascade_latency_record
 from klas_runtime.runtime import CascadeChoice, Choice, Zoo, load_image, verify_zoo
 
 FIRST, SECOND = "fmnist-deit-ti", "fmnist-deit-b"

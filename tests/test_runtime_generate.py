@@ -18,8 +18,8 @@ import torch
 
 from klas_runtime.errors import ZooError
 from klas_runtime.generate import Decoder, cut_at_stop, load_tokenizer, sample, sample_probs
-from klas_runtime.manifest import (DECODER_SCHEMA_VERSION, MANIFEST, SCHEMA, embedded_entry, kv_bytes_per_token,
-                                   load_manifest, validate)
+from klas_runtime.decoder_schema import kv_bytes_per_token
+from klas_runtime.manifest import DECODER_SCHEMA_VERSION, MANIFEST, SCHEMA, embedded_entry, load_manifest, validate
 
 VOCAB_FAKE = 13
 LAYERS_FAKE = [(2, 3), (1, 5)]
@@ -526,6 +526,26 @@ def test_pick_by_flops_ms_per_token_ttft_and_memory(lm_zoo):
         assert "\n" not in str(e.value)
 
 
+def test_pick_never_prefers_a_variant_over_its_fitting_parent(lm_zoo, tmp_path):
+    """A variant whose perplexity came out a hair lower than its parent's (noise: same network, cheaper weights) is
+    not chosen while its parent fits the budget; it is chosen where only it is asked for."""
+    import json
+    import shutil
+
+    from klas_runtime.runtime import Zoo
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(lm_zoo.path, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    v = next(e for e in m["models"] if e["name"] == "big-int4")
+    v.update(test_perplexity=9.99, test_acc=100 / 9.99)  # "better" than big's 10.0 by rounding noise
+    (copy / "manifest.json").write_text(json.dumps(m))
+    zoo = Zoo(copy)
+    assert zoo.pick(device="cpu", with_session=False).name == "big"
+    assert zoo.pick(device="cpu", with_session=False, max_flops=400_000).name == "big"
+    assert zoo.pick(device="cpu", with_session=False, precision="int4").name == "big-int4"
+
+
 def test_pick_refuses_decoder_budgets_on_an_image_zoo(lm_zoo, tmp_path):
     """Only the decoder entry has figures per token, to the first token and in memory: an image zoo refuses them
     in one line before any file is read."""
@@ -658,7 +678,7 @@ def test_profile_writes_generation_records_that_validate(zoo_copy, capsys):
 
 
 def test_generation_latency_record_and_peak_memory(lm_zoo):
-    from klas_runtime.profile import generation_latency_record, measure_peak_memory
+    from klas_runtime.decoder_profile import generation_latency_record, measure_peak_memory
 
     manifest = json.loads((lm_zoo.path / MANIFEST).read_text())
     entry = manifest["models"][1]

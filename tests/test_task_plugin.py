@@ -108,7 +108,7 @@ def test_second_task_runs_the_whole_pipeline_to_a_verified_zoo(tmp_path, family_
     from klas.config import load_config
     from klas.pipeline import run_pipeline
     from klas_runtime.manifest import load_manifest
-    from klas_runtime.profile import open_session
+    from klas_runtime.session import open_session
     from klas_runtime.runtime import verify_zoo
 
     register_task(MultiLabel())

@@ -90,7 +90,7 @@ def cascade_entry(c: dict, entries: list[dict], data, options, out_dir: Path) ->
                  params=small["params"] + large["params"], val_acc=c["val_acc"], test_acc=c["test_acc"],
                  test_acc_source="evaluation stage (PyTorch members)", latency=[])
     if options.profile:
-        from klas_runtime.profile import cascade_latency_record
+        from klas_runtime.timing import cascade_latency_record
 
         n = min(len(data), max(options.runs, options.warmup) * options.batch)
         inputs = data.normalize(data.images[:n]).numpy()

@@ -27,7 +27,7 @@ from klas.families import count_flops
 from klas.io import sha256_file
 from klas.stitch import StitchConfig
 from klas_runtime.manifest import METADATA_KEY, embedded_entry, sha256_bytes, write_atomic
-from klas_runtime.profile import latency_record
+from klas_runtime.timing import latency_record
 
 EXAMPLE_BATCH = 2  # the export's example input: a batch of 2 keeps the traced batch axis symbolic
 

@@ -32,7 +32,7 @@ import numpy as np
 from klas.errors import KlasError
 from klas.export.parity import SplitInputs, compare, onnx_logits, score_outputs
 from klas_runtime.manifest import METADATA_KEY, embedded_entry, sha256_bytes
-from klas_runtime.profile import latency_record
+from klas_runtime.timing import latency_record
 
 PRECISIONS = ("fp16", "int8")  # in the order they are built
 INT8_OPS = ("MatMul", "Gemm", "Conv")

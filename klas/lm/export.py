@@ -179,7 +179,7 @@ def check_decoder_parity(raw: bytes, entry: dict, dec: CachedDecoder, net, test,
 def _profile(raw: bytes, entry: dict, options, generation: dict) -> list[dict]:
     """Latency records at ``export.batch`` and 8 (ms per output token, time to first token over prompt lengths),
     the first with the peak memory measured in a fresh process."""
-    from klas_runtime.profile import generation_latency_record
+    from klas_runtime.decoder_profile import generation_latency_record
 
     return [generation_latency_record(raw, entry, options.provider, options.threads, batch, generation=generation,
                                       new_tokens=options.decode_tokens, warmup=min(options.warmup, 3),

@@ -6,5 +6,6 @@ installs alone on deployment hosts (``pip install ./runtime``). The full ``klas`
 __version__ = "0.1.0"
 
 from klas_runtime.errors import ZooError
+from klas_runtime import decoder_schema  # noqa: E402,F401  (registers the decoder zoos' schema: runtime_entry "generate")
 
 __all__ = ["ZooError", "__version__"]

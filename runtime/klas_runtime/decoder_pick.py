@@ -1,7 +1,7 @@
 """Budgets of decoder zoos: the lowest-perplexity decoder within FLOPs per token, milliseconds per output token,
 time to first token and peak memory, measured on this device (``Zoo.pick`` of a ``generate`` zoo).
 
-A decoder's latency records (``klas_runtime.profile.generation_latency_record``) hold, per (device, provider,
+A decoder's latency records (``klas_runtime.decoder_profile.generation_latency_record``) hold, per (device, provider,
 threads, batch): ms per output token (p50/p90/p99/mean of the decode steps), time to first token per swept prompt
 length (``ttft_ms``) and, when measured, the peak memory of a fresh process generating at the largest length. One
 record (one thread setting) must meet every time and memory budget at once; of those, the one with the lowest
@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 
 from klas_runtime.errors import ZooError
+from klas_runtime.budget import STATS, _precisions, format_count, parse_count
 from klas_runtime.manifest import DECODER_PRECISIONS
 from klas_runtime.manifest import precision as precision_of
 from klas_runtime.session import device_label, provider_name, short_provider
 
 BUDGETS = ("max_flops", "max_ms_per_token", "max_ttft_ms", "max_memory_mb", "min_accuracy")
-STATS = ("p50", "p90", "p99", "mean")
 
 
 def ttft_at(record: dict, prompt_tokens: int | None = None) -> float | None:
@@ -55,7 +55,6 @@ def pick(zoo, *, max_flops=None, max_ms_per_token=None, max_ttft_ms=None, max_me
     token (at the entry's ``flops_context``); the time and memory budgets use this device's records at ``batch``
     (and ``threads`` when given): ``max_ms_per_token`` against ``stat``, ``max_ttft_ms`` at ``prompt_tokens``
     (``ttft_at``), ``max_memory_mb`` against ``peak_memory_mb``. One ZooError line when nothing fits."""
-    from klas_runtime.runtime import _precisions, format_count, parse_count
 
     if stat not in STATS:
         raise ZooError(f"latency statistic {stat!r}: expected one of {', '.join(STATS)}")
@@ -111,6 +110,11 @@ def pick(zoo, *, max_flops=None, max_ms_per_token=None, max_ttft_ms=None, max_me
     if not fits:
         raise ZooError(_nothing_fits(zoo, pool, recs, cap, ms_tok, ttft, mem, min_accuracy, prompt_tokens, stat,
                                      where, budget, provider, batch, threads))
+    # NOTE: a variant is the same network with cheaper weights; its perplexity differs from its parent's by
+    # rounding noise (or a loss), so it is a candidate only where its parent does not fit the budget -- never
+    # chosen over a fitting parent for a noise-sized "gain" while being slower
+    names = {m["name"] for m in fits}
+    fits = [m for m in fits if precision_of(m) == "fp32" or m.get("parent") not in names]
     best = max(fits, key=lambda m: (m["test_acc"], -m["flops"], precision_of(m) == "fp32", m["name"]))
     rec = chosen[best["name"]]
     reason = _reason(zoo, best, fits, pool, rec, stat, where, budget, prompt_tokens)
@@ -120,7 +124,6 @@ def pick(zoo, *, max_flops=None, max_ms_per_token=None, max_ttft_ms=None, max_me
 
 
 def _describe_entry(m: dict) -> str:
-    from klas_runtime.runtime import format_count
 
     variant = f" ({m['precision']} variant of {m['parent']})" if precision_of(m) != "fp32" else ""
     return (f"{m['name']}{variant}: test perplexity {m['test_perplexity']:.4g} (100/perplexity {m['test_acc']:.2f}), "
@@ -129,7 +132,6 @@ def _describe_entry(m: dict) -> str:
 
 
 def _reason(zoo, best, fits, pool, rec, stat, where, budget, prompt_tokens) -> str:
-    from klas_runtime.runtime import format_count
 
     parts = [_describe_entry(best)]
     if rec:
@@ -150,7 +152,6 @@ def _reason(zoo, best, fits, pool, rec, stat, where, budget, prompt_tokens) -> s
 
 def _nothing_fits(zoo, pool, recs, cap, ms_tok, ttft, mem, min_accuracy, prompt_tokens, stat, where, budget,
                   provider, batch, threads) -> str:
-    from klas_runtime.runtime import format_count
 
     profile = (f"`klas-runtime profile {zoo.path} --provider {short_provider(provider)} --threads {threads or 1} "
                f"--batch {batch}`")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from klas_runtime import classify, decoder_pick, generate
+from klas_runtime import classify, decoder_pick, decoder_profile, generate
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import MANIFEST, is_cascade
 from klas_runtime.preprocess import load_image
@@ -105,5 +105,5 @@ register_entry(RuntimeEntry(DEFAULT_ENTRY, model=classify.Choice, cascade=classi
 register_entry(RuntimeEntry("generate", model=generate.DecoderChoice, load_input=generate.load_prompt,
                             describe=generate.describe, check_model=generate.check_model,
                             check_zoo=generate.check_zoo, verified=generate.VERIFIED, context=generate.context,
-                            budgets=decoder_pick.BUDGETS, pick=decoder_pick.pick, profile=generate.profile,
+                            budgets=decoder_pick.BUDGETS, pick=decoder_pick.pick, profile=decoder_profile.profile,
                             profile_defaults=(1, 5)))

@@ -3,7 +3,7 @@ streaming -- in numpy over an onnxruntime session, with no torch.
 
 A decoder zoo (manifest schema version 5, ``runtime_entry: "generate"``) ships ONNX decoders that take
 ``input_ids`` / ``attention_mask`` / ``position_ids`` and the past keys and values of every layer, and return the
-logits and the presents (``klas_runtime.manifest.DECODER_MODEL``; each layer has its own KV heads and head width,
+logits and the presents (``klas_runtime.decoder_schema.DECODER_MODEL``; each layer has its own KV heads and head width,
 as a stitched model mixes two anchors' layers), plus one ``tokenizers`` JSON file hashed like the models.
 
 ``Decoder`` is the loop over token ids: left padding for a batch of prompts of different lengths (so every row's
@@ -24,7 +24,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from klas_runtime.errors import ZooError, first_line
-from klas_runtime.manifest import MANIFEST, data_path, kv_names, read_zoo_file
+from klas_runtime.decoder_schema import kv_names
+from klas_runtime.manifest import MANIFEST, data_path, read_zoo_file
 
 MAX_PROMPT_BYTES = 1 << 20  # a prompt file larger than this is refused (a prompt, not a corpus)
 DESCRIBE_TOKENS = 16  # new tokens of the greedy continuation ``klas-runtime predict`` prints per prompt file
@@ -502,17 +503,3 @@ def check_zoo(zoo_dir: Path | str, manifest: dict) -> list[str]:
 VERIFIED = ("every file (the tokenizer too) matches its sha256; every decoder loads as ONNX, agrees with the "
             "manifest, takes and returns each layer's cache with its KV heads and head width, and runs a prefill "
             "and a decode step; the tokenizer loads")
-
-
-def profile(zoo_dir: Path | str, manifest: dict, entry: dict, provider: str, threads: int, batch: int,
-            warmup: int, runs: int, **options) -> dict:
-    """``profile_zoo``'s measurement of one decoder entry: ``klas_runtime.profile.generation_latency_record`` on
-    its verified file (options: ``prompt_lengths``, ``prompt_tokens``, ``new_tokens``, ``memory``)."""
-    from klas_runtime.manifest import model_path, read_model_bytes
-    from klas_runtime.profile import generation_latency_record
-
-    data = read_model_bytes(zoo_dir, entry)
-    opts = {k: v for k, v in options.items() if v is not None}
-    return generation_latency_record(data, entry, provider, threads, batch, warmup=warmup, runs=runs,
-                                     generation=manifest["generation"],
-                                     model_file=model_path(zoo_dir, entry["file"]), **opts)

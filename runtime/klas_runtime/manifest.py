@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 from klas_runtime.errors import ZooError
 from klas_runtime.io import atomic_path
+from klas_runtime.onnxbytes import check_onnx_bytes
 from klas_runtime.preprocess import CROP_MODES, CROP_PCT_RANGE, GEOMETRY, INTERPOLATIONS, resize_size
 
 MANIFEST = "manifest.json"
@@ -311,7 +312,6 @@ def precision(entry: dict) -> str:
 
 
 IMAGE_VARIANT_KEYS = ("config", "flops", "params", "input", "output")
-DECODER_VARIANT_KEYS = ("config", "flops", "flops_context", "input", "output", "decoder", "kv_bytes_per_token")
 
 
 def check_variant(entry: dict, models: dict[str, dict], at: str, keys: tuple = IMAGE_VARIANT_KEYS) -> None:
@@ -375,132 +375,6 @@ def check_cascade(entry: dict, models: dict[str, dict], at: str) -> None:
         raise ZooError(f"{at}: members {first!r} and {second!r} predict different classes")
 
 
-# --- decoder zoos (schema version 5, runtime_entry "generate") ---------------------------------------------------
-
-def _pos_int(v: Any) -> bool:
-    return _nonneg_int(v) and v > 0
-
-
-def _kv_name(v: Any) -> bool:
-    """A cache tensor name pattern with one ``{i}`` (the layer index), e.g. 'past_key_values.{i}.key'."""
-    return _str(v) and v.count("{i}") == 1 and "{" not in v.replace("{i}", "") and "}" not in v.replace("{i}", "")
-
-
-def _ttft(v: Any) -> bool:
-    """{"16": ms, "64": ms, ...}: time to first token per swept prompt length (decimal keys > 0)."""
-    return (isinstance(v, dict) and len(v) > 0
-            and all(isinstance(k, str) and k.isdigit() and int(k) > 0 and _pos_num(x) for k, x in v.items()))
-
-
-def _token_ids(v: Any) -> bool:
-    return isinstance(v, list) and all(_nonneg_int(x) for x in v)
-
-
-DECODER_INPUT = {"name": (_str, True), "kind": (lambda v: v == "decoder", True),
-                 "dtype": (lambda v: v == "int64", True), "shape": (lambda v: v == ["batch", "sequence"], True),
-                 "attention_mask": (_str, True), "position_ids": (_str, True)}
-DECODER_OUTPUT = {"name": (_str, True), "vocab_size": (_pos_int, True)}
-DECODER_LAYER = {"kv_heads": (_pos_int, True), "head_dim": (_pos_int, True)}
-DECODER_BLOCK = {"layers": (lambda v: isinstance(v, list) and len(v) > 0, True),
-                 "past_key": (_kv_name, True), "past_value": (_kv_name, True),
-                 "present_key": (_kv_name, True), "present_value": (_kv_name, True),
-                 "kv_dtype": (lambda v: v == "float32", True)}
-DECODER_PARITY = {"prompts": (_nonneg_int, True), "max_abs_diff": (lambda v: _num(v) and v >= 0, True),
-                  "relative_diff": (lambda v: _num(v) and v >= 0, True), "atol": (_pos_num, True),
-                  "greedy_steps": (_nonneg_int, True), "greedy_match": (_fraction, True), "reference": (_str, True)}
-DECODER_LATENCY = {**LATENCY, "prompt_tokens": (_pos_int, True), "new_tokens": (_pos_int, True),
-                   "ttft_ms": (_ttft, True), "tokens_per_s": (_pos_num, True),
-                   "peak_memory_mb": (lambda v: _num(v) and v >= 0, False)}
-_MODEL_COMMON = {k: MODEL[k] for k in ("name", "file", "sha256", "bytes", "config", "params", "flops",
-                                       "test_acc_source", "opset", "latency", "kind")}
-DECODER_MODEL = {**_MODEL_COMMON, "flops_context": (_pos_int, True), "test_acc": (_pos_num, True),
-                 "test_perplexity": (lambda v: _num(v) and v >= 1, True), "val_acc": (_pos_num, False),
-                 "val_perplexity": (lambda v: _num(v) and v >= 1, False), "kv_bytes_per_token": (_pos_int, True),
-                 "input": (DECODER_INPUT, True), "output": (DECODER_OUTPUT, True), "decoder": (DECODER_BLOCK, True),
-                 "parity": (DECODER_PARITY, True), "precision": (lambda v: v in DECODER_PRECISIONS, False),
-                 "origin": (lambda v: True, False)}
-DECODER_VARIANT_PARITY = {"prompts": (_nonneg_int, True), "max_abs_diff": (lambda v: _num(v) and v >= 0, True),
-                          "relative_diff": (lambda v: _num(v) and v >= 0, False), "atol": (_pos_num, False),
-                          "greedy_steps": (_nonneg_int, True), "greedy_match": (_fraction, True),
-                          "reference": (_str, True)}
-DECODER_VARIANT_INFO = {"method": (_str, True), "parent_test_perplexity": (lambda v: _num(v) and v >= 1, True),
-                        "perplexity_increase": (_num, True),
-                        "max_perplexity_increase": (lambda v: _num(v) and v >= 0, True),
-                        "kept_because": (_str, True)}
-DECODER_VARIANT = {**DECODER_MODEL, "precision": (lambda v: v in DECODER_PRECISIONS[1:], True),
-                   "parent": (_str, True), "parity": (DECODER_VARIANT_PARITY, True),
-                   "variant": (DECODER_VARIANT_INFO, True)}
-DECODER_REJECTED = {**REJECTED, "precision": (lambda v: v in DECODER_PRECISIONS[1:], True)}
-TOKENIZER = {"file": (lambda v: isinstance(v, str) and bool(_SAFE_JSON.match(v)) and v != MANIFEST, True),
-             "sha256": (lambda v: isinstance(v, str) and bool(_HEX64.match(v)), True), "bytes": (_nonneg_int, True)}
-GENERATION = {"eos_token_id": (_token_ids, True), "pad_token_id": (_nonneg_int, True),
-              "bos_token_id": (lambda v: v is None or _nonneg_int(v), True), "add_bos": (_bool, True),
-              "max_context": (_pos_int, True)}
-DECODER_TOP = {"tokenizer": (TOKENIZER, True), "generation": (GENERATION, True)}
-_DECODER_EXPECTED = {**_EXPECTED,
-                     "precision": "one of " + ", ".join(DECODER_PRECISIONS) + " (a variant: int8 or int4)",
-                     "shape": "['batch', 'sequence']", "test_acc": "100 / test perplexity, a number > 0",
-                     "val_acc": "100 / val perplexity, a number > 0", "file": "a plain file name inside the zoo "
-                     "folder (no path separators, no '..'): .onnx for a model, .json for the tokenizer",
-                     "dtype": "'int64' (token ids)", "kind": "'decoder' (input) or 'model' (entry)",
-                     "kv_dtype": "'float32'", "past_key": "a name with one '{i}' (the layer index)",
-                     "past_value": "a name with one '{i}' (the layer index)",
-                     "present_key": "a name with one '{i}' (the layer index)",
-                     "present_value": "a name with one '{i}' (the layer index)",
-                     "ttft_ms": "{prompt length: ms} with decimal keys > 0 and positive times",
-                     "eos_token_id": "a list of token ids (ints >= 0)", "bos_token_id": "a token id or null",
-                     "layers": "a non-empty list of {kv_heads, head_dim}"}
-PERPLEXITY_RTOL = 5e-3  # test_acc must be 100 / test_perplexity up to the exporter's rounding
-
-
-def kv_names(decoder: dict, i: int) -> dict[str, str]:
-    """The four cache tensor names of layer ``i`` (past/present key/value) of a ``decoder`` block."""
-    return {k: decoder[k].replace("{i}", str(i)) for k in ("past_key", "past_value", "present_key", "present_value")}
-
-
-def kv_bytes_per_token(layers: list[dict]) -> int:
-    """float32 keys + values of one token over all layers: 2 * 4 * sum(kv_heads * head_dim)."""
-    return 8 * sum(layer["kv_heads"] * layer["head_dim"] for layer in layers)
-
-
-def _check_decoder_model(entry: dict, manifest: dict, at: str) -> None:
-    """A decoder entry's cross-field claims: every layer {kv_heads > 0, head_dim > 0}, distinct cache tensor names,
-    KV bytes per token as the layers give them, test_acc = 100 / test_perplexity, and the generation token ids
-    inside the vocabulary."""
-    dec = entry["decoder"]
-    for i, layer in enumerate(dec["layers"]):
-        _check(layer, DECODER_LAYER, f"{at}.decoder.layers[{i}]", _DECODER_EXPECTED)
-    names = [entry["input"][k] for k in ("name", "attention_mask", "position_ids")]
-    names += [n for i in range(len(dec["layers"])) for n in kv_names(dec, i).values()]
-    if len(set(names)) != len(names) or entry["output"]["name"] in names:
-        raise ZooError(f"{at}: input, output and cache tensor names must be distinct (past_key, past_value, "
-                        f"present_key, present_value differ by more than the layer index)")
-    want = kv_bytes_per_token(dec["layers"])
-    if entry["kv_bytes_per_token"] != want:
-        raise ZooError(f"{at}.kv_bytes_per_token: {entry['kv_bytes_per_token']} is not float32 keys + values over "
-                        f"its {len(dec['layers'])} layers (8 * sum(kv_heads * head_dim) = {want})")
-    for acc, ppl in (("test_acc", "test_perplexity"), ("val_acc", "val_perplexity")):
-        if acc in entry and ppl in entry and not math.isclose(entry[acc], 100 / entry[ppl], rel_tol=PERPLEXITY_RTOL):
-            raise ZooError(f"{at}.{acc}: {entry[acc]:g} is not 100 / {ppl} ({100 / entry[ppl]:g})")
-    vocab, gen = entry["output"]["vocab_size"], manifest["generation"]
-    ids = [("eos_token_id", i) for i in gen["eos_token_id"]] + [("pad_token_id", gen["pad_token_id"])]
-    ids += [("bos_token_id", gen["bos_token_id"])] if gen["bos_token_id"] is not None else []
-    for key, i in ids:
-        if i >= vocab:
-            raise ZooError(f"{at}: generation.{key} {i} is outside the vocabulary of {entry['name']!r} "
-                            f"(vocab_size {vocab})")
-
-
-def _check_decoder_zoo(manifest: dict, where: str, files: set) -> None:
-    """The header blocks of a decoder zoo against each other: a bos token when add_bos, a tokenizer file that is
-    not also a model's."""
-    gen, tok = manifest["generation"], manifest["tokenizer"]
-    if gen["add_bos"] and gen["bos_token_id"] is None:
-        raise ZooError(f"{where}: generation.add_bos is true but bos_token_id is null (expected the id to prepend)")
-    if tok["file"] in files:
-        raise ZooError(f"{where}: tokenizer.file {tok['file']!r} is also a model's file")
-
-
 @dataclass(frozen=True)
 class ManifestKind:
     """The schema of one kind of zoo, chosen by the manifest's ``runtime_entry`` (``KINDS_BY_ENTRY``).
@@ -530,15 +404,9 @@ class ManifestKind:
 
 IMAGE_KIND = ManifestKind("classify", "image zoos", (1, SCHEMA_VERSION), MODEL, VARIANT, LATENCY, PRECISIONS,
                           _check_image_model, IMAGE_VARIANT_KEYS)
-DECODER_KIND = ManifestKind("generate", "decoder zoos", (DECODER_SCHEMA_VERSION, DECODER_SCHEMA_VERSION),
-                            DECODER_MODEL, DECODER_VARIANT, DECODER_LATENCY, DECODER_PRECISIONS,
-                            _check_decoder_model, DECODER_VARIANT_KEYS, rejected=DECODER_REJECTED, top=DECODER_TOP,
-                            hints=_DECODER_EXPECTED, cascades=False, check_zoo=_check_decoder_zoo,
-                            files=lambda manifest: [("tokenizer", manifest["tokenizer"])])
-# runtime entry -> the schema its manifests follow; an entry not listed (a plug-in's) follows the image schema, as
-# every manifest did before decoder zoos
-KINDS_BY_ENTRY: dict[str, ManifestKind] = {"classify": IMAGE_KIND, "generate": DECODER_KIND}
-
+# runtime entry -> the schema its manifests follow; another kind registers itself here (``klas_runtime.decoder_schema``
+# adds "generate"); an entry not listed (a plug-in's) follows the image schema, as every manifest did before
+KINDS_BY_ENTRY: dict[str, ManifestKind] = {"classify": IMAGE_KIND}
 
 def manifest_kind(manifest: dict) -> ManifestKind:
     """The schema ``manifest`` is held to, by its ``runtime_entry`` (absent: ``classify``)."""
@@ -546,7 +414,7 @@ def manifest_kind(manifest: dict) -> ManifestKind:
 
 
 def is_decoder_zoo(manifest: dict) -> bool:
-    return manifest_kind(manifest) is DECODER_KIND
+    return manifest_kind(manifest).entry == "generate"
 
 
 # --- files -------------------------------------------------------------------------------------------------------
@@ -626,99 +494,6 @@ def read_model_bytes(zoo_dir: Path | str, entry: dict) -> bytes:
                         f"the file or the manifest was altered -- re-export the zoo")
     check_onnx_bytes(data, path)
     return data
-
-
-# ONNX protobuf field numbers (onnx/onnx.proto) of the messages that can hold tensors, directly or in subgraphs.
-_MSG_FIELDS = {
-    "model": {7: "graph", 20: "training", 25: "function"},
-    "training": {1: "graph", 2: "graph"},
-    "function": {7: "node"},
-    "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "node": {5: "attribute"},
-    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
-    "sparse": {1: "tensor", 2: "tensor"},
-    "tensor": {},
-}
-_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _MAX_DEPTH = 13, 14, 64
-
-
-class _NotProtobuf(Exception):
-    pass
-
-
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _NotProtobuf("truncated varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf, pos: int, end: int):
-    """(field number, wire type, value or (start, end) of a length-delimited payload) of one message."""
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise _NotProtobuf("field number 0")
-        if wire == 0:
-            value, pos = _varint(buf, pos, end)
-            yield field, wire, value
-        elif wire == 1 or wire == 5:
-            pos += 8 if wire == 1 else 4
-            if pos > end:
-                raise _NotProtobuf("truncated fixed-size field")
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end)
-            if pos + n > end:
-                raise _NotProtobuf("length past the end")
-            yield field, wire, (pos, pos + n)
-            pos += n
-        else:  # groups (3, 4) are not used by ONNX; 6, 7 do not exist
-            raise _NotProtobuf(f"wire type {wire}")
-
-
-def _external_tensor(buf, kind: str, start: int, end: int, depth: int = 0) -> bool:
-    """Whether the message of ``kind`` at buf[start:end] (or a tensor in a subgraph of it) uses external data."""
-    if depth > _MAX_DEPTH:
-        raise _NotProtobuf("nesting too deep")
-    inner = _MSG_FIELDS[kind]
-    for field, wire, value in _fields(buf, start, end):
-        if kind == "tensor":
-            if field == _TENSOR_EXTERNAL_DATA and wire == 2:
-                return True
-            if field == _TENSOR_DATA_LOCATION and wire == 0 and value != 0:
-                return True
-        elif field in inner and wire == 2 and _external_tensor(buf, inner[field], *value, depth + 1):
-            return True
-    return False
-
-
-def check_onnx_bytes(data: bytes, path: Path | str) -> None:
-    """Refuse bytes that are not an ONNX model, or whose tensors keep their data in external files.
-
-    Models run from the hashed bytes; external data would be read from another file (relative to the current
-    directory, for a model loaded from memory) that the manifest does not cover, so it is refused, never resolved.
-    A small protobuf walk of ModelProto (graphs, nodes, attributes, subgraphs, functions, sparse tensors) with the
-    standard library: no ``onnx`` package on deployment hosts."""
-    buf = memoryview(data)
-    try:
-        top = {field: value for field, wire, value in _fields(buf, 0, len(buf))
-               if (field, wire) in ((1, 0), (7, 2))}
-        if 1 not in top or 7 not in top:
-            raise _NotProtobuf("no ir_version or graph")
-        external = _external_tensor(buf, "model", 0, len(buf))
-    except (_NotProtobuf, IndexError) as e:
-        raise ZooError(f"{path}: not an ONNX model (unreadable protobuf: {e})") from None
-    if external:
-        raise ZooError(f"{path}: the model keeps tensors in external data files, which {MANIFEST} does not cover "
-                        f"and would be read from outside the zoo; refusing it (export with the weights inside the "
-                        f".onnx file)")
 
 
 def load_manifest(zoo_dir: Path | str, verify_files: bool = True) -> dict:

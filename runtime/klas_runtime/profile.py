@@ -8,10 +8,10 @@ A cascade's latency depends on what it is fed (how many samples go on to its sec
 real images when the caller has them (``inputs``: the exporter passes test images, ``klas profile --images``
 image files) and otherwise on random normal inputs, which its record says (``"inputs": "random"``): their deferral
 rate is not that of real data.
-numpy + onnxruntime only (used by ``klas.stages.s6_export`` and ``klas-runtime profile``); sessions and providers
-are ``klas_runtime.session``'s, the machine record ``klas_runtime.machine``'s.
+numpy + onnxruntime only (``klas-runtime profile``); the timing itself is ``klas_runtime.timing``'s, sessions and
+providers ``klas_runtime.session``'s, the machine record ``klas_runtime.machine``'s.
 
-Decoders (``generation_latency_record``) are timed as they are used, on random in-vocabulary token ids: time to
+Decoders (``klas_runtime.decoder_profile``) are timed as they are used, on random in-vocabulary token ids: time to
 first token (prefill + the first greedy pick) over a sweep of prompt lengths, milliseconds per output token over the
 decode steps after a prompt of ``prompt_tokens``, tokens per second, and the peak memory of a fresh process
 (``measure_peak_memory``). ``profile_zoo`` measures each entry the way the zoo's runtime entry says
@@ -20,270 +20,19 @@ decode steps after a prompt of ``prompt_tokens``, tokens per second, and the pea
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from klas_runtime.classify import deferred
 from klas_runtime.entries import runtime_entry
 from klas_runtime.errors import ZooError
 from klas_runtime.io import atomic_path
-from klas_runtime.machine import machine_info
-from klas_runtime.manifest import (is_cascade, load_manifest, now, read_model_bytes, save_manifest, sha256_bytes,
-                                   write_atomic)
+from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest, write_atomic
 from klas_runtime.preprocess import load_image
-from klas_runtime.session import device_label, open_session, provider_name, short_provider
-
-
-def _check_counts(batch: int, warmup: int, runs: int) -> None:
-    if batch < 1 or runs < 1 or warmup < 0:
-        raise ZooError(f"latency: batch ({batch}) and runs ({runs}) must be >= 1 and warmup ({warmup}) >= 0")
-
-
-def _time_calls(call: Callable[[int], object], warmup: int, runs: int) -> tuple[dict, list]:
-    """``call(k)`` for k = 0 .. warmup - 1 untimed, then ``runs`` timed calls (k = warmup ...): p50/p90/p99/mean
-    wall time in ms and what the timed calls returned."""
-    for k in range(warmup):
-        call(k)
-    times, results = np.empty(runs, dtype=np.float64), []
-    for k in range(runs):
-        t0 = time.perf_counter_ns()
-        results.append(call(warmup + k))
-        times[k] = (time.perf_counter_ns() - t0) / 1e6
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return dict(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean())), results
-
-
-def _record(name: str, threads: int, batch: int, stats: dict, warmup: int, runs: int) -> dict:
-    """A manifest latency record: the (device, provider, threads, batch) key, the figures, when and where."""
-    return dict(device=device_label(name), provider=name, threads=int(threads), batch=int(batch), **stats,
-                warmup=int(warmup), runs=int(runs), measured_at=now(), machine=machine_info())
-
-
-def measure_latency(session, batch: int = 1, warmup: int = 20, runs: int = 200, seed: int = 0) -> dict:
-    """Per-call wall time of ``session.run`` on a fixed random batch: p50/p90/p99/mean in ms after ``warmup`` calls.
-
-    The input is random normal data of the model's declared shape: latency of these dense networks does not
-    depend on the values, and a fixed array keeps allocation out of the timed region.
-    """
-    _check_counts(batch, warmup, runs)
-    inp = session.get_inputs()[0]
-    shape = [batch] + [int(d) for d in inp.shape[1:]]
-    feed = {inp.name: np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)}
-
-    def call(k: int) -> None:
-        session.run(None, feed)
-
-    return _time_calls(call, warmup, runs)[0]
-
-
-def latency_record(model: bytes | str | Path, provider: str, threads: int, batch: int, warmup: int,
-                   runs: int) -> dict:
-    """One manifest latency record: figures plus the (device, provider, threads, batch) key and when/where."""
-    name = provider_name(provider)
-    stats = measure_latency(open_session(model, name, threads), batch, warmup, runs)
-    return _record(name, threads, batch, stats, warmup, runs)
-
-
-RANDOM_NOTE = ("random normal inputs: their deferral rate is not that of real data, so neither is this latency; "
-               "profile with real images (klas profile --images ..., or inputs=) for figures to budget on")
-RANDOM_POOL = 64  # random samples a cascade is timed on (cycled), so the deferral varies between calls as on data
-
-
-def _batches(x: np.ndarray, batch: int, limit: int) -> list[np.ndarray]:
-    """Consecutive batches of ``x`` (wrapping around), at most ``limit`` of them, contiguous float32."""
-    n = max(1, min(math.ceil(len(x) / batch), limit))
-    return [np.ascontiguousarray(np.take(x, np.arange(k * batch, (k + 1) * batch) % len(x), axis=0),
-                                 dtype=np.float32) for k in range(n)]
-
-
-def measure_cascade_latency(first, second, threshold: float, batch: int = 1, warmup: int = 20, runs: int = 200,
-                            inputs: np.ndarray | None = None, seed: int = 0) -> dict:
-    """Per-call wall time of a cascade: ``first`` on the batch, softmax, then ``second`` on the samples whose max
-    probability is below ``threshold`` (as ``CascadeChoice.predict`` does). Calls cycle through consecutive batches
-    of ``inputs`` (normalized [N, C, H, W]), or of a fixed pool of random normal samples when None; returns
-    p50/p90/p99/mean ms and the fraction of samples deferred during the timed calls."""
-    _check_counts(batch, warmup, runs)
-    inp, inp2 = first.get_inputs()[0], second.get_inputs()[0]
-    out, out2 = [first.get_outputs()[0].name], [second.get_outputs()[0].name]
-    chw = [int(d) for d in inp.shape[1:]]
-    if inputs is None:
-        inputs = np.random.default_rng(seed).standard_normal([max(batch, RANDOM_POOL)] + chw, dtype=np.float32)
-    inputs = np.asarray(inputs)
-    if inputs.ndim != 4 or list(inputs.shape[1:]) != chw or len(inputs) < 1:
-        raise ZooError(f"cascade latency: inputs of shape {tuple(inputs.shape)} do not match the members' input "
-                       f"[batch, {', '.join(map(str, chw))}]")
-    batches = _batches(inputs, batch, warmup + runs)
-
-    def call(k: int) -> int:
-        x = batches[k % len(batches)]
-        sent = deferred(first.run(out, {inp.name: x})[0], threshold)
-        if sent.any():
-            second.run(out2, {inp2.name: x[sent]})
-        return int(sent.sum())
-
-    stats, sent = _time_calls(call, warmup, runs)
-    return dict(**stats, deferral=sum(sent) / (runs * batch))
-
-
-def cascade_latency_record(first: bytes | str | Path, second: bytes | str | Path, threshold: float, provider: str,
-                           threads: int, batch: int, warmup: int, runs: int, inputs: np.ndarray | None = None,
-                           inputs_label: str | None = None) -> dict:
-    """One manifest latency record of a cascade (the members' ONNX bytes or paths, cheaper first): the same fields
-    as a model's, plus ``inputs`` (``"random"``, or ``inputs_label`` / "N provided images" for real ones) and the
-    ``deferral`` seen while timing; a random-input record carries a ``note`` that its deferral is not real data's."""
-    name = provider_name(provider)
-    s1, s2 = open_session(first, name, threads), open_session(second, name, threads)
-    rec = _record(name, threads, batch, measure_cascade_latency(s1, s2, threshold, batch, warmup, runs, inputs),
-                  warmup, runs)
-    if inputs is None:
-        rec.update(inputs="random", note=RANDOM_NOTE)
-    else:
-        rec["inputs"] = inputs_label or f"{len(inputs)} provided images"
-    return rec
-
-
-# --- decoders ---------------------------------------------------------------------------------------------------------
-
-PROMPT_LENGTHS = (16, 64, 128)  # the default sweep of time to first token
-MEMPROBE_TIMEOUT_S = 900
-
-
-def _positive_ints(values, flag: str) -> list[int]:
-    values = list(values)
-    if not values or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values):
-        raise ZooError(f"{flag} {values}: expected one or more integers >= 1")
-    return sorted(set(int(v) for v in values))
-
-
-def generation_latency_record(model: bytes | str | Path, entry: dict, provider: str, threads: int, batch: int, *,
-                              generation: dict | None = None, prompt_lengths=PROMPT_LENGTHS, prompt_tokens: int = 64,
-                              new_tokens: int = 32, warmup: int = 1, runs: int = 5, seed: int = 0,
-                              memory: bool = True, model_file: str | Path | None = None) -> dict:
-    """One manifest latency record of a decoder entry (``model``: its ONNX bytes or path) on this machine, timed
-    through ``klas_runtime.generate.Decoder`` on random in-vocabulary token ids (no stop ids), greedy:
-
-    - ``ttft_ms``: per swept prompt length (``prompt_lengths`` that leave room for one new token in
-      ``generation.max_context``; the others are skipped), the p50 over ``runs`` of prefill + first token;
-    - ``p50_ms`` / ``p90_ms`` / ``p99_ms`` / ``mean_ms``: per output token, over all ``new_tokens`` decode steps
-      (forward pass with the cache + pick) of ``runs`` generations after a prompt of ``prompt_tokens`` (lowered to
-      fit the context; the record's ``prompt_tokens`` says what was used);
-    - ``tokens_per_s``: ``batch * new_tokens`` over the median decode time of one generation;
-    - ``peak_memory_mb`` (``memory``): ``measure_peak_memory`` at the largest swept length, in a fresh process.
-
-    ``warmup`` untimed generations come first. The record has the image records' key and fields (device,
-    provider, threads, batch, warmup, runs, measured_at, machine) so merging and picking treat both alike."""
-    from klas_runtime.generate import Decoder, sample
-
-    _check_counts(batch, warmup, runs)
-    lengths = _positive_ints(prompt_lengths, "--prompt-lengths")
-    new_tokens, prompt_tokens = (_positive_ints([new_tokens], "--new-tokens")[0],
-                                 _positive_ints([prompt_tokens], "--prompt-tokens")[0])
-    gen = dict(generation or {})
-    ctx = gen.get("max_context")
-    fit = [n for n in lengths if ctx is None or n + 1 <= ctx]
-    if not fit:
-        raise ZooError(f"--prompt-lengths {lengths}: none leaves room for a new token in the models' context "
-                       f"(generation.max_context {ctx})")
-    decode_at = prompt_tokens if ctx is None else min(prompt_tokens, ctx - new_tokens - 1)
-    if decode_at < 1:
-        raise ZooError(f"--new-tokens {new_tokens}: one prompt token + {new_tokens + 1} generated do not fit the "
-                       f"models' context (generation.max_context {ctx})")
-    name = provider_name(provider)
-    decoder = Decoder(open_session(model, name, threads), entry, {**gen, "eos_token_id": []})
-    rng = np.random.default_rng(seed)
-    vocab = decoder.vocab
-
-    def prompts(n: int) -> list[list[int]]:
-        return rng.integers(0, vocab, size=(batch, n)).tolist()
-
-    ttft: dict[int, list[float]] = {n: [] for n in fit}
-    steps, totals = [], []
-    for k in range(warmup + runs):
-        timed = k >= warmup
-        for n in fit:
-            ids = prompts(n)
-            t0 = time.perf_counter_ns()
-            sample(decoder.prefill(ids).logits, rng)
-            if timed:
-                ttft[n].append((time.perf_counter_ns() - t0) / 1e6)
-        state = decoder.prefill(prompts(decode_at))
-        token = sample(state.logits, rng)
-        total = 0.0
-        for _ in range(new_tokens):
-            t0 = time.perf_counter_ns()
-            decoder.advance(state, token)
-            token = sample(state.logits, rng)
-            dt = (time.perf_counter_ns() - t0) / 1e6
-            if timed:
-                steps.append(dt)
-                total += dt
-        if timed:
-            totals.append(total)
-    times = np.asarray(steps)
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    stats = dict(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), mean_ms=float(times.mean()))
-    rec = _record(name, threads, batch, stats, warmup, runs)
-    rec.update(prompt_tokens=int(decode_at), new_tokens=int(new_tokens),
-               ttft_ms={str(n): float(np.median(v)) for n, v in ttft.items()},
-               tokens_per_s=float(batch * new_tokens / (np.median(totals) / 1e3)))
-    if memory:
-        longest = fit[-1]
-        rec["peak_memory_mb"] = measure_peak_memory(model_file if model_file is not None else model, entry, gen,
-                                                    name, threads, batch, longest,
-                                                    new_tokens if ctx is None else min(new_tokens, ctx - longest),
-                                                    sha256=sha256_bytes(model) if isinstance(model, bytes) else None)
-    return rec
-
-
-def measure_peak_memory(model: bytes | str | Path, entry: dict, generation: dict | None, provider: str,
-                        threads: int, batch: int, prompt_tokens: int, new_tokens: int, *, sha256: str | None = None,
-                        seed: int = 0, timeout: float = MEMPROBE_TIMEOUT_S) -> float:
-    """Peak memory (MB = 2**20 bytes) of generating with one decoder, measured in a fresh process
-    (``python -m klas_runtime._memprobe``): its maximum resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``)
-    after reading the model's bytes, opening an onnxruntime session on them and generating ``new_tokens`` at
-    ``batch`` after random prompts of ``prompt_tokens``, minus that maximum right after importing numpy,
-    onnxruntime and klas_runtime. So it counts what serving the model adds -- the file's bytes, the session's
-    weights and arena, the KV cache and activations -- and not the interpreter and libraries; a fresh process
-    keeps other models and earlier measurements out. ``model``: the ONNX bytes (written to a temp file for the
-    child) or a path (``sha256``: the hash the child checks it against; bytes are hashed here)."""
-    tmp = None
-    if isinstance(model, bytes):
-        sha256 = sha256 or sha256_bytes(model)
-        fd, tmp = tempfile.mkstemp(prefix="klas-memprobe-", suffix=".onnx")
-        with os.fdopen(fd, "wb") as f:
-            f.write(model)
-        path = tmp
-    else:
-        path = str(model)
-    spec = dict(model=path, sha256=sha256, entry=entry, generation=generation or {}, provider=provider,
-                threads=int(threads), batch=int(batch), prompt_tokens=int(prompt_tokens),
-                new_tokens=int(new_tokens), seed=int(seed))
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[1])  # the folder holding klas_runtime, for the child's imports
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        r = subprocess.run([sys.executable, "-m", "klas_runtime._memprobe"], input=json.dumps(spec),
-                           capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise ZooError(f"peak memory of {entry['name']}: the probe process ran past {timeout:g} s") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-    lines = r.stdout.strip().splitlines()
-    if r.returncode != 0 or not lines:
-        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1][:200]
-        raise ZooError(f"peak memory of {entry['name']}: the probe process failed ({why})")
-    out = json.loads(lines[-1])
-    return max(0.0, float(out["peak_mb"]) - float(out["baseline_mb"]))
+from klas_runtime.session import device_label, provider_name, short_provider
+from klas_runtime.timing import cascade_latency_record, latency_record
 
 
 def _input_kind(rec: dict) -> str:

@@ -13,9 +13,9 @@ classification, ``klas_runtime.classify``); picking by FLOPs, latency and accura
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from klas_runtime.budget import STATS, _precisions, format_count, parse_count
 from klas_runtime.classify import CascadeChoice, Choice, check_input, check_signature, softmax
 from klas_runtime.entries import RuntimeEntry, make_choice, runtime_entry
 from klas_runtime.errors import ZooError
@@ -29,33 +29,6 @@ from klas_runtime.session import device_label, open_model, provider_name, short_
 # is and how an image becomes its input now live in klas_runtime.classify and klas_runtime.preprocess.
 __all__ = ["MAX_IMAGE_PIXELS", "CascadeChoice", "Choice", "Zoo", "check_input", "format_count", "load_image",
            "open_checked_image", "parse_count", "softmax", "verify_zoo"]
-
-_SUFFIX = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([KMGTkmgt]?)\s*$")
-STATS = ("p50", "p90", "p99", "mean")
-
-
-def parse_count(text: str | float | int, flag: str = "--max-flops") -> float:
-    """'40M' -> 4e7; suffixes K/M/G/T (powers of 1000, case-insensitive); plain numbers pass through."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = _COUNT.match(str(text))
-        if not m:
-            raise ZooError(f"{flag} {text!r}: expected a number with an optional K/M/G suffix, e.g. 40M")
-        value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
-    if value < 0:
-        raise ZooError(f"{flag} {text!r}: must not be negative")
-    return value
-
-
-def format_count(n: float) -> str:
-    """4e7 -> '40.0M' (three significant figures, as budgets are read)."""
-    for suffix, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return f"{n:.3g}"
-
 
 class Zoo:
     """A zoo folder: the validated manifest, hash-checked model files, budget queries.
@@ -341,19 +314,6 @@ def _check_cascade_runs(rt: RuntimeEntry, entry: dict, models: dict, sessions: d
         return [f"{where}: {e}"]
     problem = rt.check_cascade(choice) if rt.check_cascade else None
     return [f"{where}: {problem}"] if problem else []
-
-
-def _precisions(value, allowed: tuple[str, ...] = PRECISIONS) -> tuple[str, ...] | None:
-    """None, 'int8', 'fp32,int8' or a list of them -> the precisions asked for (checked against ``allowed``, the
-    zoo kind's precisions)."""
-    if value is None:
-        return None
-    items = value.split(",") if isinstance(value, str) else [p for v in value for p in str(v).split(",")]
-    got = [p.strip().lower() for p in items if p.strip()]
-    bad = [p for p in got if p not in allowed]
-    if bad or not got:
-        raise ZooError(f"--precision {value!r}: expected one or more of {', '.join(allowed)}")
-    return tuple(p for p in allowed if p in got)
 
 
 def _budget_text(flops_cap, max_latency_ms, min_accuracy, stat, where, by_average=False) -> str:
