@@ -216,8 +216,26 @@ def test_lm_zoo_exports_decoders_that_generate(lm_family, lm_run):
         if e["origin"] == "untouched":
             assert e["weights"]["check"].startswith("bit-identical")
     stitched = [e for e in fp32 if e["origin"] == "stitched"]
+    if not stitched:  # none admitted at this tiny budget: export the run's first stitch alone, the same way
+        from klas.export import export_models
+        from klas.stages.s6_export import ExportConfig
+        from klas.stitch import StitchConfig
+        from klas.stitched import load_stitched
+        from klas.tasks import get_task
+
+        row = next(r for r in ev.configs if not r["anchor"])
+        config = StitchConfig.from_dict(row["config"])
+        test = get_task("causal-lm").open_split("tiny-llama", "test", lm_run["cfg"].data)
+        extra = export_models([(config, lambda c: load_stitched(lm_run["run"], c), row)], lm_run["run"] / "zoo1",
+                              "tiny-llama", test, ExportConfig(parity_prompts=3, greedy_steps=8, profile=False,
+                                                              precisions="none"), progress=False,
+                              evaluated=ev.n_test)
+        stitched = extra["models"]
+        assert verify_zoo(lm_run["run"] / "zoo1") == []
     for e in stitched:
         assert {layer["head_dim"] for layer in e["decoder"]["layers"]} == {8, 16}
+        assert e["parity"]["greedy_match"] == 1.0 and e["parity"]["relative_diff"] <= e["parity"]["atol"]
+        assert e["onnx_test_perplexity"] == pytest.approx(e["test_perplexity"], rel=1e-3)
     for v in (e for e in m["models"] if e.get("precision", "fp32") != "fp32"):
         assert v["variant"]["kept_because"] and v["variant"]["perplexity_increase"] <= 0.05
     for r in m.get("rejected", []):
@@ -229,6 +247,8 @@ def test_lm_zoo_exports_decoders_that_generate(lm_family, lm_run):
     budget = small["flops"]
     choice = z.pick(max_flops=budget, device="cpu")
     fits = [e for e in m["models"] if e["flops"] <= budget]
+    names = {e["name"] for e in fits}  # a variant competes only where its parent does not fit
+    fits = [e for e in fits if e.get("parent") not in names]
     assert choice.name == max(fits, key=lambda e: (e["test_acc"], -e["flops"], e.get("precision", "fp32") == "fp32",
                                                    e["name"]))["name"]
     # greedy generation of the untouched anchor through the zoo == HF generate on the user's own folder
@@ -284,6 +304,24 @@ def test_lm_zoo_in_the_runtime_only_install(lm_run, runtime_env, tmp_path):
     assert r.returncode == 1 and "tokenizer" in r.stderr and "sha256" in r.stderr, r.stdout + r.stderr
     r = run("generate", bad, prompt)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "sha256" in r.stderr, r.stderr
+
+
+def test_generate_through_onnxruntime_genai(lm_run, capsys):
+    """``generate --engine onnxruntime-genai`` on the exported zoo prints the numpy engine's text and says which
+    engine ran (token-for-token equality on mixed head dims: tests/test_lm_export.py)."""
+    from klas_runtime.cli import main
+    from klas_runtime.genai import resolve_engine
+
+    zoo = lm_run["run"] / "zoo"
+    assert resolve_engine("auto") == "onnxruntime-genai"
+    out = {}
+    for engine in ("numpy", "onnxruntime-genai"):
+        assert main(["generate", str(zoo), "the module function", "--model", "small", "--max-new-tokens", "6",
+                     "--engine", engine]) == 0
+        o, err = capsys.readouterr()
+        assert f"engine {engine}" in err
+        out[engine] = o
+    assert out["numpy"] == out["onnxruntime-genai"]
 
 
 def test_score_chunks_bound_memory_and_do_not_change_the_scores(lm_family, tmp_path, monkeypatch):

@@ -234,7 +234,12 @@ class DecoderExporter:
                      kv_bytes_per_token=int(job.task.cost_fields(net)["kv_bytes_per_token"]))
         if member.untouched is not None:
             entry["weights"] = check_untouched(member.untouched)
-        model = export_decoder(dec, options.opset)
+        try:
+            model = export_decoder(dec, options.opset)
+        except Exception as e:  # noqa: BLE001 -- torch.export / onnxscript failures: one line, the model named
+            from klas.export.graph import _one_line
+
+            raise KlasError(f"{config.key}: the ONNX decoder export failed ({_one_line(e)})") from None
         entry["exporter"] = dict(exporter="dynamo")
         onnx.checker.check_model(model, full_check=True)
         entry.update(input=dict(name=INPUT_IDS, kind="decoder", dtype="int64", shape=["batch", "sequence"],

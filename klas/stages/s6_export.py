@@ -36,7 +36,7 @@ class ExportConfig:
     exporter: str = setting("auto", "ONNX exporter: auto = torch.onnx.export(dynamo=True), TorchScript only where a "
                             "model's dynamo graph fails its self-check; dynamo = no fallback (fail instead); "
                             "torchscript = the deprecated TorchScript exporter for every model (much faster to export; "
-                            "the same parity check)", choices=("auto", "dynamo", "torchscript"))
+                            "the same parity check); language-model decoders always use dynamo", choices=("auto", "dynamo", "torchscript"))
     parity_images: int = setting(10000, "test images for the ONNX vs PyTorch check", ge=1)
     parity_batch: int = setting(61, "images per parity batch (odd on purpose: exercises the dynamic batch axis)",
                                 ge=1, key=False)

@@ -165,7 +165,10 @@ def _generate(args) -> int:
     else:
         choice = _choose(args, with_session=True, zoo=zoo,
                          prompt_tokens=len(ids) if args.max_ttft_ms is not None else None)
-    print(f"[generate] model {choice.name} ({choice.reason})", file=sys.stderr)
+    from klas_runtime.genai import use_engine
+
+    engine = use_engine(choice, args.engine, args.threads)
+    print(f"[generate] model {choice.name}, engine {engine} ({choice.reason})", file=sys.stderr)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop)
     if args.no_stream:
         print(choice.generate(prompt, new, **kw))
@@ -256,6 +259,9 @@ def add_generate(sub) -> argparse.ArgumentParser:
     gn.add_argument("--stop", action="extend", nargs="+", default=None,
                     help="end the text before the first of these strings (the stop tokens of the manifest always)")
     gn.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    gn.add_argument("--engine", default="auto", choices=("auto", "numpy", "onnxruntime-genai"),
+                    help="the generation loop: klas-runtime's numpy KV-cache loop, or onnxruntime-genai's "
+                         "(auto: onnxruntime-genai where it is installed)")
     gn.set_defaults(func=_generate)
     return gn
 

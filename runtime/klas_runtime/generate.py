@@ -306,6 +306,7 @@ class DecoderChoice:
     zoo_dir: Path | None = None
     manifest: dict | None = field(default=None, repr=False)
     _tokenizer: object = field(default=None, repr=False)
+    engine: object = field(default=None, repr=False)  # a Decoder-like engine set by klas_runtime.genai.use_engine
 
     @property
     def name(self) -> str:
@@ -340,7 +341,13 @@ class DecoderChoice:
         return self._tokenizer
 
     @property
+    def engine_name(self) -> str:
+        return getattr(self.engine, "ENGINE", "numpy")
+
+    @property
     def decoder(self) -> Decoder:
+        if self.engine is not None:
+            return self.engine
         if self.session is None:
             raise ZooError(f"{self.name}: picked without a session (with_session=False); nothing to run")
         return Decoder(self.session, self.entry, self.generation)
