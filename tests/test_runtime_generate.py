@@ -621,7 +621,7 @@ def test_cli_generate_pick_predict(lm_zoo, capsys, monkeypatch, tmp_path):
     rc, out, err = _cli(["generate", lm_zoo.path, "the quick", "--max-flops-per-token", "200K", "--max-new-tokens",
                          12, "--device", "cpu"], capsys)
     assert rc == 0, err
-    assert out == want + "\n" and err.startswith("[generate] model small (") and "perplexity" in err
+    assert out == want + "\n" and err.startswith("[generate] model small, engine ") and "perplexity" in err
     rc, out2, _ = _cli(["generate", lm_zoo.path, "the quick", "--max-ms-per-token", "2", "--max-new-tokens", 12,
                         "--no-stream"], capsys)
     assert rc == 0 and out2 == out
@@ -629,7 +629,7 @@ def test_cli_generate_pick_predict(lm_zoo, capsys, monkeypatch, tmp_path):
                          stdin="the quick", monkeypatch=monkeypatch)
     assert rc == 0 and out3 == out and "chosen by --model" in err
     rc, out4, err = _cli(["generate", lm_zoo.path, "the quick", "--model", "small", "--max-new-tokens", 12,
-                          "--temperature", "0.9", "--top-p", "0.9", "--seed", 3], capsys)
+                          "--temperature", "0.9", "--top-p", "0.9", "--seed", 3, "--engine", "numpy"], capsys)
     assert rc == 0 and out4 == choice.generate("the quick", 12, temperature=0.9, top_p=0.9, seed=3) + "\n"
     rc, out5, err = _cli(["generate", lm_zoo.path, "the quick", "--model", "small", "--max-new-tokens", 12,
                           "--stop", want[3:5]], capsys)
