@@ -86,6 +86,108 @@ class StitchLayer(nn.Module):
         self.linear.bias.copy_(bias.to(self.linear.bias.dtype))
 
 
+    # --- the least-squares interface (one affine map here; ``MixedStitchLayer`` has two) ---
+    def ls_rows(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """Regression inputs per affine map: every token / position of the source block output is one row."""
+        return [feature_rows(h, self.channels_last)]
+
+    def ls_targets(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [feature_rows(h, self.channels_last)]
+
+    def set_affines(self, solutions: list) -> None:
+        self.set_affine(*solutions[0])
+
+    def describe(self) -> dict:
+        return dict(kind="linear")
+
+
+RESAMPLE = ("identity", "avgpool", "adaptive-avgpool", "bilinear")
+
+
+def resample_method(src: tuple[int, int], tgt: tuple[int, int]) -> str:
+    """How a source grid becomes the target's: unchanged; average pooling by an integer factor (the grids
+    divide); adaptive average pooling (smaller, not dividing); bilinear interpolation (a larger target)."""
+    if tuple(src) == tuple(tgt):
+        return "identity"
+    if all(s >= t for s, t in zip(src, tgt)):
+        return "avgpool" if all(s % t == 0 for s, t in zip(src, tgt)) else "adaptive-avgpool"
+    return "bilinear"
+
+
+class MixedStitchLayer(nn.Module):
+    """A stitch between block outputs of different layouts (``klas.families.blockview.Layout``: a CNN's NCHW map,
+    a Swin NHWC map, ViT / LeViT tokens): the source as a grid [B, C, H, W] (its prefix tokens dropped), resampled to
+    the target's grid (``resample_method``: parameter-free, so least squares stays exact), a 1x1 linear map of the
+    channels at every position, laid out in the target's token order; the target's prefix tokens (class /
+    distillation) from the pooled resampled grid by a second linear map. Both maps are fitted by least squares."""
+
+    def __init__(self, src, tgt):
+        super().__init__()
+        self.src_layout, self.tgt_layout = src, tgt
+        self.resample = resample_method(src.grid, tgt.grid)
+        self.linear = nn.Linear(src.channels, tgt.channels)
+        self.prefix = nn.Linear(src.channels, tgt.prefix * tgt.channels) if tgt.prefix else None
+
+    def _grid(self, h: torch.Tensor) -> torch.Tensor:
+        g = self.src_layout.to_grid(h)[1]
+        size = tuple(self.tgt_layout.grid)
+        if self.resample == "avgpool":
+            k = (g.shape[2] // size[0], g.shape[3] // size[1])
+            return F.avg_pool2d(g, k, k)
+        if self.resample == "adaptive-avgpool":
+            return F.adaptive_avg_pool2d(g, size)
+        if self.resample == "bilinear":
+            return F.interpolate(g, size=size, mode="bilinear", align_corners=False)
+        return g
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        g = self._grid(h)
+        y = self.linear(g.movedim(1, -1)).movedim(-1, 1)
+        pre = None
+        if self.prefix is not None:
+            pre = self.prefix(g.mean(dim=(2, 3))).view(g.shape[0], self.tgt_layout.prefix, self.tgt_layout.channels)
+        return self.tgt_layout.from_grid(pre, y)
+
+    def ls_rows(self, h: torch.Tensor) -> list[torch.Tensor]:
+        g = self._grid(h)
+        rows = [g.movedim(1, -1).reshape(-1, g.shape[1])]
+        return rows + [g.mean(dim=(2, 3))] if self.prefix is not None else rows
+
+    def ls_targets(self, h: torch.Tensor) -> list[torch.Tensor]:
+        pre, g = self.tgt_layout.to_grid(h)
+        rows = [g.movedim(1, -1).reshape(-1, g.shape[1])]
+        return rows + [pre.reshape(pre.shape[0], -1)] if self.prefix is not None else rows
+
+    @torch.no_grad()
+    def set_affines(self, solutions: list) -> None:
+        for lin, (w, b) in zip([self.linear] + ([self.prefix] if self.prefix is not None else []), solutions):
+            lin.weight.copy_(w.T.to(lin.weight.dtype))
+            lin.bias.copy_(b.to(lin.bias.dtype))
+
+    def describe(self) -> dict:
+        """What the manifest and records say of this stitch: layouts, grids, resampling, prefix tokens."""
+        a, b = self.src_layout, self.tgt_layout
+        return dict(kind="mixed", source=f"{a.kind} {a.grid[0]}x{a.grid[1]}", target=f"{b.kind} {b.grid[0]}x"
+                    f"{b.grid[1]}", resample=self.resample, prefix_tokens=b.prefix)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items())
+
+
+def make_stitch_layer(src: BlockView, i: int, tgt: BlockView, j: int) -> nn.Module:
+    """The stitch layer of (src, i, tgt, j): a per-token / 1x1 ``StitchLayer`` between outputs of the same layout,
+    a ``MixedStitchLayer`` across layouts; a one-line KlasError when the pair cannot be stitched."""
+    from klas.families.blockview import same_layout
+
+    if same_layout(src, i, tgt, j):
+        return StitchLayer(src.feature_dim(i), tgt.feature_dim(j), src.channels_last)
+    if stitchable(src, i, tgt, j):
+        return MixedStitchLayer(src.layout(i), tgt.layout(j))
+    raise KlasError(f"{src.name} block {i} -> {tgt.name} block {j}: output shapes {src.infos[i].shape} and "
+                    f"{tgt.infos[j].shape} are not stitchable (same tokens / spatial size, or grids of different "
+                    f"layouts within a factor 4, needed)")
+
+
 class StitchedNet(nn.Module):
     """A standalone stitched network over two block views (or one anchor, when ``layer`` is None and src is tgt)."""
 
@@ -201,14 +303,22 @@ def lstsq_layer(src_feats: torch.Tensor, tgt_feats: torch.Tensor, channels_last:
 
 
 @torch.no_grad()
-def stitch_moments(src: BlockView, i: int, tgt: BlockView, j: int, images: Iterable[torch.Tensor]) -> Moments:
-    """Source block-i and target block-j features of the same images, accumulated for a least-squares fit."""
-    mom = Moments(src.feature_dim(i), tgt.feature_dim(j))
+def stitch_moments(src: BlockView, i: int, tgt: BlockView, j: int, images: Iterable[torch.Tensor],
+                   layer: nn.Module | None = None) -> list[Moments]:
+    """Source block-i and target block-j features of the same images, accumulated for a least-squares fit: one
+    ``Moments`` per affine map of ``layer`` (its ``ls_rows`` / ``ls_targets``; default: the pair's layer)."""
+    layer = layer if layer is not None else make_stitch_layer(src, i, tgt, j)
+    moms = None
     for x in images:
         hs = src.forward_blocks(src.forward_stem(x), 0, i + 1)
         ht = tgt.forward_blocks(tgt.forward_stem(x), 0, j + 1)
-        mom.update(feature_rows(hs, src.channels_last), feature_rows(ht, tgt.channels_last))
-    return mom
+        xs, ys = layer.ls_rows(hs), layer.ls_targets(ht)
+        moms = moms or [Moments(a.shape[1], b.shape[1]) for a, b in zip(xs, ys)]
+        for m, a, b in zip(moms, xs, ys):
+            m.update(a, b)
+    if moms is None:
+        raise KlasError(f"{src.name} block {i} -> {tgt.name} block {j}: no images to fit the stitch layer on")
+    return moms
 
 
 # --- gradient objectives ------------------------------------------------------------------------------------------
@@ -365,8 +475,8 @@ def fit_stitch(src: BlockView, i: int, tgt: BlockView, j: int, train, cfg: FitCf
     fit_set = train.subset(cfg.samples)
     stats: dict = dict(method=cfg.method)
     if cfg.method != "random":
-        mom = stitch_moments(src, i, tgt, j, (x for x, _ in batches(fit_set, cfg.batch_size)))
-        layer.set_affine(*mom.solve(cfg.ridge))
+        moms = stitch_moments(src, i, tgt, j, (x for x, _ in batches(fit_set, cfg.batch_size)), layer)
+        layer.set_affines([m.solve(cfg.ridge) for m in moms])
     if cfg.method in ("task", "fula"):
         net = StitchedNet(src, i, tgt, j, layer)
         scales = None
@@ -380,15 +490,13 @@ def fit_stitch(src: BlockView, i: int, tgt: BlockView, j: int, train, cfg: FitCf
 
 def _new_layer(src: BlockView, i: int, tgt: BlockView, j: int, gen: torch.Generator) -> StitchLayer:
     """A stitch layer with nn.Linear's default (Kaiming-uniform) initialisation drawn from ``gen``."""
-    if not stitchable(src, i, tgt, j):
-        raise KlasError(f"{src.name} block {i} -> {tgt.name} block {j}: output shapes {src.infos[i].shape} and "
-                        f"{tgt.infos[j].shape} are not stitchable (same tokens / spatial size needed)")
-    layer = StitchLayer(src.feature_dim(i), tgt.feature_dim(j), src.channels_last)
+    layer = make_stitch_layer(src, i, tgt, j)
     bound = 1.0 / src.feature_dim(i) ** 0.5
     with torch.no_grad():
         # NOTE: Kaiming-uniform with a=sqrt(5), as nn.Linear, but from an explicit generator for reproducibility.
-        layer.linear.weight.uniform_(-bound, bound, generator=gen)
-        layer.linear.bias.uniform_(-bound, bound, generator=gen)
+        for lin in (m for m in layer.modules() if isinstance(m, nn.Linear)):
+            lin.weight.uniform_(-bound, bound, generator=gen)
+            lin.bias.uniform_(-bound, bound, generator=gen)
     return layer
 
 

@@ -20,7 +20,7 @@ from klas.errors import KlasError
 from klas.families import Family, create_family, stitchable
 from klas.io import load_tensors
 from klas.rundir import RunDir
-from klas.stitch import LoRALinear, StitchConfig, StitchedNet, StitchLayer, add_lora, merge_lora
+from klas.stitch import LoRALinear, StitchConfig, StitchedNet, StitchLayer, add_lora, make_stitch_layer, merge_lora
 
 # the finetune stage's files, in its folder <run>/finetune
 RECORD, ANCHORS, STITCHES, INIT_STITCHES = ("finetune.json", "anchors.safetensors", "stitch_layers.safetensors",
@@ -117,7 +117,7 @@ class StitchedModels(nn.Module):
             c = self.configs[k]
             if not c.is_anchor:
                 src, tgt = self.view(c.source), self.view(c.target)
-                stitches[str(k)] = StitchLayer(src.feature_dim(c.i), tgt.feature_dim(c.j), src.channels_last)
+                stitches[str(k)] = make_stitch_layer(src, c.i, tgt, c.j)
         self.stitches = nn.ModuleDict(stitches)
         # NOTE: a plain dict (not registered): the nets reuse the modules above, registered once.
         self._nets = {k: self._build(k) for k in self.indices}

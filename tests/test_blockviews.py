@@ -256,7 +256,7 @@ def test_split_granularity():
     assert [v.tokens(i) for i in range(v.depth)] == [16, 4, 4, 4, 1, 1] and v.channels_last
     _, vc, _ = _build("levit-conv")
     assert not vc.channels_last and vc.spatial(1) == (2, 2)
-    assert not stitchable(v, 1, vc, 1)  # tokens vs NCHW never stitch
+    assert not bv.same_layout(v, 1, vc, 1) and bv.cross_layout(v, 1, vc, 1)  # tokens -> NCHW: across layouts
     _, v, _ = _build("regnet-a")
     assert v.block_names[0] == "s1.b1" and {b.stage for b in v.infos} == {0, 1, 2, 3}
 

@@ -338,12 +338,9 @@ def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weig
 
 
 def check_stitchable(name: str, views: list[BlockView], source: str = "") -> None:
-    """Anchors of one family must share a block-view type and have at least one stitchable pair (one-line error)."""
+    """Anchors of one family need at least one stitchable pair (one-line error): blocks of the same output shape, or
+    grids of different layouts (a CNN's maps and a transformer's tokens, ``cross_layout``)."""
     where = f"{source}: " if source else ""
-    kinds = {type(v).__name__ for v in views}
-    if len(kinds) > 1:
-        listed = ", ".join(f"{v.name} ({type(v.model).__name__})" for v in views)
-        raise KlasError(f"{where}family {name}: anchors of different architecture types cannot be stitched: {listed}")
     if len(views) < 2:
         return
     from klas.families.blockview import stitchable
@@ -352,8 +349,8 @@ def check_stitchable(name: str, views: list[BlockView], source: str = "") -> Non
             if a is not b and any(stitchable(a, i, b, j) for i in range(a.depth) for j in range(b.depth)):
                 return
     shapes = "; ".join(f"{v.name}: {sorted({tuple(v.spatial(i)) for i in range(v.depth)})}" for v in views)
-    raise KlasError(f"{where}family {name}: no two anchors have blocks with the same output resolution, so nothing "
-                    f"can be stitched ({shapes})")
+    raise KlasError(f"{where}family {name}: no two anchors have blocks with the same output resolution (or grids of "
+                    f"different layouts within a factor 4), so nothing can be stitched ({shapes})")
 
 
 def create_family(name: str, pretrained: bool = False, weights: str | Path | dict | None = None,

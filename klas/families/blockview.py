@@ -49,6 +49,36 @@ class BlockInfo:
     flops: int
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What a block output is, for stitching across layouts: ``kind`` "nchw" (CNN maps [B, C, H, W]), "nhwc" (Swin
+    maps [B, H, W, C]) or "tokens" ([B, prefix + H*W, C], row-major, ViT/DeiT/LeViT); ``grid`` (H, W); ``prefix``
+    the class / distillation tokens before the grid tokens. ``to_grid`` / ``from_grid`` convert to and from the
+    canonical (prefix [B, P, C] or None, grid [B, C, H, W])."""
+
+    kind: str
+    channels: int
+    grid: tuple[int, int]
+    prefix: int = 0
+
+    def to_grid(self, h: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self.kind == "nchw":
+            return None, h
+        if self.kind == "nhwc":
+            return None, h.permute(0, 3, 1, 2)
+        pre = h[:, :self.prefix] if self.prefix else None
+        grid = h[:, self.prefix:].transpose(1, 2).reshape(h.shape[0], h.shape[-1], *self.grid)
+        return pre, grid
+
+    def from_grid(self, prefix: torch.Tensor | None, grid: torch.Tensor) -> torch.Tensor:
+        if self.kind == "nchw":
+            return grid
+        if self.kind == "nhwc":
+            return grid.permute(0, 2, 3, 1)
+        tokens = grid.flatten(2).transpose(1, 2)
+        return torch.cat([prefix, tokens], dim=1) if self.prefix else tokens
+
+
 def count_flops(fn, *args) -> int:
     """FLOPs of one call, counted by ``torch.utils.flop_counter`` (matmul/conv/attention; 2 FLOPs per MAC)."""
     with FlopCounterMode(display=False) as counter:
@@ -119,6 +149,16 @@ class BlockView(nn.Module):
         """Per-sample shape of block ``index``'s output without its channel axis (tokens or H, W)."""
         shape = self.infos[index].shape
         return shape[:-1] if self.channels_last else shape[1:]
+
+    def layout(self, index: int) -> Layout | None:
+        """Block ``index``'s output as a ``Layout`` (None: not a 2-D grid, so no stitch across layouts): NCHW and
+        NHWC maps here; token views say their grid and prefix."""
+        shape = self.infos[index].shape
+        if not self.channels_last and len(shape) == 3:
+            return Layout("nchw", int(shape[0]), (int(shape[1]), int(shape[2])))
+        if self.channels_last and len(shape) == 3:
+            return Layout("nhwc", int(shape[2]), (int(shape[0]), int(shape[1])))
+        return None
 
     def tokens(self, index: int) -> int:
         """Number of positions a per-token stitch layer is applied at after block ``index``."""
@@ -221,6 +261,12 @@ class ViTView(BlockView):
     def pool(self, h):
         return h.mean(dim=1)  # NOTE: mean over all tokens (class token included) -- one rule for every block
 
+    def layout(self, index):
+        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
+        n, c = self.infos[index].shape
+        return Layout("tokens", int(c), grid, prefix) if n == prefix + grid[0] * grid[1] else None
+
 
 def _downsampled_stages(stages, attr: str) -> list:
     """(name, stage, module) per block of stages that each open with a downsample: the first block of a stage
@@ -278,6 +324,13 @@ class LevitView(BlockView):
 
     def forward_head(self, h):
         return self.model.forward_head(h)
+
+    def layout(self, index):
+        if self.model.use_conv:
+            return super().layout(index)
+        n, c = self.infos[index].shape
+        side = int(round(n ** 0.5))
+        return Layout("tokens", int(c), (side, side)) if side * side == n else None
 
 
 # --- CNNs (NCHW) --------------------------------------------------------------------------------------------------
@@ -438,17 +491,39 @@ def input_note(views: list[BlockView]) -> str:
 
 # --- stitching arithmetic -----------------------------------------------------------------------------------------
 
+MAX_RESAMPLE = 4  # a cross-layout stitch resamples the source grid by at most this factor per axis
+
+
+def same_layout(src: BlockView, i: int, tgt: BlockView, j: int) -> bool:
+    """Both outputs have the same layout and spatial/token shape: a per-token / 1x1 linear map stitches them."""
+    return src.spatial(i) == tgt.spatial(j) and src.channels_last == tgt.channels_last
+
+
+def cross_layout(src: BlockView, i: int, tgt: BlockView, j: int) -> bool:
+    """The outputs are grids of different layout kinds (a CNN's NCHW map and a transformer's tokens or NHWC map):
+    a ``klas.stitch.MixedStitchLayer`` stitches them, resampling the grid by at most ``MAX_RESAMPLE`` per axis."""
+    a, b = src.layout(i), tgt.layout(j)
+    if a is None or b is None or a.kind == b.kind:
+        return False
+    return all(1 / MAX_RESAMPLE <= s / t <= MAX_RESAMPLE for s, t in zip(a.grid, b.grid))
+
+
 def stitchable(src: BlockView, i: int, tgt: BlockView, j: int) -> bool:
     """A stitch after source block i into target block j+1 is legal when both outputs have the same layout and
     spatial/token shape (same resolution for hierarchical models; every pair for a one-stage ViT family of equal
-    token count). Channel counts may differ: the stitch layer maps them."""
-    return src.spatial(i) == tgt.spatial(j) and src.channels_last == tgt.channels_last
+    token count; channel counts may differ), or when they are grids of different layout kinds (``cross_layout``:
+    CNN <-> transformer)."""
+    return same_layout(src, i, tgt, j) or cross_layout(src, i, tgt, j)
 
 
 def stitch_layer_flops(src: BlockView, i: int, tgt: BlockView, j: int) -> int:
     """FLOPs of a linear (per-token / 1x1 conv) stitch layer: 2 x tokens x C_src x C_tgt (bias not counted, as
-    torch.utils.flop_counter does not count it either)."""
-    return 2 * src.tokens(i) * src.feature_dim(i) * tgt.feature_dim(j)
+    torch.utils.flop_counter does not count it either). Across layouts: the 1x1 map at the target's grid plus the
+    prefix tokens' map from the pooled grid (resampling and pooling are not counted, as the counter does not)."""
+    if same_layout(src, i, tgt, j):
+        return 2 * src.tokens(i) * src.feature_dim(i) * tgt.feature_dim(j)
+    a, b = src.layout(i), tgt.layout(j)
+    return 2 * b.grid[0] * b.grid[1] * a.channels * b.channels + 2 * a.channels * b.prefix * b.channels
 
 
 def prefix_flops(view: BlockView, i: int) -> int:
