@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from klas.contract import setting
 from klas.errors import KlasError
 from klas.families import BlockView, stitchable, stitched_flops
+from klas.families.blockview import resample_method, same_layout
 
 INIT_METHODS = ("ls", "task", "fula", "random")
 
@@ -101,19 +102,6 @@ class StitchLayer(nn.Module):
         return dict(kind="linear")
 
 
-RESAMPLE = ("identity", "avgpool", "adaptive-avgpool", "bilinear")
-
-
-def resample_method(src: tuple[int, int], tgt: tuple[int, int]) -> str:
-    """How a source grid becomes the target's: unchanged; average pooling by an integer factor (the grids
-    divide); adaptive average pooling (smaller, not dividing); bilinear interpolation (a larger target)."""
-    if tuple(src) == tuple(tgt):
-        return "identity"
-    if all(s >= t for s, t in zip(src, tgt)):
-        return "avgpool" if all(s % t == 0 for s, t in zip(src, tgt)) else "adaptive-avgpool"
-    return "bilinear"
-
-
 class MixedStitchLayer(nn.Module):
     """A stitch between block outputs of different layouts (``klas.families.blockview.Layout``: a CNN's NCHW map,
     a Swin NHWC map, ViT / LeViT tokens): the source as a grid [B, C, H, W] (its prefix tokens dropped), resampled to
@@ -127,6 +115,13 @@ class MixedStitchLayer(nn.Module):
         self.resample = resample_method(src.grid, tgt.grid)
         self.linear = nn.Linear(src.channels, tgt.channels)
         self.prefix = nn.Linear(src.channels, tgt.prefix * tgt.channels) if tgt.prefix else None
+        if self.resample == "adaptive-avgpool":
+            # NOTE: adaptive pooling between sizes that do not divide has no ONNX form: the same averages as one
+            # fixed matrix [Ht*Wt, Hs*Ws] (adaptive_avg_pool2d of the identity basis), which exports everywhere
+            n = src.grid[0] * src.grid[1]
+            basis = torch.eye(n, dtype=torch.float64).view(n, 1, *src.grid)
+            pool = F.adaptive_avg_pool2d(basis, tuple(tgt.grid)).reshape(n, -1).T.contiguous()
+            self.register_buffer("pool", pool, persistent=False)
 
     def _grid(self, h: torch.Tensor) -> torch.Tensor:
         g = self.src_layout.to_grid(h)[1]
@@ -135,7 +130,7 @@ class MixedStitchLayer(nn.Module):
             k = (g.shape[2] // size[0], g.shape[3] // size[1])
             return F.avg_pool2d(g, k, k)
         if self.resample == "adaptive-avgpool":
-            return F.adaptive_avg_pool2d(g, size)
+            return (g.flatten(2) @ self.pool.to(g.dtype).T).view(*g.shape[:2], *size)
         if self.resample == "bilinear":
             return F.interpolate(g, size=size, mode="bilinear", align_corners=False)
         return g
@@ -177,8 +172,6 @@ class MixedStitchLayer(nn.Module):
 def make_stitch_layer(src: BlockView, i: int, tgt: BlockView, j: int) -> nn.Module:
     """The stitch layer of (src, i, tgt, j): a per-token / 1x1 ``StitchLayer`` between outputs of the same layout,
     a ``MixedStitchLayer`` across layouts; a one-line KlasError when the pair cannot be stitched."""
-    from klas.families.blockview import same_layout
-
     if same_layout(src, i, tgt, j):
         return StitchLayer(src.feature_dim(i), tgt.feature_dim(j), src.channels_last)
     if stitchable(src, i, tgt, j):

@@ -137,3 +137,32 @@ def test_least_squares_fits_both_maps(cnn, trans):
             fit = layer(hs)
         assert fit.shape == ht.shape
         assert (fit - ht).square().mean() < ht.var()  # better than predicting the mean
+
+
+def test_mixed_stitches_export_to_onnx():
+    """Fashion-MNIST-sized anchors (a ResNet's 7x7 / 4x4 / 2x2 maps, a ViT's 4x4 tokens + class token): the
+    adaptive 7x7 -> 4x4 pooling (a fixed averaging matrix), the 2x2 -> 4x4 interpolation and the tokens -> map
+    direction all export to ONNX and agree with float64 PyTorch."""
+    import timm
+
+    from klas.export.graph import export_onnx, standalone
+    from klas.export.parity import float64_parity
+
+    torch.manual_seed(0)
+    cnn = block_view(timm.create_model("resnet18", in_chans=1, num_classes=10, layers=(1, 1, 1, 1),
+                                       channels=(8, 16, 32, 64), stem_width=8).eval(), "r", (1, 28, 28))
+    vit = block_view(timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                                       depth=3, embed_dim=16, num_heads=1).eval(), "v", (1, 28, 28))
+    seen = set()
+    for src, i, tgt, j in ((cnn, 0, vit, 0), (cnn, 2, vit, 1), (vit, 1, cnn, 1)):
+        layer = _randomize(make_stitch_layer(src, i, tgt, j), i + j)
+        seen.add(layer.resample)
+        net = StitchedNet(src, i, tgt, j, layer).eval()
+        x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(i))
+        module = standalone(net, x)
+        model, info = export_onnx(module, x, 18)
+        p = float64_parity(model.SerializeToString(), module, torch.randn(3, 1, 28, 28), 3)
+        assert p.same_shape and p.relative_diff < 1e-4, (layer.describe(), info)
+        with torch.no_grad():
+            assert count_flops(net, x[:1]) == stitched_flops(src, i, tgt, j)
+    assert seen == {"adaptive-avgpool", "bilinear", "identity"}

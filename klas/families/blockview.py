@@ -494,6 +494,20 @@ def input_note(views: list[BlockView]) -> str:
 MAX_RESAMPLE = 4  # a cross-layout stitch resamples the source grid by at most this factor per axis
 
 
+RESAMPLE = ("identity", "avgpool", "adaptive-avgpool", "bilinear")
+
+
+def resample_method(src: tuple[int, int], tgt: tuple[int, int]) -> str:
+    """How a cross-layout stitch makes the source grid the target's: unchanged; average pooling by an integer
+    factor (the sizes divide); adaptive average pooling (smaller, not dividing: one fixed averaging matrix, whose
+    matmul the flop counter counts); bilinear interpolation (a larger target)."""
+    if tuple(src) == tuple(tgt):
+        return "identity"
+    if all(s >= t for s, t in zip(src, tgt)):
+        return "avgpool" if all(s % t == 0 for s, t in zip(src, tgt)) else "adaptive-avgpool"
+    return "bilinear"
+
+
 def same_layout(src: BlockView, i: int, tgt: BlockView, j: int) -> bool:
     """Both outputs have the same layout and spatial/token shape: a per-token / 1x1 linear map stitches them."""
     return src.spatial(i) == tgt.spatial(j) and src.channels_last == tgt.channels_last
@@ -523,7 +537,9 @@ def stitch_layer_flops(src: BlockView, i: int, tgt: BlockView, j: int) -> int:
     if same_layout(src, i, tgt, j):
         return 2 * src.tokens(i) * src.feature_dim(i) * tgt.feature_dim(j)
     a, b = src.layout(i), tgt.layout(j)
-    return 2 * b.grid[0] * b.grid[1] * a.channels * b.channels + 2 * a.channels * b.prefix * b.channels
+    hw_a, hw_b = a.grid[0] * a.grid[1], b.grid[0] * b.grid[1]
+    pool = 2 * a.channels * hw_a * hw_b if resample_method(a.grid, b.grid) == "adaptive-avgpool" else 0
+    return pool + 2 * hw_b * a.channels * b.channels + 2 * a.channels * b.prefix * b.channels
 
 
 def prefix_flops(view: BlockView, i: int) -> int:

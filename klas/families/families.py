@@ -38,6 +38,21 @@ register_family(FamilyCfg(
     input=dict(mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0, crop_mode="center"),
     description="klas's embedded Fashion-MNIST family: ViT widths 16/32/64, 12 blocks, trained by `klas anchors train`"))
 
+# The embedded mixed family: a small ResNet (one basic block per stage, 8..64 channels, 2.1 MFLOPs; trained by `klas anchors
+# train fmnist-mixed --anchor fmnist-resnet` with the fmnist-deit recipe) and fmnist-deit's S and B. Its maps (7x7,
+# 4x4, 2x2, 1x1) stitch into the ViTs' 4x4 token grids across layouts (klas.stitch.MixedStitchLayer).
+FMNIST_RESNET = dict(in_chans=1, num_classes=10, layers=(1, 1, 1, 1), channels=(8, 16, 32, 64), stem_width=8)
+register_family(FamilyCfg(
+    name="fmnist-mixed",
+    anchors=(AnchorCfg("fmnist-resnet", "resnet18", FMNIST_RESNET, "fmnist-resnet.safetensors"),
+             *(AnchorCfg(f"fmnist-deit-{size}", "vit_tiny_patch16_224",
+                         dict(FMNIST_VIT, embed_dim=width, num_heads=width // 16), f"fmnist-deit-{size}.safetensors")
+               for size, width in (("s", 32), ("b", 64)))),
+    input_shape=(1, 28, 28), dataset="fashion-mnist", num_classes=10,
+    input=dict(mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0, crop_mode="center"),
+    description="klas's embedded mixed family: a small ResNet (trained by `klas anchors train fmnist-mixed --anchor "
+                "fmnist-resnet`) with fmnist-deit's S and B, stitched CNN -> ViT across layouts"))
+
 # The embedded language-model family: three Llama-architecture decoders over one byte-level BPE tokenizer (8192
 # tokens), trained from scratch on the Python documentation by `klas anchors train pydoc-llama`; costs are per token
 # at a 128-token context. Widths 48 / 128 / 256, depths 4 / 5 / 6, head dims 24 / 32 / 64, KV heads 1 / 2 / 2.

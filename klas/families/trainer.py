@@ -5,6 +5,8 @@ seed), checkpoints each epoch (resumable), and writes ``<anchor>.safetensors`` p
 """
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,8 +61,9 @@ def train_anchor(family: str, anchor_name: str, out_dir: Path, recipe: Recipe = 
     train = load_dataset(cfg.dataset, "train", data_root).subset(recipe.train_subset)
     val = load_dataset(cfg.dataset, "val", data_root)
     # the recipe of the shipped weights: AdamW decaying every parameter, warm-up then cosine to 0, grad norm <= 1
-    state = fit(model, train, val, recipe, ckpt_path, anchor.name, resume_tag=asdict(recipe),
-                stop_after_epoch=stop_after_epoch)
+    # NOTE: the anchor's architecture is part of the tag: a checkpoint of a differently shaped model is refused
+    tag = dict(asdict(recipe), arch=anchor.arch, model_args=json.loads(json.dumps(anchor.model_args)))
+    state = fit(model, train, val, recipe, ckpt_path, anchor.name, resume_tag=tag, stop_after_epoch=stop_after_epoch)
     test = load_dataset(cfg.dataset, "test", data_root)
     weights = out_dir / anchor.embedded_file if anchor.embedded_file else out_dir / f"{anchor.name}.safetensors"
     save_tensors(model.state_dict(), weights, metadata={"family": family, "anchor": anchor.name})
@@ -98,8 +101,8 @@ def fit(model: torch.nn.Module, train, val, recipe: Recipe, ckpt_path: Path, nam
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         if not tr.matches(ck, resume_tag):
-            raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe or an older klas; delete it to "
-                            f"start over")
+            raise KlasError(f"{ckpt_path}: checkpoint was made with another recipe, another architecture or an older "
+                            f"klas; delete it to start over")
         tr.load_state_dict(ck)
         state = ck["state"]
         print(f"[{log}] {name}: resuming after step {tr.step} (epoch {state['epoch']})", flush=True)
