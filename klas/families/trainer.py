@@ -1,7 +1,8 @@
 """The embedded anchor zoo: reproducible training of a family's anchors from scratch, and its model card.
 
 ``klas anchors train fmnist-deit`` trains every anchor with one recipe (same epochs, optimizer, schedule, augmentation,
-seed), checkpoints each epoch (resumable), and writes ``<anchor>.safetensors`` plus ``card.json``.
+seed), checkpoints each epoch (resumable), and writes ``<anchor>.safetensors`` plus the family's card
+(``card_file``).
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def train_family(family: str, out_dir: Path | None = None, recipe: Recipe = Reci
     out_dir = Path(out_dir) if out_dir else _EMBEDDED_WEIGHTS
     if threads:
         torch.set_num_threads(threads)
-    card_path = out_dir / "card.json"
+    card_path = card_file(out_dir, family)
     card = load_json(card_path) if card_path.is_file() else {}
     entries = {e["name"]: e for e in card.get("anchors", [])}
     for a in cfg.anchors:
@@ -164,13 +165,20 @@ def train_family(family: str, out_dir: Path | None = None, recipe: Recipe = Reci
     return card_path
 
 
+def card_file(folder: Path, family: str) -> Path:
+    """``<family>-card.json`` in ``folder``; fmnist-deit's card predates the naming and is ``card.json``."""
+    legacy = Path(folder) / "card.json"
+    if legacy.is_file() and load_json(legacy).get("family") == family:
+        return legacy
+    return Path(folder) / f"{family}-card.json"
+
+
 def load_card(family: str) -> dict:
     cfg = get_family_cfg(family)
     if not cfg.embedded:
         raise KlasError(f"family {family}: not an embedded family, it has no model card (embedded: "
                         f"{', '.join(n for n in list_families() if get_family_cfg(n).embedded)})")
-    own = _EMBEDDED_WEIGHTS / f"{family}-card.json"  # a family's own card; fmnist-deit's predates the naming
-    return load_json(own if own.is_file() else _EMBEDDED_WEIGHTS / "card.json")
+    return load_json(card_file(_EMBEDDED_WEIGHTS, family))
 
 
 def zoo_eval(family: str, data_root: Path | None = None, split: str = "test") -> list[dict]:
