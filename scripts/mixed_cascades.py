@@ -2,10 +2,12 @@
 
 For a finished run of a mixed family (default: ``runs/mixed``, made by ``klas run klas/configs/fmnist-mixed.toml
 --run-dir runs/mixed``): every evaluated stitch from a CNN anchor into a transformer anchor, and beside it the
-max-softmax cascade of those two untouched anchors whose threshold is chosen **on val** to match the stitch's FLOPs
-(the cascade with the highest val accuracy whose average val FLOPs do not exceed the stitch's; none: the cheapest).
-Both are reported on **test**: accuracy, average and worst-case FLOPs, and the per-image latency of the evaluation
-stage (PyTorch, this machine; a cascade's average = first member + test deferral x second, worst case = both).
+max-softmax cascade of those two untouched anchors (the CNN answers unless its top softmax probability is below a
+threshold) whose threshold is chosen **on val** among the 5 %, 10 %, ..., 95 % quantiles of the CNN's val confidence
+(plus never / always deferring): the highest val accuracy whose average val FLOPs do not exceed the stitch's (none:
+the cheapest). Both are reported on **test**: accuracy, average and worst-case FLOPs, and per-image CPU latency
+measured as the evaluation stage does (PyTorch, batch 1, 1 thread, this machine; a cascade's average = first member +
+test deferral x second, worst case = both).
 
 Writes ``benchmarks/results/mixed_cascades_<family>.{json,md,png}`` and prints the table.
 
@@ -18,45 +20,84 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@torch.no_grad()
+def _anchor_outputs(views: dict, names: list[str]) -> tuple[dict, dict, dict]:
+    """Per anchor: softmax probabilities on the family's val and test splits (the evaluation's), and the CPU
+    latency of one image measured as the evaluation stage measures it."""
+    from klas.data import batches
+    from klas.stages.s5_evaluation import measure_latency
+    from klas.tasks import task_of
+
+    fam = next(iter(views.values()))
+    task = task_of(FAMILY_CFG[0])
+    splits = {s: task.open_split(FAMILY_CFG[0], s) for s in ("val", "test")}
+    probs, labels, lat = {}, {}, {}
+    for n in names:
+        v = views[n].eval()
+        for s, data in splits.items():
+            out = [torch.softmax(v(x).double(), -1) for x, _ in batches(data, 500)]
+            probs[(n, s)] = torch.cat(out)
+            labels[s] = torch.as_tensor(data.labels).long()
+        lat[n] = measure_latency(v, v.example_input(1), repeats=30, threads=1)["median_ms"]
+    del fam
+    return probs, labels, lat
+
+
+FAMILY_CFG: list = []
+
+
+def _cascade(p_small, p_large, y, t):
+    sent = p_small.max(-1).values < t
+    pred = torch.where(sent, p_large.argmax(-1), p_small.argmax(-1))
+    return 100.0 * float((pred == y).double().mean()), float(sent.double().mean())
+
+
 def compare(ev: dict) -> list[dict]:
-    """One row per evaluated stitch across layouts (``klas.families.blockview.cross_layout``), with its cascade."""
+    """One row per evaluated stitch across layouts (``klas.families.blockview.cross_layout``), beside the
+    max-softmax cascade of its two untouched anchors whose threshold is chosen on val to fit its FLOPs."""
     sys.path.insert(0, str(REPO))
     import klas
+    from klas.families import get_family_cfg
     from klas.families.blockview import cross_layout
 
-    views = {v.name: v for v in klas.create_family(ev["family"])}  # random weights: only the block shapes matter
+    FAMILY_CFG[:] = [get_family_cfg(ev["family"])]
+    views = {v.name: v for v in klas.create_family(ev["family"], pretrained=True)}
     untouched = {u["key"].removeprefix("untouched:"): u for u in ev["untouched"]}
     arch = {n: type(v).__name__ for n, v in views.items()}
+    stitches = [r for r in ev["configs"] if not r.get("anchor") and r["config"]["source"] != r["config"]["target"]
+                and cross_layout(views[r["config"]["source"]], r["config"]["i"], views[r["config"]["target"]],
+                                 r["config"]["j"])]
+    names = sorted({n for r in stitches for n in (r["config"]["source"], r["config"]["target"])})
+    probs, labels, lat = _anchor_outputs(views, names)
     rows = []
-    for r in ev["configs"]:
+    for r in stitches:
         c = r["config"]
-        if r.get("anchor") or c["source"] == c["target"]:
-            continue
-        src, tgt = untouched.get(c["source"]), untouched.get(c["target"])
-        if src is None or tgt is None or not cross_layout(views[c["source"]], c["i"], views[c["target"]], c["j"]):
-            continue
-        cands = [k for k in ev["cascades"] if k["members"] == [c["source"], c["target"]]]
-        fit = [k for k in cands if k["flops_avg"]["val"] <= r["flops"]]
-        pick = max(fit, key=lambda k: (k["val_acc"], -k["flops_avg"]["val"])) if fit else \
-            min(cands, key=lambda k: k["flops_avg"]["val"]) if cands else None
-        lat_s, lat_t = src.get("latency_ms"), tgt.get("latency_ms")
-        row = dict(stitch=r["key"], source=c["source"], target=c["target"], stitch_flops=r["flops"],
-                   stitch_val_acc=r["val_acc"], stitch_test_acc=r["test_acc"], stitch_latency_ms=r.get("latency_ms"),
-                   admitted=bool(r.get("admitted")), source_arch=arch.get(c["source"]),
-                   target_arch=arch.get(c["target"]))
-        if pick is not None:
-            row.update(cascade=pick["name"], threshold=pick["threshold"], cascade_val_acc=pick["val_acc"],
-                       cascade_test_acc=pick["test_acc"], cascade_flops_avg_val=pick["flops_avg"]["val"],
-                       cascade_flops_avg_test=pick["flops_avg"]["test"], cascade_flops_worst=pick["flops"],
-                       cascade_deferral_test=pick["deferral"]["test"])
-            if lat_s is not None and lat_t is not None:
-                row.update(cascade_latency_avg_ms=lat_s + pick["deferral"]["test"] * lat_t,
-                           cascade_latency_worst_ms=lat_s + lat_t)
-            row["winner_on_test"] = "stitch" if r["test_acc"] > pick["test_acc"] else (
-                "cascade" if pick["test_acc"] > r["test_acc"] else "tie")
+        small, large = c["source"], c["target"]
+        fs, fl = untouched[small]["flops"], untouched[large]["flops"]
+        pv_s, pv_l = probs[(small, "val")], probs[(large, "val")]
+        conf = pv_s.max(-1).values
+        thresholds = sorted({0.0, 1.0 + 1e-9, *[float(q) for q in torch.quantile(conf, torch.linspace(0.05, 0.95, 19,
+                                                                                       dtype=conf.dtype))]})
+        cands = []
+        for t in thresholds:
+            acc_v, d_v = _cascade(pv_s, pv_l, labels["val"], t)
+            cands.append((t, acc_v, fs + d_v * fl))
+        fit = [k for k in cands if k[2] <= r["flops"]]
+        t, acc_v, flops_v = max(fit, key=lambda k: (k[1], -k[2])) if fit else min(cands, key=lambda k: k[2])
+        acc_t, d_t = _cascade(probs[(small, "test")], probs[(large, "test")], labels["test"], t)
+        row = dict(stitch=r["key"], source=small, target=large, source_arch=arch[small], target_arch=arch[large],
+                   stitch_flops=r["flops"], stitch_val_acc=r["val_acc"], stitch_test_acc=r["test_acc"],
+                   stitch_latency_ms=r.get("latency_ms"), admitted=bool(r.get("admitted")),
+                   cascade=f"{small}>{large}@{t:.4f}", threshold=t, cascade_val_acc=acc_v,
+                   cascade_flops_avg_val=flops_v, cascade_flops_avg_test=fs + d_t * fl, cascade_flops_worst=fs + fl,
+                   cascade_test_acc=acc_t, cascade_deferral_test=d_t,
+                   cascade_latency_avg_ms=lat[small] + d_t * lat[large], cascade_latency_worst_ms=lat[small] + lat[large])
+        row["winner_on_test"] = "stitch" if r["test_acc"] > acc_t else ("cascade" if acc_t > r["test_acc"] else "tie")
         rows.append(row)
     return sorted(rows, key=lambda x: (x["target"], x["stitch_flops"]))
 

@@ -54,7 +54,10 @@ def test_stage_structure_and_stitchability():
     _, res, _ = _build("resnet")
     assert [b.stage for b in res.infos] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert res.spatial(0) == (12, 12) and res.feature_dim(0) == 64
-    assert not stitchable(res, 0, swin, 0)  # NCHW vs NHWC layouts never stitch
+    # NCHW vs NHWC: not per token, but across layouts (a MixedStitchLayer)
+    from klas.families.blockview import cross_layout, same_layout
+
+    assert not same_layout(res, 0, swin, 0) and cross_layout(res, 0, swin, 0) and stitchable(res, 0, swin, 0)
 
 
 def test_stitched_flops_formula():
