@@ -466,7 +466,7 @@ def fit_stitch(src: BlockView, i: int, tgt: BlockView, j: int, train, cfg: FitCf
     g = torch.Generator().manual_seed(cfg.seed)
     layer = _new_layer(src, i, tgt, j, g)
     fit_set = train.subset(cfg.samples)
-    stats: dict = dict(method=cfg.method)
+    stats: dict = dict(method=cfg.method, layer=layer.describe())  # the layer kind; across layouts: resampling
     if cfg.method != "random":
         moms = stitch_moments(src, i, tgt, j, (x for x, _ in batches(fit_set, cfg.batch_size)), layer)
         layer.set_affines([m.solve(cfg.ridge) for m in moms])
