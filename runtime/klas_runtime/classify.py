@@ -8,10 +8,11 @@ registers this module's pieces as the ``classify`` entry; numpy only (inputs com
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from klas_runtime.choice import ModelChoice
 from klas_runtime.errors import ZooError, first_line
 
 
@@ -42,45 +43,17 @@ def check_input(x: np.ndarray, spec: dict, name: str = "model") -> np.ndarray:
 
 
 @dataclass
-class Choice:
-    """The picked model: its manifest entry, a session for it and why it was chosen.
+class Choice(ModelChoice):
+    """The picked model: its manifest entry, a session for it and why it was chosen (``ModelChoice``).
 
     A picked cascade is a ``CascadeChoice`` with the same attributes and methods, so callers need not tell them
     apart: ``predict``/``run`` take the same input, ``input``/``classes`` say what that input and output are,
-    ``files`` the ONNX files it runs and ``members`` which model answers (``predict_detailed``)."""
-
-    entry: dict
-    session: object
-    reason: str
-    provider: str
-    latency_ms: float | None = None
-    latency_record: dict | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return self.entry["name"]
-
-    @property
-    def kind(self) -> str:
-        return "model"
-
-    @property
-    def input(self) -> dict:
-        """The input spec (``load_image(path, choice.input)``)."""
-        return self.entry["input"]
+    ``files`` the ONNX files it runs and ``members`` which model answers (``predict_detailed``). The input spec is
+    what ``load_image(path, choice.input)`` reads for."""
 
     @property
     def classes(self) -> list[str]:
         return self.entry["output"]["classes"]
-
-    @property
-    def files(self) -> list[str]:
-        return [self.entry["file"]]
-
-    @property
-    def members(self) -> list[str]:
-        """The models that may answer: this one."""
-        return [self.name]
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Logits [N, classes] for normalized input [N, C, H, W] (float32)."""

@@ -23,8 +23,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from klas_runtime.errors import ZooError, first_line
+from klas_runtime.choice import ModelChoice
 from klas_runtime.decoder_schema import kv_names
+from klas_runtime.errors import ZooError, first_line
 from klas_runtime.manifest import MANIFEST, data_path, read_zoo_file
 
 MAX_PROMPT_BYTES = 1 << 20  # a prompt file larger than this is refused (a prompt, not a corpus)
@@ -291,42 +292,16 @@ def _check_stop(stop) -> tuple[str, ...]:
 
 
 @dataclass
-class DecoderChoice:
-    """The picked decoder: its manifest entry, a session for it and why it was chosen -- the same attributes as
-    ``klas_runtime.classify.Choice`` (``entry``, ``session``, ``reason``, ``provider``, ``latency_ms``,
-    ``latency_record``, ``name``, ``kind``, ``files``, ``members``, ``input``), plus the zoo's tokenizer (loaded,
-    hash-checked, on first use) and generation settings; ``generate`` / ``stream`` take and give text."""
+class DecoderChoice(ModelChoice):
+    """The picked decoder: what every choice has (``ModelChoice``: ``entry``, ``session``, ``reason``, ``provider``,
+    ``latency_ms``, ``latency_record``, ``name``, ``kind``, ``files``, ``members``, ``input``), plus the zoo's
+    tokenizer (loaded, hash-checked, on first use) and generation settings; ``generate`` / ``stream`` take and give
+    text."""
 
-    entry: dict
-    session: object
-    reason: str
-    provider: str
-    latency_ms: float | None = None
-    latency_record: dict | None = field(default=None, repr=False)
     zoo_dir: Path | None = None
     manifest: dict | None = field(default=None, repr=False)
     _tokenizer: object = field(default=None, repr=False)
     engine: object = field(default=None, repr=False)  # a Decoder-like engine set by klas_runtime.genai.use_engine
-
-    @property
-    def name(self) -> str:
-        return self.entry["name"]
-
-    @property
-    def kind(self) -> str:
-        return "model"
-
-    @property
-    def input(self) -> dict:
-        return self.entry["input"]
-
-    @property
-    def files(self) -> list[str]:
-        return [self.entry["file"]]
-
-    @property
-    def members(self) -> list[str]:
-        return [self.name]
 
     @property
     def generation(self) -> dict:
