@@ -423,29 +423,29 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def model_path(zoo_dir: Path | str, file: str) -> Path:
-    """The path of a model file, refusing anything that is not a regular file directly inside ``zoo_dir``."""
+def _inside(zoo_dir: Path | str, file: str, ok: bool, refusal: str) -> Path:
+    """The trust rule of every file a manifest names: ``ok`` (a plain name of the expected kind, else the one-line
+    ``refusal``), and a regular file directly inside ``zoo_dir`` (no symlink out)."""
     root = Path(zoo_dir).resolve()
-    if not _SAFE_NAME.match(file) or file in (".", ".."):
-        raise ZooError(f"{Path(zoo_dir) / MANIFEST}: model file {file!r} is not a plain name inside the zoo folder "
-                        f"(refusing paths that could point elsewhere)")
+    if not ok:
+        raise ZooError(f"{Path(zoo_dir) / MANIFEST}: {refusal} (refusing paths that could point elsewhere)")
     path = root / file
     if path.is_symlink() or path.resolve().parent != root:
         raise ZooError(f"{path}: points outside the zoo folder {root} (symlink); refusing it")
     return path
+
+
+def model_path(zoo_dir: Path | str, file: str) -> Path:
+    """The path of a model file, refusing anything that is not a regular file directly inside ``zoo_dir``."""
+    return _inside(zoo_dir, file, bool(_SAFE_NAME.match(file)) and file not in (".", ".."),
+                   f"model file {file!r} is not a plain name inside the zoo folder")
 
 
 def data_path(zoo_dir: Path | str, file: str, what: str = "tokenizer") -> Path:
     """The path of a zoo's non-model file (``what``: the tokenizer), refused unless a plain ``.json`` name of a
     regular file directly inside ``zoo_dir`` (the same trust rule as model files)."""
-    root = Path(zoo_dir).resolve()
-    if not _SAFE_JSON.match(file) or file == MANIFEST:
-        raise ZooError(f"{Path(zoo_dir) / MANIFEST}: {what} file {file!r} is not a plain .json name inside the zoo "
-                        f"folder (refusing paths that could point elsewhere)")
-    path = root / file
-    if path.is_symlink() or path.resolve().parent != root:
-        raise ZooError(f"{path}: points outside the zoo folder {root} (symlink); refusing it")
-    return path
+    return _inside(zoo_dir, file, bool(_SAFE_JSON.match(file)) and file != MANIFEST,
+                   f"{what} file {file!r} is not a plain .json name inside the zoo folder")
 
 
 def read_zoo_file(zoo_dir: Path | str, record: dict, what: str = "tokenizer") -> bytes:
