@@ -98,6 +98,13 @@ def _dynamo_onnx(module: nn.Module, example: torch.Tensor, opset: int) -> "onnx.
                                          dynamic_shapes=({0: "batch"},), custom_translation_table=_translations(),
                                          external_data=False, optimize=True, verbose=False)
         model = onnx_program.model_proto
+    return finish_dynamo(model)
+
+
+def finish_dynamo(model) -> "onnx.ModelProto":  # noqa: F821
+    """A dynamo-exported model as klas ships it: the exporter's per-node debug metadata (stack traces naming this
+    machine's paths) and value_info dropped, so the bytes do not depend on where klas is installed; every weight
+    inside the file."""
     for node in model.graph.node:
         del node.metadata_props[:]
     del model.graph.value_info[:]

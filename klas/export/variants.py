@@ -40,16 +40,18 @@ CALIB_BATCH = 64
 EVAL_BATCH = 500
 
 
-def parse_precisions(text: str | None) -> tuple[str, ...]:
-    """``"fp16,int8"`` -> ("fp16", "int8"); "none" / "" -> (); a one-line error names the setting."""
+def parse_precisions(text: str | None, allowed: tuple[str, ...] = PRECISIONS, kind: str = "") -> tuple[str, ...]:
+    """``"fp16,int8"`` -> ("fp16", "int8") in ``allowed``'s order (the variants of ``kind`` of model; default: image
+    classifiers'); "none" / "" -> (); a one-line error names the setting."""
     if text is None or text.strip().lower() in ("", "none"):
         return ()
     got = [p.strip().lower() for p in text.split(",") if p.strip()]
-    bad = [p for p in got if p not in PRECISIONS]
+    bad = [p for p in got if p not in allowed]
     if bad:
-        raise KlasError(f"export.precisions {text!r}: unknown precision {bad[0]!r} (expected a comma-separated list "
-                        f"of {', '.join(PRECISIONS)}, or none)")
-    return tuple(p for p in PRECISIONS if p in got)
+        of = f" for {kind}" if kind else ""
+        raise KlasError(f"export.precisions {text!r}: unknown precision {bad[0]!r}{of} (expected a comma-separated "
+                        f"list of {', '.join(allowed)}, or none)")
+    return tuple(p for p in allowed if p in got)
 
 
 def variant_name(parent: str, precision: str) -> str:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from klas.errors import KlasError
-from klas.export.graph import quiet
+from klas.export.graph import finish_dynamo, quiet
 from klas.export.member import ExportJob, Member, check_untouched, config_entry, file_name
 from klas.lm.decoder import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, CachedDecoder, positions
 from klas_runtime.manifest import METADATA_KEY, embedded_entry, sha256_bytes
@@ -61,10 +61,7 @@ def export_decoder(dec: CachedDecoder, opset: int):
         program = torch.onnx.export(dec.eval(), args, dynamo=True, opset_version=opset,
                                     input_names=dec.input_names(), output_names=dec.output_names(),
                                     dynamic_shapes=dyn, external_data=False, optimize=True, verbose=False)
-    model = program.model_proto
-    for node in model.graph.node:
-        del node.metadata_props[:]
-    del model.graph.value_info[:]
+    model = finish_dynamo(program.model_proto)
     _name_axes(model)
     return model
 
@@ -281,14 +278,9 @@ class DecoderExporter:
 
     @staticmethod
     def precisions(text: str | None) -> tuple[str, ...]:
-        if text is None or text.strip().lower() in ("", "none"):
-            return ()
-        got = [p.strip().lower() for p in text.split(",") if p.strip()]
-        bad = [p for p in got if p not in LM_PRECISIONS]
-        if bad:
-            raise KlasError(f"export.precisions {text!r}: {bad[0]!r} is not a variant of language-model decoders "
-                            f"(expected a comma-separated list of {', '.join(LM_PRECISIONS)}, or none)")
-        return tuple(p for p in LM_PRECISIONS if p in got)
+        from klas.export.variants import parse_precisions
+
+        return parse_precisions(text, LM_PRECISIONS, "language-model decoders")
 
     def variant(self, parent: dict, parent_raw: bytes, parent_nll: np.ndarray, greedy: dict, precision: str, test,
                 header, options) -> tuple[dict, bytes, dict | None]:
