@@ -118,6 +118,12 @@ def onnx_nll(session, entry: dict, seqs: torch.Tensor, batch: int = PPL_BATCH) -
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def _probe(test, n: int = 4) -> np.ndarray:
+    """The inputs of the first ``n`` test sequences: the prefill a variant's logits are compared with its parent's
+    on."""
+    return test.seqs[:n, :-1].long().numpy()
+
+
 def perplexity(nll: np.ndarray) -> float:
     return float(math.exp(float(np.mean(nll)))) if len(nll) else float("nan")
 
@@ -170,7 +176,7 @@ def check_decoder_parity(raw: bytes, entry: dict, dec: CachedDecoder, net, test,
         raise KlasError(f"{name}: ONNX decoder parity failed on {n} test prompts of {plen} tokens: relative max "
                         f"|logit diff| {rel:.3g} (tolerance {options.atol:g}), greedy tokens equal {match:.4f} of "
                         f"{steps} steps (need {options.min_agreement:g}); not exported")
-    return result, dict(prompts=prompts.tolist(), tokens=ort_tokens, generation=generation)
+    return result, dict(prompts=prompts.tolist(), tokens=ort_tokens, generation=generation, session=session)
 
 
 def _profile(raw: bytes, entry: dict, options, generation: dict) -> list[dict]:
@@ -215,8 +221,6 @@ class DecoderExporter:
     def export(self, job: ExportJob, member: Member) -> tuple[list[dict], list[dict]]:
         import onnx
 
-        from klas_runtime.session import open_session
-
         options, header, config = job.options, job.header, member.config
         net = member.network()
         dec = CachedDecoder(net).eval()
@@ -250,7 +254,10 @@ class DecoderExporter:
         raw = model.SerializeToString()
         entry["parity"], greedy = check_decoder_parity(raw, entry, dec, net, test, options, config.key,
                                                        header.get("generation"))
-        nll = onnx_nll(open_session(raw, "cpu"), entry, test.seqs)
+        # what every variant is compared with, computed once on the parent's session: perplexity, greedy run, logits
+        reference = dict(greedy, nll=onnx_nll(greedy["session"], entry, test.seqs),
+                         logits=greedy["session"].run([LOGITS], _feeds(entry, _probe(test)))[0])
+        nll = reference["nll"]
         if row.get("val_acc") is not None:
             entry.update(val_acc=float(row["val_acc"]), val_perplexity=round(100.0 / float(row["val_acc"]), 4))
         if row.get("test_acc") is not None:
@@ -268,7 +275,7 @@ class DecoderExporter:
             return [entry], []
         made, refused = [], []
         for precision in self.precisions(options.precisions):
-            v, vraw, why = self.variant(entry, raw, nll, greedy, precision, test, header, options)
+            v, vraw, why = self.variant(entry, raw, reference, precision, test, header, options)
             if why is None:
                 job.stage(v["file"], vraw)
                 made.append(v)
@@ -282,9 +289,10 @@ class DecoderExporter:
 
         return parse_precisions(text, LM_PRECISIONS, "language-model decoders")
 
-    def variant(self, parent: dict, parent_raw: bytes, parent_nll: np.ndarray, greedy: dict, precision: str, test,
-                header, options) -> tuple[dict, bytes, dict | None]:
-        """One variant: (entry, bytes, None) when kept, else (entry, bytes, the rejected record)."""
+    def variant(self, parent: dict, parent_raw: bytes, reference: dict, precision: str, test, header,
+                options) -> tuple[dict, bytes, dict | None]:
+        """One variant: (entry, bytes, None) when kept, else (entry, bytes, the rejected record); ``reference``:
+        the parent's perplexity, greedy run and probe logits (``export``)."""
         import onnx
 
         from klas_runtime.session import open_session
@@ -308,7 +316,7 @@ class DecoderExporter:
         vraw = out.SerializeToString()
         session = open_session(vraw, "cpu")
         nll = onnx_nll(session, parent, test.seqs)
-        ppl, parent_ppl = perplexity(nll), perplexity(parent_nll)
+        ppl, parent_ppl = perplexity(nll), perplexity(reference["nll"])
         increase = ppl / parent_ppl - 1.0
         n = len(test)
         # NOTE: the zoo's figures are the evaluation's (PyTorch) for the parent; the variant's test metric is the
@@ -317,8 +325,8 @@ class DecoderExporter:
             parent["test_perplexity"] * ppl / parent_ppl, 4), onnx_test_perplexity=round(ppl, 4),
             test_acc_source=f"the parent's test metric x its onnxruntime perplexity / this variant's, both on {n} "
                             f"{test.spec.name} test sequences")
-        logits_p = open_session(parent_raw, "cpu").run([LOGITS], _feeds(parent, test.seqs[:4, :-1].long().numpy()))[0]
-        logits_v = session.run([LOGITS], _feeds(parent, test.seqs[:4, :-1].long().numpy()))[0]
+        logits_p, greedy = reference["logits"], reference
+        logits_v = session.run([LOGITS], _feeds(parent, _probe(test)))[0]
         from klas_runtime.generate import Decoder
 
         steps = greedy["tokens"].shape[1]
