@@ -156,18 +156,21 @@ def _generate(args) -> int:
     new = args.max_new_tokens if args.max_new_tokens is not None else max(1, min(DEFAULT_NEW_TOKENS,
                                                                                  context - len(ids)))
     check_context(len(ids), new, context, "the prompt")
+    from klas_runtime.genai import resolve_engine, use_engine
+
+    engine = resolve_engine(args.engine)
+    with_session = engine == "numpy"  # onnxruntime-genai loads the file itself: no session opened for nothing
     if args.model:
         given = [b for b in BUDGETS if getattr(args, b) is not None]
         if given:
             raise ZooError(f"--model {args.model} and --{given[0].replace('_', '-')}: give a model or a budget, "
                            f"not both")
-        choice = zoo.open(args.model, args.device, args.threads, reason="chosen by --model")
+        choice = zoo.open(args.model, args.device, args.threads, with_session=with_session,
+                          reason="chosen by --model")
     else:
-        choice = _choose(args, with_session=True, zoo=zoo,
+        choice = _choose(args, with_session=with_session, zoo=zoo,
                          prompt_tokens=len(ids) if args.max_ttft_ms is not None else None)
-    from klas_runtime.genai import use_engine
-
-    engine = use_engine(choice, args.engine, args.threads)
+    use_engine(choice, engine, args.threads)
     print(f"[generate] model {choice.name}, engine {engine} ({choice.reason})", file=sys.stderr)
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=stop)
     if args.no_stream:

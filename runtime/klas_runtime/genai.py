@@ -144,7 +144,7 @@ class GenaiDecoder(Decoder):
 
 def use_engine(choice, engine: str | None, threads: int | None = None) -> str:
     """Serve a picked ``DecoderChoice`` through ``engine`` (``auto``: onnxruntime-genai where installed); returns
-    the engine used. The genai engine reads the decoder's bytes again, hash-checked."""
+    the engine used. The genai engine reads the decoder's bytes itself, hash-checked (pick it without a session)."""
     from klas_runtime.manifest import read_model_bytes
 
     name = resolve_engine(engine)
