@@ -16,7 +16,8 @@ The export of one member (``DecoderExporter.export``, the causal-LM task's expor
 4. Latency per output token at batch 1 and 8 with time to first token over a sweep of prompt lengths, and peak
    memory (``klas_runtime.profile``).
 5. Variants (``export.precisions``: int8 / int4 weight-only, fp16): each measured like its parent and kept only if
-   its perplexity rose by at most ``export.max_perplexity_increase`` (relative) and it is faster per token (p90,
+   its val perplexity rose by at most ``export.max_perplexity_increase`` (relative; decided on as many val sequences
+   as the test figures use, test perplexity reported beside) and it is faster per token (p90,
    batch 1) or needs less peak memory than its parent on this machine; otherwise listed under ``rejected`` with the
    figures.
 """
@@ -273,9 +274,12 @@ class DecoderExporter:
         job.stage(entry["file"], raw)
         if job.val is None:
             return [entry], []
+        # NOTE: whether a variant stays is decided on val sequences (as many as the test figures use); test reports
+        val = job.val.subset(len(test))
+        reference["val_nll"] = onnx_nll(greedy["session"], entry, val.seqs)
         made, refused = [], []
         for precision in self.precisions(options.precisions):
-            v, vraw, why = self.variant(entry, raw, reference, precision, test, header, options)
+            v, vraw, why = self.variant(entry, raw, reference, precision, test, header, options, val)
             if why is None:
                 job.stage(v["file"], vraw)
                 made.append(v)
@@ -290,7 +294,7 @@ class DecoderExporter:
         return parse_precisions(text, LM_PRECISIONS, "language-model decoders")
 
     def variant(self, parent: dict, parent_raw: bytes, reference: dict, precision: str, test, header,
-                options) -> tuple[dict, bytes, dict | None]:
+                options, val) -> tuple[dict, bytes, dict | None]:
         """One variant: (entry, bytes, None) when kept, else (entry, bytes, the rejected record); ``reference``:
         the parent's perplexity, greedy run and probe logits (``export``)."""
         import onnx
@@ -318,6 +322,7 @@ class DecoderExporter:
         nll = onnx_nll(session, parent, test.seqs)
         ppl, parent_ppl = perplexity(nll), perplexity(reference["nll"])
         increase = ppl / parent_ppl - 1.0
+        val_increase = perplexity(onnx_nll(session, parent, val.seqs)) / perplexity(reference["val_nll"]) - 1.0
         n = len(test)
         # NOTE: the zoo's figures are the evaluation's (PyTorch) for the parent; the variant's test metric is the
         # parent's scaled by the ratio both graphs measured on the same test sequences
@@ -339,19 +344,20 @@ class DecoderExporter:
                                          f"{parent['name']!r} (prefill logits of {min(4, n)} test sequences; greedy "
                                          f"tokens after the parity prompts)")
         entry["variant"] = dict(method=method, parent_test_perplexity=parent["onnx_test_perplexity"],
-                                perplexity_increase=round(increase, 6),
-                                max_perplexity_increase=options.max_perplexity_increase)
+                                perplexity_increase=round(increase, 6), val_perplexity_increase=round(val_increase, 6),
+                                val_sequences=len(val), max_perplexity_increase=options.max_perplexity_increase)
         entry["latency"] = []
         vraw = _stamp(out, entry, header, f"klas {header['family']} zoo decoder {name} ({precision} variant of "
                                           f"{parent['name']})")
         if options.profile:
             entry["latency"] = _profile(vraw, entry, options, header.get("generation") or {})
-        keep, reason = self.judge(entry, parent, increase, options)
+        keep, reason = self.judge(entry, parent, val_increase, options)
         entry["variant"]["kept_because"] = reason
         if keep:
             return entry, vraw, None
         return entry, vraw, dict(name=name, parent=parent["name"], precision=precision, reason=reason,
-                                 perplexity_increase=round(increase, 6), bytes=len(vraw))
+                                 perplexity_increase=round(increase, 6), val_perplexity_increase=round(val_increase, 6),
+                                 bytes=len(vraw))
 
     @staticmethod
     def judge(entry: dict, parent: dict, increase: float, options) -> tuple[bool, str]:
@@ -359,17 +365,17 @@ class DecoderExporter:
         than the parent on this machine."""
         margin = options.max_perplexity_increase
         if increase > margin:
-            return False, (f"perplexity {increase:+.2%} against its float32 parent, more than "
+            return False, (f"val perplexity {increase:+.2%} against its float32 parent, more than "
                            f"export.max_perplexity_increase = {margin:g}")
         if not options.profile:
-            return True, f"perplexity {increase:+.2%} (within {margin:g}); not profiled (export.profile = false)"
+            return True, f"val perplexity {increase:+.2%} (within {margin:g}); not profiled (export.profile = false)"
         lat, plat = _p90(entry, options.batch), _p90(parent, options.batch)
         mem, pmem = _memory(entry), _memory(parent)
         faster = lat is not None and plat is not None and lat < plat
         lighter = mem is not None and pmem is not None and mem < pmem
         figures = (f"p90 {lat:.3g} vs {plat:.3g} ms/token at batch {options.batch}, peak memory "
                    f"{mem if mem is not None else float('nan'):.1f} vs {pmem if pmem is not None else float('nan'):.1f}"
-                   f" MB, perplexity {increase:+.2%}")
+                   f" MB, val perplexity {increase:+.2%}")
         if faster or lighter:
             return True, ("faster" if faster else "") + (" and " if faster and lighter else "") + \
                 ("lighter" if lighter else "") + f" than its float32 parent on this machine: {figures}"

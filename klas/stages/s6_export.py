@@ -67,7 +67,7 @@ class ExportConfig:
     greedy_steps: int = setting(32, "language models: greedy decode steps compared with PyTorch per prompt", ge=1)
     decode_tokens: int = setting(32, "language models: output tokens per timed generation", ge=1)
     decode_runs: int = setting(5, "language models: timed generations per prompt length and batch", ge=1)
-    max_perplexity_increase: float = setting(0.02, "language models: a variant whose test perplexity exceeds its "
+    max_perplexity_increase: float = setting(0.02, "language models: a variant whose val perplexity exceeds its "
                                              "float32 parent's by more than this fraction is left out (rejected)",
                                              ge=0)
     max_accuracy_loss: float = setting(1.0, "a variant losing more test accuracy points than this against its "
