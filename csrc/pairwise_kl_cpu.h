@@ -26,7 +26,11 @@ struct PairwiseKLArgs {
 
 // Writes out[i * n_b + j] (float64, overwritten). Returns false when a logit is inf or nan (out is then
 // unspecified). num_threads <= 0 lets OpenMP choose. Deterministic for a given thread count.
+// Runs the AVX2 + FMA kernel where the CPU has it (x86-64, GCC builds), else the portable one; the environment
+// variable KLAS_KL_CPU_PORTABLE=1 forces the portable one (tests compare the two).
 bool pairwise_kl_sum_cpu(const PairwiseKLArgs& args, double* out, int num_threads);
+bool pairwise_kl_sum_cpu_portable(const PairwiseKLArgs& args, double* out, int num_threads);
+const char* pairwise_kl_cpu_path();  // "avx2" or "portable": what pairwise_kl_sum_cpu runs here, now
 
 // Building blocks, exposed for the C++ test.
 float exp_nonpositive(float x);       // e^x for x <= 0 (0 below -87), ~1 ulp; the kernel's vectorizable exp

@@ -12,6 +12,7 @@ from klas.errors import KlasError
 from klas.io import load_tensors
 from klas.rundir import RunDir
 from _stitch_helpers import probes
+from test_lm_pipeline import lm_family  # noqa: F401  (the fixture: a tiny user-style Llama family)
 from klas.stages.s1_probes import ProbesConfig, init_probe, load_probes, probe_seed, train_probe_nets
 
 
@@ -155,3 +156,24 @@ def test_feature_cache_gives_the_probes_of_a_forward_per_epoch(family, tmp_path,
     # statistics (64 samples) + one pass over train and val, per anchor: not one pass per epoch
     assert calls["n"] == len(family) * (64 + 200 + 70)
     assert not list((tmp_path / mode / "probes").glob(".feature-cache*"))
+
+
+def test_feature_cache_gives_the_lenses_of_a_forward_per_epoch(lm_family, one_thread, tmp_path, monkeypatch):
+    """Language models' probes (tuned lenses over every token's stream, through ``task.probe_features``) read the
+    same cache: trained on it (a memmap: cache_mb = 0) they equal, bit for bit, the lenses of a forward per epoch,
+    per-epoch val perplexities included, on ragged train / val batches."""
+    monkeypatch.setenv("KLAS_CACHE_DIR", str(tmp_path / "tokens"))
+    from klas.config import load_config
+    from klas.families import create_family
+
+    data = load_config(lm_family["toml"]).data  # registers the user-style family
+    fam = create_family("tiny-llama", pretrained=True)
+    base = dict(epochs=2, batch_size=3, lr=1e-2, train_subset=16, val_subset=7, eval_batch_size=4, cache_mb=0)
+    recs = {m: probes(fam, tmp_path / m, ProbesConfig(**base, feature_cache=m), seed=3, data=data)
+            for m in ("off", "auto")}
+    a = load_tensors(tmp_path / "off" / "probes" / "probes.safetensors")
+    b = load_tensors(tmp_path / "auto" / "probes" / "probes.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(t, torch.eye(len(t))) for k, t in a.items() if k.endswith("weight"))  # it trained
+    assert [h["val_acc"] for h in recs["auto"].history] == [h["val_acc"] for h in recs["off"].history]
+    assert not list((tmp_path / "auto" / "probes").glob(".feature-cache*"))
