@@ -49,6 +49,10 @@ def read_selection(sel, family: Family, path: Path | str | None = None) -> list[
     configs = [StitchConfig.anchor(a) for a in sorted(set(anchors), key=names.index)]
     for k, entry in enumerate(sel["selected"]):
         where = f"{path}: selected[{k}]"
+        if isinstance(entry, dict) and entry.get("direction") in ("reverse", "round-trip"):
+            # NOTE: selection.directions = two-way; scripts/two_way_study.py finetunes and compares those paths
+            raise KlasError(f"{where}: {entry.get('key')} is a two-way path (SN-Netv2); the finetune stage trains "
+                            f"forward stitches only: select with selection.directions = forward")
         cfg = StitchConfig.from_dict(entry if isinstance(entry, dict) else {}, where)
         for name in (cfg.source, cfg.target):
             if name not in names:

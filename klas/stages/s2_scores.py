@@ -136,6 +136,8 @@ class ScoresConfig:
                              "(language models: token rows) whose logits fit it", ge=1, key=False)
     dm_samples: int = setting(1000, "val images kept for the MMD baseline", ge=1)
     dm_sigma: float = setting(0.5, "RBF bandwidth of the MMD baseline", gt=0)
+    reverse: bool = setting(False, "also D for every large -> small pair (D/large/small), which two-way selection "
+                            "(selection.directions = two-way) scores its reverse transitions by")
 
 
 @dataclass(frozen=True)
@@ -188,18 +190,21 @@ class ScoreAccumulator:
     head's logits as the last row. Nothing is retained but float64 sums.
     """
 
-    def __init__(self, names: list[str], depths: list[int], temperature: float = 1.0, impl: str | None = None):
+    def __init__(self, names: list[str], depths: list[int], temperature: float = 1.0, impl: str | None = None,
+                 reverse: bool = False):
         self.names, self.depths, self.temperature = list(names), list(depths), temperature
         self.pairs = anchor_pairs_ordered(self.names)
         dep = dict(zip(names, depths))
-        self.cross = {p: PairwiseKL(dep[p[0]], dep[p[1]], temperature, impl) for p in self.pairs}
+        # reverse: also KL(p_large,i || p_small,j), the same accumulator with the arguments swapped (two-way stitching)
+        crossed = self.pairs + ([(b, a) for a, b in self.pairs] if reverse else [])
+        self.cross = {p: PairwiseKL(dep[p[0]], dep[p[1]], temperature, impl) for p in crossed}
         self.within = {a: PairwiseKL(d + 1, None, temperature, impl) for a, d in zip(names, depths)}
         self.anchors = PairwiseKL(len(names), None, temperature, impl)
         self.entropy = {a: torch.zeros(d + 1, dtype=torch.float64) for a, d in zip(names, depths)}
         self.count = 0
 
     def update(self, logits: dict[str, torch.Tensor]) -> None:
-        for a, b in self.pairs:
+        for a, b in self.cross:
             self.cross[(a, b)].update(logits[a][:-1], logits[b][:-1])
         for a in self.names:
             self.within[a].update(logits[a])
@@ -323,7 +328,8 @@ def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
     nets = load_probes(ctx.run_dir.path, family)
     val = ctx.split("val").subset(cfg.val_subset)
     names = [v.name for v in family]
-    acc = ScoreAccumulator(names, [v.depth for v in family], cfg.temperature, None if cfg.impl == "auto" else cfg.impl)
+    acc = ScoreAccumulator(names, [v.depth for v in family], cfg.temperature, None if cfg.impl == "auto" else cfg.impl,
+                           reverse=cfg.reverse)
     pairs = acc.pairs
     sp = ScorePass(family=family, names=names, pairs=pairs, cfg=cfg, n_val=len(val), dist=di)
     plugins = [m.make(sp) for m in _METRICS.values()] if cfg.metrics and ctx.task.score_plugins else []
@@ -341,6 +347,8 @@ def run(cfg: ScoresConfig, ctx: StageContext) -> ScoresArtifact:
         d = res["D"][(a, b)].masked_fill(~mask, math.nan)
         s = stitch_score(d, res["cap"][b], cfg.score_form, cfg.lam)
         tensors.update({f"D/{a}/{b}": d, f"S/{a}/{b}": s, f"mask/{a}/{b}": mask})
+        if (b, a) in res["D"]:
+            tensors[f"D/{b}/{a}"] = res["D"][(b, a)].masked_fill(~stitchable_mask(family, b, a), math.nan)
         for p in plugins:
             for m, t in p.tables(a, b, res).items():
                 metric_tensors[f"{m}/{a}/{b}"] = t.masked_fill(~mask, math.nan)

@@ -200,6 +200,9 @@ class SelectionConfig:
     anchor_pairs: str | None = setting(None, "explicit anchor pairs SRC:TGT[,SRC:TGT...] instead of the rule",
                                        none="rule")
     max_pairs: int = setting(48, "configurations the fitted baselines (tlm, fula) are fitted on", ge=1)
+    directions: str = setting("forward", "forward: small -> large stitches only; two-way (SN-Netv2, method klas): "
+                              "also large -> small and large -> small -> large paths, scored by the same KL "
+                              "(klas.stitch_path; needs scores.reverse = true)", choices=("forward", "two-way"))
 
 
 @dataclass(frozen=True)
@@ -471,6 +474,14 @@ def run(cfg: SelectionConfig, ctx: StageContext) -> SelectionArtifact:
         recs = _records(t, bk)
         candidates += recs
         selected += [r for r, chosen in zip(recs, ch) if chosen]
+    if cfg.directions == "two-way":
+        from klas.stitch_path import two_way_select
+
+        if cfg.method != "klas":
+            raise KlasError(f"selection.directions = two-way: scores reverse paths by the KLAS stitch score; "
+                            f"method {cfg.method!r} has none (use method = klas)")
+        candidates, selected = two_way_select(c, tensors, candidates, n, tau, score_form, lam)
+        params["directions"] = "two-way"
     c.cost["method_wall_s"] = round(time.time() - t0, 2)
     params["cost"] = c.cost
     nearest = nearest_pairs(names)
