@@ -21,6 +21,9 @@ from typing import Any, Callable, ClassVar
 from klas.errors import KlasError
 
 
+MAX_INT = 2 ** 31 - 1  # the upper bound of every integer setting without its own ``le``
+
+
 def setting(default: Any, help: str = "", *, ge: float | None = None, gt: float | None = None,
             le: float | None = None, choices: tuple | Callable[[], tuple] | None = None, none: str | None = None,
             key: bool = True):
@@ -123,6 +126,8 @@ class Spec:
         if t in (int, float):
             if value != value or value in (float("inf"), float("-inf")):
                 raise KlasError(f"{bad} a finite number")
+            if t is int and m.get("le") is None and abs(value) > MAX_INT:  # counts, sizes, seeds: an int32
+                raise KlasError(f"{bad} a whole number of at most {MAX_INT:,} (no setting needs more)")
             for op, lim, ok in (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
                                 ("le", "<=", lambda v, b: v <= b)):
                 if m.get(op) is not None and not ok(value, m[op]):

@@ -99,6 +99,16 @@ def faults(f):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             write(path, data)
         member.write_atomic = full
+    if "enospc_save" in f:  # the disk fills up during the n-th checkpoint write (torch.save): half of it lands
+        import torch
+        save, seen = torch.save, {"n": 0}
+        def full_save(obj, fobj, *a, **k):
+            seen["n"] += 1
+            if seen["n"] >= f["enospc_save"]:
+                fobj.write(b"PK\x03\x04 half a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return save(obj, fobj, *a, **k)
+        torch.save = full_save
     if "eacces" in f:  # the file system refuses to create folders under a prefix
         mkdir, prefix = os.mkdir, f["eacces"]
         def no(path, *a, **k):
@@ -117,6 +127,7 @@ for line in sys.stdin:
             os.dup2(os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
             os.dup2(os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
             sys.argv = ["klas"] + req["argv"]
+            signal.alarm(req.get("alarm", 300))  # a case that hangs (a FIFO read as an image) fails, not the suite
             faults(req["fault"])
             try:
                 rc = klas.cli.main(req["argv"])
@@ -338,6 +349,17 @@ def setup_none(b, t):
     return {}
 
 
+def setup_zoo_only(b, t):
+    return dict(zoo=_zoo(b, t))
+
+
+def setup_image(b, t):
+    from PIL import Image
+
+    Image.new("L", (28, 28), 128).save(t / "x.png")
+    return dict(zoo=_zoo(b, t), img=t / "x.png")
+
+
 def setup_file(b, t):
     (t / "afile").write_text("x")
     return dict(file=t / "afile", culprit="afile")
@@ -398,6 +420,61 @@ def setup_evil_cifar(b, t):
                    .replace('weights = "', f'weights = "{b["dir"]}/'))
     return dict(root=root, cfg=cfg, culprit="cifar/train", pwned=t / "PWNED")
 
+
+# --- issue 32's setups -----------------------------------------------------------------------------------------------
+
+def setup_swapped(b, t):
+    """One model file replaced by another valid model of the zoo, its hash recomputed in the manifest."""
+    zoo = _zoo(b, t)
+    a, other = [e for e in _manifest(zoo)["models"] if "file" in e][:2]
+    _rewrite(zoo, a["name"], (zoo / other["file"]).read_bytes())
+    return dict(zoo=zoo, culprit=a["file"])
+
+
+def setup_fifo(b, t):
+    zoo = _zoo(b, t)
+    os.mkfifo(t / "x.png")
+    return dict(zoo=zoo, img=t / "x.png", culprit="x.png")
+
+
+def setup_no_manifest(b, t):
+    run = t / "run"
+    shutil.copytree(b["run"], run, symlinks=True)
+    (run / "zoo" / "manifest.json").unlink()
+    return dict(zoo=run / "zoo", run=run, culprit="manifest.json")
+
+
+def setup_short_classes(b, t):
+    zoo = _zoo(b, t)
+    m = _manifest(zoo)
+    m["models"][0]["output"]["classes"] = m["models"][0]["output"]["classes"][:-1]
+    (zoo / "manifest.json").write_text(json.dumps(m, indent=2))
+    return dict(zoo=zoo, culprit="models[0].output")
+
+
+def setup_idx_float(b, t):
+    """A Fashion-MNIST root whose image files declare float32 data (code 0x0D), as other tools write them."""
+    import numpy as np
+
+    root = _fmnist_root(t, np.zeros((6000, 28, 28), np.uint8), np.arange(6000, dtype=np.uint8) % 10)
+    imgs = np.random.default_rng(0).random((6000, 28, 28), dtype=np.float32).astype(">f4")
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (root / name).write_bytes(bytes([0, 0, 0x0D, 3]) + b"".join(int(n).to_bytes(4, "big") for n in imgs.shape)
+                                  + imgs.tobytes())
+    return dict(root=root, culprit="float32")
+
+
+def setup_run_json_list(b, t):
+    (t / "run").mkdir()
+    (t / "run" / "run.json").write_text("[1, 2]")
+    return dict(run=t / "run", culprit="run.json")
+
+
+def setup_hub_config(b, t):
+    """The family's first anchor names hub weights that do not exist (this box has no network at all)."""
+    text = b["cfg"].read_text().replace('weights = "tv-8.safetensors"', 'weights = "hf-hub:klas-test/no-such-model"')
+    (t / "hub.toml").write_text(text.replace('weights = "tv-16', f'weights = "{b["dir"]}/tv-16'))
+    return dict(cfg=t / "hub.toml", culprit="tv-8")
 
 # Each case: id, setup, argv (placeholders from the setup and {tmp}), needle the one stderr line must contain, the
 # paths whose files must be unchanged ("guard", placeholders), and an optional fault for the forked process.
@@ -485,6 +562,37 @@ CASES = [
     ("predict-decompression-bomb", setup_bomb, ["predict", "{zoo}", "{img}"], "bomb.png", ["{zoo}", "{img}"]),
     ("profile-not-onnx", setup_not_onnx, ["profile", "{zoo}", "--runs", "1", "--warmup", "0"],
      "not an ONNX model", ["{zoo}"]),
+    # --- issue 32: every zoo reader checks the graph against its entry; flags and settings blamed on themselves ----
+    ("pick-swapped-model", setup_swapped, ["pick", "{zoo}"], "embedded 'name'", ["{zoo}"]),
+    ("profile-swapped-model", setup_swapped, ["profile", "{zoo}", "--runs", "1", "--warmup", "0"],
+     "embedded 'name'", ["{zoo}"]),
+    ("predict-fifo", setup_fifo, ["predict", "{zoo}", "{img}"], "a FIFO, not a regular file", ["{zoo}"]),
+    ("pick-nan-latency", setup_zoo_only, ["pick", "{zoo}", "--max-latency-ms", "nan"], "--max-latency-ms nan",
+     ["{zoo}"]),
+    ("pick-nan-accuracy", setup_zoo_only, ["pick", "{zoo}", "--min-accuracy", "nan"], "--min-accuracy nan",
+     ["{zoo}"]),
+    ("pick-flops-overflow", setup_zoo_only, ["pick", "{zoo}", "--max-flops", "1e400"], "--max-flops '1e400'",
+     ["{zoo}"]),
+    ("pick-threads-negative", setup_zoo_only, ["pick", "{zoo}", "--max-latency-ms", "5", "--threads", "-1"],
+     "--threads -1: expected", ["{zoo}"]),
+    ("pick-no-manifest-hint", setup_no_manifest, ["pick", "{zoo}"], "`klas export --run-dir", ["{run}"]),
+    ("pick-short-classes", setup_short_classes, ["pick", "{zoo}"], "class names for num_classes", ["{zoo}"]),
+    ("config-epochs-huge", setup_config("", "--set"), CFG_RUN + ["--dry-run", "--set",
+                                                                "probes.epochs=99999999999999999999999"],
+     "at most 2,147,483,647", []),
+    ("env-pixels-abc", setup_image, ["predict", "{zoo}", "{img}"], "KLAS_MAX_IMAGE_PIXELS='abc'", ["{zoo}"],
+     {}, {"KLAS_MAX_IMAGE_PIXELS": "abc"}),
+    ("env-kl-impl-bogus", setup_run, ["score", "--run-dir", "{run}", "--force"], "KLAS_KL_IMPL='bogus'", [], {},
+     {"KLAS_KL_IMPL": "bogus"}),
+    ("run-json-wrong-shape", setup_run_json_list, ["run", "{base_cfg}", "--run-dir", "{run}", "--dry-run"],
+     "expected a JSON object", ["{run}"]),
+    ("data-idx-float", setup_idx_float, ["run", "{base_cfg}", "--run-dir", "{tmp}/r", "--set", "data.root=\"{root}\"",
+                                         "--until", "probes"], "IDX data type float32", ["{root}"]),
+    ("hub-offline-one-line", setup_hub_config, ["run", "{cfg}", "--run-dir", "{tmp}/r", "--until", "probes"],
+     "cannot fetch its pretrained weights", ["{cfg}"]),
+    ("probe-checkpoint-disk-full", setup_run, ["probe", "--run-dir", "{run}", "--set", "probes.epochs=2"],
+     "checkpoint.pt",
+     ["{run}/probes/checkpoint.pt"], {"enospc_save": 1}),
     # --- a full disk while exporting: one line naming the file, the old zoo intact ---------------------------
     ("export-disk-full", setup_run, ["export", "--run-dir", "{run}", "--force"], "no space left",
      ["{run}/zoo"], {"enospc": 1}),
@@ -501,6 +609,7 @@ def _fill(x, ph):
 def test_battery(case, base, tmp_path):
     name, setup, argv, needle, guard = case[:5]
     fault = case[5] if len(case) > 5 else {}
+    env = case[6] if len(case) > 6 else {}
     ph = dict(tmp=tmp_path, base_cfg=base["cfg"], base_zoo=base["zoo"])
     ph.update(setup(base, tmp_path))
     argv = [_fill(a, ph) for a in argv]
@@ -508,7 +617,9 @@ def test_battery(case, base, tmp_path):
     guarded = [Path(_fill(g, ph)) for g in guard]
     before = {g: tree_hashes(g) for g in guarded}
     base_before = tree_hashes(base["run"])
-    rc, out, err = base["server"].run(argv, cwd=ph.get("cwd", tmp_path), fault=fault)
+    t0 = time.time()
+    rc, out, err = base["server"].run(argv, cwd=ph.get("cwd", tmp_path), fault=fault, env=env)
+    took = time.time() - t0
     lines = error_lines(err)
     assert rc not in (0, 99) and rc > 0, (name, rc, out[-800:], err[-2000:])
     assert "Traceback" not in out + err, err[-3000:]
@@ -526,6 +637,11 @@ def test_battery(case, base, tmp_path):
         assert not ph["pwned"].exists(), "the pickle's code ran"
     if name.startswith("config-") and "newrun" in " ".join(argv):
         assert not (tmp_path / "newrun").exists()  # refused before any folder is made (--dry-run or not)
+    if name == "hub-offline-one-line":
+        assert took < 45, took  # no minute of retries before the one line
+    if name == "probe-checkpoint-disk-full":
+        assert "No space left" in lines[0] or "no space left" in lines[0], lines[0]
+        assert not [p.name for p in (tmp_path / "run" / "probes").iterdir() if p.name.endswith(".tmp")]
     if name == "export-disk-full":
         assert not list((tmp_path / "run").glob(".zoo.staging-*"))  # the half-built zoo is cleaned up
         assert base["server"].run(["verify", tmp_path / "run" / "zoo"])[0] == 0
@@ -641,3 +757,138 @@ def test_restricted_unpickler_reads_numpy_arrays_of_numpy_1_and_2_and_refuses_th
     with pytest.raises(KlasError, match=refused) as e:
         load_pickle(tmp_path / "evil")
     assert "\n" not in str(e.value) and not marker.exists()
+
+
+# --- issue 32: concurrent writers of one zoo, a full disk during checkpoints, hints that work ---------------------
+
+HOLD = ("import pathlib, sys, time, klas.cli, klas_runtime.profile as pr\n"
+        "orig, inside, go = pr.latency_record, pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
+        "def held(*a, **k):\n"
+        "    inside.write_text('x')\n"
+        "    while not go.exists(): time.sleep(0.05)\n"
+        "    return orig(*a, **k)\n"
+        "pr.latency_record = held\n"
+        "sys.argv = ['klas'] + sys.argv[3:]\n"
+        "sys.exit(klas.cli.main(sys.argv[1:]))\n")
+
+
+def _held_profile(tmp, zoo, *flags):
+    """`klas profile ZOO` in its own process, stopped inside its first measurement (after reading the manifest)
+    until ``go`` is touched; returns (process, go)."""
+    inside, go = tmp / "in-profile", tmp / "go"
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(inside), str(go), "profile", str(zoo), "--runs", "2",
+                          "--warmup", "0", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not inside.exists() and p.poll() is None:
+        time.sleep(0.05)
+    assert inside.exists(), p.communicate()[1][-2000:]
+    return p, go
+
+
+def _threads(zoo) -> list[set[int]]:
+    return [{r["threads"] for r in e["latency"]} for e in _manifest(zoo)["models"]]
+
+
+def test_two_concurrent_profiles_keep_both_records(base, tmp_path):
+    """`klas profile` twice at once on one zoo: the later writer merges into the manifest as it is when it
+    writes, so both runs' records are there (one was lost before the zoo had a lock)."""
+    zoo = _zoo(base, tmp_path)
+    first, go = _held_profile(tmp_path, zoo, "--threads", "2")
+    try:
+        rc, out, err = base["server"].run(["profile", zoo, "--runs", "2", "--warmup", "0", "--threads", "3"])
+        assert rc == 0 and "Traceback" not in out + err, err[-2000:]
+        go.write_text("go")
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and "Traceback" not in out + err, err[-2000:]
+    assert all({2, 3} <= t for t in _threads(zoo)), _threads(zoo)
+    _verify_ok(base["server"], zoo)
+
+
+def test_profile_while_export_swaps_in_a_new_zoo(base, tmp_path):
+    """A profile still measuring the old zoo when `klas export --force` swaps in a new one (other parity images:
+    other files) writes none of its stale figures over the new manifest, says so, and the zoo verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run, symlinks=True)
+    before = {e["name"]: e["sha256"] for e in _manifest(run / "zoo")["models"] if "file" in e}
+    first, go = _held_profile(tmp_path, run / "zoo", "--threads", "2")
+    try:
+        rc, out, err = base["server"].run(["export", "--run-dir", run, "--force", "--set", "export.parity_images=30"])
+        assert rc == 0, err[-2000:]
+        go.write_text("go")
+        out, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0 and "Traceback" not in out + err, err[-2000:]
+    after = {e["name"]: e["sha256"] for e in _manifest(run / "zoo")["models"] if "file" in e}
+    assert after != before  # the export did change the files
+    assert "changed while being measured" in out
+    _verify_ok(base["server"], run / "zoo")
+
+
+def test_reexport_keeps_latency_of_unchanged_models_or_says_so(base, tmp_path):
+    """Records `klas profile` added survive `klas export --force` for every model whose file is unchanged; those
+    of changed files are dropped with one line saying how many."""
+    server, run = base["server"], tmp_path / "run"
+    shutil.copytree(base["run"], run, symlinks=True)
+    rc, out, err = server.run(["profile", run / "zoo", "--runs", "2", "--warmup", "0", "--threads", "2"])
+    assert rc == 0, err[-2000:]
+    before = {e["name"]: e["sha256"] for e in _manifest(run / "zoo")["models"] if "file" in e}
+    rc, out, err = server.run(["export", "--run-dir", run, "--force"])
+    assert rc == 0 and "Traceback" not in out + err, err[-2000:]
+    changed = 0
+    for e in _manifest(run / "zoo")["models"]:
+        if "file" in e and e["sha256"] == before[e["name"]]:
+            assert 2 in {r["threads"] for r in e["latency"]}, e["name"]
+        elif "file" in e:
+            changed += 1
+    assert (f"latency record(s) of {changed} entr" in out) if changed else "dropped" not in out
+    _verify_ok(server, run / "zoo")
+
+
+def test_full_disk_during_a_probe_checkpoint_then_resume(base, tmp_path):
+    """The disk fills up while epoch 2's checkpoint is written: one line naming checkpoint.pt and the cause, epoch
+    1's checkpoint intact; once there is space again the same command resumes after epoch 1 and finishes."""
+    import torch
+
+    server, run = base["server"], tmp_path / "run"
+    shutil.copytree(base["run"], run, symlinks=True)
+    argv = ["probe", "--run-dir", run, "--force", "--set", "probes.epochs=2"]
+    rc, out, err = server.run(argv, fault={"enospc_save": 2})
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in out + err, err[-2000:]
+    assert "checkpoint.pt" in lines[0] and "o space left" in lines[0], lines[0]
+    assert torch.load(run / "probes" / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 1
+    assert not [p for p in (run / "probes").iterdir() if p.name.endswith(".tmp")]
+    rc, out, err = server.run(argv[:-3] + ["--set", "probes.epochs=2"])
+    assert rc == 0 and "resuming after epoch 1/2" in out, (out[-2000:], err[-2000:])
+
+
+def test_every_hint_is_a_command_that_works(base, tmp_path):
+    """The commands the CLI prints as hints (a zoo without a manifest, latency never measured here, a precision the
+    zoo lacks) run as printed and do what they say."""
+    import re
+    import shlex
+
+    server = base["server"]
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run, symlinks=True)
+    (run / "zoo" / "manifest.json").unlink()
+    hints = []
+    for argv in (["pick", run / "zoo"], ["pick", run / "zoo", "--max-latency-ms", "5", "--threads", "0"],
+                 ["pick", run / "zoo", "--max-latency-ms", "5", "--batch", "2"]):
+        rc, out, err = server.run(argv)
+        found = re.findall(r"`(klas [^`]+)`", err)
+        assert rc == 2 and found, err
+        hints.append(found[-1])
+        hint_rc, hint_out, hint_err = server.run(shlex.split(found[-1])[1:] + (
+            ["--runs", "2", "--warmup", "0"] if found[-1].startswith("klas profile") else []))
+        assert hint_rc == 0, (found[-1], hint_err[-2000:])
+    _verify_ok(server, run / "zoo")
+    rc, out, err = server.run(["pick", run / "zoo", "--max-latency-ms", "1e9", "--batch", "2"])
+    assert rc == 0, err  # measured by the hint: the budget is now met
+    assert "klas export --run-dir" in hints[0] and "--threads 0" in hints[1]

@@ -113,11 +113,24 @@ def test_variants_accuracy_and_parity_recomputed(zoo, sets):
         else:
             ops = {n.op_type for n in model.graph.node}
             assert {"QuantizeLinear", "DequantizeLinear"} <= ops and onnx.TensorProto.INT8 in init_types
-            choice = e["variant"]["per_channel_choice"]
-            assert choice["held_out"] and choice["images"] == 200
-            best = max(choice["candidates"], key=lambda c: (c["top1_agreement"], -c["max_abs_diff"]))
-            assert e["variant"]["per_channel"] == best["per_channel"]
-            assert e["variant"]["calibration"] == dict(split="val", images=N_CAL)
+            v = e["variant"]
+            choice = v["int8_choice"]
+            assert choice["held_out"] and choice["images"] == 200 and len(choice["candidates"]) == 8
+            best = max(choice["candidates"], key=lambda c: (c["top1_agreement"], c["val_acc"], -c["max_abs_diff"],
+                                                            -c["bytes"]))
+            assert [v[k] for k in ("ops", "per_channel", "reduce_range", "calibration_method")] == \
+                [best[k] for k in ("ops", "per_channel", "reduce_range", "calibration_method")]
+            assert v["calibration"] == dict(split="val", images=N_CAL)
+        # the paired sign test the pick reads, recomputed with scipy from the two files' answers
+        from scipy.stats import binomtest
+
+        mine, theirs = z.argmax(1) == y, ref.argmax(1) == y
+        b, c = int((mine & ~theirs).sum()), int((~mine & theirs).sum())
+        sig = e["variant"]["significance"]
+        assert abs(sig["only_variant"] - b) + abs(sig["only_parent"] - c) <= 1  # one image of slack, as above
+        if (sig["only_variant"], sig["only_parent"]) == (b, c):
+            p_up = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
+            assert sig["p_more_accurate"] == pytest.approx(p_up)
         assert e["latency"] and e["latency"][0]["device"] == device_label("CPUExecutionProvider")
     assert verify_zoo(zoo) == []
 
@@ -135,12 +148,15 @@ def test_rejected_when_the_loss_exceeds_the_setting(zoo, sets):
     x, y = x_y(test)
     ref = ort_logits(zoo / parent["file"], x)
     parent_acc = (ref.argmax(1) == y).mean() * 100
-    coarse = to_int8(onnx.load_from_string(raw), x_y(val)[0][:1], False, "input")
+    from klas.export.variants import pre_process
+
+    coarse = to_int8(pre_process(onnx.load_from_string(raw))[0], x_y(val)[0][:1], False, "input")
     onnx.save(coarse, str(zoo.parent / "coarse.onnx"))
     coarse_acc = (ort_logits(zoo.parent / "coarse.onnx", x).argmax(1) == y).mean() * 100
     assert parent_acc - coarse_acc > 100 / N_TEST, (parent_acc, coarse_acc)  # the engineered loss is real
     written = {}
-    opts = ExportConfig(calibration_images=1, per_channel="off", max_accuracy_loss=0.0, profile=False)
+    opts = ExportConfig(calibration_images=1, per_channel="off", int8_ops="weights", calibration_method="minmax",
+                        max_accuracy_loss=0.0, profile=False)
     header = dict(family="fmnist-deit", dataset="fashion-mnist", klas_version="test",
                   schema_version=SCHEMA_VERSION)
     made, rejected = make_variants(parent, raw, test, val, header, opts, lambda f, b: written.setdefault(f, b))
@@ -208,17 +224,31 @@ def test_manifest_round_trip_with_variants_and_old_manifests(zoo, tmp_path):
 # --- latency per device ---------------------------------------------------------------------------------------------
 
 def _oracle(manifest: dict, ms: float, batch: int, precisions=None) -> str | None:
-    """The most accurate entry whose fastest p90 on this device (CPU) at ``batch`` is within ``ms``."""
+    """The pick's rule over this device's (CPU) fastest p90 at ``batch``, written out: a variant slower than its
+    parent and not significantly more accurate (recorded paired test) is not offered; an offered variant counts
+    its parent's accuracy unless the difference is significant; equal accuracy: the faster variant, else float32."""
     here = device_label("CPUExecutionProvider")
-    fits = []
-    for e in manifest["models"]:
+
+    def p90(e):
         recs = [r["p90_ms"] for r in e["latency"] if r["device"] == here and r["batch"] == batch
                 and r["provider"] == "CPUExecutionProvider"]
-        if recs and min(recs) <= ms and (precisions is None or e.get("precision", "fp32") in precisions):
-            fits.append(e)
-    if not fits:
-        return None
-    return max(fits, key=lambda e: (e["test_acc"], e.get("precision", "fp32") == "fp32", e["name"]))["name"]
+        return min(recs) if recs else None
+
+    pool = {e["name"]: e for e in manifest["models"] if precisions is None or e.get("precision", "fp32") in precisions}
+    ranked = []
+    for e in pool.values():
+        par = pool.get(e.get("parent"))
+        acc, faster = e["test_acc"], False
+        if par is not None:
+            verdict = e["variant"]["significance"]["verdict"]
+            if p90(e) >= p90(par) and verdict != "more accurate":
+                continue
+            acc = e["test_acc"] if verdict != "not significant" else par["test_acc"]
+            faster = p90(e) < p90(par)
+        if p90(e) is not None and p90(e) <= ms:
+            ranked.append(((acc, faster, -p90(e) if faster else 0.0, e.get("precision", "fp32") == "fp32",
+                            e["name"]), e["name"]))
+    return max(ranked)[1] if ranked else None
 
 
 def test_pick_by_latency_with_and_without_this_device(zoo, tmp_path, capsys):
@@ -273,3 +303,83 @@ def test_pick_by_latency_with_and_without_this_device(zoo, tmp_path, capsys):
     profile_zoo(dst, providers=["cpu"], threads=[1], batches=[1], warmup=1, runs=3, progress=False)
     assert _oracle(load_manifest(dst), 1e6, 1) == Zoo(dst).pick(max_latency_ms=1e6, device="cpu",
                                                                with_session=False).name
+
+
+def test_pick_counts_only_significant_accuracy_and_measured_speed(zoo, tmp_path, capsys):
+    """Latency and the paired test's verdicts set by hand on a copy: a slower, not significantly better variant is
+    never offered (the pick says why); a faster one of equal accuracy wins over its parent; a significantly more
+    accurate one competes on its own accuracy even when slower."""
+    dst = tmp_path / "zoo"
+    shutil.copytree(zoo, dst)
+    base = load_manifest(dst)
+    here = device_label("CPUExecutionProvider")
+    rec = next(r for r in base["models"][0]["latency"] if r["device"] == here)
+
+    def setup(ms: dict, verdicts: dict, accs: dict):
+        m = json.loads(json.dumps(base))
+        for e in m["models"]:
+            e["latency"] = [dict(rec, p50_ms=ms[e["name"]], p90_ms=ms[e["name"]], p99_ms=ms[e["name"]],
+                                 mean_ms=ms[e["name"]], threads=1, batch=1)]
+            e["test_acc"] = accs[e["name"]]
+            if "variant" in e:
+                e["variant"]["significance"]["verdict"] = verdicts[e["name"]]
+        save_manifest(m, dst)
+        return m
+
+    names = [ANCHOR, f"{ANCHOR}.fp16", f"{ANCHOR}.int8"]
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        ms = dict(zip(names, rng.uniform(0.1, 1.0, 3).round(3)))
+        accs = dict(zip(names, (80 + rng.uniform(-1, 1, 3)).round(2)))
+        verdicts = {n: rng.choice(["not significant", "more accurate", "less accurate"]) for n in names[1:]}
+        m = setup(ms, verdicts, accs)
+        for budget in (1e6, float(np.median(list(ms.values())))):
+            want = _oracle(m, budget, 1)
+            try:
+                got = Zoo(dst).pick(max_latency_ms=budget, device="cpu", with_session=False)
+            except ZooError:
+                got = None
+            assert (got.name if got else None) == want, (trial, ms, accs, verdicts, budget)
+            slow = [n for n in names[1:] if ms[n] >= ms[ANCHOR] and verdicts[n] != "more accurate"]
+            if got is not None:
+                assert got.name not in slow
+                for n in slow:
+                    assert f"{n} not offered: slower than {ANCHOR}" in got.reason
+    # `klas pick` prints the same explanation: slower variants of equal accuracy are named as not offered
+    setup({ANCHOR: 0.2, f"{ANCHOR}.fp16": 0.5, f"{ANCHOR}.int8": 0.4},
+          {f"{ANCHOR}.fp16": "not significant", f"{ANCHOR}.int8": "not significant"},
+          {ANCHOR: 80.0, f"{ANCHOR}.fp16": 80.5, f"{ANCHOR}.int8": 80.9})
+    assert cli.main(["pick", str(dst), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"{ANCHOR}.onnx"
+    assert f"{ANCHOR}.int8 not offered: slower than {ANCHOR} (p90 0.4 vs 0.2 ms" in out
+    assert "not significantly more accurate (80.90 vs 80.00%" in out and "paired sign test" in out
+
+
+def test_family_order_warning_from_an_adaptation_record(tmp_path):
+    """A family whose larger anchors are not more accurate on val than smaller ones is named in one line, with the
+    numbers; sizes come from the safetensors headers (parameters), checked here against the tensors themselves."""
+    import torch
+    from safetensors.torch import save_file
+
+    from klas.commands.anchors import adapted_family_warnings
+    from klas.families.adapt import RECORD
+
+    rng = np.random.default_rng(1)
+    for trial in range(6):
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        anchors = []
+        for k, width in enumerate(rng.permutation([3, 7, 11, 17])[:3]):
+            tensors = {"w": torch.zeros(int(width), 5), "b": torch.zeros(int(width) + k)}
+            save_file(tensors, str(folder / f"a{k}.safetensors"))
+            anchors.append(dict(name=f"a{k}", file=f"a{k}.safetensors", val_acc=float(rng.uniform(50, 90)),
+                                params=sum(t.numel() for t in tensors.values())))
+        (folder / RECORD).write_text(json.dumps(dict(anchors=anchors)))
+        lines = adapted_family_warnings(folder)
+        bad = [(a, b) for a in anchors for b in anchors if a["params"] > b["params"] and a["val_acc"] <= b["val_acc"]]
+        assert len(lines) == (1 if bad else 0), (anchors, lines)
+        for a, b in bad:
+            assert f"{a['name']} ({a['params']} params) {a['val_acc']:.2f}% <=" in lines[0]
+        if lines:
+            assert "\n" not in lines[0] and str(folder / RECORD) in lines[0]

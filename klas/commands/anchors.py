@@ -37,6 +37,58 @@ def _eval(args) -> int:
     return 0
 
 
+def family_order_warnings(rows: list[tuple[str, float, float]], size: str, where: str) -> list[str]:
+    """One line (or none) naming every anchor that is larger (``size``: FLOPs or parameters) than a smaller one but
+    not more accurate on val -- stitching cannot climb from the smaller to it. ``rows``: (name, size, val acc %)."""
+    rows = sorted(rows, key=lambda r: r[1])
+    pairs = []
+    for k, (name, n, acc) in enumerate(rows):
+        worse = [r for r in rows[:k] if r[1] < n and r[2] >= acc]
+        if worse:
+            small = max(worse, key=lambda r: r[2])
+            pairs.append(f"{name} ({_count(n)} {size}) {acc:.2f}% <= {small[0]} ({_count(small[1])} {size}) "
+                         f"{small[2]:.2f}%")
+    if not pairs:
+        return []
+    return [f"[family] warning: a larger anchor is not more accurate on val than a smaller one: {'; '.join(pairs)} "
+            f"({where}); stitching cannot help between them"]
+
+
+def _count(n: float) -> str:
+    from klas_runtime.budget import format_count
+
+    return format_count(n)
+
+
+def adapted_family_warnings(folder: Path) -> list[str]:
+    """``family_order_warnings`` of a family written by ``klas anchors adapt`` in ``folder``: its record's val
+    accuracies, each anchor's parameter count read from its safetensors header (no model is built)."""
+    from safetensors import safe_open
+
+    from klas.families.adapt import RECORD
+    from klas.io import load_json
+
+    record = folder / RECORD
+    if not record.is_file():
+        return []
+    rows = []
+    for e in load_json(record).get("anchors", []):
+        f = folder / e["file"]
+        if not f.is_file() or e.get("val_acc") is None:
+            continue
+        with safe_open(str(f), "pt") as t:
+            n = sum(_numel(t.get_slice(k).get_shape()) for k in t.keys())
+        rows.append((e["name"], n, float(e["val_acc"])))
+    return family_order_warnings(rows, "params", f"{record}, after adaptation")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 def _adapt(args) -> int:
     import torch
 
@@ -53,6 +105,8 @@ def _adapt(args) -> int:
         return 0
     print(f"[adapt] family: {family_file}\n[adapt] run it: klas run {family_file.parent / RUN_FILE} (or set "
           f"[run] family = \"{family_file}\" in your config, without its [family] section)")
+    for line in adapted_family_warnings(family_file.parent):
+        print(line)
     return 0
 
 

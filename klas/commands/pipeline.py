@@ -11,10 +11,47 @@ def _run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     apply_run_settings(cfg)
+    early = family_warnings(cfg, args.run_dir)
+    for line in early:
+        print(line)
     run_pipeline(cfg, args.run_dir, dry_run=args.dry_run, until=args.until)
     if not args.dry_run and args.until in (None, "export"):
         print_summary(args.run_dir)
+    if not early and not args.dry_run:  # first known now: the evaluation measured the untouched anchors on val
+        for line in evaluated_family_warnings(args.run_dir):
+            print(line)
     return 0
+
+
+def family_warnings(cfg, run_dir: Path) -> list[str]:
+    """At the start of a run, from what is already known without building a model: the adaptation record beside
+    a family file written by ``klas anchors adapt``, else this run directory's earlier evaluation."""
+    from klas.commands.anchors import adapted_family_warnings
+
+    source = getattr(cfg.family_cfg, "source", None)  # the family file a config's [run] family named
+    path = Path(source) if isinstance(source, str) else None
+    if path is not None and path.suffix == ".toml" and path.is_file():
+        found = adapted_family_warnings(path.parent)
+        if found:
+            return found
+    return evaluated_family_warnings(run_dir)
+
+
+def evaluated_family_warnings(run_dir: Path) -> list[str]:
+    """``family_order_warnings`` of the untouched anchors' FLOPs and val accuracy in the run's evaluation record
+    (where an embedded or hub family's val accuracy is first known)."""
+    from klas.commands.anchors import family_order_warnings
+    from klas.stages.s5_evaluation import EvaluationArtifact
+
+    folder = Path(run_dir) / "evaluation"
+    if not (folder / EvaluationArtifact.RECORD).is_file():
+        return []
+    try:
+        ev = EvaluationArtifact.load(folder)
+    except Exception:  # noqa: BLE001 -- a stale or foreign record: the run itself will say what is wrong
+        return []
+    rows = [(u["key"], u["flops"], u["val_acc"]) for u in ev.untouched if u.get("val_acc") is not None]
+    return family_order_warnings(rows, "FLOPs", f"{folder / EvaluationArtifact.RECORD}, untouched anchors")
 
 
 def _config(args) -> int:

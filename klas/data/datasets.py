@@ -183,7 +183,10 @@ def load_image_folder(split: str, root: Path | str, img_size: int = 224, n_val: 
         raise KlasError(f"{root}: missing {sub.name}/; an ImageFolder root holds train/<class>/* and val/<class>/*")
     tf = transforms.Compose([transforms.Resize(int(img_size * 256 / 224)), transforms.CenterCrop(img_size),
                              transforms.PILToTensor()])
-    ds = datasets.ImageFolder(str(sub), transform=tf, loader=open_image)  # pixel limit (klas.data.safety)
+    try:
+        ds = datasets.ImageFolder(str(sub), transform=tf, loader=open_image)  # pixel limit (klas.data.safety)
+    except FileNotFoundError as e:  # torchvision: a class folder without image files, or no class folders
+        raise KlasError(f"{sub}: {(str(e).splitlines() or ['no image files'])[0][:200]}") from None
     idx = torch.arange(len(ds))
     if split != "test":
         train_idx, val_idx = folder_split_indices(len(ds), n_val)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from klas.errors import KlasError, file_error
+from klas_runtime.errors import ZooError
 from klas_runtime.preprocess import max_image_pixels  # the one decoding limit (pixels), shared with the runtime
 
 
@@ -106,7 +107,13 @@ def open_image(path: Path | str, max_pixels: int | None = None, mode: str | None
     one KlasError line naming the file. Usable as torchvision's ImageFolder ``loader``."""
     from PIL import Image, UnidentifiedImageError
 
+    from klas_runtime.preprocess import check_image_file, to_8bit
+
     limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    try:
+        check_image_file(path)  # a FIFO or device would block or never end
+    except ZooError as e:
+        raise KlasError(str(e)) from None
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -114,9 +121,12 @@ def open_image(path: Path | str, max_pixels: int | None = None, mode: str | None
                 raise KlasError(f"{path}: image of {w}x{h} = {w * h:,} pixels exceeds the decoding limit of "
                                 f"{limit:,} (KLAS_MAX_IMAGE_PIXELS); refusing to decode it")
             img.load()
-            return img.convert(mode) if mode is not None and img.mode != mode else img.copy()
+            img8 = to_8bit(img, path)  # 16-bit samples scaled to 8 bits, as Pillow reads 16-bit RGB
+            return img8.convert(mode) if mode is not None and img8.mode != mode else img8.copy()
     except KlasError:
         raise
+    except ZooError as e:
+        raise KlasError(str(e)) from None
     except FileNotFoundError:
         raise KlasError(f"{path}: image not found") from None
     except Image.DecompressionBombError:

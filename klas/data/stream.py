@@ -108,12 +108,18 @@ class FolderSource:
         extra = [c for c in classes if c not in class_to_idx]
         if extra:
             raise KlasError(f"{folder}: class folder {extra[0]!r} is not among the train classes")
-        names, labels = [], []
+        names, labels, empty = [], [], []
         for c in classes:
             files = sorted(e.name for e in os.scandir(folder / c)
                            if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
             names += [f"{c}/{f}" for f in files]
             labels += [class_to_idx[c]] * len(files)
+            if not files:
+                empty.append(c)
+        if empty and names:  # a class with no images would be learned (or scored) on nothing, without a word
+            raise KlasError(f"{folder}: {len(empty)} of {len(classes)} class folders hold no image files "
+                            f"({', '.join(IMG_EXTENSIONS)}): {', '.join(map(repr, empty[:5]))}"
+                            f"{' ...' if len(empty) > 5 else ''}; add images or remove the folder(s)")
         if not names:
             raise KlasError(f"{folder}: no image files ({', '.join(IMG_EXTENSIONS)}) under its class folders")
         self.classes = tuple(sorted(class_to_idx, key=class_to_idx.get))

@@ -14,9 +14,11 @@ from klas.export.member import ExportJob, Member, staged_name
 from klas.families import get_family_cfg
 from klas.tasks import DEFAULT_TASK, get_task, task_of
 from klas_runtime.errors import ZooError
+from klas_runtime.io import zoo_lock
 from klas_runtime.machine import machine_info
-from klas_runtime.manifest import (MANIFEST, SCHEMA, load_manifest, manifest_kind, model_path, now, save_manifest,
-                                   write_atomic)
+from klas_runtime.manifest import (MANIFEST, SCHEMA, load_manifest, manifest_kind, model_path, now, read_manifest,
+                                   save_manifest, write_atomic)
+from klas_runtime.profile import measured_identity, merge_latency
 
 
 def task_header(task, family) -> dict:
@@ -51,7 +53,6 @@ def export_models(models: list, out_dir: Path | str, family, data, options, prog
     job = ExportJob(task=task, family=family, test=data, val=val, header=head, options=options, out_dir=out_dir,
                     evaluated=evaluated)
     exporter = task.exporter()
-    old = _previous_files(out_dir)
     entries, rejected = [], []
     try:
         for m in tqdm(models, desc="export", unit="model", disable=not progress):
@@ -62,19 +63,51 @@ def export_models(models: list, out_dir: Path | str, family, data, options, prog
         for file in job.staged:
             (out_dir / staged_name(file)).unlink(missing_ok=True)
         raise
-    for e in entries:
-        os.replace(out_dir / staged_name(e["file"]), model_path(out_dir, e["file"]))
-    for file, raw in task.zoo_files(family).items():  # e.g. a language model's tokenizer, hashed in the header
-        write_atomic(out_dir / file, raw)
-    entries += [cascade_entry(c, entries, data, options, out_dir) for c in cascades]
-    manifest = dict(head, created=now(), created_on=machine_info(),
-                    models=sorted(entries, key=lambda e: (e["flops"], e["name"])))
-    if val is not None:
-        manifest["rejected"] = rejected
-    save_manifest(manifest, out_dir)
-    for stale in old - {e["file"] for e in entries if "file" in e}:
-        model_path(out_dir, stale).unlink(missing_ok=True)
+    with zoo_lock(out_dir):  # another writer (`klas profile`) of this folder waits; its records are carried over
+        old = _previous_files(out_dir)
+        for e in entries:
+            os.replace(out_dir / staged_name(e["file"]), model_path(out_dir, e["file"]))
+        for file, raw in task.zoo_files(family).items():  # e.g. a language model's tokenizer, hashed in the header
+            write_atomic(out_dir / file, raw)
+        entries += [cascade_entry(c, entries, data, options, out_dir) for c in cascades]
+        manifest = dict(head, created=now(), created_on=machine_info(),
+                        models=sorted(entries, key=lambda e: (e["flops"], e["name"])))
+        if val is not None:
+            manifest["rejected"] = rejected
+        carry_latency(manifest, out_dir)
+        save_manifest(manifest, out_dir)
+        for stale in old - {e["file"] for e in entries if "file" in e}:
+            model_path(out_dir, stale).unlink(missing_ok=True)
     return manifest
+
+
+def carry_latency(manifest: dict, previous_dir: Path | str, say=print) -> int:
+    """Carry the latency records of the zoo in ``previous_dir`` (the one being replaced; call under its lock) over
+    to the new ``manifest``'s entries that are unchanged -- same name and same file (sha256; cascades: threshold
+    and members' files) -- where the new export did not measure the same (device, provider, threads, batch); say
+    in one line how many records of changed entries are dropped. Returns the number carried."""
+    try:
+        old = read_manifest(previous_dir)
+    except ZooError:  # no zoo there yet, or one this klas cannot read: nothing to carry
+        return 0
+    by_old, by_new = {m["name"]: m for m in old["models"]}, {m["name"]: m for m in manifest["models"]}
+    carried, dropped, names = 0, 0, []
+    for name, prev in by_old.items():
+        new = by_new.get(name)
+        have = {_record_key(r) for r in (new or {}).get("latency", [])}
+        extra = [r for r in prev["latency"] if _record_key(r) not in have]  # the new export measured the rest
+        if new is not None and measured_identity(prev, by_old) == measured_identity(new, by_new):
+            new["latency"] = new["latency"] + extra
+            carried += len(extra)
+        elif extra:
+            dropped += len(extra)
+            names.append(name)
+    if dropped:
+        say(f"[export] {Path(previous_dir)}: {dropped} latency record(s) of {len(names)} entr"
+            f"{'y' if len(names) == 1 else 'ies'} whose files changed ({', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''}) dropped; measure them again with `klas profile {previous_dir}`",
+            flush=True)
+    return carried
 
 
 def cascade_entry(c: dict, entries: list[dict], data, options, out_dir: Path) -> dict:
@@ -99,6 +132,10 @@ def cascade_entry(c: dict, entries: list[dict], data, options, out_dir: Path) ->
             options.batch, options.warmup, options.runs, inputs=inputs,
             inputs_label=f"{n} {data.spec.name} test images"))
     return entry
+
+
+def _record_key(rec: dict) -> tuple:
+    return rec["device"], rec["provider"], rec["threads"], rec["batch"], rec.get("inputs") == "random"
 
 
 def _previous_files(out_dir: Path) -> set[str]:

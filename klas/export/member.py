@@ -84,16 +84,17 @@ class GraphExporter:
     its float32 entry first, then the variants the settings ask for; every accepted file is staged in the job."""
 
     def export(self, job: ExportJob, member: Member) -> tuple[list[dict], list[dict]]:
-        entry, raw = self.export_graph(job, member)
+        kept = {}
+        entry, raw = self.export_graph(job, member, kept)
         if job.val is None:
             return [entry], []
         made, refused = make_variants(entry, raw, job.test, job.val, job.header, job.options, job.stage,
-                                      task=job.task)
+                                      task=job.task, ref=kept.get("outputs"))
         return [entry, *made], refused
 
-    def export_graph(self, job: ExportJob, member: Member) -> tuple[dict, bytes]:
+    def export_graph(self, job: ExportJob, member: Member, kept: dict | None = None) -> tuple[dict, bytes]:
         """Export, check, verify and profile the float32 graph; returns its manifest entry and bytes (the file is
-        staged last)."""
+        staged last). ``kept`` receives the parity check's onnxruntime outputs on the test samples."""
         import onnx
 
         task, data, options, header, config = job.task, job.test, job.options, job.header, member.config
@@ -120,7 +121,7 @@ class GraphExporter:
             acc, n = graph_score(task, raw, data, options.accuracy_images)
             entry.update(test_acc=acc, test_acc_source=f"onnxruntime on {n} {data.spec.name} test images")
         entry.update(input=task.input_spec(data, job.family), output=task.output_spec(data, job.family),
-                     opset=options.opset, parity=check_parity(raw, module, data, options, config.key), latency=[])
+                     opset=options.opset, parity=check_parity(raw, module, data, options, config.key, kept), latency=[])
         del model.metadata_props[:]
         model.metadata_props.add(key=METADATA_KEY, value=json.dumps(embedded_entry(entry, header)))
         model.doc_string = f"klas {header['family']} zoo model {config.key}"

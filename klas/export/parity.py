@@ -146,15 +146,18 @@ def self_check(model, module: nn.Module, example: torch.Tensor, opset: int) -> N
                             f"{SELF_CHECK_TOL:g})")
 
 
-def check_parity(model_bytes: bytes, module: nn.Module, data, options, name: str) -> dict:
+def check_parity(model_bytes: bytes, module: nn.Module, data, options, name: str, keep: dict | None = None) -> dict:
     """The exported graph against float64 PyTorch on the first ``options.parity_images`` test samples (onnxruntime
     in batches of ``options.parity_batch``): max |logit diff| and top-1 agreement, the manifest's ``parity``;
-    raises past ``options.atol`` / ``options.min_agreement``."""
+    raises past ``options.atol`` / ``options.min_agreement``. ``keep``: receives the graph's onnxruntime outputs
+    (``keep["outputs"]``), which the variants compare with instead of running the parent again."""
     n = min(options.parity_images, len(data))
     if n < 1:
         raise KlasError(f"{name}: --parity-images must be >= 1")
     p = float64_parity(model_bytes, module, SplitInputs(data, n), options.parity_batch, REFERENCE_BATCH)
     diff, agree = p.max_abs_diff, p.top1_agreement
+    if keep is not None:
+        keep["outputs"] = p.got
     result = dict(images=n, max_abs_diff=diff, top1_agreement=agree, atol=options.atol,
                   min_agreement=options.min_agreement, reference="pytorch float64, onnxruntime CPU float32")
     if not (diff <= options.atol and agree >= options.min_agreement):

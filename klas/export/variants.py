@@ -2,26 +2,35 @@
 
 For every float32 model the export writes, ``make_variants`` builds
 
-* an **int8** variant: ``onnxruntime.quantization.quantize_static`` in QDQ format, activations and weights int8,
-  calibrated (MinMax) on ``calibration_images`` samples of the *val* split through a ``CalibrationDataReader``. Only
-  the MatMul / Gemm / Conv nodes are quantized (the ops that carry the weights): quantizing every op (Add, Mul,
-  Softmax, LayerNorm...) measured worse on the fmnist-deit anchors on every axis -- accuracy 82.17 vs 82.52 %
-  (deit-ti), file 312 vs 205 KB, slower. Weights per channel or per tensor: ``per_channel = "auto"`` quantizes
-  both and keeps the one whose top-1 agrees more often with the float32 parent on val samples the calibration did
-  not see; ``quant_pre_process`` was measured and left out (same accuracy, no faster on these graphs);
+* an **int8** variant: ``onnxruntime.quantization.quantize_static`` in QDQ format (int8 weights and activations)
+  on the graph ``quant_pre_process`` made (shape inference + onnxruntime's basic fusions, e.g. batch norm into the
+  convolution; recorded whether it changed the graph), calibrated on ``calibration_images`` samples of the *val*
+  split. How is decided on val, per model, not assumed: a small grid -- which ops are quantized (the weight ops
+  MatMul / Gemm / Conv only, or every op the quantizer knows), weights per channel or per tensor, then the
+  calibration method (MinMax, Entropy, Percentile) on the best of those -- each candidate scored on val images the
+  calibration did not see (top-1 agreement with the float32 parent, then val accuracy, then the smaller max
+  |logit difference| and file). Weights: per tensor, per channel, or per channel at 7 bits (``reduce_range``).
+  Every candidate's figures are in the manifest (``variant.int8_choice``). Measured by
+  ``benchmarks/int8_cnn_grid.py`` on a small MobileNetV2-style network (batch norm, ReLU6, depthwise
+  convolutions): per-channel 8-bit weights lose most on this AVX2 CPU (top-1 agreement 0.90-0.96: without VNNI
+  onnxruntime's u8 x s8 products saturate), 7-bit ones do not (0.98-0.99); every op rather than the weight ops
+  only helps that network a little, while on the fmnist-deit ViTs the weight ops only win; uint8 activations (for
+  the non-negative outputs of ReLU6) were never better than int8 and are not a candidate;
 * an **fp16** variant: float16 weights and activations with float32 inputs / outputs
   (``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``; its graph is re-sorted
   topologically, as the converter appends the input casts after their consumers).
 
 Each is checked with ``onnx.checker`` (full check), its test score measured with onnxruntime on every sample of
 ``data`` (the export passes the full test split) through the task (``task.predict`` / ``task.score``) and compared
-with its parent's onnxruntime outputs on the same samples (top-1 agreement, max |logit difference|). A variant that
-loses more than ``max_accuracy_loss`` points against its parent is not written; it is returned as rejected, with
-the reason.
+with its parent's onnxruntime outputs on the same samples (top-1 agreement, max |logit difference|, and the paired
+sign test of the zoo's admission, ``klas.metrics.sign_test``, both ways: ``variant.significance``, which the
+runtime's pick reads). A variant that loses more than ``max_accuracy_loss`` points against its parent is not
+written; it is returned as rejected, with the reason.
 """
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -36,6 +45,8 @@ from klas_runtime.timing import latency_record
 
 PRECISIONS = ("fp16", "int8")  # in the order they are built
 INT8_OPS = ("MatMul", "Gemm", "Conv")
+INT8_OP_SETS = {"weights": list(INT8_OPS), "all": None}  # None: every op type the quantizer supports
+CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
 CALIB_BATCH = 64
 EVAL_BATCH = 500
 
@@ -88,14 +99,16 @@ def to_fp16(model):
 
 
 class _Images:
-    """``CalibrationDataReader`` over normalized samples in batches of ``CALIB_BATCH``."""
+    """``CalibrationDataReader`` over normalized samples in equal batches of at most ``CALIB_BATCH``."""
 
     def __new__(cls, x: np.ndarray, input_name: str):
         from onnxruntime.quantization import CalibrationDataReader
 
         class Reader(CalibrationDataReader):
             def __init__(self):
-                self.batches = iter([{input_name: x[s:s + CALIB_BATCH]} for s in range(0, len(x), CALIB_BATCH)])
+                # NOTE: equal batches: the Entropy / Percentile histogram collectors stack them
+                size = max(d for d in range(1, CALIB_BATCH + 1) if len(x) % d == 0)
+                self.batches = iter([{input_name: x[s:s + size]} for s in range(0, len(x), size)])
 
             def get_next(self):
                 return next(self.batches, None)
@@ -103,20 +116,46 @@ class _Images:
         return Reader()
 
 
-def to_int8(model, calibration: np.ndarray, per_channel: bool, input_name: str):
-    """Static QDQ int8 (activations and weights int8, MinMax calibration on ``calibration``), MatMul/Gemm/Conv only."""
+def to_int8(model, calibration: np.ndarray, per_channel: bool, input_name: str, ops: str = "weights",
+            method: str = "MinMax", reduce_range: bool = False, cache: Path | None = None):
+    """Static QDQ int8 (activations and weights int8) calibrated on ``calibration`` by ``method`` (MinMax, Entropy,
+    Percentile); ``ops``: "weights" (MatMul / Gemm / Conv, ``INT8_OPS``) or "all" (every op the quantizer has);
+    ``reduce_range``: 7-bit weights (onnxruntime's advice for CPUs without VNNI, whose u8 x s8 products saturate);
+    ``cache``: onnxruntime's calibration cache file (ranges computed once per method; the first call for a file
+    must use the widest ``ops``, as its ranges are reused for every later call)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    if ops not in INT8_OP_SETS:
+        raise KlasError(f"int8 ops {ops!r}: expected one of {', '.join(INT8_OP_SETS)}")
     fresh = onnx.ModelProto()
-    fresh.CopyFrom(model)  # NOTE: the quantizer may edit the model it is given; auto calls it twice
-    with tempfile.TemporaryDirectory(prefix="klas-int8-") as tmp, _quiet():
-        out = Path(tmp) / "int8.onnx"
+    fresh.CopyFrom(model)  # NOTE: the quantizer may edit the model it is given; the grid calls it several times
+    with tempfile.TemporaryDirectory(prefix="klas-int8-") as tmp, _quiet(), contextlib.redirect_stdout(io.StringIO()):
+        out = Path(tmp) / "int8.onnx"  # NOTE: Entropy / Percentile print their progress; klas prints its own
         quantize_static(fresh, out, _Images(calibration, input_name), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(INT8_OPS), per_channel=per_channel,
+                        op_types_to_quantize=INT8_OP_SETS[ops], per_channel=per_channel, reduce_range=reduce_range,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod[method],
+                        calibration_cache_path=str(cache) if cache is not None else None)
         return onnx.load(str(out))
+
+
+def pre_process(model) -> tuple["onnx.ModelProto", dict]:  # noqa: F821
+    """``quant_pre_process`` (shape inference, onnxruntime's basic graph fusions) as onnxruntime's quantization
+    guide asks, and what it changed (node counts); on failure the model as it was, with the reason."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="klas-pre-") as tmp, _quiet():
+            src, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
+            onnx.save(model, str(src))  # NOTE: given a ModelProto it writes the weights as external data
+            quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+            pre = onnx.load(str(out))
+    except Exception as e:  # noqa: BLE001 -- the quantizer runs without it (recorded)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        return model, dict(applied=False, reason=f"{type(e).__name__}: {first}")
+    return pre, dict(applied=True, nodes_before=len(model.graph.node), nodes_after=len(pre.graph.node))
 
 
 def _normalized(data, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -127,11 +166,12 @@ def _normalized(data, lo: int = 0, hi: int | None = None) -> np.ndarray:
 # --- one model's variants ------------------------------------------------------------------------------------------
 
 def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, options, write,
-                  task=None) -> tuple[list[dict], list[dict]]:
+                  task=None, ref: np.ndarray | None = None) -> tuple[list[dict], list[dict]]:
     """The fp16 / int8 variants of the exported model ``parent`` (its manifest entry and ONNX bytes) that
     ``options.precisions`` asks for: ``(entries, rejected)``. Each accepted variant's bytes are passed to
     ``write(file, bytes)`` (the exporter stages them); rejected ones are described, not written. ``task``
-    (default: image classification) scores every graph on ``data``."""
+    (default: image classification) scores every graph on ``data``; ``ref``: the parent's onnxruntime outputs on
+    ``data`` when the caller has them (the parity check's), else computed here."""
     import onnx
 
     from klas.tasks import get_task
@@ -142,7 +182,8 @@ def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, op
     task = task if task is not None else get_task(None)
     name_in = parent["input"]["name"]
     x_test, y_test = SplitInputs(data), data.labels
-    ref = onnx_logits(parent_bytes, x_test, EVAL_BATCH, name_in)
+    if ref is None or len(ref) != len(x_test):
+        ref = onnx_logits(parent_bytes, x_test, EVAL_BATCH, name_in)
     parent_acc = score_outputs(task, ref, y_test)
     entries, rejected = [], []
     for precision in precisions:
@@ -152,7 +193,7 @@ def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, op
                 method="float16 weights and activations, float32 inputs/outputs "
                        "(onnxruntime.transformers.float16, keep_io_types)")
         else:
-            out, method = _int8(model, parent_bytes, val, options, name_in)
+            out, method = _int8(model, parent_bytes, val, options, name_in, task)
         entry, raw = _variant_entry(parent, out, precision, method, task, x_test, y_test, ref, parent_acc, data,
                                     header, options)
         if entry["variant"]["accuracy_loss"] > options.max_accuracy_loss:
@@ -172,30 +213,83 @@ def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, op
     return entries, rejected
 
 
-def _int8(model, parent_bytes: bytes, val, options, name_in: str):
-    """The int8 model and how it was made; ``per_channel = "auto"`` builds both weight granularities and keeps the
-    one agreeing more with the parent on val samples after the calibration ones (ties: per tensor, the smaller)."""
+def _int8(model, parent_bytes: bytes, val, options, name_in: str, task):
+    """The int8 model and how it was made, chosen on val (module docstring): the grid over ops x per_channel
+    (MinMax), then the calibration methods on the best of those; ``options.per_channel`` / ``int8_ops`` /
+    ``calibration_method`` other than "auto" fix that choice."""
     n_cal = min(options.calibration_images, len(val))
     if n_cal < 1:
         raise KlasError("int8 variants: the val split is empty; nothing to calibrate on (export.precisions)")
     calibration = _normalized(val, 0, n_cal)
-    method = dict(method="onnxruntime static quantization, QDQ, int8 activations and weights, MinMax",
-                  ops=list(INT8_OPS), calibration=dict(split=val.split, images=n_cal))
-    if options.per_channel != "auto":
-        per_channel = options.per_channel == "on"
-        return to_int8(model, calibration, per_channel, name_in), dict(method, per_channel=per_channel)
+    model, pre = pre_process(model)
+    fixed = dict(per_channel=options.per_channel, ops=getattr(options, "int8_ops", "auto"),
+                 method=getattr(options, "calibration_method", "auto"))
+    # weights: (per_channel, reduce_range); per channel at 8 bits saturates on AVX2 (measured), 7 bits does not
+    pcs = ((False, False), (True, False), (True, True)) if fixed["per_channel"] == "auto" else (
+        ((True, False), (True, True)) if fixed["per_channel"] == "on" else ((False, False),))
+    op_sets = ("all", "weights") if fixed["ops"] == "auto" else (fixed["ops"],)  # widest first: the cache
+    methods = CALIBRATION_METHODS if fixed["method"] == "auto" else (
+        next(m for m in CALIBRATION_METHODS if m.lower() == fixed["method"].lower()),)
+    base = dict(method="onnxruntime static quantization (quantize_static), QDQ, int8 activations and weights",
+                pre_process=pre, calibration=dict(split=val.split, images=n_cal))
+    grid = [(o, pc, methods[0]) for o in op_sets for pc in pcs]
+    if len(grid) == 1 and len(methods) == 1:
+        o, (pc, rr), m = grid[0]
+        return to_int8(model, calibration, pc, name_in, o, m, rr), dict(base, ops=o, per_channel=pc,
+                                                                       reduce_range=rr, calibration_method=m)
     held = val.subset(n_cal + options.per_channel_images)
-    x_sel = _normalized(held, n_cal) if len(held) > n_cal else calibration
+    sel = held if len(held) > n_cal else val.subset(n_cal)
+    lo = n_cal if len(held) > n_cal else 0
+    x_sel, y_sel = _normalized(sel, lo), sel.labels[lo:]
     ref = onnx_logits(parent_bytes, x_sel, EVAL_BATCH, name_in)
     tried = {}
-    for per_channel in (False, True):
-        q = to_int8(model, calibration, per_channel, name_in)
-        agree, diff = compare(onnx_logits(q.SerializeToString(), x_sel, EVAL_BATCH, name_in), ref)
-        tried[per_channel] = (q, dict(per_channel=per_channel, top1_agreement=agree, max_abs_diff=diff))
-    best = max(tried, key=lambda pc: (tried[pc][1]["top1_agreement"], -tried[pc][1]["max_abs_diff"], not pc))
-    return tried[best][0], dict(method, per_channel=best, per_channel_choice=dict(
-        rule="auto: the higher top-1 agreement with the float32 parent on held-out val images",
-        images=len(x_sel), held_out=len(held) > n_cal, candidates=[tried[False][1], tried[True][1]]))
+
+    def score(o, w, m):
+        pc, rr = w
+        q = to_int8(model, calibration, pc, name_in, o, m, rr, Path(caches) / f"{m}.json")
+        raw = q.SerializeToString()
+        z = onnx_logits(raw, x_sel, EVAL_BATCH, name_in)
+        agree, diff = compare(z, ref)
+        acc = score_outputs(task, z, y_sel)
+        tried[(o, w, m)] = (q, dict(ops=o, per_channel=pc, reduce_range=rr, calibration_method=m,
+                                     top1_agreement=agree, val_acc=acc, max_abs_diff=diff, bytes=len(raw)))
+
+    def rank(key):
+        c = tried[key][1]
+        return (c["top1_agreement"], c["val_acc"], -c["max_abs_diff"], -c["bytes"])
+
+    with tempfile.TemporaryDirectory(prefix="klas-calib-") as caches:  # one calibration per method, reused
+        for key in grid:
+            score(*key)
+        best = max(tried, key=rank)
+        for m in methods[1:]:  # the calibration method on the best ops / granularity (MinMax's)
+            score(best[0], best[1], m)
+    best = max(tried, key=rank)
+    o, (pc, rr), m = best
+    return tried[best][0], dict(base, ops=o, per_channel=pc, reduce_range=rr, calibration_method=m, int8_choice=dict(
+        rule="the highest top-1 agreement with the float32 parent on val images the calibration did not see "
+             "(then val accuracy, smaller max |logit difference|, smaller file)",
+        images=len(x_sel), held_out=lo > 0, candidates=[c for _, c in tried.values()]))
+
+
+def paired_test(task, z: np.ndarray, ref: np.ndarray, targets, options) -> dict:
+    """The zoo admission's paired one-sided sign test (``klas.metrics.sign_test``) of the variant's per-sample
+    quality against its parent's on the same test samples, both ways, at ``options.significance`` (the runtime's
+    pick counts an accuracy difference only when ``verdict`` is not "not significant")."""
+    import torch
+
+    from klas.metrics import sign_test
+
+    targets = torch.as_tensor(targets)
+    mine = task.quality(task.predict(torch.from_numpy(z))[0], targets)
+    theirs = task.quality(task.predict(torch.from_numpy(ref))[0], targets)
+    up, down = sign_test(mine, theirs), sign_test(theirs, mine)
+    alpha = float(getattr(options, "significance", 0.05))
+    verdict = ("more accurate" if up["p_value"] < alpha else "less accurate" if down["p_value"] < alpha
+               else "not significant")
+    return dict(test="paired one-sided exact sign test (McNemar), each way, on the test samples",
+                samples=int(len(targets)), only_variant=up["only_candidate"], only_parent=up["only_reference"],
+                p_more_accurate=up["p_value"], p_less_accurate=down["p_value"], alpha=alpha, verdict=verdict)
 
 
 def _variant_entry(parent: dict, model, precision: str, method: dict, task, x_test, y_test, ref, parent_acc, data,
@@ -210,13 +304,14 @@ def _variant_entry(parent: dict, model, precision: str, method: dict, task, x_te
     z = onnx_logits(raw, x_test, EVAL_BATCH, parent["input"]["name"])
     agree, diff = compare(z, ref)
     acc = score_outputs(task, z, y_test)
+    significance = paired_test(task, z, ref, y_test, options)
     entry.update(test_acc=acc, test_acc_source=f"onnxruntime on {len(y_test)} {data.spec.name} test images",
                  input=parent["input"], output=parent["output"], opset=parent["opset"],
                  parity=dict(images=len(y_test), max_abs_diff=diff, top1_agreement=agree,
                              reference=f"onnxruntime CPU: this {precision} model vs its float32 parent "
                                        f"{parent['name']!r}"),
                  variant=dict(method, parent_test_acc=parent_acc, accuracy_loss=round(parent_acc - acc, 6),
-                              max_accuracy_loss=options.max_accuracy_loss),
+                              max_accuracy_loss=options.max_accuracy_loss, significance=significance),
                  latency=[])
     model.metadata_props.add(key=METADATA_KEY, value=json.dumps(embedded_entry(entry, header)))
     model.doc_string = f"klas {header['family']} zoo model {entry['name']} ({precision} variant of {parent['name']})"

@@ -279,6 +279,33 @@ def load_weights_file(model, path: Path, anchor: AnchorCfg, *, optional: frozens
     model.load_state_dict(sd, strict=False)
 
 
+def _hub_offline() -> str | None:
+    """Why the Hugging Face hub cannot be reached (None when it can): ``HF_HUB_OFFLINE`` set, or no connection to
+    its host within 3 s -- then hub downloads are switched to offline mode for this process, so a missing file is
+    one error at once instead of a minute of retries (huggingface_hub retries each request several times)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return None
+    except OSError:
+        pass
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hf_constants
+
+        hf_constants.HF_HUB_OFFLINE = True  # read at import time by huggingface_hub: set the live value too
+    except ImportError:
+        pass
+    return f"no network: {host}:{port} is unreachable"
+
+
 def _build_model(anchor: AnchorCfg, pretrained: bool = False, **kwargs):
     """``timm.create_model`` with one-line errors naming the anchor (unknown architecture, bad arguments, hub)."""
     import timm
@@ -288,6 +315,7 @@ def _build_model(anchor: AnchorCfg, pretrained: bool = False, **kwargs):
         close = difflib.get_close_matches(anchor.arch, timm.list_models(), n=3)
         raise KlasError(f"anchor {anchor.name!r}: unknown timm architecture {anchor.arch!r}"
                         + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    offline = pretrained and "file" not in (kwargs.get("pretrained_cfg_overlay") or {}) and _hub_offline()
     try:
         return timm.create_model(anchor.arch, pretrained=pretrained, **kwargs)
     except KlasError:
@@ -295,6 +323,8 @@ def _build_model(anchor: AnchorCfg, pretrained: bool = False, **kwargs):
     except Exception as e:  # noqa: BLE001
         lines = [x for x in str(e).splitlines() if x.strip()]
         what = "cannot fetch its pretrained weights" if pretrained else "cannot build it"
+        if offline:
+            what += f" ({offline}; only weights already in the Hugging Face cache load)"
         raise KlasError(f"anchor {anchor.name!r} ({anchor.arch}, {anchor.model_args or 'default args'}): {what} "
                         f"({type(e).__name__}: {(lines[0] if lines else '')[:200]})") from None
 

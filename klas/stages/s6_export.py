@@ -18,10 +18,12 @@ from typing import ClassVar
 from klas.contract import Artifact, StageContext, digest, setting
 from klas.errors import KlasError
 from klas.export import ModelProvider, cascades, check_rows, export_models, members, zoo_items
+from klas.export.manifest import carry_latency
 from klas.io import sha256_file, swap_dirs
 from klas.stages.s4_finetune import FinetuneArtifact
 from klas.stages.s5_evaluation import EvaluationArtifact
 from klas_runtime.errors import ZooError
+from klas_runtime.io import zoo_lock
 from klas_runtime.manifest import MANIFEST, SCHEMA_VERSION, load_manifest, save_manifest
 
 __all__ = ["ExportArtifact", "ExportConfig", "finetuned_networks", "run", "summary"]
@@ -56,11 +58,20 @@ class ExportConfig:
                               "; language models: int8 / int4 = weight-only MatMulNBits, fp16 as for images",
                               choices=("fp16,int8", "fp16", "int8", "int4", "int8,int4", "fp16,int8,int4", "none"))
     calibration_images: int = setting(256, "val images the int8 variants are calibrated on", ge=1)
-    per_channel: str = setting("auto", "int8 weights per channel (on), per tensor (off), or auto: both built, the "
-                               "one agreeing more with the float32 model on held-out val images kept",
+    per_channel: str = setting("auto", "int8 weights per channel (on: 8 and 7 bits tried), per tensor (off), or "
+                               "auto: all three built, the one agreeing more with the float32 model on held-out "
+                               "val images kept",
                                choices=("auto", "on", "off"))
-    per_channel_images: int = setting(1000, "val images after the calibration ones that decide per_channel = auto",
-                                      ge=1)
+    per_channel_images: int = setting(1000, "val images after the calibration ones that decide the int8 grid "
+                                      "(per_channel / int8_ops / calibration_method = auto)", ge=1)
+    int8_ops: str = setting("auto", "ops int8 quantizes: weights = MatMul/Gemm/Conv, all = every op the quantizer "
+                            "has, auto = both built, the one agreeing more with float32 on held-out val kept",
+                            choices=("auto", "weights", "all"))
+    calibration_method: str = setting("auto", "int8 calibration: minmax, entropy, percentile, or auto (each tried on "
+                                      "the best ops / per_channel, decided on held-out val)",
+                                      choices=("auto", "minmax", "entropy", "percentile"))
+    significance: float = setting(0.05, "level of the paired sign test (variant vs its float32 model, test split) "
+                                  "below which the runtime's pick counts their accuracy difference", gt=0, le=0.5)
     # --- language models (the causal-lm task's decoders, klas.lm.export) ---
     parity_prompts: int = setting(8, "language models: test sequences whose first tokens are the parity prompts",
                                   ge=1)
@@ -161,7 +172,10 @@ def run(cfg: ExportConfig, ctx: StageContext) -> ExportArtifact:
     try:
         manifest = export_models(models, staging, family, test, cfg, ctx.progress, cascades(ev.zoo), val,
                                  evaluated=ev.n_test)
-        swap_dirs(staging, final)
+        with zoo_lock(final):  # a `klas profile` of the old zoo merges into the new one after (klas_runtime.io)
+            if carry_latency(manifest, final):  # figures measured since on unchanged models are kept
+                save_manifest(manifest, staging)
+            swap_dirs(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportArtifact(manifest)

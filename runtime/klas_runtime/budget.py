@@ -2,6 +2,7 @@
 and decoder picks (``klas_runtime.runtime``, ``klas_runtime.decoder_pick``)."""
 from __future__ import annotations
 
+import math
 import re
 
 from klas_runtime.errors import ZooError
@@ -21,9 +22,23 @@ def parse_count(text: str | float | int, flag: str = "--max-flops") -> float:
         if not m:
             raise ZooError(f"{flag} {text!r}: expected a number with an optional K/M/G suffix, e.g. 40M")
         value = float(m.group(1)) * _SUFFIX[m.group(2).upper()]
+    if not math.isfinite(value):  # '1e400' overflows to inf, as 'inf' is refused by the pattern
+        raise ZooError(f"{flag} {text!r}: expected a finite number with an optional K/M/G suffix, e.g. 40M")
     if value < 0:
         raise ZooError(f"{flag} {text!r}: must not be negative")
     return value
+
+
+def check_budget(value, flag: str, hi: float | None = None, unit: str = "") -> float | None:
+    """A numeric budget flag (``--max-latency-ms``, ``--min-accuracy``, ...) as given: None, or a finite number in
+    [0, ``hi``]; else one line blaming the flag (not the zoo: 'nan' fits no comparison, so nothing would fit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (hi is not None and value > hi):
+        span = f"between 0 and {hi:g}" if hi is not None else ">= 0"
+        raise ZooError(f"{flag} {value!r}: expected a finite number {span}{unit}")
+    return float(value)
 
 
 def format_count(n: float) -> str:

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from klas_runtime.errors import ZooError
-from klas_runtime.io import atomic_path
-from klas_runtime.onnxbytes import check_onnx_bytes
+from klas_runtime.io import atomic_path, make_zoo_hint
+from klas_runtime.onnxbytes import check_onnx_bytes, onnx_facts
 from klas_runtime.preprocess import CROP_MODES, CROP_PCT_RANGE, GEOMETRY, INTERPOLATIONS, resize_size
 
 MANIFEST = "manifest.json"
@@ -471,7 +471,7 @@ def read_regular(path: Path | str) -> bytes:
     """The bytes of a regular file, opened without following a symlink (no swap between check and read)."""
     import stat
 
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # FIFO: no wait
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise OSError(0, "not a regular file", str(path))
@@ -493,7 +493,28 @@ def read_model_bytes(zoo_dir: Path | str, entry: dict) -> bytes:
         raise ZooError(f"{path}: sha256 {digest[:12]}... does not match {MANIFEST} ({entry['sha256'][:12]}...); "
                         f"the file or the manifest was altered -- re-export the zoo")
     check_onnx_bytes(data, path)
+    check_file_facts(entry, data, path)
     return data
+
+
+def check_file_facts(entry: dict, data: bytes, path: Path | str) -> None:
+    """The file's own word (from the bytes) against its entry: embedded entry, an image model's I/O names and shapes;
+    every reader of model bytes runs it, so another valid model under this name (re-hashed) is refused everywhere."""
+    facts = onnx_facts(data, path)
+    check_embedded(entry, facts["metadata"], str(path))
+    spec, out = entry.get("input"), entry.get("output")
+    if not (isinstance(spec, dict) and isinstance(spec.get("shape"), list) and isinstance(out, dict)
+            and "num_classes" in out):
+        return  # a decoder's inputs and cache tensors: its runtime entry's check_model, on a session
+    for what, want_name, want_dims, got in (("input", spec["name"], spec["shape"][1:], facts["inputs"]),
+                                            ("output", out["name"], [out["num_classes"]], facts["outputs"])):
+        name, dims = got[0] if got else (None, None)
+        tail = None if dims is None else dims[len(dims) - len(want_dims):]
+        if name != want_name or (tail is not None and any(isinstance(g, int) and g != w
+                                                          for g, w in zip(tail, want_dims))):
+            raise ZooError(f"{path}: the graph's {what} {name!r} {dims} does not match {MANIFEST} ({want_name!r}, "
+                           f"[batch, {', '.join(map(str, want_dims))}]); the file is not this entry's model -- "
+                           f"re-export the zoo")
 
 
 def load_manifest(zoo_dir: Path | str, verify_files: bool = True) -> dict:
@@ -527,7 +548,7 @@ def read_manifest(zoo_dir: Path | str) -> dict:
     try:
         manifest = json.loads(read_regular(path).decode("utf-8"))
     except FileNotFoundError:
-        raise ZooError(f"{path}: not found; make a zoo with `klas export RUN_DIR --out {zoo_dir}`") from None
+        raise ZooError(f"{path}: not found; {make_zoo_hint(zoo_dir)}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ZooError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
     except OSError as e:
@@ -570,7 +591,10 @@ def check_embedded(entry: dict, metadata: dict[str, str], where: str) -> None:
     except json.JSONDecodeError:
         raise ZooError(f"{where}: unreadable {METADATA_KEY!r} metadata in the ONNX file") from None
     for key in ("name", "config", "flops", "params", "input"):
-        if own.get(key) != entry.get(key):
+        mine, theirs = own.get(key), entry.get(key)
+        if key == "input" and isinstance(mine, dict) and isinstance(theirs, dict):
+            mine = {k: mine.get(k) for k in theirs}  # an older schema's manifest lists fewer input fields
+        if mine != theirs:
             raise ZooError(f"{where}: the file's embedded {key!r} ({json.dumps(own.get(key))[:60]}) does not match "
                             f"{MANIFEST} ({json.dumps(entry.get(key))[:60]})")
 

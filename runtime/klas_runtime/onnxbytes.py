@@ -99,3 +99,49 @@ def check_onnx_bytes(data: bytes, path: Path | str) -> None:
         raise ZooError(f"{path}: the model keeps tensors in external data files, which {MANIFEST} does not cover "
                         f"and would be read from outside the zoo; refusing it (export with the weights inside the "
                         f".onnx file)")
+
+
+def _string(buf, start: int, end: int) -> str:
+    return bytes(buf[start:end]).decode("utf-8", errors="replace")
+
+
+def _value_info(buf, start: int, end: int) -> tuple[str, list]:
+    """(name, dims) of a ValueInfoProto: dims are ints, names of symbolic dims, or None (unknown)."""
+    name, dims = "", None
+    for field, wire, value in _fields(buf, start, end):
+        if field == 1 and wire == 2:
+            name = _string(buf, *value)
+        elif field == 2 and wire == 2:  # TypeProto -> tensor_type (1) -> shape (2) -> dim (1)
+            for f1, w1, v1 in _fields(buf, *value):
+                if f1 == 1 and w1 == 2:
+                    for f2, w2, v2 in _fields(buf, *v1):
+                        if f2 == 2 and w2 == 2:
+                            dims = []
+                            for f3, w3, v3 in _fields(buf, *v2):
+                                if f3 == 1 and w3 == 2:
+                                    dim = None
+                                    for f4, w4, v4 in _fields(buf, *v3):
+                                        dim = v4 if (f4, w4) == (1, 0) else _string(buf, *v4) if (f4, w4) == (2, 2) \
+                                            else dim
+                                    dims.append(dim)
+    return name, dims
+
+
+def onnx_facts(data: bytes, path: Path | str) -> dict:
+    """What an ONNX file says of itself, read without onnxruntime: ``metadata`` (metadata_props as a dict) and the
+    graph's ``inputs`` / ``outputs`` as (name, dims) pairs -- what every reader of a zoo compares with the manifest
+    entry before trusting the file under that entry's name."""
+    buf = memoryview(data)
+    meta, inputs, outputs = {}, [], []
+    try:
+        for field, wire, value in _fields(buf, 0, len(buf)):
+            if field == 14 and wire == 2:  # metadata_props: StringStringEntryProto {key 1, value 2}
+                kv = {f: _string(buf, *v) for f, w, v in _fields(buf, *value) if w == 2}
+                meta[kv.get(1, "")] = kv.get(2, "")
+            elif field == 7 and wire == 2:  # graph: input 11, output 12
+                for f, w, v in _fields(buf, *value):
+                    if w == 2 and f in (11, 12):
+                        (inputs if f == 11 else outputs).append(_value_info(buf, *v))
+    except (_NotProtobuf, IndexError) as e:
+        raise ZooError(f"{path}: not an ONNX model (unreadable protobuf: {e})") from None
+    return dict(metadata=meta, inputs=inputs, outputs=outputs)

@@ -109,9 +109,32 @@ def _center_crop_or_pad(arr: np.ndarray, h: int, w: int, fill) -> np.ndarray:
     return arr[top:top + h, left:left + w]
 
 
-def convert(img, spec: dict):
-    """The image in the channels the model takes: Pillow ``L`` (grayscale) or ``RGB``, whatever the file holds."""
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of 16-bit (and 32-bit integer) images
+
+
+def to_8bit(img, path: Path | str = "image"):
+    """An image of more than 8 bits per sample in the 8-bit range, as Pillow itself reads a 16-bit RGB PNG (the
+    high byte: ``v >> 8``, so a 16-bit file saved from 8-bit values ``v * 257`` gives back exactly ``v``). Pillow's
+    own ``convert`` clips 16-bit grayscale to 255 instead of scaling it: most pixels would turn white. A 16-bit
+    grayscale PNG opens as ``I;16`` (or ``I``); other 32-bit integer and float images are refused in one line.
+    Palette, CMYK, alpha and 8-bit images pass unchanged (``convert`` handles them as timm's loader does)."""
+    if img.mode not in WIDE_MODES and img.mode != "F":
+        return img
+    Image, _ = _pil()
+    if img.mode in WIDE_MODES[:4] or (img.mode == "I" and getattr(img, "format", None) == "PNG"):
+        arr = np.asarray(img).astype(np.int64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ZooError(f"{path}: {img.mode} image with values outside 0..65535; expected 8- or 16-bit samples")
+        return Image.fromarray((arr >> 8).astype(np.uint8), "L")
+    raise ZooError(f"{path}: {img.mode} image ({'32-bit float' if img.mode == 'F' else '32-bit integer'} samples); "
+                   f"expected 8- or 16-bit samples (save it as an 8-bit or 16-bit PNG)")
+
+
+def convert(img, spec: dict, path: Path | str = "image"):
+    """The image in the channels the model takes: Pillow ``L`` (grayscale) or ``RGB``, whatever the file holds
+    (16-bit samples scaled to 8 bits first: ``to_8bit``)."""
     want = "L" if spec["color"] == "grayscale" else "RGB"
+    img = to_8bit(img, path)
     return img if img.mode == want else img.convert(want)
 
 
@@ -151,9 +174,9 @@ def normalize(arr_hwc: np.ndarray, spec: dict) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def preprocess(img, spec: dict) -> np.ndarray:
+def preprocess(img, spec: dict, path: Path | str = "image") -> np.ndarray:
     """A PIL image (any mode, any size) -> float32 [C, H, W], the model's input."""
-    return normalize(resize_crop(convert(img, spec), spec), spec)
+    return normalize(resize_crop(convert(img, spec, path), spec), spec)
 
 
 # --- image files ---------------------------------------------------------------------------------------------------
@@ -191,11 +214,31 @@ def _unreadable(path, e: BaseException) -> ZooError:
     return ZooError(f"{path}: not a readable image ({first_line(e, 120)})")
 
 
+def check_image_file(path: Path | str) -> None:
+    """Refuse, before opening it, anything but a regular file (a FIFO would block the reader forever, a device
+    never ends): one ZooError line naming the path."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ZooError(f"{path}: image not found") from None
+    except OSError as e:
+        raise ZooError(f"{path}: cannot read the image ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise ZooError(f"{path}: is a directory, not an image")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise ZooError(f"{path}: {kind}, not a regular file; expected an image file")
+
+
 def open_checked_image(path: Path | str, max_pixels: int | None = None):
     """``PIL.Image.open`` refusing, before decoding, an image larger than ``max_pixels`` (default
     ``MAX_IMAGE_PIXELS``, env ``KLAS_MAX_IMAGE_PIXELS``) and anything Pillow cannot identify: one-line ZooError."""
     Image, UnidentifiedImageError = _pil()
     limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    check_image_file(path)
     try:
         img = Image.open(path)
     except FileNotFoundError:
@@ -224,11 +267,11 @@ def load_image(path: Path | str, spec: dict) -> np.ndarray:
     Image, UnidentifiedImageError = _pil()
     try:
         with opened as img:
-            x = preprocess(img, spec)
+            x = preprocess(img, spec, path)
     except FileNotFoundError:
         raise ZooError(f"{path}: image not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _unreadable(path, e) from None
     except ZooError as e:
-        raise ZooError(f"{path}: {e}") from None
+        raise ZooError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
     return x[None]

@@ -28,8 +28,9 @@ import numpy as np
 
 from klas_runtime.entries import runtime_entry
 from klas_runtime.errors import ZooError
-from klas_runtime.io import atomic_path
-from klas_runtime.manifest import is_cascade, load_manifest, now, read_model_bytes, save_manifest, write_atomic
+from klas_runtime.io import atomic_path, zoo_lock
+from klas_runtime.manifest import (is_cascade, load_manifest, now, read_manifest, read_model_bytes, save_manifest,
+                                   write_atomic)
 from klas_runtime.preprocess import load_image
 from klas_runtime.session import device_label, provider_name, short_provider
 from klas_runtime.timing import cascade_latency_record, latency_record
@@ -80,19 +81,59 @@ def profile_zoo(zoo_dir: Path | str, providers: list[str] | None = None, threads
         raise ZooError(f"{zoo_dir}: unknown model in {models}; models: {known}")
     by_name, loaded = {m["name"]: m for m in manifest["models"]}, {}
     jobs = [(m, p, t, b) for m in chosen for p in names for t in threads for b in batches]
+    fresh: dict[str, list[dict]] = {}  # name -> the records measured now (merged into the manifest of the moment)
+    # every file read (and checked) once, now: what is measured is the zoo that was loaded, even if an export
+    # swaps in another one meanwhile (its records are then not written: merge_into_zoo)
+    blobs = {} if rt.profile is not None else {
+        m["name"]: read_model_bytes(zoo_dir, m) for m in manifest["models"] if not is_cascade(m)
+        and (m in chosen or any(m["name"] in c["members"] for c in chosen if is_cascade(c)))}
     for entry, p, t, b in _progress(jobs, progress):
         if rt.profile is not None:
             rec = rt.profile(zoo_dir, manifest, entry, p, t, b, warmup, runs, **given)
         elif is_cascade(entry):
             first, second = (by_name[n] for n in entry["members"])
             x, label = _cascade_inputs(inputs, inputs_label, first["input"], loaded)
-            rec = cascade_latency_record(read_model_bytes(zoo_dir, first), read_model_bytes(zoo_dir, second),
-                                         entry["threshold"], p, t, b, warmup, runs, x, label)
+            rec = cascade_latency_record(blobs[first["name"]], blobs[second["name"]], entry["threshold"], p, t, b,
+                                         warmup, runs, x, label)
         else:
-            rec = latency_record(read_model_bytes(zoo_dir, entry), p, t, b, warmup, runs)
+            rec = latency_record(blobs[entry["name"]], p, t, b, warmup, runs)
         entry["latency"] = merge_latency(entry["latency"], rec)
-    save_manifest(manifest, zoo_dir)
-    return manifest
+        fresh.setdefault(entry["name"], []).append(rec)
+    return merge_into_zoo(zoo_dir, manifest, fresh)
+
+
+def measured_identity(entry: dict, by_name: dict) -> tuple:
+    """What a latency record was measured on: a model's file hash; a cascade's threshold and its members' hashes."""
+    if is_cascade(entry):
+        return ("cascade", entry["threshold"], tuple(by_name.get(m, {}).get("sha256") for m in entry["members"]))
+    return ("model", entry.get("sha256"))
+
+
+def merge_into_zoo(zoo_dir: Path | str, measured: dict, fresh: dict[str, list[dict]], say=print) -> dict:
+    """Write the latency records ``fresh`` ({name: records}, measured on the entries of ``measured``) into the
+    zoo's manifest as it is *now*: under the zoo's lock, the manifest is read again and each record merged into
+    the entry of the same name that still has the same file (sha256; cascades: threshold and members' files).
+    Records of entries another writer changed meanwhile (a re-export) are not written, and one line says so;
+    another profile's records are kept."""
+    by_old = {m["name"]: m for m in measured["models"]}
+    with zoo_lock(zoo_dir, say=say):
+        current = read_manifest(zoo_dir)
+        by_new = {m["name"]: m for m in current["models"]}
+        stale = []
+        for name in sorted(fresh):
+            old, new = by_old[name], by_new.get(name)
+            if new is None or measured_identity(old, by_old) != measured_identity(new, by_new):
+                stale.append(name)
+                continue
+            for rec in fresh[name]:
+                new["latency"] = merge_latency(new["latency"], rec)
+        if stale:
+            say(f"[profile] {Path(zoo_dir)}: {len(stale)} entr{'y' if len(stale) == 1 else 'ies'} changed while "
+                f"being measured (the zoo was re-exported): {', '.join(stale[:4])}{' ...' if len(stale) > 4 else ''}"
+                f"; their figures were not written -- run the same command again to measure the new files",
+                flush=True)
+        save_manifest(current, zoo_dir)
+    return current
 
 
 def _cascade_inputs(inputs, label: str | None, spec: dict, loaded: dict) -> tuple[np.ndarray | None, str | None]:

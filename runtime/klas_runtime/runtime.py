@@ -15,15 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from klas_runtime.budget import STATS, _precisions, format_count, parse_count
+from klas_runtime.budget import STATS, _precisions, check_budget, format_count, parse_count
 from klas_runtime.classify import CascadeChoice, Choice, check_input, check_signature, softmax
 from klas_runtime.entries import RuntimeEntry, make_choice, runtime_entry
 from klas_runtime.errors import ZooError
 from klas_runtime.manifest import (MANIFEST, PRECISIONS, check_embedded, is_cascade, load_manifest,
-                                   read_manifest, read_model_bytes)
+                                   make_zoo_hint, read_manifest, read_model_bytes)
 from klas_runtime.manifest import precision as precision_of
 from klas_runtime.preprocess import MAX_IMAGE_PIXELS, load_image, open_checked_image
 from klas_runtime.session import device_label, open_model, provider_name, short_provider
+from klas_runtime.variant_review import review
 
 # The API this module has always offered (``from klas_runtime.runtime import Zoo, load_image``): what a choice
 # is and how an image becomes its input now live in klas_runtime.classify and klas_runtime.preprocess.
@@ -136,6 +137,14 @@ class Zoo:
         budget the zoo has no figures for is refused in one line.
         """
         rt = self.runtime
+        for flag, value, hi in (("--max-latency-ms", max_latency_ms, None), ("--min-accuracy", min_accuracy, 100),
+                                ("--max-ms-per-token", max_ms_per_token, None), ("--max-ttft-ms", max_ttft_ms, None),
+                                ("--max-memory-mb", max_memory_mb, None)):
+            check_budget(value, flag, hi)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ZooError(f"--threads {threads!r}: expected a whole number >= 0 (0: onnxruntime's default)")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ZooError(f"--batch {batch!r}: expected a whole number >= 1")
         given = dict(max_flops=max_flops, max_latency_ms=max_latency_ms, min_accuracy=min_accuracy,
                      max_ms_per_token=max_ms_per_token, max_ttft_ms=max_ttft_ms, max_memory_mb=max_memory_mb)
         for key, value in given.items():
@@ -167,19 +176,31 @@ class Zoo:
         pool = [m for m in self.entries if wanted is None or precision_of(m) in wanted]
         if not pool:
             have = sorted({precision_of(m) for m in self.entries}, key=PRECISIONS.index)
+            extra = [p for p in wanted if p != "fp32"]
             raise ZooError(f"--precision {','.join(wanted)}: this zoo has no such entry (its precisions: "
-                           f"{', '.join(have)}); re-export with `klas export --precisions ...`")
-        fits = [m for m in pool if all(t(m) for _, t in tests)]
+                           f"{', '.join(have)}); to re-export it with them, "
+                           + make_zoo_hint(self.path, f" --force --precisions {','.join(extra) or 'fp16,int8'}"))
         where = f"{short_provider(provider)}, batch {batch}" + (f", {threads} thread(s)" if threads else "")
+        # variants compete with their parent on measured speed; on accuracy only where the paired test says so
+        reviews = review(pool, lat, stat, where, provider, batch, device_label(provider))
+        offered = [m for m in pool if m["name"] not in reviews or reviews[m["name"]].offered]
+        fits = [m for m in offered if all(t(m) for _, t in tests)]
         budget = _budget_text(flops_cap, max_latency_ms, min_accuracy, stat, where, by_average and self.cascades)
         if wanted is not None:
             budget += f", precision {'/'.join(wanted)}"
         if not fits:
             raise ZooError(self._nothing_fits(lat, flops_cap, max_latency_ms, min_accuracy, stat, where, budget,
                                                cost, pool, provider, batch, threads))
-        best = max(fits, key=lambda m: (m["test_acc"], -cost(m), precision_of(m) == "fp32", m["name"]))
+        def rank(m):
+            r = reviews.get(m["name"])
+            faster = r is not None and r.faster
+            return (r.accuracy if r else m["test_acc"], -cost(m), faster, -lat[m["name"]][0] if faster else 0.0,
+                    precision_of(m) == "fp32", m["name"])
+
+        best = max(fits, key=rank)
         latency = lat[best["name"]]
         reason = self._reason(best, fits, latency, stat, where, budget, cost, by_average, flops_cap)
+        reason += _variants_text(best, reviews)
         use_threads = latency[1]["threads"] if (latency and max_latency_ms is not None) else threads
         choice = self.open(best, provider, use_threads, with_session, reason)
         choice.latency_ms, choice.latency_record = (latency[0], latency[1]) if latency else (None, None)
@@ -198,7 +219,7 @@ class Zoo:
                 sp = short_provider(provider) if provider else "cpu"
                 return (f"no entry of this zoo has a latency measured on this device ({device_label(provider)}, "
                         f"{where}); measure it with `klas profile {self.path} --provider {sp} --threads "
-                        f"{threads or 1} --batch {batch}`")
+                        f"{1 if threads is None else threads} --batch {batch}`")
             fastest = min(measured, key=lambda m: lat[m["name"]][0])
             if lat[fastest["name"]][0] > max_latency_ms:
                 return (f"max_latency_ms {max_latency_ms:g} is below the fastest model, {fastest['name']} "
@@ -238,7 +259,9 @@ class Zoo:
                          f"{latency[1]['device']}{inputs})")
         what = "models and cascades" if self.cascades else "models"
         parts.append(f"most accurate of {len(fits)}/{len(self)} {what} within {budget}")
-        better = [m for m in self.entries if m["test_acc"] > best["test_acc"]]
+        group = best.get("parent") or best["name"]  # its parent and variants: compared in _variants_text
+        better = [m for m in self.entries if m["test_acc"] > best["test_acc"]
+                  and (m.get("parent") or m["name"]) != group]
         if better:
             nxt = min(better, key=lambda m: (cost(m), -m["test_acc"]))
             avg = " on average on val" if by_average and is_cascade(nxt) else ""
@@ -258,6 +281,19 @@ _BUDGET_HINTS = {"max_latency_ms": "; a decoder zoo is budgeted per output token
                  "max_ms_per_token": "; --max-ms-per-token is a decoder zoo's budget (image zoos: --max-latency-ms)",
                  "max_ttft_ms": "; --max-ttft-ms (time to first token) is a decoder zoo's budget",
                  "max_memory_mb": "; peak memory is measured for decoder zoos (`klas-runtime profile`)"}
+
+
+def _variants_text(best: dict, reviews: dict) -> str:
+    """The pick's explanation of variants against their parent: the chosen one's (or its parent's) group, and how
+    many variants of other models were not offered."""
+    group = best.get("parent") or best["name"]
+    mine = [r for r in reviews.values() if r.parent == group]
+    others = [r for r in reviews.values() if r.parent != group and not r.offered]
+    parts = [r.text for r in mine]
+    if others:
+        parts.append(f"{len(others)} variant(s) of other models not offered: slower than their float32 parent "
+                     f"where timed and not significantly more accurate ({', '.join(r.name for r in others)})")
+    return "".join(f"; {p}" for p in parts)
 
 
 def verify_zoo(zoo_dir: Path | str) -> list[str]:

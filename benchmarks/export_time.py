@@ -1,0 +1,78 @@
+"""Where the export spends its time: the embedded fmnist-deit anchors exported as ``klas run`` exports them (all
+test images, val for the variants), with timers around each piece of ``klas.export`` (exporter, self-check, parity,
+scoring, the int8 grid and its ``quantize_static`` calls, fp16, the variants' scoring, profiling). Run once with
+``PRECISIONS = fp16,int8`` and once with ``none`` for the ratio; seconds and shares go to stdout and a JSON.
+
+    python benchmarks/export_time.py OUT_DIR [PRECISIONS] [--json benchmarks/results/export_time_fmnist-deit.json]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import time
+from pathlib import Path
+
+T: dict = collections.defaultdict(float)
+
+
+def wrap(mod, name: str, label: str) -> None:
+    f = getattr(mod, name)
+
+    @functools.wraps(f)
+    def timed(*a, **k):
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            T[label] += time.perf_counter() - t
+
+    setattr(mod, name, timed)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("precisions", nargs="?", default="fp16,int8")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args()
+    import torch
+
+    import klas
+    import klas.export.graph as G
+    import klas.export.member as M
+    import klas.export.parity as P
+    import klas.export.variants as V
+    from klas.data import load_dataset
+    from klas.export import export_models
+    from klas.stages.s6_export import ExportConfig
+    from klas.stitch import StitchConfig, StitchedNet
+    from klas_runtime.machine import machine_info
+
+    for mod, name, label in [(M, "export_onnx", "exporter (incl. self-check)"), (G, "_dynamo_onnx", "dynamo export"),
+                             (P, "self_check", "self-check"), (M, "check_parity", "parity vs float64"),
+                             (M, "graph_score", "float32 score"), (M, "latency_record", "profiling float32"),
+                             (M, "make_variants", "variants"), (V, "_int8", "int8 grid"),
+                             (V, "to_int8", "quantize_static calls"), (V, "pre_process", "quant_pre_process"),
+                             (V, "to_fp16", "fp16 convert"), (V, "_variant_entry", "variants' test scoring"),
+                             (V, "latency_record", "profiling variants")]:
+        wrap(mod, name, label)
+    torch.set_num_threads(1)
+    test, val = load_dataset("fashion-mnist", "test"), load_dataset("fashion-mnist", "val")
+    fam = klas.create_family("fmnist-deit", pretrained=True)
+    members = [(StitchConfig.anchor(v.name), StitchedNet(v, -1, v, -1, None), None) for v in fam]
+    t = time.perf_counter()
+    export_models(members, a.out, "fmnist-deit", test, ExportConfig(provider="cpu", precisions=a.precisions),
+                  progress=True, val=val if a.precisions != "none" else None)
+    total = time.perf_counter() - t
+    print(f"total {total:.1f} s ({a.precisions})")
+    for k, v in T.items():
+        print(f"  {k:32s} {v:7.1f} s {100 * v / total:5.1f} %")
+    if a.json:
+        a.json.write_text(json.dumps(dict(precisions=a.precisions, total_s=total, seconds=dict(T),
+                                          machine=machine_info()), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
