@@ -16,8 +16,7 @@ top-level ``rejected``. An entry without ``precision`` is float32, so version-1 
 
 Schema version 4 adds the **input geometry** to a model's ``input``: ``resize`` ([h, w] = floor(input size /
 crop_pct)), ``interpolation``, ``crop_pct`` and ``crop_mode`` -- timm's evaluation transform, which the runtime
-applies (``klas_runtime.preprocess``). An input without them (versions 1-3) means: resize straight to the input
-size, bilinear, no crop.
+applies (``klas_runtime.preprocess``); without them (versions 1-3): resize to the input size, bilinear, no crop.
 
 Schema version 5 is that of **decoder zoos** (``runtime_entry: "generate"``, task ``causal-lm``): language models
 that take token ids and return next-token logits through a KV cache (``klas_runtime.generate``). Their model entries
@@ -27,10 +26,8 @@ header carries the zoo's ``tokenizer`` file (hashed like a model file) and its `
 precisions are fp32, int8 and int4. Which schema a manifest is held to comes from its runtime entry (``KINDS_BY_ENTRY``:
 one ``ManifestKind`` per entry, ``classify`` for every other); image manifests (versions 1-4) read as before.
 
-The header may name the **task** that made the zoo (``task``, ``cost_unit``, ``metric``, ``runtime_entry``:
-``klas.tasks.Task.manifest_fields``); the runtime serves the zoo through the entry ``runtime_entry`` names
-(``klas_runtime.entries``). Optional, at any schema version: a manifest without them is an image classifier's,
-served by ``classify``, so older manifests read unchanged.
+The header may name the **task** that made the zoo (``klas.tasks.Task.manifest_fields``; served through the entry
+``runtime_entry`` names, ``klas_runtime.entries``); without them it is an image classifier's (``classify``).
 
 Trust rules enforced here: a model file must be a plain name inside the zoo folder (no paths, no ``..``, no links
 out), and its sha256 must match -- a manifest that was edited by hand or copied next to other files is refused.
