@@ -515,7 +515,7 @@ def test_pick_by_flops_ms_per_token_ttft_and_memory(lm_zoo):
         zoo.pick(device="cpu", with_session=False, precision="int4", max_ms_per_token=100)
     cases = [(dict(max_ms_per_token=0.5), r"max_ms_per_token 0.5 is below the fastest decoder, small"),
              (dict(max_flops="10K"), r"max_flops_per_token 10K is below the cheapest decoder, small"),
-             (dict(max_ms_per_token=-1.0), r"--max-ms-per-token -1.0: expected a number >= 0"),
+             (dict(max_ms_per_token=-1.0), r"--max-ms-per-token -1.0: expected a finite number >= 0"),
              (dict(max_ttft_ms=1.0), r"max_ttft_ms 1 is below the fastest first token"),
              (dict(max_latency_ms=5.0), r"--max-latency-ms: .* runtime entry 'generate'.*--max-ms-per-token"),
              (dict(min_accuracy=50.0), r"perplexity <= 2\) is above the best decoder, big"),
@@ -637,7 +637,7 @@ def test_cli_generate_pick_predict(lm_zoo, capsys, monkeypatch, tmp_path):
     rc, out6, err = _cli(["generate", lm_zoo.path, "the quick", "--max-ttft-ms", "3", "--max-new-tokens", 4],
                          capsys)
     assert rc == 0 and "[generate] model small" in err and "first token in 2 ms at 6 prompt tokens" in err
-    for args, msg in [(["--temperature", "-1"], "--temperature -1.0: expected a number >= 0"),
+    for args, msg in [(["--temperature", "-1"], "--temperature -1.0: expected a finite number >= 0"),
                       (["--max-new-tokens", "100"], "is longer than the context"),
                       (["--max-ms-per-token", "0.1"], "max_ms_per_token 0.1 is below the fastest decoder"),
                       (["--max-memory-mb", "1"], "max_memory_mb 1 is below"),
