@@ -3,6 +3,7 @@ anchors of an embedded family (``klas.families.trainer``), adapt a family's anch
 (``klas.families.adapt``)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -106,7 +107,7 @@ def _adapt(args) -> int:
     print(f"[adapt] family: {family_file}\n[adapt] run it: klas run {family_file.parent / RUN_FILE} (or set "
           f"[run] family = \"{family_file}\" in your config, without its [family] section)")
     for line in adapted_family_warnings(family_file.parent):
-        print(line)
+        print(line, file=sys.stderr)
     return 0
 
 

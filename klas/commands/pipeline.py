@@ -1,6 +1,7 @@
 """``klas run [CONFIG]``: every stage from the family to a shippable zoo; ``klas config``: the settings schema."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -12,14 +13,14 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.set)
     apply_run_settings(cfg)
     early = family_warnings(cfg, args.run_dir)
-    for line in early:
-        print(line)
+    for line in early:  # warnings go to stderr: stdout stays the stage plan / summary that scripts read
+        print(line, file=sys.stderr)
     run_pipeline(cfg, args.run_dir, dry_run=args.dry_run, until=args.until)
     if not args.dry_run and args.until in (None, "export"):
         print_summary(args.run_dir)
     if not early and not args.dry_run:  # first known now: the evaluation measured the untouched anchors on val
         for line in evaluated_family_warnings(args.run_dir):
-            print(line)
+            print(line, file=sys.stderr)
     return 0
 
 
