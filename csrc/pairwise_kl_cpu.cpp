@@ -209,6 +209,19 @@ int default_threads() {
 #endif
 }
 
+// Per-thread float64 sums added in thread order (results do not depend on scheduling); false if a thread saw a
+// non-finite row.
+bool add_partials(const std::vector<double>& partial, const std::vector<char>& bad, int threads, int64_t pairs,
+                  double* out) {
+  bool finite = true;
+  for (int t = 0; t < threads; ++t) {
+    finite = finite && !bad[t];
+    const double* acc = partial.data() + static_cast<size_t>(t) * pairs;
+    for (int64_t k = 0; k < pairs; ++k) out[k] += acc[k];
+  }
+  return finite;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // AVX2 + FMA path (x86-64 with GCC; chosen at run time when the CPU has AVX2, FMA and F16C). GCC does not vectorize
 // the portable loops above (the max and exp loops compile to scalar code), so this path spells the vectors out.
@@ -463,13 +476,7 @@ bool pairwise_kl_avx2_typed(const PairwiseKLArgs& g, double* out, int threads) {
       }
     }
   }
-  bool finite = true;
-  for (int t = 0; t < threads; ++t) {
-    finite = finite && !bad[t];
-    const double* acc = partial.data() + static_cast<size_t>(t) * n_a * n_b;
-    for (int64_t k = 0; k < n_a * n_b; ++k) out[k] += acc[k];
-  }
-  return finite;
+  return add_partials(partial, bad, threads, n_a * n_b, out);
 }
 
 bool pairwise_kl_sum_avx2(const PairwiseKLArgs& g, double* out, int num_threads) {
@@ -550,13 +557,7 @@ bool pairwise_kl_sum_cpu_portable(const PairwiseKLArgs& g, double* out, int num_
     }
   }
 
-  bool finite = true;
-  for (int t = 0; t < threads; ++t) {
-    finite = finite && !bad[t];
-    const double* acc = partial.data() + static_cast<size_t>(t) * n_a * n_b;
-    for (int64_t k = 0; k < n_a * n_b; ++k) out[k] += acc[k];
-  }
-  return finite;
+  return add_partials(partial, bad, threads, n_a * n_b, out);
 }
 
 bool pairwise_kl_sum_cpu(const PairwiseKLArgs& g, double* out, int num_threads) {
