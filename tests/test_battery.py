@@ -790,20 +790,31 @@ def _threads(zoo) -> list[set[int]]:
     return [{r["threads"] for r in e["latency"]} for e in _manifest(zoo)["models"]]
 
 
-def test_two_concurrent_profiles_keep_both_records(base, tmp_path):
-    """`klas profile` twice at once on one zoo: the later writer merges into the manifest as it is when it
-    writes, so both runs' records are there (one was lost before the zoo had a lock)."""
-    zoo = _zoo(base, tmp_path)
-    first, go = _held_profile(tmp_path, zoo, "--threads", "2")
+def _while_profile_held(tmp, zoo, action, *flags) -> tuple[str, str]:
+    """Run ``action`` while a profile of ``zoo`` is held between measuring and writing, then let it write; the
+    held profile must succeed without a traceback; its (stdout, stderr)."""
+    first, go = _held_profile(tmp, zoo, *flags)
     try:
-        rc, out, err = base["server"].run(["profile", zoo, "--runs", "2", "--warmup", "0", "--threads", "3"])
-        assert rc == 0 and "Traceback" not in out + err, err[-2000:]
+        action()
         go.write_text("go")
         out, err = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0 and "Traceback" not in out + err, err[-2000:]
+    return out, err
+
+
+def test_two_concurrent_profiles_keep_both_records(base, tmp_path):
+    """`klas profile` twice at once on one zoo: the later writer merges into the manifest as it is when it
+    writes, so both runs' records are there (one was lost before the zoo had a lock)."""
+    zoo = _zoo(base, tmp_path)
+
+    def second_profile():
+        rc, out, err = base["server"].run(["profile", zoo, "--runs", "2", "--warmup", "0", "--threads", "3"])
+        assert rc == 0 and "Traceback" not in out + err, err[-2000:]
+
+    _while_profile_held(tmp_path, zoo, second_profile, "--threads", "2")
     assert all({2, 3} <= t for t in _threads(zoo)), _threads(zoo)
     _verify_ok(base["server"], zoo)
 
@@ -814,16 +825,12 @@ def test_profile_while_export_swaps_in_a_new_zoo(base, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base["run"], run, symlinks=True)
     before = {e["name"]: e["sha256"] for e in _manifest(run / "zoo")["models"] if "file" in e}
-    first, go = _held_profile(tmp_path, run / "zoo", "--threads", "2")
-    try:
-        rc, out, err = base["server"].run(["export", "--run-dir", run, "--force", "--set", "export.parity_images=30"])
+
+    def export_swap():
+        rc, _, err = base["server"].run(["export", "--run-dir", run, "--force", "--set", "export.parity_images=30"])
         assert rc == 0, err[-2000:]
-        go.write_text("go")
-        out, err = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 0 and "Traceback" not in out + err, err[-2000:]
+
+    out, _ = _while_profile_held(tmp_path, run / "zoo", export_swap, "--threads", "2")
     after = {e["name"]: e["sha256"] for e in _manifest(run / "zoo")["models"] if "file" in e}
     assert after != before  # the export did change the files
     assert "changed while being measured" in out
