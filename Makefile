@@ -18,8 +18,8 @@ demo-lm: setup
 	@$(VENV)/bin/klas run klas/configs/pydoc-llama.toml --run-dir runs/demo-lm
 
 test: setup
-	@echo "[test] running the test suite (Triton kernels under TRITON_INTERPRET=1, C++ extension required)"
-	@TRITON_INTERPRET=1 KLAS_REQUIRE_EXT=1 $(PY) -m pytest -q tests
+	@echo "[test] running the test suite (Triton kernels under TRITON_INTERPRET=1, C++ extension required; one worker per core, up to 4, each test file in one worker)"
+	@TRITON_INTERPRET=1 KLAS_REQUIRE_EXT=1 $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile tests
 
 bench: setup
 	@$(PY) -m pytest -q benchmarks --benchmark-only

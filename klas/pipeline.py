@@ -110,9 +110,11 @@ def task_stages(cfg: Config) -> list[ModuleType]:
 
 
 def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until: str | None = None,
-                 force: tuple[str, ...] = (), family=None, progress: bool = True) -> dict[str, object]:
+                 force: tuple[str, ...] = (), family=None, progress: bool = True,
+                 on_start=None) -> dict[str, object]:
     """Run (or, with ``dry_run``, only print the plan of) every stage up to ``until``; returns {stage: artifact}
-    for the stages that exist at the end. ``dry_run`` writes nothing."""
+    for the stages that exist at the end. ``dry_run`` writes nothing. ``on_start()`` is called once the run may
+    go ahead (after the run directory's lock is taken), so a refused run prints nothing but its refusal."""
     from klas.research import register_all
 
     register_all()  # a Config built in code may name research metrics / methods (load_config registers them too)
@@ -125,6 +127,8 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
 
         task_of(get_family_cfg(cfg.run.family)).check_config(cfg)
     if dry_run:
+        if on_start is not None:
+            on_start()
         for k, r in enumerate(rows, 1):
             what = {"done": "skip (up to date)", "todo": "run"}.get(r["status"], f"re-run ({r['why']})")
             print(f"[{k}/{len(rows)}] {r['module'].NAME:11s} {what:48s} {r['module'].DESCRIBE}")
@@ -133,6 +137,8 @@ def run_pipeline(cfg: Config, run_path: Path | str, dry_run: bool = False, until
     if not dist.info().is_main:
         return _run_stages(cfg, run_dir, rows, force, family, progress)
     with run_dir.lock():  # each stage's status is decided again under the lock, just before it runs
+        if on_start is not None:
+            on_start()
         return _run_stages(cfg, run_dir, rows, force, family, progress)
 
 

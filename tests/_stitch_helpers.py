@@ -38,6 +38,48 @@ profile = false
 """Every stage's sections of a smoke run's TOML (seconds per stage): the CLI end-to-end tests add [run] / [family]."""
 WIDTHS = (8, 16, 32)
 
+VIT_FAMILY_TOML = """
+[run]
+family = "{name}"
+threads = 1
+[family]
+name = "{name}"
+dataset = "fashion-mnist"
+num_classes = 10
+[family.input]
+channels = 1
+size = 28
+mean = [0.2860]
+std = [0.3530]
+{anchors}
+""" + TINY_STAGES
+VIT_ANCHOR_TOML = """
+[[family.anchors]]
+name = "tv-{w}"
+arch = "vit_tiny_patch16_224"
+model_args = {{ img_size = 28, patch_size = 7, in_chans = 1, num_classes = 10, depth = 4, mlp_ratio = 2.0, embed_dim = {w}, num_heads = {h} }}
+weights = "tv-{w}.safetensors"
+"""
+
+
+def tiny_vit_config(folder, widths=(8, 16), name="battery-vit"):
+    """``folder/tiny.toml``: a config defining a family of 4-block ViTs of ``widths`` with seeded random weights
+    saved beside it (safetensors) and TINY_STAGES: what a user's own family looks like, seconds per stage, and the
+    same anchors in every process (unlike ``tiny_family``'s fresh random ones)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    anchors = ""
+    for w in widths:
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                              num_classes=10, depth=4, mlp_ratio=2.0, embed_dim=w, num_heads=max(1, w // 8))
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / f"tv-{w}.safetensors"))
+        anchors += VIT_ANCHOR_TOML.format(w=w, h=max(1, w // 8))
+    cfg = folder / "tiny.toml"
+    cfg.write_text(VIT_FAMILY_TOML.format(anchors=anchors, name=name))
+    return cfg
+
 
 def tiny_family():
     """Three 4-block ViTs (widths 8/16/32, 17 tokens) on Fashion-MNIST with random weights: fast to build and train."""

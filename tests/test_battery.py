@@ -28,33 +28,10 @@ import time
 from pathlib import Path
 
 import pytest
-from _stitch_helpers import TINY_STAGES
+from _stitch_helpers import tiny_vit_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-FAMILY = """
-[run]
-family = "battery-vit"
-threads = 1
-[family]
-name = "battery-vit"
-dataset = "fashion-mnist"
-num_classes = 10
-[family.input]
-channels = 1
-size = 28
-mean = [0.2860]
-std = [0.3530]
-{anchors}
-""" + TINY_STAGES
-ANCHOR = """
-[[family.anchors]]
-name = "tv-{w}"
-arch = "vit_tiny_patch16_224"
-model_args = {{ img_size = 28, patch_size = 7, in_chans = 1, num_classes = 10, depth = 4, mlp_ratio = 2.0, embed_dim = {w}, num_heads = {h} }}
-weights = "tv-{w}.safetensors"
-"""
 
 # A warm process that imported klas (and torch's ONNX exporter) once and forks one child per request; the child
 # chdirs, points fds 1 and 2 at files, applies an optional fault and runs ``klas.cli.main(argv)``.
@@ -178,20 +155,8 @@ def klas_proc(*argv, **kw):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """One small real run (probes ... zoo) of a two-anchor family defined in the config, and the fork server."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
     d = tmp_path_factory.mktemp("battery")
-    torch.manual_seed(0)
-    anchors = ""
-    for w in (8, 16):
-        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                              num_classes=10, depth=4, mlp_ratio=2.0, embed_dim=w, num_heads=max(1, w // 8))
-        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(d / f"tv-{w}.safetensors"))
-        anchors += ANCHOR.format(w=w, h=max(1, w // 8))
-    cfg = d / "tiny.toml"
-    cfg.write_text(FAMILY.format(anchors=anchors))
+    cfg = tiny_vit_config(d)
     r = klas_proc("run", cfg, "--run-dir", d / "run")
     assert r.returncode == 0, r.stderr[-3000:]
     server = Server(tmp_path_factory.mktemp("server"))

@@ -161,19 +161,31 @@ def test_the_int8_choice_is_the_best_measured_on_held_out_val(exported):
                                                                                 for w in weights}
     assert {c["calibration_method"] for c in cands} == {"MinMax", "Entropy", "Percentile"}
     best = max(cands, key=lambda c: (c["top1_agreement"], c["val_acc"], -c["max_abs_diff"], -c["bytes"]))
-    assert (v["ops"], v["per_channel"], v["calibration_method"]) == (best["ops"], best["per_channel"],
-                                                                     best["calibration_method"])
+    assert (v["ops"], v["per_channel"], v["calibration_method"], v["float_nodes"]) == (
+        best["ops"], best["per_channel"], best["calibration_method"], best["float_nodes"])
+    # the stem / classifier kept in float32: tried (on the best int8-everywhere candidate) unless that one was exact
+    kept = [c for c in cands if c["float_nodes"]]
+    plain = max((c for c in cands if not c["float_nodes"]),
+                key=lambda c: (c["top1_agreement"], c["val_acc"], -c["max_abs_diff"], -c["bytes"]))
+    assert len(kept) == (plain["top1_agreement"] < 1.0)
+    from klas.export.variants import end_weight_nodes, pre_process
+
+    pre, _ = pre_process(onnx.load_from_string(exported["raw"]))
+    weight_ops = [n for n in pre.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert weight_ops[0].op_type == "Conv" and weight_ops[-1].op_type in ("Gemm", "MatMul")
+    for c in kept:
+        assert c["float_nodes"] == [weight_ops[0].name, weight_ops[-1].name]
+        assert (c["ops"], c["per_channel"], c["calibration_method"]) == (
+            plain["ops"], plain["per_channel"], plain["calibration_method"])
+    assert end_weight_nodes(pre) == (weight_ops[0].name, weight_ops[-1].name)
     assert choice["held_out"] and choice["images"] == N_SEL and v["calibration"] == dict(split="val", images=N_CAL)
     assert v["pre_process"]["applied"]
     # the chosen configuration, quantized again here, scores what the manifest says on the held-out val images
     val = exported["val"]
     xv = val.normalize(val.images).numpy()
     x_sel, y_sel = xv[N_CAL:N_CAL + N_SEL], val.labels.numpy()[N_CAL:N_CAL + N_SEL]
-    from klas.export.variants import pre_process
-
-    pre, _ = pre_process(onnx.load_from_string(exported["raw"]))
     q = to_int8(pre, xv[:N_CAL], best["per_channel"], "input", best["ops"], best["calibration_method"],
-                best["reduce_range"])
+                best["reduce_range"], exclude=tuple(best["float_nodes"]))
     z, ref = ort_logits(q.SerializeToString(), x_sel), ort_logits(exported["raw"], x_sel)
     assert (z.argmax(1) == ref.argmax(1)).mean() == pytest.approx(best["top1_agreement"], abs=2 / N_SEL)
     assert (z.argmax(1) == y_sel).mean() * 100 == pytest.approx(best["val_acc"], abs=200 / N_SEL)

@@ -13,9 +13,12 @@ def _run(args) -> int:
     cfg = load_config(args.config, args.set)
     apply_run_settings(cfg)
     early = family_warnings(cfg, args.run_dir)
-    for line in early:  # warnings go to stderr: stdout stays the stage plan / summary that scripts read
-        print(line, file=sys.stderr)
-    run_pipeline(cfg, args.run_dir, dry_run=args.dry_run, until=args.until)
+
+    def warn() -> None:  # to stderr: stdout stays the stage plan / summary that scripts read
+        for line in early:
+            print(line, file=sys.stderr)
+
+    run_pipeline(cfg, args.run_dir, dry_run=args.dry_run, until=args.until, on_start=warn)
     if not args.dry_run and args.until in (None, "export"):
         print_summary(args.run_dir)
     if not early and not args.dry_run:  # first known now: the evaluation measured the untouched anchors on val

@@ -7,7 +7,8 @@ For every float32 model the export writes, ``make_variants`` builds
   convolution; recorded whether it changed the graph), calibrated on ``calibration_images`` samples of the *val*
   split. How is decided on val, per model, not assumed: a small grid -- which ops are quantized (the weight ops
   MatMul / Gemm / Conv only, or every op the quantizer knows), weights per channel or per tensor, then the
-  calibration method (MinMax, Entropy, Percentile) on the best of those -- each candidate scored on val images the
+  calibration method (MinMax, Entropy, Percentile) on the best of those, then that one with the first and last
+  weight op (stem and classifier) kept in float32 (``float_nodes``) -- each candidate scored on val images the
   calibration did not see (top-1 agreement with the float32 parent, then val accuracy, then the smaller max
   |logit difference| and file). Weights: per tensor, per channel, or per channel at 7 bits (``reduce_range``).
   Every candidate's figures are in the manifest (``variant.int8_choice``). Measured by
@@ -117,12 +118,14 @@ class _Images:
 
 
 def to_int8(model, calibration: np.ndarray, per_channel: bool, input_name: str, ops: str = "weights",
-            method: str = "MinMax", reduce_range: bool = False, cache: Path | None = None):
+            method: str = "MinMax", reduce_range: bool = False, cache: Path | None = None,
+            exclude: tuple[str, ...] = ()):
     """Static QDQ int8 (activations and weights int8) calibrated on ``calibration`` by ``method`` (MinMax, Entropy,
     Percentile); ``ops``: "weights" (MatMul / Gemm / Conv, ``INT8_OPS``) or "all" (every op the quantizer has);
     ``reduce_range``: 7-bit weights (onnxruntime's advice for CPUs without VNNI, whose u8 x s8 products saturate);
     ``cache``: onnxruntime's calibration cache file (ranges computed once per method; the first call for a file
-    must use the widest ``ops``, as its ranges are reused for every later call)."""
+    must use the widest ``ops``, as its ranges are reused for every later call); ``exclude``: names of nodes kept
+    in float32."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -135,9 +138,17 @@ def to_int8(model, calibration: np.ndarray, per_channel: bool, input_name: str, 
         quantize_static(fresh, out, _Images(calibration, input_name), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=INT8_OP_SETS[ops], per_channel=per_channel, reduce_range=reduce_range,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod[method],
+                        calibrate_method=CalibrationMethod[method], nodes_to_exclude=list(exclude),
                         calibration_cache_path=str(cache) if cache is not None else None)
         return onnx.load(str(out))
+
+
+def end_weight_nodes(model) -> tuple[str, ...]:
+    """The names of the first and the last weight op (``INT8_OPS``) in graph order: the stem convolution, which
+    sees the raw input's range, and the classifier, whose outputs are the logits -- the two nodes quantization
+    guides most often keep in float."""
+    named = [n.name for n in model.graph.node if n.op_type in INT8_OPS and n.name]
+    return tuple(dict.fromkeys(named[:1] + named[-1:])) if len(named) > 2 else ()
 
 
 def pre_process(model) -> tuple["onnx.ModelProto", dict]:  # noqa: F821
@@ -236,7 +247,8 @@ def _int8(model, parent_bytes: bytes, val, options, name_in: str, task):
     if len(grid) == 1 and len(methods) == 1:
         o, (pc, rr), m = grid[0]
         return to_int8(model, calibration, pc, name_in, o, m, rr), dict(base, ops=o, per_channel=pc,
-                                                                       reduce_range=rr, calibration_method=m)
+                                                                       reduce_range=rr, calibration_method=m,
+                                                                       float_nodes=[])
     held = val.subset(n_cal + options.per_channel_images)
     sel = held if len(held) > n_cal else val.subset(n_cal)
     lo = n_cal if len(held) > n_cal else 0
@@ -244,15 +256,16 @@ def _int8(model, parent_bytes: bytes, val, options, name_in: str, task):
     ref = onnx_logits(parent_bytes, x_sel, EVAL_BATCH, name_in)
     tried = {}
 
-    def score(o, w, m):
+    def score(o, w, m, keep=()):
         pc, rr = w
-        q = to_int8(model, calibration, pc, name_in, o, m, rr, Path(caches) / f"{m}.json")
+        q = to_int8(model, calibration, pc, name_in, o, m, rr, Path(caches) / f"{m}.json", keep)
         raw = q.SerializeToString()
         z = onnx_logits(raw, x_sel, EVAL_BATCH, name_in)
         agree, diff = compare(z, ref)
         acc = score_outputs(task, z, y_sel)
-        tried[(o, w, m)] = (q, dict(ops=o, per_channel=pc, reduce_range=rr, calibration_method=m,
-                                     top1_agreement=agree, val_acc=acc, max_abs_diff=diff, bytes=len(raw)))
+        tried[(o, w, m, keep)] = (q, dict(ops=o, per_channel=pc, reduce_range=rr, calibration_method=m,
+                                           float_nodes=list(keep), top1_agreement=agree, val_acc=acc,
+                                           max_abs_diff=diff, bytes=len(raw)))
 
     def rank(key):
         c = tried[key][1]
@@ -264,9 +277,14 @@ def _int8(model, parent_bytes: bytes, val, options, name_in: str, task):
         best = max(tried, key=rank)
         for m in methods[1:]:  # the calibration method on the best ops / granularity (MinMax's)
             score(best[0], best[1], m)
+        best = max(tried, key=rank)
+        ends = end_weight_nodes(model)
+        if ends and tried[best][1]["top1_agreement"] < 1.0:  # the sensitive ends kept in float, on the best so far
+            score(*best[:3], ends)
     best = max(tried, key=rank)
-    o, (pc, rr), m = best
-    return tried[best][0], dict(base, ops=o, per_channel=pc, reduce_range=rr, calibration_method=m, int8_choice=dict(
+    o, (pc, rr), m, keep = best
+    return tried[best][0], dict(base, ops=o, per_channel=pc, reduce_range=rr, calibration_method=m,
+                                float_nodes=list(keep), int8_choice=dict(
         rule="the highest top-1 agreement with the float32 parent on val images the calibration did not see "
              "(then val accuracy, smaller max |logit difference|, smaller file)",
         images=len(x_sel), held_out=lo > 0, candidates=[c for _, c in tried.values()]))
