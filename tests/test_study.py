@@ -218,10 +218,11 @@ def test_tiny_metric_outcome_sensitivity_cascades(run, tmp_path):
 
 def test_tiny_auc_and_gain(run, tmp_path):
     fam, path = run
+    # two of the three arms (each arm is the same code with another selection; three cost 30 s more)
     cfg = st_auc.AucCfg(steps=2, batch_size=16, n_stitches=2, test_samples=40, seeds=(0, 1), val_samples=16,
-                    init_samples=64)
+                        init_samples=64, methods=("klas", "min-kl"), admission_val_samples=200)
     rec = st_auc.auc_study(path, tmp_path, cfg, family=fam, progress=False)
-    assert set(rec["summary"]) == {"klas", "snnet-paired", "min-kl", "anchors-only"}
+    assert set(rec["summary"]) == {"klas", "min-kl", "anchors-only"}
     for m in ("klas", "min-kl"):
         vals = [rec["per_seed"][s]["auc"][m] for s in ("0", "1")]
         assert rec["summary"][m]["mean"] == pytest.approx(np.mean(vals))

@@ -21,7 +21,8 @@ AUC_METHODS = ("klas", "snnet-paired", "min-kl")
 @dataclass(frozen=True)
 class AucCfg:
     """Equal budget for every arm: ``steps`` supernetwork steps of batch ``batch_size``, ``n_stitches`` stitched
-    configurations each, accuracy on the first ``test_samples`` test images."""
+    configurations each, accuracy on the first ``test_samples`` test images; the zoo admitted on the first
+    ``admission_val_samples`` val images (None: all)."""
 
     steps: int = 300
     batch_size: int = 128
@@ -31,6 +32,7 @@ class AucCfg:
     methods: tuple[str, ...] = AUC_METHODS
     val_samples: int = 1000
     init_samples: int = 1024
+    admission_val_samples: int | None = None
 
 
 def _compare_once(run: RunDir, out: Path, methods, steps: int, seed: int, cfg: AucCfg, family, data_root,
@@ -51,7 +53,7 @@ def _compare_once(run: RunDir, out: Path, methods, steps: int, seed: int, cfg: A
     arms = [Arm(*resolve_selection(m, run.path, family)) for m in methods]
     ft = FinetuneConfig(epochs=1, steps_per_epoch=steps, batch_size=cfg.batch_size, val_images=cfg.val_samples,
                         init=FitCfg(method="ls", samples=cfg.init_samples))
-    ev = EvaluationConfig(test_subset=cfg.test_samples, latency=False)
+    ev = EvaluationConfig(test_subset=cfg.test_samples, val_subset=cfg.admission_val_samples, latency=False)
     return compare(out, arms, ft, ev, seed=seed, family=family, data_root=data_root, n_stitches=cfg.n_stitches,
                    before=False, progress=progress)
 
