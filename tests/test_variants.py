@@ -386,3 +386,19 @@ def test_family_order_warning_from_an_adaptation_record(tmp_path):
             assert f"{a['name']} ({a['params']} params) {a['val_acc']:.2f}% <=" in lines[0]
         if lines:
             assert "\n" not in lines[0] and str(folder / RECORD) in lines[0]
+
+
+@pytest.mark.parametrize("config", ["fmnist-deit", "fmnist-mixed", "pydoc-llama"])
+def test_family_order_warning_from_an_embedded_card(config):
+    """Before any stage of an embedded family's run: the card's FLOPs and val accuracy, checked pair by pair here."""
+    from klas.commands.pipeline import carded_family_warnings
+    from klas.config import load_config
+    from klas.families.trainer import load_card
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "klas" / "configs" / f"{config}.toml", [])
+    lines = carded_family_warnings(cfg)
+    rows = [e for e in load_card(cfg.run.family)["anchors"] if "val_acc" in e]
+    bad = {a["name"] for a in rows for b in rows if a["flops"] > b["flops"] and a["val_acc"] <= b["val_acc"]}
+    assert len(lines) == (1 if bad else 0), lines
+    for name in bad:
+        assert f"{name} (" in lines[0] and "card" in lines[0]

@@ -29,7 +29,8 @@ def _run(args) -> int:
 
 def family_warnings(cfg, run_dir: Path) -> list[str]:
     """At the start of a run, from what is already known without building a model: the adaptation record beside
-    a family file written by ``klas anchors adapt``, else this run directory's earlier evaluation."""
+    a family file written by ``klas anchors adapt``, else this run directory's earlier evaluation, else an
+    embedded family's model card."""
     from klas.commands.anchors import adapted_family_warnings
 
     source = getattr(cfg.family_cfg, "source", None)  # the family file a config's [run] family named
@@ -38,7 +39,29 @@ def family_warnings(cfg, run_dir: Path) -> list[str]:
         found = adapted_family_warnings(path.parent)
         if found:
             return found
-    return evaluated_family_warnings(run_dir)
+    return evaluated_family_warnings(run_dir) or carded_family_warnings(cfg)
+
+
+def carded_family_warnings(cfg) -> list[str]:
+    """``family_order_warnings`` of an embedded family's model card (FLOPs and val accuracy of the shipped
+    weights), known before any stage runs."""
+    from klas.commands.anchors import family_order_warnings
+    from klas.families import get_family_cfg
+    from klas.families._registry import _EMBEDDED_WEIGHTS
+    from klas.families.trainer import card_file, load_card
+
+    try:
+        fam = cfg.family_cfg or get_family_cfg(cfg.run.family)
+        if not fam.embedded:
+            return []
+        card = load_card(fam.name)
+    except Exception:  # noqa: BLE001 -- no card, or a family the run itself will report on
+        return []
+    names = {a.name for a in fam.anchors}
+    rows = [(e["name"], e["flops"], e["val_acc"]) for e in card.get("anchors", [])
+            if e.get("name") in names and isinstance(e.get("flops"), (int, float))
+            and isinstance(e.get("val_acc"), (int, float))]
+    return family_order_warnings(rows, "FLOPs", f"{card_file(_EMBEDDED_WEIGHTS, fam.name)}, the family's card")
 
 
 def evaluated_family_warnings(run_dir: Path) -> list[str]:
