@@ -39,10 +39,10 @@ if [ "$(cat "$VENV/.klas-requirements" 2>/dev/null)" = "$req_hash" ]; then
   say "python packages up to date (requirements.txt unchanged)"
 else
   say "installing python packages (torch 2.14.1 CUDA build from local disk, ~4 min the first time)"
-  # --no-compile: byte-compiling every installed module (torch, transformers: thousands) took 90 s of 190 s here;
-  # Python compiles the modules klas imports on first use instead
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-compile --upgrade pip setuptools wheel
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-compile -r requirements.txt
+  # NOTE: not --no-compile: where PYTHONDONTWRITEBYTECODE=1 (as on our machines) nothing would ever write the .pyc
+  # files, and every process (the tests start hundreds) would compile torch again: 19 s per import instead of 10
+  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip setuptools wheel
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
   echo "$req_hash" > "$VENV/.klas-requirements"
 fi
 
