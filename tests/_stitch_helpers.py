@@ -38,6 +38,12 @@ profile = false
 """Every stage's sections of a smoke run's TOML (seconds per stage): the CLI end-to-end tests add [run] / [family]."""
 WIDTHS = (8, 16, 32)
 
+
+def tiny_vit_args(w: int) -> dict:
+    """timm ``vit_tiny_patch16_224`` arguments of the tiny test ViT of width ``w``: 4 blocks, 7x7 patches, 17 tokens."""
+    return dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=4, mlp_ratio=2.0, embed_dim=w,
+                num_heads=max(1, w // 8))
+
 VIT_FAMILY_TOML = """
 [run]
 family = "{name}"
@@ -57,7 +63,7 @@ VIT_ANCHOR_TOML = """
 [[family.anchors]]
 name = "tv-{w}"
 arch = "vit_tiny_patch16_224"
-model_args = {{ img_size = 28, patch_size = 7, in_chans = 1, num_classes = 10, depth = 4, mlp_ratio = 2.0, embed_dim = {w}, num_heads = {h} }}
+model_args = {{ {args} }}
 weights = "tv-{w}.safetensors"
 """
 
@@ -72,10 +78,10 @@ def tiny_vit_config(folder, widths=(8, 16), name="battery-vit"):
     torch.manual_seed(0)
     anchors = ""
     for w in widths:
-        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
-                              num_classes=10, depth=4, mlp_ratio=2.0, embed_dim=w, num_heads=max(1, w // 8))
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **tiny_vit_args(w))
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / f"tv-{w}.safetensors"))
-        anchors += VIT_ANCHOR_TOML.format(w=w, h=max(1, w // 8))
+        args = ", ".join(f"{k} = {v}" for k, v in tiny_vit_args(w).items())
+        anchors += VIT_ANCHOR_TOML.format(w=w, args=args)
     cfg = folder / "tiny.toml"
     cfg.write_text(VIT_FAMILY_TOML.format(anchors=anchors, name=name))
     return cfg
@@ -88,9 +94,7 @@ def tiny_family():
     except Exception:
         register_family(FamilyCfg(
             name=TINY, input_shape=(1, 28, 28), dataset="fashion-mnist", num_classes=10,
-            anchors=tuple(AnchorCfg(f"tv-{w}", "vit_tiny_patch16_224",
-                                    dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=4, mlp_ratio=2.0,
-                                         embed_dim=w, num_heads=max(1, w // 8))) for w in WIDTHS)))
+            anchors=tuple(AnchorCfg(f"tv-{w}", "vit_tiny_patch16_224", tiny_vit_args(w)) for w in WIDTHS)))
     return create_family(TINY)
 
 

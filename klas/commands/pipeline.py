@@ -48,20 +48,22 @@ def carded_family_warnings(cfg) -> list[str]:
     from klas.commands.anchors import family_order_warnings
     from klas.families import get_family_cfg
     from klas.families._registry import _EMBEDDED_WEIGHTS
-    from klas.families.trainer import card_file, load_card
+    from klas.families.trainer import card_file
+    from klas.io import load_json
 
     try:
         fam = cfg.family_cfg or get_family_cfg(cfg.run.family)
         if not fam.embedded:
             return []
-        card = load_card(fam.name)
+        path = card_file(_EMBEDDED_WEIGHTS, fam.name)
+        card = load_json(path)
     except Exception:  # noqa: BLE001 -- no card, or a family the run itself will report on
         return []
     names = {a.name for a in fam.anchors}
     rows = [(e["name"], e["flops"], e["val_acc"]) for e in card.get("anchors", [])
             if e.get("name") in names and isinstance(e.get("flops"), (int, float))
             and isinstance(e.get("val_acc"), (int, float))]
-    return family_order_warnings(rows, "FLOPs", f"{card_file(_EMBEDDED_WEIGHTS, fam.name)}, the family's card")
+    return family_order_warnings(rows, "FLOPs", f"{path}, the family's card")
 
 
 def evaluated_family_warnings(run_dir: Path) -> list[str]:
