@@ -142,20 +142,36 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
     f_min, f_max = min(meta.anchor_flops.values()), max(meta.anchor_flops.values())
     rows, outputs = [], {}
 
-    def measured(key: str, model) -> dict:
+    figures = {}
+
+    def measured(key: str, model, same_as: str | None = None) -> dict:
+        if same_as is not None:  # the same weights as an untouched anchor: measured once, as the library's model
+            outputs[key] = outputs[same_as]
+            return figures[same_as]
         outputs[key] = (predictions(task, model, val, batch_size), predictions(task, model, test, batch_size))
         extra = {f"{s}_{k}": v for s, (o, d) in (("val", (outputs[key][0], val)), ("test", (outputs[key][1], test)))
                  for k, v in task.report(o[0], d.labels).items()}
-        return dict(val_acc=task.score(outputs[key][0][0], val.labels),
-                    test_acc=task.score(outputs[key][1][0], test.labels), **extra,
-                    **task.extra_metrics(model, ctx, fam, cfg))
+        figures[key] = dict(val_acc=task.score(outputs[key][0][0], val.labels),
+                            test_acc=task.score(outputs[key][1][0], test.labels), **extra,
+                            **task.extra_metrics(model, ctx, fam, cfg))
+        return figures[key]
 
+    anchors = untouched_anchors(meta, family) if state == "final" else None
+    untouched = []
+    for v in anchors or []:
+        # NOTE: the library's own model (``original``: timm's, or Hugging Face's logits), not klas's block view
+        untouched.append(dict(key=v.name, flops=v.flops, params=sum(p.numel() for p in v.model.parameters()),
+                              flops_norm=normalize_flops(v.flops, f_min, f_max), **task.cost_fields(v),
+                              **measured(f"untouched:{v.name}", v.original), weights=_weights_record(v)))
+    by_name = {v.name: v for v in anchors or []}
     quiet = not ctx.progress or not di.is_main
     for k in tqdm(net.indices, desc=f"[evaluate] {len(net.indices)} configs", disable=quiet):
         sn = net.net(k)
-        row = dict(config=sn.config.to_dict(), key=sn.config.key, anchor=sn.config.is_anchor, flops=sn.flops,
+        c = sn.config
+        same = f"untouched:{c.source}" if c.is_anchor and _same_weights(sn.src, by_name.get(c.source)) else None
+        row = dict(config=c.to_dict(), key=c.key, anchor=c.is_anchor, flops=sn.flops,
                    flops_norm=normalize_flops(sn.flops, f_min, f_max), params=sn.num_params, **task.cost_fields(sn),
-                   **measured(sn.config.key, sn))
+                   **measured(c.key, sn, same))
         if latency and di.is_main:
             lat = measure_latency(sn, sn.src.example_input(1), repeats=latency_repeats, threads=threads)
             row.update(latency_ms=round(lat["median_ms"], 4), latency=lat)
@@ -167,13 +183,6 @@ def run(cfg: EvaluationConfig, ctx: StageContext) -> EvaluationArtifact:
     mask = pareto_mask([r["flops"] for r in rows], [r["test_acc"] for r in rows])
     for r, m in zip(rows, mask):
         r["pareto"] = m
-    anchors = untouched_anchors(meta, family) if state == "final" else None
-    untouched = []
-    for v in anchors or []:
-        # NOTE: the library's own model (``original``: timm's, or Hugging Face's logits), not klas's block view
-        untouched.append(dict(key=v.name, flops=v.flops, params=sum(p.numel() for p in v.model.parameters()),
-                              flops_norm=normalize_flops(v.flops, f_min, f_max), **task.cost_fields(v),
-                              **measured(f"untouched:{v.name}", v.original), weights=_weights_record(v)))
     zoo, cascades, admission = build_zoo(task, rows, untouched, outputs, val.labels, test.labels, cfg)
     # cascades at their average cost (measured on test, where this figure is reported)
     zoo_auc = auc([z["flops_avg"]["test"] if z["kind"] == "cascade" else z["flops"] for z in zoo],
@@ -226,6 +235,17 @@ def untouched_anchors(meta, family=None):
 
     return list(create_family(meta.family, pretrained=True, weights=meta.weights, num_classes=meta.num_classes,
                               input_shape=tuple(meta.input_shape)))
+
+
+def _same_weights(view, untouched) -> bool:
+    """Whether a configuration's anchor ``view`` holds exactly the weights of the ``untouched`` anchor (the
+    independent and frozen recipes keep them): then both are one network, measured once."""
+    if untouched is None or getattr(view, "model", None) is None:
+        return False
+    mine, given = view.model.state_dict(), untouched.model.state_dict()
+    return mine.keys() == given.keys() and all(
+        mine[k].dtype == given[k].dtype and mine[k].shape == given[k].shape and torch.equal(mine[k], given[k])
+        for k in mine)
 
 
 def _weights_record(view) -> dict | None:

@@ -40,7 +40,7 @@ class ExportConfig:
                             "torchscript = the deprecated TorchScript exporter for every model (much faster to export; "
                             "the same parity check); language-model decoders always use dynamo", choices=("auto", "dynamo", "torchscript"))
     parity_images: int = setting(10000, "test images for the ONNX vs PyTorch check", ge=1)
-    parity_batch: int = setting(61, "images per parity batch (odd on purpose: exercises the dynamic batch axis)",
+    parity_batch: int = setting(499, "images per parity batch (odd on purpose: exercises the dynamic batch axis)",
                                 ge=1, key=False)
     atol: float = setting(1e-3, "max |logit difference| allowed", gt=0)
     min_agreement: float = setting(0.999, "min top-1 agreement with PyTorch (fraction)", ge=0, le=1)
