@@ -4,6 +4,11 @@ scoring, the int8 grid and its ``quantize_static`` calls, fp16, the variants' sc
 ``PRECISIONS = fp16,int8`` and once with ``none`` for the ratio; seconds and shares go to stdout and a JSON.
 
     python benchmarks/export_time.py OUT_DIR [PRECISIONS] [--json benchmarks/results/export_time_fmnist-deit.json]
+
+``--family efficientnet-lite --size 64`` times an EfficientNet-style family instead: timm's
+``tf_efficientnet_lite0/1/2`` (batch norm, ReLU6, depthwise convolutions; randomly initialised, as nothing downloads
+here: the time does not depend on the weights) with a 10-class head on Fashion-MNIST resized to SIZE x SIZE x 3, on
+the first ``--test-images`` test images (the issue's user had 397).
 """
 from __future__ import annotations
 
@@ -36,6 +41,9 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("precisions", nargs="?", default="fp16,int8")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--family", default="fmnist-deit", choices=("fmnist-deit", "efficientnet-lite"))
+    p.add_argument("--size", type=int, default=64, help="efficientnet-lite: input size (64-224)")
+    p.add_argument("--test-images", type=int, default=None, help="test images (default: all)")
     a = p.parse_args()
     import torch
 
@@ -59,18 +67,32 @@ def main() -> None:
                              (V, "latency_record", "profiling variants")]:
         wrap(mod, name, label)
     torch.set_num_threads(1)
-    test, val = load_dataset("fashion-mnist", "test"), load_dataset("fashion-mnist", "val")
-    fam = klas.create_family("fmnist-deit", pretrained=True)
+    if a.family == "fmnist-deit":
+        test, val = load_dataset("fashion-mnist", "test"), load_dataset("fashion-mnist", "val")
+        fam = klas.create_family("fmnist-deit", pretrained=True)
+    else:
+        from klas.data import open_split
+        from klas.families import AnchorCfg, FamilyCfg
+        from klas.families._registry import register_family
+
+        torch.manual_seed(0)
+        cfg = register_family(FamilyCfg(
+            name="efficientnet-lite", anchors=tuple(AnchorCfg(f"lite{k}", f"tf_efficientnet_lite{k}") for k in range(3)),
+            input_shape=(3, a.size, a.size), dataset="fashion-mnist", num_classes=10))
+        fam = klas.create_family(cfg.name, pretrained=False, num_classes=10)
+        test, val = open_split(fam, "test"), open_split(fam, "val")
+    test = test.subset(a.test_images)
     members = [(StitchConfig.anchor(v.name), StitchedNet(v, -1, v, -1, None), None) for v in fam]
     t = time.perf_counter()
-    export_models(members, a.out, "fmnist-deit", test, ExportConfig(provider="cpu", precisions=a.precisions),
+    export_models(members, a.out, a.family, test, ExportConfig(provider="cpu", precisions=a.precisions),
                   progress=True, val=val if a.precisions != "none" else None)
     total = time.perf_counter() - t
     print(f"total {total:.1f} s ({a.precisions})")
     for k, v in T.items():
         print(f"  {k:32s} {v:7.1f} s {100 * v / total:5.1f} %")
     if a.json:
-        a.json.write_text(json.dumps(dict(precisions=a.precisions, total_s=total, seconds=dict(T),
+        a.json.write_text(json.dumps(dict(family=a.family, size=a.size if a.family != "fmnist-deit" else 28,
+                                          test_images=len(test), precisions=a.precisions, total_s=total, seconds=dict(T),
                                           machine=machine_info()), indent=1) + "\n")
 
 
