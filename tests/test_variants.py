@@ -180,6 +180,28 @@ def test_rejected_when_the_loss_exceeds_the_setting(zoo, sets):
         validate(bad)
 
 
+def test_forked_int8_grid_gives_the_in_process_models(zoo, sets, tmp_path):
+    """The grid's quantize_static calls in forked workers (``_Quantizer``) give byte for byte the models the same
+    calls make in this process, in the order asked, for mixed ops / granularity / methods / float nodes."""
+    from klas.export.variants import _Quantizer, _quantize, end_weight_nodes, pre_process
+
+    manifest = load_manifest(zoo)
+    parent = next(m for m in manifest["models"] if m["name"] == ANCHOR)
+    model = pre_process(onnx.load_from_string((zoo / parent["file"]).read_bytes()))[0]
+    cal = x_y(sets[1])[0][:48]
+    keys = [("all", (False, False), "MinMax", ()), ("weights", (True, True), "MinMax", ()),
+            ("all", (True, False), "MinMax", end_weight_nodes(model)), ("weights", (False, False), "Percentile", ())]
+    with _Quantizer(model, cal, "input", str(tmp_path)) as quantize:
+        assert quantize.pool is not None  # this machine has more than one core (CI's has two)
+        first = list(quantize(keys[:1]))  # the widest ops first: it writes the cache the others read
+        forked = first + list(quantize(keys[1:]))
+    (tmp_path / "seq").mkdir()
+    job = (model, cal, "input", str(tmp_path / "seq"))
+    alone = [_quantize(k, job) for k in keys]
+    assert len(set(alone)) == len(keys)  # the keys make different models
+    assert forked == alone
+
+
 # --- manifest ------------------------------------------------------------------------------------------------------
 
 def test_manifest_round_trip_with_variants_and_old_manifests(zoo, tmp_path):
