@@ -52,3 +52,27 @@ def test_training_resumes_exactly(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_trained_weights_of_a_registered_family_load_with_their_classifier(tmp_path):
+    """A registered (not embedded) family trained by ``train_family`` loads back from its weights folder with the
+    trained 10-class head: the same outputs as the trained model (timm's filter would otherwise drop the head,
+    which does not match the architecture's 1000-class pretrained cfg, and leave a random one)."""
+    from klas.families import AnchorCfg, FamilyCfg
+    from klas.families._registry import _FAMILIES, create_anchor, register_family
+    from klas.families.trainer import train_family
+    from klas.io import load_tensors
+
+    args = dict(in_chans=1, num_classes=10, layers=(1, 1, 1, 1), channels=(8, 8, 16, 16), stem_width=8)
+    cfg = register_family(FamilyCfg(name="test-tiny-resnets", anchors=(AnchorCfg("r", "resnet18", args),),
+                                    input_shape=(1, 28, 28), dataset="fashion-mnist", num_classes=10))
+    try:
+        train_family(cfg.name, tmp_path, Recipe(epochs=1, batch_size=64, train_subset=128, seed=3))
+        trained = create_anchor(cfg.anchors[0], cfg.input_shape)
+        trained.model.load_state_dict(load_tensors(tmp_path / "r.safetensors"))
+        loaded = klas.create_family(cfg.name, pretrained=True, weights=tmp_path)
+    finally:
+        _FAMILIES.pop(cfg.name)
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(list(loaded)[0].model(x), trained.model.eval()(x), rtol=0, atol=0)

@@ -346,8 +346,9 @@ def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weig
         # timm's own loader, pointed at a local file: it applies the family's checkpoint filter (pos-embed
         # resizing, classifier adaptation), exactly as for hub weights.
         overlay = dict(file=str(local))
-        if anchor.embedded_file:
-            # klas-trained files carry the family's own classifier: tell timm so it keeps it (not a 1000-class head)
+        if anchor.embedded_file or _trained_here(local, anchor):
+            # klas-trained files carry the family's own classifier: tell timm so it keeps it (not a 1000-class head,
+            # which timm's filter would drop, leaving a random one)
             overlay.update(num_classes=anchor.model_args.get("num_classes"), input_size=tuple(input_shape))
         model = _build_model(anchor, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     elif pretrained and is_hub_id(anchor.weights):
@@ -365,6 +366,14 @@ def create_anchor(anchor: AnchorCfg, input_shape, pretrained: bool = False, weig
     view = block_view(model, anchor.name, input_shape)
     view.weights_file = local  # the file the user's weights came from (None: hub or random): exported as given
     return view
+
+
+def _trained_here(path: Path, anchor: AnchorCfg) -> bool:
+    """Whether ``path`` is a file klas's anchor trainer wrote for ``anchor`` (its safetensors metadata says so)."""
+    from klas.io import tensor_metadata
+
+    meta = tensor_metadata(path) if path.suffix == ".safetensors" and path.is_file() else None
+    return bool(meta) and meta.get("anchor") == anchor.name
 
 
 def check_stitchable(name: str, views: list[BlockView], source: str = "") -> None:
