@@ -46,6 +46,45 @@ def frozen_teachers(family, names: set[str], device: torch.device) -> dict[str, 
     return out
 
 
+class TeacherMemo:
+    """One frozen teacher's outputs per training step, kept for the next stitch distilled from it: the independent
+    recipe trains its stitches one after another on the same batches (data order and augmentation are a function of
+    the seed and the epoch only), so a teacher's outputs are the same tensors for each; they are computed once, not
+    once per stitch, and are bit for bit those the teacher gives. Kept only while they fit in ``limit_bytes`` (a
+    language model's [batch, tokens, vocabulary] logits often do not: then they are recomputed) and while another
+    stitch will read them (``release`` when a stitch is done); an input that differs from the one remembered for
+    its key is recomputed."""
+
+    def __init__(self, teacher: nn.Module, users: int, limit_bytes: int):
+        self.teacher, self.users, self.limit = teacher, users, limit_bytes
+        self.store: dict = {}
+        self.bytes = 0
+
+    @staticmethod
+    def _fingerprint(x: torch.Tensor) -> tuple:
+        return tuple(x.shape), x.dtype, float(x.sum()), float(x.abs().sum())
+
+    def __call__(self, x: torch.Tensor, key=None) -> torch.Tensor:
+        hit = self.store.get(key) if key is not None else None
+        if hit is not None and hit[0] == self._fingerprint(x):
+            if self.users <= 1:  # the last reader: free as it goes
+                del self.store[key]
+                self.bytes -= hit[1].nbytes
+            return hit[1]
+        out = self.teacher(x)
+        if key is not None and self.users > 1 and self.bytes + out.nbytes <= self.limit:
+            self.store[key] = (self._fingerprint(x), out)
+            self.bytes += out.nbytes
+        return out
+
+    def release(self) -> None:
+        """One stitch distilled from this teacher is done (trained or found finished)."""
+        self.users -= 1
+        if self.users <= 0:
+            self.store.clear()
+            self.bytes = 0
+
+
 def distill_loss(task, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None, *,
                  label_smoothing: float, weight: float, temperature: float) -> torch.Tensor:
     """The training loss of one batch: the task's loss (label-smoothed), or with a teacher

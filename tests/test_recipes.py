@@ -250,6 +250,42 @@ def test_distillation_loss_and_teacher(tmp_path, fam):
                  progress=False)
 
 
+def test_teacher_memo_computes_each_teacher_once_and_changes_nothing(tmp_path, fam, monkeypatch):
+    """Independent recipe, 3 stitches, two of them distilled from tv-32 (with tv-16's between them), augmentation
+    and 2 micro-batches on: with the teachers' outputs kept for the next stitch (``TeacherMemo``) the trained
+    weights, losses and val scores are bit for bit those of recomputing them every step, and tv-32 runs forward
+    for one stitch's steps only."""
+    from klas.losses import TeacherMemo
+
+    sel = write_selection(tmp_path / "sel.json", STITCHES)
+    cfg = _cfg(recipe="independent", distill="target", distill_weight=0.5, accum_steps=2)
+    runs, calls = {}, {}
+    for name, limit in (("memo", 512 << 20), ("plain", 0)):
+        monkeypatch.setattr(s4, "TEACHER_MEMO_BYTES", limit)
+        computed = calls.setdefault(name, [])
+
+        class Counting(TeacherMemo):  # counts the teacher's own forward passes
+            def __init__(self, teacher, users, limit, computed=computed):
+                def run(x):
+                    computed.append(teacher.name)
+                    return teacher(x)
+
+                super().__init__(run, users, limit)
+
+        monkeypatch.setattr(s4, "TeacherMemo", Counting)
+        runs[name] = finetune(tmp_path / name, cfg, seed=0, selection_path=sel, family=fam, progress=False)
+    memo, plain = runs["memo"], runs["plain"]
+    for r in plain.configs:
+        if r["weights"]:
+            assert _same(load_tensors(tmp_path / "plain" / "finetune" / r["weights"]),
+                         load_tensors(tmp_path / "memo" / "finetune" / r["weights"]))
+    assert [h["loss"] for h in memo.history] == [h["loss"] for h in plain.history]
+    assert [r["val_acc"] for r in memo.configs] == [r["val_acc"] for r in plain.configs]
+    steps = cfg.epochs * cfg.steps_per_epoch * cfg.accum_steps  # teacher calls per stitch
+    assert calls["plain"].count("tv-32") == 2 * steps and calls["memo"].count("tv-32") == steps
+    assert calls["memo"].count("tv-16") == calls["plain"].count("tv-16") == steps
+
+
 class Crash(RuntimeError):
     pass
 

@@ -57,7 +57,7 @@ from klas.errors import KlasError
 from klas.families import Family
 from klas.io import load_checkpoint, load_json, load_tensors, save_tensors, tensor_metadata
 from klas.metrics import network_score
-from klas.losses import check_distill, distill_loss, frozen_teachers, teacher_name
+from klas.losses import TeacherMemo, check_distill, distill_loss, frozen_teachers, teacher_name
 from klas.stages.s3_selection import SelectionArtifact
 from klas.stitch import FitCfg, StitchConfig, fit_stitch
 from klas.stitched import (ANCHORS, CKPT_DIR, CONFIG_DIR, INIT_STITCHES, RECORD, STITCHES, SUPERNET_CKPT,
@@ -69,6 +69,7 @@ from klas.train import (LoopState, Trainer, config_at, data_parallel, derive_see
 SAMPLING = ("balanced", "uniform")
 PARALLEL = ("ddp", "fsdp")
 RECIPES = ("shared", "independent", "frozen")
+TEACHER_MEMO_BYTES = 512 << 20  # per teacher: fmnist-deit's 55k x 10 logits are 2.2 MB
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,14 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
     bar = progress_bar(total=len(todo) * env.total, desc=f"[{env.cfg.recipe}] finetune {len(todo)} stitches",
                        enabled=env.progress, file=sys.stderr, leave=True)
     results, files = {}, {}
+    # NOTE: one memo per teacher: the stitches distilled from it share its outputs (TeacherMemo)
+    memos = {}
+    for k in todo:
+        t = env.teachers.get(k)
+        if t is not None:
+            memos[id(t)] = memos.get(id(t)) or TeacherMemo(t, 0, TEACHER_MEMO_BYTES)
+            memos[id(t)].users += 1
+    memo_of = {k: memos[id(env.teachers[k])] for k in todo if env.teachers.get(k) is not None}
     for pos, k in enumerate(todo):
         rel = f"{CONFIG_DIR}/{k}.safetensors"
         files[k] = rel
@@ -416,11 +425,13 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
                 raise KlasError(f"{out / rel}: made with other settings, another selection or an older klas; "
                                 f"delete {out / CONFIG_DIR} (or pass --restart) to start over")
             meta = None
-        if meta is not None:
+        if meta is None:
+            results[k] = _train_stitch(net, k, pos, tag, out / rel, env, bar, memo_of.get(k))
+        else:
             results[k] = json.loads(meta["state"])
             bar.update(env.total)
-            continue
-        results[k] = _train_stitch(net, k, pos, tag, out / rel, env, bar)
+        if k in memo_of:
+            memo_of[k].release()
     bar.close()
     # the trained stitch layers also go to stitch_layers.safetensors (the shared recipe's layout)
     for k in todo:
@@ -439,10 +450,13 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
     return state, val_final, files
 
 
-def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, env: _Run, bar) -> dict:
+def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, env: _Run, bar,
+                  teacher: TeacherMemo | None = None) -> dict:
     """Train stitched configuration ``k`` alone (resuming its checkpoint when one was made with ``tag``), save its
-    tensors to ``path``; returns its record (steps, history, losses, wall time, val score)."""
-    cfg, teacher, c = env.cfg, env.teachers.get(k), net.configs[k]
+    tensors to ``path``; returns its record (steps, history, losses, wall time, val score). ``teacher``: its
+    teacher's memo (default: the teacher itself, every step computed)."""
+    cfg, c = env.cfg, net.configs[k]
+    teacher = teacher if teacher is not None else env.teachers.get(k)
     ck_path = env.out / CKPT_DIR / f"{k}.ckpt"
     ck = _resume_or_refuse(ck_path, load_checkpoint(ck_path) if ck_path.is_file() else None, tag, env.restart)
     # NOTE: every stitch starts from its own seed, so it does not depend on which stitches ran before it
@@ -476,7 +490,8 @@ def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, e
 
     def step(batch):
         x, y = batch
-        return _accumulate(model, x, y, None, env, teacher), k
+        return _accumulate(model, x, y, None, env, teacher,
+                           key=tr.step if isinstance(teacher, TeacherMemo) else None), k
 
     set_train_mode(sn, cfg.recipe)
     on_step = None if env.on_step is None else (lambda s: env.on_step(pos * env.total + s))
@@ -511,11 +526,12 @@ def _remove_stale(out: Path, recipe: str, files: dict[int, str]) -> None:
 
 
 def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int | None, env: _Run,
-                teacher: nn.Module | None = None) -> torch.Tensor:
+                teacher: nn.Module | None = None, key: int | None = None) -> torch.Tensor:
     """Forward + backward of configuration ``k`` (None: ``model`` is one standalone network) on this rank's shard in
     ``accum_steps`` micro-batches, each loss weighted by its share of the shard (so the gradient is the shard mean,
     as in one pass); gradients are only synchronised on the last micro-batch. ``teacher``: the frozen network whose
-    outputs on the same inputs are distilled (``klas.losses.distill_loss``). Returns the shard's mean loss. A failed
+    outputs on the same inputs are distilled (``klas.losses.distill_loss``); with ``key`` (the step) it is a
+    ``TeacherMemo``, asked per (step, micro-batch). Returns the shard's mean loss. A failed
     collective becomes a KlasError."""
     from contextlib import nullcontext
 
@@ -529,7 +545,8 @@ def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int | Non
                 with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=env.use_amp):
                     logits = model(xm, k) if k is not None else model(xm)
                     with torch.no_grad():
-                        t_logits = teacher(xm) if teacher is not None else None
+                        t_logits = None if teacher is None else teacher(xm) if key is None else teacher(
+                            xm, key=(key, m))
                 loss = distill_loss(env.task, logits, ym, t_logits, label_smoothing=cfg.label_smoothing,
                                     weight=cfg.distill_weight, temperature=cfg.distill_temperature) * (len(ym) / len(y))
                 loss.backward()
