@@ -31,7 +31,7 @@ def main() -> None:
     from klas.data import load_dataset
     from klas.export import export_models
     from klas.families import AnchorCfg, FamilyCfg
-    from klas.families._registry import register_family
+    from klas.families._registry import get_family_cfg, register_family
     from klas.families.trainer import Recipe, train_family
     from klas.stages.s6_export import ExportConfig
     from klas.stitch import StitchConfig, StitchedNet
@@ -45,7 +45,7 @@ def main() -> None:
     register_family(FamilyCfg(
         name=FAMILY, anchors=(AnchorCfg("mnv2-035", "mobilenetv2_035", args), AnchorCfg("mnv2-050", "mobilenetv2_050", args)),
         input_shape=(1, 28, 28), dataset="fashion-mnist", num_classes=10,
-        input=dict(mean=(0.2860,), std=(0.3530,), interpolation="bilinear", crop_pct=1.0, crop_mode="center")))
+        input=get_family_cfg("fmnist-deit").input))  # Fashion-MNIST's statistics, no resize or crop
     weights = a.out / "weights"
     train_family(FAMILY, weights, Recipe(epochs=a.epochs, train_subset=a.train_images))  # resumes / skips when done
     fam = klas.create_family(FAMILY, pretrained=True, weights=weights)

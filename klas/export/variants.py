@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +247,7 @@ class _Quantizer:
             self.pool = ProcessPoolExecutor(min(cores, 4), mp_context=multiprocessing.get_context("fork"))
         return self
 
-    def __call__(self, keys) -> list[bytes]:
+    def __call__(self, keys) -> Iterator[bytes]:
         if self.pool is None or len(keys) < 2:
             return (_quantize(key, self.job) for key in keys)
         return self.pool.map(_quantize, keys)  # NOTE: in order, as each is done: scoring overlaps the rest

@@ -372,8 +372,7 @@ def _trained_here(path: Path, anchor: AnchorCfg) -> bool:
     """Whether ``path`` is a file klas's anchor trainer wrote for ``anchor`` (its safetensors metadata says so)."""
     from klas.io import tensor_metadata
 
-    meta = tensor_metadata(path) if path.suffix == ".safetensors" and path.is_file() else None
-    return bool(meta) and meta.get("anchor") == anchor.name
+    return (tensor_metadata(path) or {}).get("anchor") == anchor.name
 
 
 def check_stitchable(name: str, views: list[BlockView], source: str = "") -> None:

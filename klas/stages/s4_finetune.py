@@ -408,13 +408,10 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
                        enabled=env.progress, file=sys.stderr, leave=True)
     results, files = {}, {}
     # NOTE: one memo per teacher: the stitches distilled from it share its outputs (TeacherMemo)
-    memos = {}
-    for k in todo:
-        t = env.teachers.get(k)
-        if t is not None:
-            memos[id(t)] = memos.get(id(t)) or TeacherMemo(t, 0, TEACHER_MEMO_BYTES)
-            memos[id(t)].users += 1
-    memo_of = {k: memos[id(env.teachers[k])] for k in todo if env.teachers.get(k) is not None}
+    teachers = {k: env.teachers.get(k) for k in todo}
+    memos = {id(t): TeacherMemo(t, sum(u is t for u in teachers.values()), TEACHER_MEMO_BYTES)
+             for t in teachers.values() if t is not None}
+    memo_of = {k: memos[id(t)] for k, t in teachers.items() if t is not None}
     for pos, k in enumerate(todo):
         rel = f"{CONFIG_DIR}/{k}.safetensors"
         files[k] = rel
@@ -451,12 +448,11 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
 
 
 def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, env: _Run, bar,
-                  teacher: TeacherMemo | None = None) -> dict:
+                  teacher: TeacherMemo | None) -> dict:
     """Train stitched configuration ``k`` alone (resuming its checkpoint when one was made with ``tag``), save its
     tensors to ``path``; returns its record (steps, history, losses, wall time, val score). ``teacher``: its
-    teacher's memo (default: the teacher itself, every step computed)."""
+    teacher's memo (None: no distillation)."""
     cfg, c = env.cfg, net.configs[k]
-    teacher = teacher if teacher is not None else env.teachers.get(k)
     ck_path = env.out / CKPT_DIR / f"{k}.ckpt"
     ck = _resume_or_refuse(ck_path, load_checkpoint(ck_path) if ck_path.is_file() else None, tag, env.restart)
     # NOTE: every stitch starts from its own seed, so it does not depend on which stitches ran before it
@@ -490,8 +486,7 @@ def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, e
 
     def step(batch):
         x, y = batch
-        return _accumulate(model, x, y, None, env, teacher,
-                           key=tr.step if isinstance(teacher, TeacherMemo) else None), k
+        return _accumulate(model, x, y, None, env, teacher, key=tr.step if teacher is not None else None), k
 
     set_train_mode(sn, cfg.recipe)
     on_step = None if env.on_step is None else (lambda s: env.on_step(pos * env.total + s))
