@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -147,6 +148,11 @@ class StitchedModels(nn.Module):
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         return self._nets[k](x)
 
+    def anchor_params(self, k: int) -> int:
+        """Parameters of the anchors configuration ``k`` runs (what its own trainable copy holds)."""
+        c = self.configs[k]
+        return sum(p.numel() for n in {c.source, c.target} for p in self.view(n).parameters())
+
     def anchor_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{v.name}/{key}": t for v in self.anchors.values() for key, t in v.model.state_dict().items()}
 
@@ -278,6 +284,20 @@ class StandaloneStitches(StitchedModels):
 
     def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         return self.net(k)(x)
+
+
+def remove_stale_stitch_files(out: Path, recipe: str, files: dict[int, str]) -> None:
+    """In finetune folder ``out``: per-configuration files this run does not list (an earlier run's, with other
+    settings), and the per-stitch checkpoints of a finished run."""
+    if recipe == "shared":
+        for d in (CONFIG_DIR, CKPT_DIR):
+            shutil.rmtree(out / d, ignore_errors=True)
+        return
+    keep = {Path(f).name for f in files.values()}
+    for f in (out / CONFIG_DIR).glob("*.safetensors"):
+        if f.name not in keep:
+            f.unlink(missing_ok=True)
+    shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
 
 
 def _finetune_folder(run_dir: Path | str | RunDir) -> Path:

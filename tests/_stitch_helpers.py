@@ -161,7 +161,8 @@ def small_finetune_cfg(**kw):
     from klas.stages.s4_finetune import FinetuneConfig
     from klas.stitch import FitCfg
 
-    base = dict(recipe="shared", distill=None, max_stitches=None, epochs=2, steps_per_epoch=3, batch_size=32,
+    # NOTE: workers=1: the recipe tests spy on the stage in this process (tests/test_workers.py forks)
+    base = dict(recipe="shared", workers=1, distill=None, max_stitches=None, epochs=2, steps_per_epoch=3, batch_size=32,
                 train_subset=512, val_images=0, augment=True, lr=3e-3, warmup_frac=0.2,
                 init=FitCfg(samples=128, batch_size=64))
     return FinetuneConfig(**{**base, **kw})

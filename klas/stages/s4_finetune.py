@@ -22,9 +22,9 @@ Determinism is by construction, so that a resumed run equals an uninterrupted on
 * the learning rate is a closed form of the step (``klas.train.WarmupCosineLR``); weights, optimizer and schedule
   state, torch's global RNG and the history travel in the checkpoint (``klas.train.Trainer``).
 
-The rest of this note is about ``shared``; ``independent`` / ``frozen`` train the stitches one after the other with
-the same loop (data order, schedule, checkpoints), a checkpoint per stitch, and the finished stitch's weights in
-``configs/<index>.safetensors``: a resumed run skips finished stitches and resumes the current one at its step.
+The rest of this note is about ``shared``; ``independent`` / ``frozen`` train each stitch alone (on a CPU, ``workers``
+forked processes at once) with the shared loop (data order, schedule, checkpoints), a checkpoint per stitch, its
+weights in ``configs/<index>.safetensors``: a relaunch skips finished stitches and resumes the others at their step.
 
 DDP: each step runs one configuration, so most parameters (other stitch layers, skipped blocks, other anchors) get
 no gradient; the model is wrapped with ``find_unused_parameters=True`` (the used set is identical on every rank
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -61,8 +60,9 @@ from klas.losses import TeacherMemo, check_distill, distill_loss, frozen_teacher
 from klas.stages.s3_selection import SelectionArtifact
 from klas.stitch import FitCfg, StitchConfig, fit_stitch
 from klas.stitched import (ANCHORS, CKPT_DIR, CONFIG_DIR, INIT_STITCHES, RECORD, STITCHES, SUPERNET_CKPT,
-                           StitchedModels, limit_stitches, read_selection, set_train_mode, stitch_tensors_to_save,
-                           trainable_stitch)
+                           StitchedModels, limit_stitches, read_selection, remove_stale_stitch_files, set_train_mode,
+                           stitch_tensors_to_save, trainable_stitch)
+from klas.workers import run_forked, worker_count
 from klas.train import (LoopState, Trainer, config_at, data_parallel, derive_seed, load_training, plot_training,
                         progress_bar, rest_of_epoch, run_epochs, save_training, unshard)
 
@@ -120,6 +120,8 @@ class FinetuneConfig:
     ckpt_every: int = setting(0, "also checkpoint every K steps (0: at epoch ends only)", ge=0, key=False)
     accum_steps: int = setting(1, "micro-batches per rank and step (torchrun)", ge=1, key=False)
     parallel: str = setting("ddp", "data-parallel wrapper under torchrun", choices=PARALLEL, key=False)
+    workers: int | None = setting(None, "stitches trained at once (independent / frozen, one CPU process): forked "
+                                  "processes of one thread each", ge=1, none="auto", key=False)
     init: FitCfg = FitCfg()
 
 
@@ -328,7 +330,7 @@ def run(cfg: FinetuneConfig, ctx: StageContext) -> FinetuneArtifact:
         save_tensors(net.stitch_tensors(), out / STITCHES, metadata=dict(family=fam.name, recipe=cfg.recipe))
         art.save(out)
         plot_training(state.losses, out / "training.png", state.curves)
-        _remove_stale(out, cfg.recipe, weight_files)
+        remove_stale_stitch_files(out, cfg.recipe, weight_files)
     env.barrier()
     return art
 
@@ -406,29 +408,38 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
     val_init = [env.score(net.net(k)) for k in range(n)] if env.val is not None else None
     bar = progress_bar(total=len(todo) * env.total, desc=f"[{env.cfg.recipe}] finetune {len(todo)} stitches",
                        enabled=env.progress, file=sys.stderr, leave=True)
-    results, files = {}, {}
+    files = {k: f"{CONFIG_DIR}/{k}.safetensors" for k in todo}
+    tags = {k: digest(env.fp, "stitch", k) for k in todo}
+    results = {}
+    for k in todo:  # finished stitches (a relaunch): their records
+        meta = tensor_metadata(out / files[k])
+        if meta is not None and meta.get("resume_tag") != tags[k]:
+            if not env.restart:
+                raise KlasError(f"{out / files[k]}: made with other settings, another selection or an older klas; "
+                                f"delete {out / CONFIG_DIR} (or pass --restart) to start over")
+            meta = None
+        if meta is not None:
+            results[k] = json.loads(meta["state"])
+            bar.update(env.total)
+    pending = [k for k in todo if k not in results]
     # NOTE: one memo per teacher: the stitches distilled from it share its outputs (TeacherMemo)
-    teachers = {k: env.teachers.get(k) for k in todo}
+    teachers = {k: env.teachers.get(k) for k in pending}
     memos = {id(t): TeacherMemo(t, sum(u is t for u in teachers.values()), TEACHER_MEMO_BYTES)
              for t in teachers.values() if t is not None}
     memo_of = {k: memos[id(t)] for k, t in teachers.items() if t is not None}
-    for pos, k in enumerate(todo):
-        rel = f"{CONFIG_DIR}/{k}.safetensors"
-        files[k] = rel
-        tag = digest(env.fp, "stitch", k)
-        meta = tensor_metadata(out / rel)
-        if meta is not None and meta.get("resume_tag") != tag:
-            if not env.restart:
-                raise KlasError(f"{out / rel}: made with other settings, another selection or an older klas; "
-                                f"delete {out / CONFIG_DIR} (or pass --restart) to start over")
-            meta = None
-        if meta is None:
-            results[k] = _train_stitch(net, k, pos, tag, out / rel, env, bar, memo_of.get(k))
-        else:
-            results[k] = json.loads(meta["state"])
-            bar.update(env.total)
+
+    def train(k: int, progress) -> dict:
+        rec = _train_stitch(net, k, todo.index(k), tags[k], out / files[k], env, progress, memo_of.get(k))
         if k in memo_of:
             memo_of[k].release()
+        return rec
+
+    workers = _workers(net, pending, env)
+    if workers > 1:  # the costliest first (forward + backward + its teacher's forward), so the loads even out
+        order = sorted(pending, key=lambda k: -(3 * net.net(k).flops + getattr(env.teachers.get(k), "flops", 0)))
+        results.update(run_forked(train, order, workers, bar, what="stitch"))
+    else:
+        results.update({k: train(k, bar) for k in pending})
     bar.close()
     # the trained stitch layers also go to stitch_layers.safetensors (the shared recipe's layout)
     for k in todo:
@@ -445,6 +456,15 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
     if env.val is not None:
         val_final = [results[k]["val_acc"] if k in results else val_init[k] for k in range(n)]
     return state, val_final, files
+
+
+def _workers(net: StitchedModels, pending: list[int], env: _Run) -> int:
+    """Processes that train the pending stitches (``klas.workers``): one where several ranks, a GPU or test hooks
+    run the loop, else ``cfg.workers`` (auto: one per core) as memory allows -- each worker holds its stitch's two
+    anchor copies with their gradients and AdamW moments (~24 bytes a parameter with the activations)."""
+    if env.world > 1 or env.device.type != "cpu" or env.on_step is not None or len(pending) < 2:
+        return 1
+    return worker_count(len(pending), env.cfg.workers, job_bytes=24 * max(net.anchor_params(k) for k in pending))
 
 
 def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, env: _Run, bar,
@@ -504,20 +524,6 @@ def _train_stitch(net: StitchedModels, k: int, pos: int, tag: str, path: Path, e
         ck_path.unlink(missing_ok=True)
     env.barrier()
     return rec
-
-
-def _remove_stale(out: Path, recipe: str, files: dict[int, str]) -> None:
-    """Per-configuration files this run does not list (an earlier run's, with other settings), and the per-stitch
-    checkpoints of a finished run."""
-    if recipe == "shared":
-        for d in (CONFIG_DIR, CKPT_DIR):
-            shutil.rmtree(out / d, ignore_errors=True)
-        return
-    keep = {Path(f).name for f in files.values()}
-    for f in (out / CONFIG_DIR).glob("*.safetensors"):
-        if f.name not in keep:
-            f.unlink(missing_ok=True)
-    shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
 
 
 def _accumulate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int | None, env: _Run,

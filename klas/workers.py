@@ -1,0 +1,135 @@
+"""Independent jobs in forked worker processes of one intra-op thread each, on the CPU.
+
+Why: the demo's networks are small, and two intra-op threads barely help them -- a DeiT-B (fmnist) forward +
+backward at batch 128 takes 240 ms on one thread, 222 ms on two, and 251-272 ms in each of two single-thread
+processes side by side (2-core AMD EPYC, ``python benchmarks/fork_scaling.py``): two jobs at once finish ~1.7x
+sooner than one after the other. A job here is a pure function of its input and the state the parent holds when
+it forks (the workers inherit it, nothing is pickled but the results), so the results are those of running the
+jobs in the parent on one thread.
+
+Used where a stage has several independent jobs: the finetune stage's stitches (independent / frozen recipes) and
+the export stage's members. ``fork`` only: CUDA, which cannot be forked, and a torchrun job keep their own loops.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import traceback
+from typing import Callable, Iterable
+
+from klas.errors import KlasError
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says a new process could take without swapping (MemAvailable), None unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def can_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def worker_count(jobs: int, requested: int | None = None, job_bytes: int = 0) -> int:
+    """How many workers ``jobs`` jobs get: ``requested`` (None: one per core), at most one per job, and no more
+    than the available memory holds at ``job_bytes`` each (its private memory: what a job writes, not what it reads
+    of the parent's); 1 (run in the parent) where fork is unavailable."""
+    n = min(max(jobs, 1), requested if requested is not None else cores())
+    free = available_memory() if job_bytes > 0 else None
+    if free is not None:
+        n = min(n, max(1, int(0.8 * free) // job_bytes))
+    return n if n > 1 and can_fork() else 1
+
+
+class Progress:
+    """A worker's stand-in for the parent's tqdm bar: ``update`` / ``set_postfix`` travel to the parent, which
+    draws one bar for every worker."""
+
+    def __init__(self, messages):
+        self.messages = messages
+
+    def update(self, n: int = 1) -> None:
+        self.messages.put(("update", None, n))
+
+    def set_postfix(self, **kw) -> None:
+        self.messages.put(("postfix", None, kw))
+
+
+def _serve(fn, tasks, messages, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    bar = Progress(messages)
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        try:
+            messages.put(("done", item, fn(item, bar)))
+        except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises it
+            line = str(e) if isinstance(e, KlasError) else "".join(traceback.format_exception(e)).rstrip()
+            messages.put(("error", item, (isinstance(e, KlasError), line)))
+            return
+
+
+def run_forked(fn: Callable, items: Iterable, workers: int, bar=None, threads: int = 1, what: str = "job") -> dict:
+    """``{item: fn(item, progress)}`` for every item, computed in ``workers`` forked processes of ``threads``
+    intra-op threads each, the items handed out in the order given (longest first balances the load). ``progress``
+    forwards to ``bar`` (tqdm-like: ``update``, ``set_postfix``). A job's KlasError is raised here as it was; any
+    other failure, or a worker that dies, as a KlasError naming the ``what`` and item. The remaining workers are
+    stopped then (their checkpoints stay for a relaunch)."""
+    import multiprocessing
+
+    items = list(items)
+    ctx = multiprocessing.get_context("fork")
+    tasks, messages = ctx.SimpleQueue(), ctx.Queue()
+    for item in items:
+        tasks.put(item)
+    for _ in range(workers):
+        tasks.put(None)
+    procs = [ctx.Process(target=_serve, args=(fn, tasks, messages, threads), daemon=True) for _ in range(workers)]
+    sys.stdout.flush(), sys.stderr.flush()  # NOTE: a buffered line would be printed by every child too
+    for p in procs:
+        p.start()
+    results: dict = {}
+    try:
+        while len(results) < len(items):
+            try:
+                kind, item, value = messages.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead or all(p.exitcode is not None for p in procs):
+                    code = dead[0].exitcode if dead else 0
+                    raise KlasError(f"a {what} worker process ended (exit code {code}) before finishing its "
+                                    f"{what}; rerun to resume") from None
+                continue
+            if kind == "update" and bar is not None:
+                bar.update(value)
+            elif kind == "postfix" and bar is not None:
+                bar.set_postfix(**value)
+            elif kind == "done":
+                results[item] = value
+            elif kind == "error":
+                is_klas, line = value
+                raise KlasError(line if is_klas else f"{what} {item} failed in its worker process:\n{line}")
+    finally:
+        for p in procs:
+            if p.is_alive() and len(results) < len(items):
+                p.terminate()
+            p.join()
+        messages.close()
+    return results
