@@ -13,6 +13,7 @@ the export stage's members. ``fork`` only: CUDA, which cannot be forked, and a t
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import sys
 import traceback
@@ -44,10 +45,20 @@ def can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
+def in_worker() -> bool:
+    """Whether this process is a ``run_forked`` worker (which may not start processes of its own)."""
+    return _IN_WORKER
+
+
+_IN_WORKER = False
+
+
 def worker_count(jobs: int, requested: int | None = None, job_bytes: int = 0) -> int:
     """How many workers ``jobs`` jobs get: ``requested`` (None: one per core), at most one per job, and no more
     than the available memory holds at ``job_bytes`` each (its private memory: what a job writes, not what it reads
-    of the parent's); 1 (run in the parent) where fork is unavailable."""
+    of the parent's); 1 (run in the parent) where fork is unavailable or in a worker."""
+    if in_worker():
+        return 1
     n = min(max(jobs, 1), requested if requested is not None else cores())
     free = available_memory() if job_bytes > 0 else None
     if free is not None:
@@ -72,7 +83,12 @@ class Progress:
 def _serve(fn, tasks, messages, threads: int) -> None:
     import torch
 
+    from klas_runtime import session
+
+    global _IN_WORKER
+    _IN_WORKER = True
     torch.set_num_threads(threads)
+    session.DEFAULT_THREADS = threads  # onnxruntime sessions opened without a thread count
     bar = Progress(messages)
     while True:
         item = tasks.get()
@@ -81,17 +97,45 @@ def _serve(fn, tasks, messages, threads: int) -> None:
         try:
             messages.put(("done", item, fn(item, bar)))
         except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises it
-            line = str(e) if isinstance(e, KlasError) else "".join(traceback.format_exception(e)).rstrip()
-            messages.put(("error", item, (isinstance(e, KlasError), line)))
+            try:
+                raw = pickle.dumps(e)
+            except Exception:  # noqa: BLE001 -- an exception that does not pickle: its type and text
+                raw = None
+            messages.put(("error", item, (raw, f"{type(e).__name__}: {e}",
+                                          "".join(traceback.format_exception(e)).rstrip())))
             return
+
+
+class RemoteTraceback(Exception):
+    """The traceback of a worker's exception, attached as its ``__cause__`` (as ``concurrent.futures`` does)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def _raised(raw: bytes | None, text: str, tb: str, what: str, item) -> BaseException:
+    """A worker's exception as the parent raises it: the same exception (a KlasError or an OSError then reads as
+    the same one line the CLI prints in-process), its worker traceback as the cause; one that does not unpickle
+    becomes a KlasError naming the job."""
+    try:
+        e = pickle.loads(raw) if raw is not None else None
+    except Exception:  # noqa: BLE001
+        e = None
+    if not isinstance(e, BaseException):
+        return KlasError(f"{what} {item} failed in its worker process: {text}")
+    if not isinstance(e, (KlasError, OSError)):
+        e.add_note(f"(in the worker process of {what} {item})")
+    e.__cause__ = RemoteTraceback(f"\n{tb}")
+    return e
 
 
 def run_forked(fn: Callable, items: Iterable, workers: int, bar=None, threads: int = 1, what: str = "job") -> dict:
     """``{item: fn(item, progress)}`` for every item, computed in ``workers`` forked processes of ``threads``
-    intra-op threads each, the items handed out in the order given (longest first balances the load). ``progress``
-    forwards to ``bar`` (tqdm-like: ``update``, ``set_postfix``). A job's KlasError is raised here as it was; any
-    other failure, or a worker that dies, as a KlasError naming the ``what`` and item. The remaining workers are
-    stopped then (their checkpoints stay for a relaunch)."""
+    intra-op threads each (torch's, and onnxruntime sessions' that name none), the items handed out in the order
+    given (longest first balances the load). ``progress`` forwards to ``bar`` (tqdm-like: ``update``,
+    ``set_postfix``). A job's exception is raised here as it was, its worker's traceback as the cause
+    (``_raised``); a worker that dies, as a KlasError naming the ``what``. The remaining workers are stopped then
+    (their checkpoints stay for a relaunch)."""
     import multiprocessing
 
     items = list(items)
@@ -124,8 +168,7 @@ def run_forked(fn: Callable, items: Iterable, workers: int, bar=None, threads: i
             elif kind == "done":
                 results[item] = value
             elif kind == "error":
-                is_klas, line = value
-                raise KlasError(line if is_klas else f"{what} {item} failed in its worker process:\n{line}")
+                raise _raised(*value, what, item)
     finally:
         for p in procs:
             if p.is_alive() and len(results) < len(items):

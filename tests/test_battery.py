@@ -50,8 +50,13 @@ print("ready", file=reply)
 def faults(f):
     if "snapshots" in f:  # copy the run dir at each moment a kill could strike, then SIGKILL after the swap
         run, dest, seen = f["run"], f["snapshots"], {"n": 0}
+        os.makedirs(dest + "-claimed", exist_ok=True)
         write, save, swap = member.write_atomic, zoo_manifest.save_manifest, s6.swap_dirs
-        def snap(name):
+        def snap(name):  # once per moment: the export's forked workers each stage a first model
+            try:
+                os.mkdir(os.path.join(dest + "-claimed", name))
+            except FileExistsError:
+                return
             shutil.copytree(run, os.path.join(dest, name), symlinks=True)
         def w(path, data):
             write(path, data)

@@ -1,6 +1,7 @@
 """Jobs in forked single-thread workers (klas.workers) and the finetune stage's stitches trained two at a time: the
 same weights, losses and val scores as one after the other in one process, bit for bit; a worker's failure is a
 one-line error and the stitches it finished are kept for the relaunch."""
+import errno
 import os
 
 import pytest
@@ -53,15 +54,23 @@ def _fails(item, progress):
         raise ValueError("boom")
     if item == 4:
         os._exit(7)
+    if item == 5:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/y.onnx")
     return item
 
 
 @needs_fork
-def test_run_forked_failures_are_klas_errors():
+def test_run_forked_failures_reach_the_parent_as_raised():
     with pytest.raises(KlasError, match=r"^config.toml: \[x\] y: expected z$"):
         workers.run_forked(_fails, [1, 2], 2)
-    with pytest.raises(KlasError, match=r"(?s)job 3 failed in its worker process:\n.*ValueError: boom"):
+    with pytest.raises(ValueError, match="^boom") as e:  # the same exception; where it came from in its cause
         workers.run_forked(_fails, [3, 1], 2)
+    assert "(in the worker process of job 3)" in e.value.__notes__
+    cause = e.value.__cause__
+    assert isinstance(cause, workers.RemoteTraceback) and 'raise ValueError("boom")' in str(cause)
+    with pytest.raises(OSError) as e:  # an OSError reads as it would in-process (the CLI's one line)
+        workers.run_forked(_fails, [5], 2)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == "/x/y.onnx"
     with pytest.raises(KlasError, match="worker process ended \\(exit code 7\\)"):
         workers.run_forked(_fails, [4, 1], 2)
 

@@ -52,16 +52,18 @@ def export_models(models: list, out_dir: Path | str, family, data, options, prog
                 dataset=data.spec.name, klas_version=__version__, **fields)
     job = ExportJob(task=task, family=family, test=data, val=val, header=head, options=options, out_dir=out_dir,
                     evaluated=evaluated)
-    exporter = task.exporter()
+    members = [m if isinstance(m, Member) else Member(*m) for m in models]
     entries, rejected = [], []
     try:
-        for m in tqdm(models, desc="export", unit="model", disable=not progress):
-            made, refused = exporter.export(job, m if isinstance(m, Member) else Member(*m))
-            entries += made
-            rejected += refused
+        with tqdm(total=len(members), desc="export", unit="model", disable=not progress) as bar:
+            for made, refused in _export_members(task.exporter(), job, members, bar):
+                entries += made
+                rejected += refused
     except BaseException:
         for file in job.staged:
             (out_dir / staged_name(file)).unlink(missing_ok=True)
+        for f in out_dir.glob(staged_name("*")):  # a failed worker's, which the job did not hear of
+            f.unlink(missing_ok=True)
         raise
     with zoo_lock(out_dir):  # another writer (`klas profile`) of this folder waits; its records are carried over
         old = _previous_files(out_dir)
@@ -79,6 +81,46 @@ def export_models(models: list, out_dir: Path | str, family, data, options, prog
         for stale in old - {e["file"] for e in entries if "file" in e}:
             model_path(out_dir, stale).unlink(missing_ok=True)
     return manifest
+
+
+MEMBER_BYTES = 2 << 30  # a forked member export's own memory, at most (ONNX copies, sessions, the int8 grid)
+
+
+def _export_members(exporter, job: ExportJob, members: list[Member], bar) -> list[tuple[list, list]]:
+    """``(entries, rejected)`` of every member, in the members' order. An exporter whose files do not depend on
+    timings (``forkable``) exports several at once in forked CPU workers of one thread each (``klas.workers``; the
+    costliest first), its latency profiles measured afterwards here, one model at a time as a sequential run
+    does; the entries and files are those of a sequential run (``tests/test_export_workers.py``)."""
+    from klas.workers import run_forked, worker_count
+
+    names = [m.name or m.config.key for m in members]  # the manifest's names
+    forkable = getattr(exporter, "forkable", False) and len(set(names)) == len(names)
+    requested = getattr(job.options, "workers", None)
+    workers = worker_count(len(members), requested, job_bytes=MEMBER_BYTES) if forkable else 1
+    if workers == 1:
+        out = []
+        for m in members:
+            out.append(exporter.export(job, m))
+            bar.update(1)
+        return out
+
+    by_name = dict(zip(names, members))
+
+    def one(name: str, progress) -> tuple[list, list, list]:
+        first = len(job.staged)
+        made, refused = exporter.export(job, by_name[name], profile=False)
+        progress.update(1)
+        return made, refused, job.staged[first:]
+
+    order = sorted(names, key=lambda n: -float((by_name[n].row or {}).get("flops") or 0))
+    import onnxruntime  # noqa: F401 -- loaded once for the workers; the manifest's created_on names its version
+
+    results = run_forked(one, order, workers, bar, what="zoo member")
+    done = [results[n] for n in names]
+    for made, _, staged in done:
+        job.staged += staged
+        exporter.profile(job, made)
+    return [d[:2] for d in done]
 
 
 def carry_latency(manifest: dict, previous_dir: Path | str, say=print) -> int:

@@ -81,20 +81,35 @@ def staged_name(file: str) -> str:
 
 class GraphExporter:
     """Exports one member as one ONNX graph: ``export(job, member) -> (manifest entries, rejected variants)``,
-    its float32 entry first, then the variants the settings ask for; every accepted file is staged in the job."""
+    its float32 entry first, then the variants the settings ask for; every accepted file is staged in the job.
+    ``forkable``: what it writes does not depend on timings (latency is only recorded, ``profile``), so the zoo
+    writer may export several members at once in forked workers and profile them afterwards, one at a time."""
 
-    def export(self, job: ExportJob, member: Member) -> tuple[list[dict], list[dict]]:
+    forkable = True
+
+    def export(self, job: ExportJob, member: Member, profile: bool = True) -> tuple[list[dict], list[dict]]:
         kept = {}
         entry, raw = self.export_graph(job, member, kept)
-        if job.val is None:
-            return [entry], []
-        made, refused = make_variants(entry, raw, job.test, job.val, job.header, job.options, job.stage,
-                                      task=job.task, ref=kept.get("outputs"))
+        made, refused = [], []
+        if job.val is not None:
+            made, refused = make_variants(entry, raw, job.test, job.val, job.header, job.options, job.stage,
+                                          task=job.task, ref=kept.get("outputs"))
+        if profile:
+            self.profile(job, [entry, *made])
         return [entry, *made], refused
 
+    @staticmethod
+    def profile(job: ExportJob, entries: list[dict]) -> None:
+        """Each staged entry's latency on this machine (``options.profile``), added to its ``latency``."""
+        o = job.options
+        if o.profile:
+            for e in entries:
+                raw = (job.out_dir / staged_name(e["file"])).read_bytes()
+                e["latency"].append(latency_record(raw, o.provider, o.threads, o.batch, o.warmup, o.runs))
+
     def export_graph(self, job: ExportJob, member: Member, kept: dict | None = None) -> tuple[dict, bytes]:
-        """Export, check, verify and profile the float32 graph; returns its manifest entry and bytes (the file is
-        staged last). ``kept`` receives the parity check's onnxruntime outputs on the test samples."""
+        """Export, check and verify the float32 graph; returns its manifest entry and bytes (the file is staged
+        last; ``profile`` times it). ``kept`` receives the parity check's onnxruntime outputs on the test samples."""
         import onnx
 
         task, data, options, header, config = job.task, job.test, job.options, job.header, member.config
@@ -128,9 +143,6 @@ class GraphExporter:
         onnx.checker.check_model(model)
         raw = model.SerializeToString()
         entry.update(sha256=sha256_bytes(raw), bytes=len(raw))
-        if options.profile:
-            entry["latency"].append(latency_record(raw, options.provider, options.threads, options.batch,
-                                                   options.warmup, options.runs))
         job.stage(entry["file"], raw)
         return entry, raw
 

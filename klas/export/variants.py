@@ -43,7 +43,6 @@ import numpy as np
 from klas.errors import KlasError
 from klas.export.parity import SplitInputs, compare, onnx_logits, score_outputs
 from klas_runtime.manifest import METADATA_KEY, embedded_entry, sha256_bytes
-from klas_runtime.timing import latency_record
 
 PRECISIONS = ("fp16", "int8")  # in the order they are built
 INT8_OPS = ("MatMul", "Gemm", "Conv")
@@ -217,9 +216,6 @@ def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, op
                        f"{data.spec.name} test images ({entry['test_acc']:.2f}% vs {parent_acc:.2f}%), more than "
                        f"export.max_accuracy_loss = {options.max_accuracy_loss:g}"))
             continue
-        if options.profile:
-            entry["latency"].append(latency_record(raw, options.provider, options.threads, options.batch,
-                                                   options.warmup, options.runs))
         write(entry["file"], raw)
         entries.append(entry)
     return entries, rejected
@@ -227,7 +223,7 @@ def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, op
 
 class _Quantizer:
     """``to_int8`` for a list of ``(ops, (per_channel, reduce_range), method, exclude)`` keys of one model, run in
-    up to one forked process per core: quantize_static's per-channel weight code is a Python loop over channels
+    up to one forked process per core (``klas.workers.worker_count``): quantize_static's per-channel weight code is a Python loop over channels
     (1.3 of a 2.2 s call on EfficientNet-Lite0, profiled), so the grid's calls share the cores; each call is the
     one a sequential run would make, results in the order asked. Without ``fork`` or with one core: in-process."""
 
@@ -237,14 +233,15 @@ class _Quantizer:
 
     def __enter__(self):
         import multiprocessing
-        import os
         from concurrent.futures import ProcessPoolExecutor
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if cores > 1 and "fork" in multiprocessing.get_all_start_methods():
+        from klas.workers import worker_count
+
+        n = worker_count(4)  # 1 in a klas worker process (the export's members), which may not fork
+        if n > 1:
             global _JOB
             _JOB = self.job  # NOTE: the forked workers inherit the model instead of unpickling it per call
-            self.pool = ProcessPoolExecutor(min(cores, 4), mp_context=multiprocessing.get_context("fork"))
+            self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
         return self
 
     def __call__(self, keys) -> Iterator[bytes]:

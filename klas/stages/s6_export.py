@@ -50,6 +50,8 @@ class ExportConfig:
     provider: str | None = setting(None, "onnxruntime execution provider to time on", choices=("cpu", "cuda"),
                                    none="auto")
     threads: int = setting(1, "intra-op threads while timing", ge=1)
+    workers: int | None = setting(None, "image models exported at once: forked CPU processes of one thread each, "
+                                  "timed afterwards one at a time", ge=1, none="auto", key=False)
     batch: int = setting(1, "batch size while timing", ge=1)
     warmup: int = setting(20, "untimed runs first", ge=0)
     runs: int = setting(200, "timed runs per measurement", ge=1)

@@ -47,10 +47,14 @@ def device_label(provider: str) -> str:
     return f"gpu: {gpu_model()}" if provider in GPU_PROVIDERS else f"cpu: {cpu_model()}"
 
 
+DEFAULT_THREADS: int | None = None  # intra-op threads of a session that names none (a klas worker process sets 1)
+
+
 def open_session(model: bytes | str | Path, provider: str | None = None, threads: int | None = None):
     """An InferenceSession on ``provider`` (CPU as fallback for ops CUDA lacks) with ``threads`` intra-op threads
-    (0 or None: onnxruntime's default, all cores)."""
+    (0 or None: ``DEFAULT_THREADS``, unset: onnxruntime's default, all cores)."""
     ort = _ort()
+    threads = threads or DEFAULT_THREADS
     name = provider_name(provider)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
