@@ -1,9 +1,8 @@
 """Independent jobs in forked worker processes of one intra-op thread each, on the CPU.
 
-Why: the demo's networks are small, and two intra-op threads barely help them -- a DeiT-B (fmnist) forward +
-backward at batch 128 takes 240 ms on one thread, 222 ms on two, and 251-272 ms in each of two single-thread
-processes side by side (2-core AMD EPYC, ``python benchmarks/fork_scaling.py``): two jobs at once finish ~1.7x
-sooner than one after the other. A job here is a pure function of its input and the state the parent holds when
+Why: the demo's networks are small, and a second intra-op thread barely helps them -- a DeiT-B (fmnist) training
+step at batch 128 takes 394 ms on one thread, 268 ms on two, and two single-thread processes side by side make a
+step every 160 ms between them (2-core AMD EPYC, ``python benchmarks/fork_scaling.py``): 1.68x. A job here is a pure function of its input and the state the parent holds when
 it forks (the workers inherit it, nothing is pickled but the results), so the results are those of running the
 jobs in the parent on one thread.
 
