@@ -39,9 +39,13 @@ def available_memory() -> int | None:
 
 
 def can_fork() -> bool:
+    """Whether workers can be forked here: the platform has ``fork`` and this process has not initialised CUDA
+    (a forked child cannot use it, and the parent's CUDA state is not fork-safe)."""
     import multiprocessing
 
-    return "fork" in multiprocessing.get_all_start_methods()
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and hasattr(torch, "cuda") and torch.cuda.is_initialized()
+    return "fork" in multiprocessing.get_all_start_methods() and not cuda
 
 
 def in_worker() -> bool:

@@ -112,9 +112,9 @@ def _export_members(exporter, job: ExportJob, members: list[Member], bar) -> lis
         progress.update(1)
         return made, refused, job.staged[first:]
 
-    order = sorted(names, key=lambda n: -float((by_name[n].row or {}).get("flops") or 0))
     import onnxruntime  # noqa: F401 -- loaded once for the workers; the manifest's created_on names its version
 
+    order = sorted(names, key=lambda n: -float((by_name[n].row or {}).get("flops") or 0))
     results = run_forked(one, order, workers, bar, what="zoo member")
     done = [results[n] for n in names]
     for made, _, staged in done:
