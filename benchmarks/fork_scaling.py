@@ -32,9 +32,13 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
+    import sys
+
     import klas
     from klas.workers import cores
-    from klas_runtime.machine import machine_info
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pairwise_kl_sweep import machine_info  # the CPU model and its vector extensions
 
     fam = klas.create_family("fmnist-deit", pretrained=True)
     model = fam[a.anchor].model.train()
@@ -60,15 +64,16 @@ def main() -> None:
     each = [json.loads(line) for line in os.fdopen(r).read().splitlines()]
     forms[f"{n} forked processes x 1 thread"] = sum(each)
     best = max(v for k, v in forms.items() if k.startswith("1 process"))
-    rows = [dict(form=k, steps_per_s=round(v, 3), ms_per_step=round(1e3 / v, 1), vs_fastest_in_process=round(v / best, 3))
-            for k, v in forms.items()]
+    rows = [dict(form=k, steps_per_s=round(v, 3), ms_per_step=round(1e3 / v, 1),
+                 vs_fastest_in_process=round(v / best, 3)) for k, v in forms.items()]
     for row in rows:
-        print(f"{row['form']:34s} {row['ms_per_step']:7.1f} ms/step (all together)  {row['vs_fastest_in_process']:.2f}x")
+        print(f"{row['form']:34s} {row['ms_per_step']:7.1f} ms/step (all together)  "
+              f"{row['vs_fastest_in_process']:.2f}x")
     out = dict(benchmark="fork_scaling", anchor=a.anchor, batch=128, steps=a.steps, cores=n,
-               per_process_steps_per_s=[round(v, 3) for v in each], rows=rows, machine=machine_info(),
+               per_process_steps_per_s=[round(v, 3) for v in each], rows=rows, machine=machine_info("cpu"),
                command="python benchmarks/fork_scaling.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items()))
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=1))
+    Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     print("wrote", a.json)
 
 

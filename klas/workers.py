@@ -1,10 +1,11 @@
 """Independent jobs in forked worker processes of one intra-op thread each, on the CPU.
 
-Why: the demo's networks are small, and a second intra-op thread barely helps them -- a DeiT-B (fmnist) training
-step at batch 128 takes 394 ms on one thread, 268 ms on two, and two single-thread processes side by side make a
-step every 160 ms between them (2-core AMD EPYC, ``python benchmarks/fork_scaling.py``): 1.68x. A job here is a pure function of its input and the state the parent holds when
-it forks (the workers inherit it, nothing is pickled but the results), so the results are those of running the
-jobs in the parent on one thread.
+Why: the demo's networks are small, and a second intra-op thread helps them less than a second process -- a DeiT-B
+(fmnist) forward + backward at batch 128 took 394 ms on one thread, 268 ms on two, and two single-thread processes
+side by side made a step every 160 ms between them on a 2-core AMD EPYC with AVX2 (1.68x), 193 / 127 / 102 ms on
+one with AVX-512 (1.24x; ``python benchmarks/fork_scaling.py``, docs/finetune.md). A job here is a pure function
+of its input and the state the parent holds when it forks (the workers inherit it, nothing is pickled but the
+results), so the results are those of running the jobs in the parent on one thread.
 
 Used where a stage has several independent jobs: the finetune stage's stitches (independent / frozen recipes) and
 the export stage's members. ``fork`` only: CUDA, which cannot be forked, and a torchrun job keep their own loops.

@@ -14,7 +14,6 @@ from klas.io import load_tensors
 from klas.stages import s4_finetune as s4
 
 STITCHES = [("tv-8", 1, "tv-32", 1), ("tv-8", 2, "tv-16", 0), ("tv-16", 0, "tv-32", 2)]
-needs_fork = pytest.mark.skipif(not workers.can_fork(), reason="no fork on this platform")
 
 
 class Bar:
@@ -36,7 +35,6 @@ def _square_sum(item, progress):
     return (item, torch.get_num_threads(), float((x @ x.T).sum()))
 
 
-@needs_fork
 def test_run_forked_gives_the_in_process_results_and_forwards_progress():
     items = [5, 1, 4, 2, 3]
     bar = Bar()
@@ -59,7 +57,6 @@ def _fails(item, progress):
     return item
 
 
-@needs_fork
 def test_run_forked_failures_reach_the_parent_as_raised():
     with pytest.raises(KlasError, match=r"^config.toml: \[x\] y: expected z$"):
         workers.run_forked(_fails, [1, 2], 2)
@@ -105,7 +102,6 @@ def _same_runs(a, b, da, db):
     assert [r["val_acc"] for r in a.configs] == [r["val_acc"] for r in b.configs]
 
 
-@needs_fork
 @pytest.mark.parametrize("recipe", ["independent", "frozen"])
 def test_stitches_in_two_workers_train_as_in_one_process(tmp_path, fam, recipe, monkeypatch):
     sel = write_selection(tmp_path / "sel.json", STITCHES)
@@ -119,7 +115,6 @@ def test_stitches_in_two_workers_train_as_in_one_process(tmp_path, fam, recipe, 
     _same_runs(one, two, tmp_path / "one", tmp_path / "two")
 
 
-@needs_fork
 def test_a_failed_worker_keeps_the_finished_stitches_and_the_relaunch_ends_as_one_run(tmp_path, fam, monkeypatch):
     sel = write_selection(tmp_path / "sel.json", STITCHES)
     cfg = _cfg("independent", 2)

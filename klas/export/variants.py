@@ -223,9 +223,10 @@ def make_variants(parent: dict, parent_bytes: bytes, data, val, header: dict, op
 
 class _Quantizer:
     """``to_int8`` for a list of ``(ops, (per_channel, reduce_range), method, exclude)`` keys of one model, run in
-    up to one forked process per core (``klas.workers.worker_count``): quantize_static's per-channel weight code is a Python loop over channels
-    (1.3 of a 2.2 s call on EfficientNet-Lite0, profiled), so the grid's calls share the cores; each call is the
-    one a sequential run would make, results in the order asked. Without ``fork`` or with one core: in-process."""
+    up to one forked process per core (``klas.workers.worker_count``): quantize_static's per-channel weight code
+    is a Python loop over channels (1.3 of a 2.2 s call on EfficientNet-Lite0, profiled), so the grid's calls share
+    the cores; each call is the one a sequential run would make, results in the order asked. Without ``fork``, with
+    one core or inside a klas worker: in-process."""
 
     def __init__(self, model, calibration: np.ndarray, input_name: str, caches: str):
         self.job = (model, calibration, input_name, caches)

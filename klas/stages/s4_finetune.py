@@ -422,9 +422,10 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
             results[k] = json.loads(meta["state"])
             bar.update(env.total)
     pending = [k for k in todo if k not in results]
-    # NOTE: one memo per teacher: the stitches distilled from it share its outputs (TeacherMemo)
+    workers = _workers(net, pending, env)
+    # NOTE: a memo per teacher, shared by its stitches (TeacherMemo); in workers one reader: the next may run elsewhere
     teachers = {k: env.teachers.get(k) for k in pending}
-    memos = {id(t): TeacherMemo(t, sum(u is t for u in teachers.values()), TEACHER_MEMO_BYTES)
+    memos = {id(t): TeacherMemo(t, sum(u is t for u in teachers.values()) if workers == 1 else 1, TEACHER_MEMO_BYTES)
              for t in teachers.values() if t is not None}
     memo_of = {k: memos[id(t)] for k, t in teachers.items() if t is not None}
 
@@ -434,7 +435,6 @@ def _train_each(net: StitchedModels, env: _Run) -> tuple[LoopState, list | None,
             memo_of[k].release()
         return rec
 
-    workers = _workers(net, pending, env)
     if workers > 1:  # the costliest first (forward + backward + its teacher's forward), so the loads even out
         order = sorted(pending, key=lambda k: -(3 * net.net(k).flops + getattr(env.teachers.get(k), "flops", 0)))
         results.update(run_forked(train, order, workers, bar, what="stitch"))
